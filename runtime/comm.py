@@ -1,0 +1,84 @@
+"""Process groups by name, and the few collectives the echo ops use.
+
+Ops receive a group *name* (a string survives FX graphs, printing and
+torch.library schemas); the runtime registers the real groups once with
+`set_groups`. Single-process runs register nothing and every group has size 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Groups:
+    """world = dp × ep. EP groups are contiguous ranks; expert-DP groups stride by ep."""
+    ep: dist.ProcessGroup | None
+    expert_dp: dist.ProcessGroup | None
+    ep_size: int
+    dp_size: int
+
+
+_GROUPS: dict[str, dist.ProcessGroup | None] = {}
+
+
+def init_groups(ep: int, dp: int) -> Groups:
+    """Create the EP and expert-DP groups (every rank must call this, in the same order)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    assert ep * dp == world, f"ep × dp = {ep * dp} but world size is {world}"
+    mine_ep = mine_edp = None
+    for d in range(dp):
+        g = dist.new_group(list(range(d * ep, (d + 1) * ep)))
+        if rank // ep == d:
+            mine_ep = g
+    for i in range(ep):
+        g = dist.new_group(list(range(i, world, ep)))
+        if rank % ep == i:
+            mine_edp = g
+    _GROUPS.update(ep=mine_ep, expert_dp=mine_edp, world=dist.group.WORLD)
+    return Groups(mine_ep, mine_edp, ep, dp)
+
+
+def get_group(name: str) -> dist.ProcessGroup | None:
+    return _GROUPS.get(name)
+
+
+def group_size(name: str) -> int:
+    g = _GROUPS.get(name)
+    return dist.get_world_size(g) if g is not None else 1
+
+
+def group_rank(name: str) -> int:
+    g = _GROUPS.get(name)
+    return dist.get_rank(g) if g is not None else 0
+
+
+def all_gather_rows(x: torch.Tensor, group: str) -> torch.Tensor:
+    """x [n] on every rank → [group_size, n], rank-ordered."""
+    n = group_size(group)
+    if n == 1:
+        return x.unsqueeze(0).clone()
+    out = torch.empty(n * x.numel(), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous(), group=get_group(group))
+    return out.view(n, -1)
+
+
+def all_to_all_equal(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Exchange equal chunks: x [n·C, ...] → [n·C, ...]; chunk p goes to rank p. No host-sized splits."""
+    if group_size(group) == 1:
+        return x.clone()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x.contiguous(), group=get_group(group))
+    return out
+
+
+def all_to_all_var(x: torch.Tensor, out_rows: int, in_splits: list[int], out_splits: list[int],
+                   group: str) -> torch.Tensor:
+    """Host-sized splits (the `sync` baseline): x [sum(in_splits), H] → [out_rows, H]."""
+    if group_size(group) == 1:
+        return x.clone()
+    out = x.new_empty((out_rows,) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=get_group(group))
+    return out
