@@ -78,19 +78,21 @@ def _(dest_slot, counts, counts_all, slots_per_rank, chunk_rows, group):
 
 # --- token movement ----------------------------------------------------------------------------
 
-def to_experts(src: Tensor, send_rows: Tensor, sorted_src: Tensor, group: str) -> Tensor:
-    """Rows of `src` picked by send_rows [ep·C] → exchange → regrouped by slot [R, H]."""
-    recv = comm.all_to_all_equal(gather_rows(src, send_rows), group)
-    return gather_rows(recv, sorted_src)
+def to_experts(src: Tensor, send_rows: Tensor, sorted_src: Tensor, exchange) -> Tensor:
+    """Rows of `src` picked by send_rows [S] → exchange(·) → regrouped by slot [R, H]."""
+    return gather_rows(exchange(gather_rows(src, send_rows)), sorted_src)
 
 
-def to_sources(y: Tensor, recv_sorted: Tensor, copy_slot: Tensor, group: str) -> Tensor:
-    """Expert-sorted rows y [R, H] → back to the ranks they came from → one row per copy [N, H]."""
-    back = comm.all_to_all_equal(gather_rows(y, recv_sorted), group)
-    return gather_rows(back, copy_slot)
+def to_sources(y: Tensor, recv_sorted: Tensor, copy_slot: Tensor, exchange) -> Tensor:
+    """Expert-sorted rows y [R, H] → exchange(·) back to their sources → one row per copy [N, H]."""
+    return gather_rows(exchange(gather_rows(y, recv_sorted)), copy_slot)
 
 
-def _token_of(send_copy: Tensor, top_k: int) -> Tensor:
+def _equal(group: str):
+    return lambda t: comm.all_to_all_equal(t, group)
+
+
+def token_of(send_copy: Tensor, top_k: int) -> Tensor:
     return torch.where(send_copy >= 0, send_copy // top_k, -1)
 
 
@@ -98,7 +100,7 @@ def _token_of(send_copy: Tensor, top_k: int) -> Tensor:
 def dispatch(x: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Tensor,
              recv_sorted: Tensor, top_k: int, group: str) -> Tensor:
     """x [T, H] → expert-sorted rows [R, H] on the ranks that own the slots (padding rows are zero)."""
-    return to_experts(x, _token_of(send_copy, top_k), sorted_src, group)
+    return to_experts(x, token_of(send_copy, top_k), sorted_src, _equal(group))
 
 
 @dispatch.register_fake
@@ -125,7 +127,7 @@ dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
 def combine(y: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Tensor,
             recv_sorted: Tensor, group: str) -> Tensor:
     """Expert outputs y [R, H] → one row per copy [N, H] at its source rank (dropped copies: zero)."""
-    return to_sources(y, recv_sorted, copy_slot, group)
+    return to_sources(y, recv_sorted, copy_slot, _equal(group))
 
 
 @combine.register_fake
@@ -141,7 +143,7 @@ def _combine_setup(ctx, inputs, output):
 
 def _combine_backward(ctx, grad):
     send_copy, copy_slot, sorted_src, recv_sorted = ctx.saved_tensors
-    g = to_experts(grad.contiguous(), send_copy, sorted_src, ctx.group)
+    g = to_experts(grad.contiguous(), send_copy, sorted_src, _equal(ctx.group))
     return g, None, None, None, None, None
 
 

@@ -1,0 +1,3 @@
+from echoc.cli import main
+
+main()

@@ -1,0 +1,150 @@
+"""The echoc command line. Thin: parse, call one function, print its result with rich.
+
+Errors a user can cause (EchocError) are printed without a traceback and exit 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from echoc.errors import EchocError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="echoc: compile a YAML MoE training spec into a sync-free, load-balanced step.")
+console = Console()
+err_console = Console(stderr=True)
+
+SetOpt = typer.Option(None, "--set", help="Override a spec field, e.g. --set parallel.ep=2 (repeatable).")
+
+
+def _load(spec_path: str, overrides: Optional[List[str]]):
+    from echoc.spec_io import load_spec
+    return load_spec(spec_path, list(overrides or []))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+@app.command()
+def validate(spec: str, set_: Optional[List[str]] = SetOpt):
+    """Check a spec and print its derived sizes."""
+    s = _load(spec, set_)
+    console.print(f"[green]ok[/green] {spec}: {s.model.name}, world {s.cluster.world_size} "
+                  f"(ep {s.parallel.ep} × dp {s.parallel.dp}), {s.budgets.tokens} tokens/rank, "
+                  f"receive buffer {s.receive_rows} rows ({s.peer_chunk_rows} per peer)")
+
+
+@app.command()
+def schema():
+    """Print the spec's JSON schema (for editor completion)."""
+    from echoc.spec_io import json_schema
+    print(json.dumps(json_schema(), indent=2))
+
+
+@app.command("compile")
+def compile_(spec: str, out: Optional[str] = typer.Option(None, "-o", "--out", help="Output directory."),
+             set_: Optional[List[str]] = SetOpt):
+    """Trace on the meta device, run the passes, write build/<name>/."""
+    from echoc.compile import compile_spec
+    s = _load(spec, set_)
+    res = compile_spec(s, out)
+    _print_summary(res.summary)
+    console.print(f"wrote {res.out_dir}/ (graph.txt, graph.py, summary.json) in "
+                  f"{res.summary['compile_seconds']:.2f} s, peak RSS {res.summary['peak_rss_mib']:.0f} MiB")
+
+
+def _print_summary(summary: dict) -> None:
+    t = Table(title=f"{summary['name']}  (spec {summary['spec_hash']})")
+    t.add_column("item")
+    t.add_column("value", justify="right")
+    params = summary["parameters"]
+    t.add_row("layers (MoE)", f"{summary['layers']} ({summary['moe_layers']})")
+    t.add_row("experts", str(summary["experts"]))
+    t.add_row("world (ep × dp)", f"{summary['world_size']} ({summary['parallel']['ep']} × {summary['parallel']['dp']})")
+    t.add_row("parameters (total)", f"{sum(params.values()) / 1e9:,.2f} B")
+    t.add_row("active parameters / token", f"{summary['active_parameters_per_token'] / 1e9:,.2f} B")
+    mem = summary["memory_per_rank_bytes"]
+    for k, v in mem.items():
+        if isinstance(v, (int, float)):
+            t.add_row(f"memory/rank: {k}", _gib(v))
+    d = summary["dispatch"]
+    t.add_row("dispatch backend", d["backend"])
+    t.add_row("receive buffer rows/layer", f"{d['receive_rows']:,} ({d['peer_chunk_rows']:,} per peer)")
+    for p in summary["passes"]:
+        t.add_row(f"pass {p['name']}", f"{p['ms']:.1f} ms")
+    console.print(t)
+
+
+@app.command()
+def inspect(build_dir: str, graph: bool = typer.Option(False, "--graph", help="Print the graph listing."),
+            grep: Optional[str] = typer.Option(None, "--filter", help="With --graph: only lines containing this.")):
+    """Show what `echoc compile` wrote."""
+    d = Path(build_dir)
+    if not (d / "summary.json").exists():
+        raise EchocError(f"{d}: no summary.json here; run `echoc compile SPEC -o {d}` first")
+    if graph:
+        for line in (d / "graph.txt").read_text().splitlines():
+            if grep is None or grep in line:
+                console.print(line, markup=False, highlight=False)
+        return
+    _print_summary(json.loads((d / "summary.json").read_text()))
+
+
+def _in_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+@app.command()
+def run(spec: str, nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes per node."),
+        nnodes: str = typer.Option("1", "--nnodes", help="Nodes (torchrun syntax, e.g. 2 or 1:4)."),
+        rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="host:port for multi-node."),
+        max_restarts: int = typer.Option(0, "--max-restarts", help="torchrun elastic restarts."),
+        metrics: Optional[str] = typer.Option(None, "--metrics", help="JSONL metrics file (rank 0)."),
+        set_: Optional[List[str]] = SetOpt):
+    """Train: launches torchrun (or, inside torchrun, runs this rank)."""
+    s = _load(spec, set_)
+    metrics = metrics or s.train.metrics_path or str(Path("runs") / s.model.name / "metrics.jsonl")
+    if _in_torchrun():
+        from runtime.train import train
+        Path(metrics).parent.mkdir(parents=True, exist_ok=True)
+        hist = train(s, metrics_path=metrics)
+        if int(os.environ.get("RANK", "0")) == 0 and hist:
+            console.print(f"done: {len(hist)} steps, loss {hist[0]['loss']:.4f} → {hist[-1]['loss']:.4f}, "
+                          f"overflow {sum(h['overflow'] for h in hist)}; metrics in {metrics}")
+        return
+    nproc = nproc or s.cluster.gpus_per_node
+    if nnodes == "1" and nproc != s.cluster.world_size:
+        raise EchocError(f"--nproc {nproc} but the spec's cluster has {s.cluster.world_size} ranks "
+                         f"(nodes × gpus_per_node); pass --set cluster.gpus_per_node={nproc} and a matching "
+                         "parallel.ep × parallel.dp")
+    from runtime.launch import launch
+    argv = ["run", str(Path(spec).resolve()), "--metrics", str(Path(metrics).resolve())]
+    for o in set_ or []:
+        argv += ["--set", o]
+    launch(argv, nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts)
+
+
+def main():
+    try:
+        app(standalone_mode=False)
+    except EchocError as e:
+        err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors
+        import click
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise

@@ -1,0 +1,138 @@
+"""The compile driver: meta-device model → FX trace → passes → shapes → artifacts.
+
+`compile_graph` is shared with the runtime, which runs the same passes on the
+real (sharded) model; `compile_spec` is what `echoc compile` calls: it never
+allocates real weights.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+
+import torch
+import torch.fx
+from torch.fx import GraphModule
+from torch.fx.passes.shape_prop import ShapeProp
+
+import echoc
+from echoc.spec import Spec
+from passes.manager import PassRecord, default_pipeline
+from runtime.model import MoE, Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class MoELeafTracer(torch.fx.Tracer):
+    """Keeps each MoE block as one call_module node (the passes rewrite it)."""
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return isinstance(m, MoE) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: torch.nn.Module) -> GraphModule:
+    graph = MoELeafTracer().trace(model)
+    return GraphModule(model, graph, class_name=type(model).__name__)
+
+
+def compile_graph(model: torch.nn.Module, spec: Spec) -> tuple[GraphModule, list[PassRecord]]:
+    """Trace `model` (meta or real) and run the pass pipeline. Pure: no collectives, no allocation."""
+    return default_pipeline().run(trace(model), spec)
+
+
+def build_meta_model(spec: Spec) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(spec.model).to(DTYPES[spec.model.dtype])
+
+
+def example_tokens(spec: Spec, device="meta") -> torch.Tensor:
+    b = spec.budgets
+    return torch.zeros((b.micro_batch, b.seq_len), dtype=torch.int64, device=device)
+
+
+def propagate_shapes(gm: GraphModule, spec: Spec) -> None:
+    """Fill node.meta['tensor_meta'] from fake tensors (meta weights, no real memory)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    ShapeProp(gm, fake_mode=mode).propagate(example_tokens(spec))
+
+
+def _fmt_meta(meta) -> str:
+    if meta is None:
+        return ""
+    if isinstance(meta, (tuple, list)):
+        return "(" + ", ".join(_fmt_meta(m) for m in meta) + ")"
+    if hasattr(meta, "shape"):
+        dt = str(meta.dtype).replace("torch.", "")
+        return f"{dt}[{', '.join(str(s) for s in meta.shape)}]"
+    return ""
+
+
+def _fmt_target(node) -> str:
+    t = node.target
+    if node.op == "call_function":
+        return getattr(t, "__qualname__", None) if not hasattr(t, "_schema") else str(t).replace(".default", "")
+    return str(t)
+
+
+def graph_listing(gm: GraphModule) -> str:
+    """One node a line: name, op, target, args, and the output shape and dtype."""
+    lines = []
+    for n in gm.graph.nodes:
+        args = ", ".join(a.name if isinstance(a, torch.fx.Node) else repr(a)
+                         for a in torch.fx.node.map_arg(n.args, lambda x: x) if not isinstance(a, (list, tuple)))
+        shape = _fmt_meta(n.meta.get("tensor_meta"))
+        lines.append(f"{n.name:<40} {n.op:<13} {_fmt_target(n):<36} {shape:<28} ({args})")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class CompileResult:
+    out_dir: Path
+    summary: dict
+
+
+def _jsonable(x):
+    if is_dataclass(x):
+        return asdict(x)
+    return x
+
+
+def compile_spec(spec: Spec, out_dir: str | Path | None = None) -> CompileResult:
+    """`echoc compile`: plan on the meta device and write build/<name>/."""
+    from echoc import accounting
+    from echoc.spec_io import spec_hash
+    t0 = time.perf_counter()
+    model = build_meta_model(spec)
+    gm, records = compile_graph(model, spec)
+    propagate_shapes(gm, spec)
+    out = Path(out_dir or Path("build") / spec.model.name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "graph.txt").write_text(graph_listing(gm))
+    (out / "graph.py").write_text(gm.code)
+    summary = {
+        "name": spec.model.name,
+        "spec_hash": spec_hash(spec),
+        "versions": {"echoc": echoc.__version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "layers": spec.model.num_layers,
+        "moe_layers": spec.model.num_moe_layers,
+        "experts": spec.model.moe.num_experts,
+        "world_size": spec.cluster.world_size,
+        "parallel": {"ep": spec.parallel.ep, "dp": spec.parallel.dp},
+        "parameters": accounting.count_parameters(model),
+        "active_parameters_per_token": accounting.active_parameters_per_token(spec),
+        "memory_per_rank_bytes": accounting.memory_per_rank(spec, model),
+        "dispatch": {"backend": spec.backends.dispatch, "tokens_per_rank": spec.budgets.tokens,
+                     "peer_chunk_rows": spec.peer_chunk_rows, "receive_rows": spec.receive_rows},
+        "passes": [{"name": r.name, "ms": round(r.ms, 2), "info": _jsonable(r.info)} for r in records],
+        "compile_seconds": round(time.perf_counter() - t0, 3),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "spec.json").write_text(spec.model_dump_json(indent=2))
+    return CompileResult(out, summary)

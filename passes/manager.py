@@ -1,0 +1,50 @@
+"""The pass manager: an ordered list of passes, each timed and named.
+
+A pass is `run(gm: GraphModule, spec: Spec) -> PassResult`. It returns a module
+(it may be the same object, rewritten) and a small dataclass of what it
+decided; it never runs collectives or allocates device memory.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch.fx import GraphModule
+
+from echoc.spec import Spec
+
+
+@dataclass
+class PassResult:
+    gm: GraphModule
+    info: Any = None
+
+
+@dataclass
+class PassRecord:
+    name: str
+    ms: float
+    info: Any
+
+
+@dataclass
+class Pipeline:
+    passes: list[tuple[str, Callable[[GraphModule, Spec], PassResult]]] = field(default_factory=list)
+
+    def run(self, gm: GraphModule, spec: Spec) -> tuple[GraphModule, list[PassRecord]]:
+        records = []
+        for name, fn in self.passes:
+            t0 = time.perf_counter()
+            result = fn(gm, spec)
+            records.append(PassRecord(name, (time.perf_counter() - t0) * 1e3, result.info))
+            gm = result.gm
+        return gm, records
+
+
+def default_pipeline() -> Pipeline:
+    from passes import sync_free_dispatch, verify_sync_free
+    return Pipeline([
+        ("sync_free_dispatch", sync_free_dispatch.run),
+        ("verify_sync_free", verify_sync_free.run),
+    ])

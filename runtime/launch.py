@@ -1,0 +1,28 @@
+"""Start the workers with torchrun's own API (torch.distributed.run), elastic restarts included."""
+from __future__ import annotations
+
+import sys
+
+from echoc.errors import EchocError
+
+
+def launch(worker_argv: list[str], nproc: int, nnodes: str = "1", rdzv_endpoint: str | None = None,
+           max_restarts: int = 0) -> None:
+    """Run `python -m echoc <worker_argv>` on nproc processes per node under torchrun."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    args = ["--nproc-per-node", str(nproc), "--nnodes", nnodes, "--max-restarts", str(max_restarts)]
+    if rdzv_endpoint:
+        args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint]
+    elif nnodes == "1":
+        args += ["--standalone"]
+    args += ["-m", "echoc"] + worker_argv
+    try:
+        torchrun.main(args)
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        raise EchocError(f"training failed on {len(e.failures)} rank(s) (exit codes {sorted(codes)}); "
+                         "the ranks' messages are printed above") from None
+    except SystemExit as e:  # torchrun's argument errors
+        if e.code:
+            sys.exit(e.code)
