@@ -43,8 +43,9 @@ class Pipeline:
 
 
 def default_pipeline() -> Pipeline:
-    from passes import sync_free_dispatch, verify_sync_free
+    from passes import echo_clone, sync_free_dispatch, verify_sync_free
     return Pipeline([
         ("sync_free_dispatch", sync_free_dispatch.run),
+        ("echo_clone", echo_clone.run),
         ("verify_sync_free", verify_sync_free.run),
     ])

@@ -16,8 +16,8 @@ After (torch backend), per layer, every buffer sized by the capacity budget:
     routed   [T, H]          weighted_sum                  (router weights)
     + shared expert, reshape back
 
-The graph's output becomes (logits, moe_stats [num_moe_layers, 3] int64) with
-per-layer (dropped copies, rows received, rows sent) on this rank.
+The graph's output becomes (logits, moe_stats [num_moe_layers, 4] int64) with
+per-layer (dropped copies, rows received, rows sent, clones) on this rank.
 """
 from __future__ import annotations
 
@@ -129,6 +129,7 @@ def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec) -> tuple[Node, Node,
         shared = b.module("shared", f"{moe_name}.shared", x_flat)
         out = b.fn("add_shared", operator.add, out, shared)
     out = b.method("out", "view_as", out, x)
+    stats = b.fn("stats", ops.layer_stats, stats)
     info = LayerDispatch(moe_name, spec.budgets.tokens, K, L, C, ep * C)
     return out, stats, info
 

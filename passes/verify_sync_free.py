@@ -54,8 +54,8 @@ def _why(node: Node, gm: GraphModule) -> str | None:
         return None
     if t in HOST_SYNC_TARGETS:
         return f"{t} is the host-synced 'sync' backend (variable splits read on the host)"
-    if t is grouped_gemm.expert_ffn and node.args[-1] in HOST_SYNC_FFN:
-        return f"grouped_gemm '{node.args[-1]}' reads expert offsets on the host"
+    if t in (grouped_gemm.expert_ffn, grouped_gemm.expert_ffn_recompute_clone) and node.args[4] in HOST_SYNC_FFN:
+        return f"grouped_gemm '{node.args[4]}' reads expert offsets on the host"
     if t is torch.repeat_interleave and "output_size" in node.kwargs:
         return None
     if t in _HOST_FUNCTIONS:

@@ -24,20 +24,30 @@ class Groups:
 _GROUPS: dict[str, dist.ProcessGroup | None] = {}
 
 
-def init_groups(ep: int, dp: int) -> Groups:
-    """Create the EP and expert-DP groups (every rank must call this, in the same order)."""
+def init_groups(ep: int, dp: int, clone_domain: int | None = None) -> Groups:
+    """Create the EP, expert-DP and clone-domain groups (every rank calls this, in the same order).
+
+    clone_domain: EP ranks per clone domain (consecutive EP ranks, e.g. one node); default ep.
+    """
     world, rank = dist.get_world_size(), dist.get_rank()
     assert ep * dp == world, f"ep × dp = {ep * dp} but world size is {world}"
-    mine_ep = mine_edp = None
+    dom = clone_domain or ep
+    assert ep % dom == 0, f"clone domain of {dom} ranks does not divide ep = {ep}"
+    mine_ep = mine_edp = mine_clone = None
     for d in range(dp):
         g = dist.new_group(list(range(d * ep, (d + 1) * ep)))
         if rank // ep == d:
             mine_ep = g
+        for c in range(ep // dom):
+            first = d * ep + c * dom
+            gc = g if dom == ep else dist.new_group(list(range(first, first + dom)))
+            if first <= rank < first + dom:
+                mine_clone = gc
     for i in range(ep):
         g = dist.new_group(list(range(i, world, ep)))
         if rank % ep == i:
             mine_edp = g
-    _GROUPS.update(ep=mine_ep, expert_dp=mine_edp, world=dist.group.WORLD)
+    _GROUPS.update(ep=mine_ep, expert_dp=mine_edp, clone=mine_clone, world=dist.group.WORLD)
     return Groups(mine_ep, mine_edp, ep, dp)
 
 
@@ -56,13 +66,13 @@ def group_rank(name: str) -> int:
 
 
 def all_gather_rows(x: torch.Tensor, group: str) -> torch.Tensor:
-    """x [n] on every rank → [group_size, n], rank-ordered."""
+    """x [...] on every rank → [group_size, ...], rank-ordered."""
     n = group_size(group)
     if n == 1:
         return x.unsqueeze(0).clone()
     out = torch.empty(n * x.numel(), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=get_group(group))
-    return out.view(n, -1)
+    dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=get_group(group))
+    return out.view((n,) + tuple(x.shape))
 
 
 def all_to_all_equal(x: torch.Tensor, group: str) -> torch.Tensor:
@@ -81,4 +91,14 @@ def all_to_all_var(x: torch.Tensor, out_rows: int, in_splits: list[int], out_spl
         return x.clone()
     out = x.new_empty((out_rows,) + tuple(x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=get_group(group))
+    return out
+
+
+def reduce_scatter_rows(x: torch.Tensor, group: str) -> torch.Tensor:
+    """x [n·m, ...] summed over the group; rank i keeps rows i·m … i·m+m-1 → [m, ...]."""
+    n = group_size(group)
+    if n == 1:
+        return x.clone()
+    out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x.contiguous(), group=get_group(group))
     return out

@@ -59,3 +59,27 @@ def expert_ffn(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, impl: str) -
 
 
 HOST_SYNC_IMPLS = {"loop"}
+
+
+def expert_ffn_recompute_clone(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, impl: str,
+                               counts_all: Tensor, spare_expert: Tensor, offer: int, ep_group: str) -> Tensor:
+    """Clone + expert FFN under selective activation checkpointing: only the clone is
+    recomputed in backward (its all-gather runs again), everything else is saved, so the
+    cloned weights [El + S, ...] are never kept alive between forward and backward."""
+    from functools import partial
+
+    from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                        create_selective_checkpoint_contexts)
+
+    clone_op = torch.ops.echo.clone_weights.default
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.PREFER_RECOMPUTE if op is clone_op else CheckpointPolicy.MUST_SAVE
+
+    def body(rows, w13, w2):
+        c13 = clone_op(w13, counts_all, spare_expert, offer, "clone", ep_group)
+        c2 = clone_op(w2, counts_all, spare_expert, offer, "clone", ep_group)
+        return expert_ffn(rows, c13, c2, offs, impl)
+
+    return checkpoint(body, rows, w13, w2, use_reentrant=False,
+                      context_fn=partial(create_selective_checkpoint_contexts, policy))

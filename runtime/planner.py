@@ -33,12 +33,21 @@ class Plan(NamedTuple):
     quota: Tensor         # [E, 1 + ep·S] int64 rows per replica (col 0 = home)
 
 
-def _overlay(per_rank: Tensor, load: Tensor, mean: Tensor, free: Tensor, offer: int,
+def offered_experts(load_e: Tensor, experts_per_rank: int, offer: int) -> Tensor:
+    """The `offer` hottest home experts of each rank (local indices), [ep, offer]; ties by index.
+
+    Only these may be cloned, so the torch backend ships only their weights.
+    """
+    per_rank = load_e.view(-1, experts_per_rank)
+    return per_rank.sort(dim=1, descending=True, stable=True).indices[:, :offer]
+
+
+def _overlay(per_rank: Tensor, load: Tensor, mean: Tensor, free: Tensor, offered: Tensor,
              min_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One overlay round over a batch of D domains of g ranks with El experts each.
 
     per_rank [D, g, El] rows still at home; load [D, g] rows per rank; mean [D, 1];
-    free [D, g] spare slots still free. Returns per segment [D, n+g]: expert
+    free [D, g] spare slots still free; offered [D, g, El] 0/1, experts that may be cloned. Returns per segment [D, n+g]: expert
     (domain-local), receiver rank (domain-local), k-th new clone of that receiver, rows.
     """
     D, g, El = per_rank.shape
@@ -46,8 +55,7 @@ def _overlay(per_rank: Tensor, load: Tensor, mean: Tensor, free: Tensor, offer: 
     excess = (load - mean).clamp(min=0)
     room = torch.where(free > 0, (mean - load).clamp(min=0), 0)
     r_order = torch.argsort(room, dim=1, descending=True, stable=True)
-    hot, hot_idx = per_rank.sort(dim=2, descending=True, stable=True)
-    hot = hot * (torch.arange(El, device=dev) < offer)
+    hot, hot_idx = (per_rank * offered).sort(dim=2, descending=True, stable=True)
     before = torch.cumsum(hot, 2) - hot
     piece = torch.minimum((excess.unsqueeze(2) - before).clamp(min=0), hot).reshape(D, g * El)
     piece_expert = (hot_idx + torch.arange(g, device=dev).view(1, g, 1) * El).reshape(D, g * El)
@@ -83,9 +91,11 @@ def _plan_domain(load_e: Tensor, experts_per_rank: int, spares: int, offer: int,
     mean = (load.sum(1, keepdim=True) + g - 1) // g
     level = mean
     used = torch.zeros_like(load)
+    offered = torch.zeros_like(home).scatter_(
+        2, offered_experts(load_e, experts_per_rank, offer).view(D, g, -1), 1)
     out = []
     for _ in range(rounds):  # a fixed count: static shapes, no host decision
-        expert, recv, k, rows = _overlay(home, load, level, spares - used, offer, min_rows)
+        expert, recv, k, rows = _overlay(home, load, level, spares - used, offered, min_rows)
         slot = torch.gather(used, 1, recv) + k
         home.view(D, n).scatter_add_(1, expert, -rows)
         load.scatter_add_(1, recv, rows)

@@ -1,0 +1,100 @@
+"""ECHO ops: plan, assign copies to replicas, clone weights into spare slots.
+
+`echo::clone_weights` (torch backend): every rank offers the weights of its
+`offer` hottest home experts (a static count, the same experts the planner may
+clone) in one all-gather over its clone domain, and picks the experts its spare
+slots host this step. Its backward is the gradient reduction: the spare slots'
+gradients go back with one reduce-scatter (the transpose of the all-gather) and
+are added into the home experts' gradients, so the optimizer sees one gradient
+per expert. Static shapes throughout; no host decision.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from runtime import comm
+from runtime.layout import gather_rows
+from runtime.planner import assign_slots as _assign_slots
+from runtime.planner import offered_experts, plan as _plan
+
+
+@torch.library.custom_op("echo::plan", mutates_args=())
+def plan(counts_all: Tensor, experts_per_rank: int, spares: int, domain_size: int, offer: int,
+         min_clone_rows: int) -> tuple[Tensor, Tensor]:
+    """counts_all [ep, E] → spare_expert [ep, S] (-1 empty), quota [E, 1 + ep·S]. See runtime/planner.py."""
+    p = _plan(counts_all, experts_per_rank, spares, domain_size, offer, min_clone_rows)
+    return p.spare_expert, p.quota
+
+
+@plan.register_fake
+def _(counts_all, experts_per_rank, spares, domain_size, offer, min_clone_rows):
+    ep, E = counts_all.shape
+    return (counts_all.new_empty((ep, spares)), counts_all.new_empty((E, 1 + ep * spares)))
+
+
+@torch.library.custom_op("echo::assign_slots", mutates_args=())
+def assign_slots(topk_idx: Tensor, counts_all: Tensor, quota: Tensor, experts_per_rank: int,
+                 spares: int, group: str) -> Tensor:
+    """topk_idx [T, K] experts → [T, K] global slots (home or spare) following the quotas."""
+    slots = _assign_slots(topk_idx, counts_all, quota, comm.group_rank(group), experts_per_rank, spares)
+    return slots.view_as(topk_idx)
+
+
+@assign_slots.register_fake
+def _(topk_idx, counts_all, quota, experts_per_rank, spares, group):
+    return torch.empty_like(topk_idx)
+
+
+def _pick_index(counts_all: Tensor, spare_expert: Tensor, experts_per_rank: int, offer: int,
+                rank: int, dom: int) -> tuple[Tensor, Tensor]:
+    """(my offered local experts [offer], row of each of my spare slots in the gathered
+    [dom·offer] buffer or -1) — identical arithmetic on every rank."""
+    offered = offered_experts(counts_all.sum(0), experts_per_rank, offer)   # [ep, offer]
+    e = spare_expert[rank]                                                   # [S]
+    valid = e >= 0
+    home = torch.where(valid, e // experts_per_rank, rank)
+    local = e % experts_per_rank
+    k = (offered[home] == local.unsqueeze(1)).long().argmax(1)
+    row = (home - (rank // dom) * dom) * offer + k
+    return offered[rank], torch.where(valid, row, -1)
+
+
+@torch.library.custom_op("echo::clone_weights", mutates_args=())
+def clone_weights(w: Tensor, counts_all: Tensor, spare_expert: Tensor, offer: int, group: str,
+                  ep_group: str) -> Tensor:
+    """w [El, ...] home experts → [El + S, ...]: home experts, then the spare slots' clones (zero if empty)."""
+    El = w.shape[0]
+    dom, rank = comm.group_size(group), comm.group_rank(ep_group)
+    mine, rows = _pick_index(counts_all, spare_expert, El, offer, rank, dom)
+    gathered = comm.all_gather_rows(w.index_select(0, mine), group)          # [dom, offer, ...]
+    spare = gather_rows(gathered.view(dom * offer, -1), rows)
+    return torch.cat([w, spare.view((-1,) + tuple(w.shape[1:]))])
+
+
+@clone_weights.register_fake
+def _(w, counts_all, spare_expert, offer, group, ep_group):
+    return w.new_empty((w.shape[0] + spare_expert.shape[1],) + tuple(w.shape[1:]))
+
+
+def _clone_setup(ctx, inputs, output):
+    w, counts_all, spare_expert, offer, group, ep_group = inputs
+    ctx.save_for_backward(counts_all, spare_expert)
+    ctx.offer, ctx.group, ctx.ep_group, ctx.El = offer, group, ep_group, w.shape[0]
+
+
+def _clone_backward(ctx, grad):
+    counts_all, spare_expert = ctx.saved_tensors
+    El, offer = ctx.El, ctx.offer
+    dom, rank = comm.group_size(ctx.group), comm.group_rank(ctx.ep_group)
+    mine, rows = _pick_index(counts_all, spare_expert, El, offer, rank, dom)
+    g_spare = grad[El:].reshape(rows.numel(), -1)
+    buf = g_spare.new_zeros((dom * offer + 1, g_spare.shape[1]))
+    buf.index_add_(0, torch.where(rows >= 0, rows, dom * offer), g_spare)
+    back = comm.reduce_scatter_rows(buf[:-1], ctx.group)                     # [offer, ...]
+    g_home = grad[:El].contiguous().clone()
+    g_home.view(El, -1).index_add_(0, mine, back)
+    return g_home, None, None, None, None, None
+
+
+clone_weights.register_autograd(_clone_backward, setup_context=_clone_setup)
