@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # attribute docstrings become field descriptions in the JSON schema (`echoc schema`)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 PosInt = Annotated[int, Field(gt=0)]
@@ -29,11 +30,14 @@ class GQAAttention(_Section):
 
     @model_validator(mode="after")
     def _heads_divide(self):
+        errors = []
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+            errors.append(("num_kv_heads",
+                           f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"))
         if self.head_dim % 2:
-            raise ValueError(f"head_dim ({self.head_dim}) must be even (RoPE rotates pairs)")
+            errors.append(("head_dim", f"head_dim ({self.head_dim}) must be even (RoPE rotates pairs)"))
+        if errors:
+            raise SpecCrossFieldError(errors)
         return self
 
 
@@ -51,7 +55,8 @@ class MLAAttention(_Section):
     @model_validator(mode="after")
     def _rope_even(self):
         if self.qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even (RoPE rotates pairs)")
+            raise SpecCrossFieldError([(
+                "qk_rope_head_dim", f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even (RoPE rotates pairs)")])
         return self
 
 
@@ -130,14 +135,18 @@ class Budgets(_Section):
 
     @model_validator(mode="after")
     def _tokens(self):
+        errors = []
         if self.received_token_capacity < 1.0:
-            raise ValueError(
-                f"received_token_capacity must be >= 1.0 (got {self.received_token_capacity}); "
-                "below 1.0 even a perfectly balanced step would overflow")
+            errors.append(("received_token_capacity",
+                           f"received_token_capacity must be >= 1.0 (got {self.received_token_capacity}); "
+                           "below 1.0 even a perfectly balanced step would overflow"))
         if self.tokens_per_rank is not None and self.tokens_per_rank != self.seq_len * self.micro_batch:
-            raise ValueError(
-                f"tokens_per_rank ({self.tokens_per_rank}) must equal seq_len × micro_batch "
-                f"({self.seq_len} × {self.micro_batch} = {self.seq_len * self.micro_batch}); or leave it out")
+            errors.append(("tokens_per_rank",
+                           f"tokens_per_rank ({self.tokens_per_rank}) must equal seq_len × micro_batch "
+                           f"({self.seq_len} × {self.micro_batch} = {self.seq_len * self.micro_batch}); "
+                           "or leave it out"))
+        if errors:
+            raise SpecCrossFieldError(errors)
         return self
 
     @property
@@ -174,9 +183,9 @@ class Data(_Section):
     @model_validator(mode="after")
     def _path(self):
         if self.kind == "text" and not self.path:
-            raise ValueError("data.kind 'text' needs data.path (a text file read as bytes)")
+            raise SpecCrossFieldError([("path", "data.kind 'text' needs data.path (a text file read as bytes)")])
         if self.kind == "synthetic" and self.path:
-            raise ValueError("data.path is only read when data.kind is 'text'")
+            raise SpecCrossFieldError([("path", "data.path is only read when data.kind is 'text'")])
         return self
 
 
@@ -225,7 +234,7 @@ class Spec(_Section):
         if moe.num_experts % r.num_groups:
             bad("model.moe.router.num_groups",
                 f"num_experts ({moe.num_experts}) must be divisible by num_groups ({r.num_groups})")
-        elif moe.top_k > r.topk_groups * (moe.num_experts // r.num_groups):
+        elif moe.num_experts >= moe.top_k > r.topk_groups * (moe.num_experts // r.num_groups):
             bad("model.moe.top_k",
                 f"top_k ({moe.top_k}) exceeds the experts in the selected groups "
                 f"({r.topk_groups} × {moe.num_experts // r.num_groups})")
@@ -283,7 +292,10 @@ class Spec(_Section):
 
 
 class SpecCrossFieldError(ValueError):
-    """Raised by Spec's validator with (yaml path, message) pairs; spec_io turns it into SpecError."""
+    """Raised by validators with (yaml path, message) pairs; spec_io turns it into SpecError.
+
+    Paths are relative to the section whose validator raises (Spec's are therefore absolute).
+    """
 
     def __init__(self, errors: list[tuple[str, str]]):
         self.errors = errors
