@@ -16,7 +16,7 @@ from rich.table import Table
 
 from echoc.errors import EchocError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="echoc: compile a YAML MoE training spec into a sync-free, load-balanced step.")
 console = Console()
 err_console = Console(stderr=True)
@@ -134,17 +134,7 @@ def run(spec: str, nproc: Optional[int] = typer.Option(None, "--nproc", help="Pr
 
 def main():
     try:
-        app(standalone_mode=False)
+        app()
     except EchocError as e:
         err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
         sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors
-        import click
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise

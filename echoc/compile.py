@@ -21,6 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 import echoc
 from echoc.spec import Spec
 from passes.manager import PassRecord, default_pipeline
+from runtime import grouped_gemm
 from runtime.model import MoE, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -53,22 +54,33 @@ def example_tokens(spec: Spec, device="meta") -> torch.Tensor:
     return torch.zeros((b.micro_batch, b.seq_len), dtype=torch.int64, device=device)
 
 
+class _PlanShapes(ShapeProp):
+    """ShapeProp that takes the expert FFN's output shape from its contract ([R, H] like its
+    input rows) instead of running the grouped GEMM, whose meta kernel insists on the CUDA
+    dtype rules even for a CPU float32 plan."""
+
+    def call_function(self, target, args, kwargs):
+        if target in (grouped_gemm.expert_ffn, grouped_gemm.expert_ffn_recompute_clone):
+            return torch.empty_like(args[0])
+        return super().call_function(target, args, kwargs)
+
+
 def propagate_shapes(gm: GraphModule, spec: Spec) -> None:
     """Fill node.meta['tensor_meta'] from fake tensors (meta weights, no real memory)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
-    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-    ShapeProp(gm, fake_mode=mode).propagate(example_tokens(spec))
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True, static_shapes=True)
+    _PlanShapes(gm, fake_mode=mode).propagate(example_tokens(spec))
 
 
 def _fmt_meta(meta) -> str:
     if meta is None:
         return ""
-    if isinstance(meta, (tuple, list)):
-        return "(" + ", ".join(_fmt_meta(m) for m in meta) + ")"
     if hasattr(meta, "shape"):
         dt = str(meta.dtype).replace("torch.", "")
         return f"{dt}[{', '.join(str(s) for s in meta.shape)}]"
+    if isinstance(meta, (tuple, list)):
+        return "(" + ", ".join(_fmt_meta(m) for m in meta) + ")"
     return ""
 
 
@@ -107,7 +119,11 @@ def compile_spec(spec: Spec, out_dir: str | Path | None = None) -> CompileResult
     from echoc import accounting
     from echoc.spec_io import spec_hash
     t0 = time.perf_counter()
+    from runtime.parallel import shard_experts
     model = build_meta_model(spec)
+    params = accounting.count_parameters(model)
+    memory = accounting.memory_per_rank(spec, model)
+    shard_experts(model, 0, spec.parallel.ep)  # the graph lists rank 0's shapes
     gm, records = compile_graph(model, spec)
     propagate_shapes(gm, spec)
     out = Path(out_dir or Path("build") / spec.model.name)
@@ -124,9 +140,9 @@ def compile_spec(spec: Spec, out_dir: str | Path | None = None) -> CompileResult
         "experts": spec.model.moe.num_experts,
         "world_size": spec.cluster.world_size,
         "parallel": {"ep": spec.parallel.ep, "dp": spec.parallel.dp},
-        "parameters": accounting.count_parameters(model),
+        "parameters": params,
         "active_parameters_per_token": accounting.active_parameters_per_token(spec),
-        "memory_per_rank_bytes": accounting.memory_per_rank(spec, model),
+        "memory_per_rank_bytes": memory,
         "dispatch": {"backend": spec.backends.dispatch, "tokens_per_rank": spec.budgets.tokens,
                      "peer_chunk_rows": spec.peer_chunk_rows, "receive_rows": spec.receive_rows},
         "passes": [{"name": r.name, "ms": round(r.ms, 2), "info": _jsonable(r.info)} for r in records],

@@ -258,6 +258,9 @@ class Spec(_Section):
             bad("backends.cuda_graph", "CUDA graphs need cluster.device 'cuda'; on cpu use 'none'")
         if dev == "cpu" and be.grouped_gemm == "te":
             bad("backends.grouped_gemm", "'te' (Transformer Engine) needs cluster.device 'cuda'")
+        if dev == "cuda" and m.dtype == "float32" and be.grouped_gemm == "torch":
+            bad("backends.grouped_gemm", "'torch' (grouped_mm) needs model.dtype 'bfloat16' on cuda; "
+                "use bfloat16, or 'loop' for float32")
         if be.cuda_graph == "full_iteration" and be.dispatch == "sync":
             bad("backends.dispatch", "'sync' reads routing counts on the host and cannot be captured; "
                 "with cuda_graph 'full_iteration' use 'torch', 'symm_mem' or 'deepep'")

@@ -151,9 +151,10 @@ combine.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 
 def weighted_sum(copies: Tensor, weights: Tensor) -> Tensor:
-    """copies [N, H] (N = T·K), weights [T, K] → Σ_k w[t, k] · copies[t·K + k], [T, H]."""
+    """copies [N, H] (N = T·K), weights [T, K] → Σ_k w[t, k] · copies[t·K + k], [T, H] (summed in fp32)."""
     t, k = weights.shape
-    return (copies.view(t, k, -1) * weights.unsqueeze(-1).to(copies.dtype)).sum(1)
+    summed = (copies.view(t, k, -1).float() * weights.unsqueeze(-1).float()).sum(1)
+    return summed.to(copies.dtype)  # float32 sum, as the reference MoE does
 
 
 def layer_stats(stats: Tensor, spare_expert: Tensor | None = None) -> Tensor:
