@@ -270,7 +270,7 @@ class Router(_FP32Buffers):
         topk_idx = biased.topk(self.top_k, dim=-1).indices                 # [T, K]
         weight = scores.gather(-1, topk_idx)
         if self.normalize:
-            pass
+            weight = weight / weight.sum(-1, keepdim=True)
         return topk_idx, (weight * self.routed_scaling_factor).to(x.dtype)
 
 

@@ -4,8 +4,12 @@ Every rank builds the full reference model from the same seed and runs it on the
 whole global batch (it is small in tests); the distributed Trainer starts from an
 identical copy, runs on this rank's rows, and after each step we compare the
 global loss and every gradient (expert gradients against the matching slice).
-Both then take their optimizer step and bias update, so later steps also check
-that the states stay equal.
+Both then take their optimizer step and bias update. Before each later step the
+reference is re-loaded from the distributed model's weights and expert biases
+(expert shards all-gathered over EP): Adam's first steps amplify last-bit
+rounding differences, and re-syncing keeps every step's comparison exact to
+rounding while still checking the step on trained weights and biases. The
+weight drift that the two optimizers accumulated is reported too.
 
 `drop_mask` lets a test hand the reference the copies it expects to be dropped
 (computed independently), so that with a tight capacity only those rows differ.
@@ -40,6 +44,7 @@ class StepReport:
     loss_rel_err: float
     grad_rel_err: dict[str, float] = field(default_factory=dict)
     dropped: int = 0
+    weight_drift: float = 0.0
 
     @property
     def worst_grad(self) -> tuple[str, float]:
@@ -51,6 +56,23 @@ def _ref_grad(name: str, grad: torch.Tensor, experts: set[str], ep_rank: int, ep
         return grad
     per = grad.shape[0] // ep
     return grad[ep_rank * per:(ep_rank + 1) * per]
+
+
+@torch.no_grad()
+def _sync_reference(ref: Transformer, model: torch.nn.Module, experts: set[str]) -> float:
+    """Copy the distributed weights (expert shards gathered over EP) and expert biases into
+    the reference; return the largest relative difference seen before copying."""
+    drift = 0.0
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        full = comm.all_gather_rows(p.data, "ep").flatten(0, 1) if name in experts else p.data
+        drift = max(drift, rel_err(ref_params[name].data, full))
+        ref_params[name].data.copy_(full)
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in model.named_buffers():
+        if name.endswith("expert_bias"):
+            ref_buffers[name].copy_(b)
+    return drift
 
 
 def _install_router_masks(ref: Transformer, mask_fn: Callable) -> None:
@@ -78,6 +100,7 @@ def compare_with_reference(spec: Spec, device: torch.device, steps: int,
     ep_rank, ep = comm.group_rank("ep"), spec.parallel.ep
     reports = []
     for step in range(steps):
+        drift = _sync_reference(ref, trainer.model, experts) if step else 0.0
         batch = source.global_batch(step, world * mb).to(device)
         ref_loss = lm_loss(ref(batch[:, :-1]), batch[:, 1:])
         ref_loss.backward()
@@ -89,7 +112,7 @@ def compare_with_reference(spec: Spec, device: torch.device, steps: int,
         dropped = out.stats[:, 0].sum().clone() if out.stats.numel() else torch.zeros((), dtype=torch.int64)
         dist.all_reduce(dropped)
         rep = StepReport(step, loss.item(), ref_loss.item(), rel_err(loss, ref_loss.detach()),
-                         dropped=int(dropped))
+                         dropped=int(dropped), weight_drift=drift)
         ref_params = dict(ref.named_parameters())
         for name, p in trainer.model.named_parameters():
             want = _ref_grad(name, ref_params[name].grad, experts, ep_rank, ep)

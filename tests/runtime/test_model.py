@@ -5,7 +5,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from echoc.spec import Model
-from runtime.model import (MLP, GroupedExperts, MLAAttention, MoE, RMSNorm, Router, Transformer, expert_counts,
+from runtime.model import (MLP, GQAAttention, GroupedExperts, MLAAttention, MoE, RMSNorm, Router, Transformer, expert_counts,
                            lm_loss, moe_layers, update_expert_bias)
 
 GQA = {"kind": "gqa", "num_heads": 4, "num_kv_heads": 2, "head_dim": 8}
@@ -356,10 +356,47 @@ def test_loss_decreases_on_a_repeated_batch(attention):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_mla_shares_rope_key_across_heads():
-    cfg = make_cfg(attention=MLA)
+def rope_ref(x, theta):
+    """x [B, S, h, d]: rotate the complex numbers (x[i] + i·x[i + d/2]) by position · theta^(-2i/d)."""
+    d = x.shape[-1]
+    angle = torch.arange(x.shape[1])[:, None] * theta ** (-torch.arange(0, d, 2) / d)   # [S, d/2]
+    z = torch.complex(x[..., :d // 2], x[..., d // 2:]) * torch.polar(torch.ones_like(angle), angle)[:, None]
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def attention_ref(q, k, v):
+    """q, k [B, S, h, dk], v [B, S, h, dv]: causal softmax(q·k / sqrt(dk)) v, one head at a time."""
+    S, dk = q.shape[1], q.shape[-1]
+    scores = torch.einsum("bshd,bthd->bhst", q, k) / dk ** 0.5
+    scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhst,bthd->bshd", scores.softmax(-1), v)
+
+
+def test_mla_matches_explicit_formula():
+    cfg = make_cfg(attention={**MLA, "rope_theta": 500.0})
+    torch.manual_seed(0)
     attn = MLAAttention(cfg)
-    assert attn.wkv_a.out_features == 12 + 4                     # latent + one shared rope key
-    assert attn.wkv_b.out_features == 4 * (8 + 6)                 # heads × (nope + v)
-    assert attn.wq_b.out_features == 4 * (8 + 4)
-    assert attn.wo.in_features == 4 * 6
+    x = torch.randn(2, 7, 32)
+    h, nope, rope, dv, r = 4, 8, 4, 6, 12
+    q = attn.wq_b(attn.q_norm(attn.wq_a(x))).view(2, 7, h, nope + rope)
+    q = torch.cat([q[..., :nope], rope_ref(q[..., nope:], 500.0)], dim=-1)
+    a = attn.wkv_a(x)
+    k_pe = rope_ref(a[..., r:].unsqueeze(2), 500.0)                    # one rope key for all heads
+    kv = attn.wkv_b(attn.kv_norm(a[..., :r])).view(2, 7, h, nope + dv)
+    k = torch.cat([kv[..., :nope], k_pe.expand(-1, -1, h, -1)], dim=-1)
+    want = attn.wo(attention_ref(q, k, kv[..., nope:]).reshape(2, 7, h * dv))
+    torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-5)
+    assert attn.wkv_a.out_features == r + rope and attn.wkv_b.out_features == h * (nope + dv)
+
+
+def test_gqa_matches_explicit_formula():
+    cfg = make_cfg(attention={**GQA, "rope_theta": 100.0})
+    torch.manual_seed(0)
+    attn = GQAAttention(cfg)
+    x = torch.randn(2, 7, 32)
+    q = rope_ref(attn.wq(x).view(2, 7, 4, 8), 100.0)
+    k = rope_ref(attn.wk(x).view(2, 7, 2, 8), 100.0)
+    v = attn.wv(x).view(2, 7, 2, 8)
+    kv_head = torch.tensor([0, 0, 1, 1])                               # query heads 0, 1 share kv head 0
+    want = attn.wo(attention_ref(q, k[:, :, kv_head], v[:, :, kv_head]).reshape(2, 7, 32))
+    torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-5)
