@@ -122,4 +122,5 @@ def compare_with_reference(spec: Spec, device: torch.device, steps: int,
         ref_opt.zero_grad(set_to_none=True)
         update_expert_bias(ref)
         trainer.optimizer_step(step)
+        trainer.zero_grad()
     return reports

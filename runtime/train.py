@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,11 +54,23 @@ def build_reference(spec: Spec, device: torch.device) -> Transformer:
 @dataclass
 class StepOut:
     loss: torch.Tensor       # [] this rank's mean loss (detached)
-    stats: torch.Tensor      # [num_moe_layers, 3] (dropped, received, sent) on this rank
+    stats: torch.Tensor      # [num_moe_layers, 4] (dropped, received, sent, clones) on this rank
+
+
+@dataclass
+class DeviceMetrics:
+    """Global step metrics, still on the device (so a captured step can produce them)."""
+    loss_sum: torch.Tensor   # [1] float32: Σ over ranks of each rank's mean loss
+    stats: torch.Tensor      # [world, num_moe_layers, 4] int64
 
 
 class Trainer:
-    """The distributed, compiled model and its optimizer."""
+    """The distributed, compiled model and its optimizer.
+
+    `step` is the whole iteration — forward, backward, gradient reductions, AdamW,
+    expert-bias update and the metric collectives — with no host read, so the runtime
+    can capture it as one CUDA graph (runtime/cuda_graph.py) or run it eagerly.
+    """
 
     def __init__(self, spec: Spec, device: torch.device, model: Transformer | None = None):
         from echoc.compile import compile_graph
@@ -68,45 +79,71 @@ class Trainer:
         shard_experts(self.model, comm.group_rank("ep"), spec.parallel.ep)
         self.gm, self.pass_records = compile_graph(self.model, spec)
         o = spec.train.optimizer
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas,
-                                     weight_decay=o.weight_decay)
+        capturable = device.type == "cuda"
+        # lr lives in a device tensor so a captured step reads the schedule's current value
+        self.lr = torch.tensor(o.lr, device=device) if capturable else o.lr
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=o.betas,
+                                     weight_decay=o.weight_decay, capturable=capturable,
+                                     foreach=capturable or None)
         self.world = dist.get_world_size()
         self.moe_names = [n for n, _ in moe_layers(self.model)]
 
+    def set_lr(self, step: int) -> None:
+        """Warm-up schedule; the value goes into the device tensor the optimizer reads."""
+        o = self.spec.train.optimizer
+        lr = o.lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
+        if isinstance(self.lr, torch.Tensor):
+            self.lr.fill_(lr)
+        else:
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+
     def forward_backward(self, tokens: torch.Tensor, labels: torch.Tensor) -> StepOut:
         out = self.gm(tokens)
-        logits, stats = out if isinstance(out, tuple) else (out, torch.zeros(0, 3, dtype=torch.int64))
+        logits, stats = out if isinstance(out, tuple) else (out, tokens.new_zeros(0, 4))
         loss = lm_loss(logits, labels)
         (loss / self.world).backward()
         reduce_gradients(self.model)
         return StepOut(loss.detach(), stats)
 
-    def optimizer_step(self, step: int) -> None:
-        o = self.spec.train.optimizer
-        if o.warmup_steps:
-            for g in self.opt.param_groups:
-                g["lr"] = o.lr * min(1.0, (step + 1) / o.warmup_steps)
+    def optimizer_step(self, step: int | None = None) -> None:
+        if step is not None:
+            self.set_lr(step)
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
         all_reduce_load(self.model)
         update_expert_bias(self.model)
 
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> DeviceMetrics:
+        """One whole iteration. Gradients must be None on entry (see zero_grad)."""
+        out = self.forward_backward(tokens, labels)
+        self.optimizer_step()
+        return device_metrics(out)
 
-def gather_step_metrics(out: StepOut, names: list[str]) -> dict:
-    """Global loss, overflow and token straggler (max/mean received rows over EP ranks)."""
-    loss = out.loss.clone()
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+
+def device_metrics(out: StepOut) -> DeviceMetrics:
+    loss = out.loss.float().reshape(1).clone()
     dist.all_reduce(loss)
-    stats = out.stats.to(torch.int64)
+    stats = out.stats.to(torch.int64).contiguous()
     world = dist.get_world_size()
     all_stats = torch.empty((world,) + tuple(stats.shape), dtype=stats.dtype, device=stats.device)
-    dist.all_gather_into_tensor(all_stats.view(-1), stats.contiguous().view(-1))
-    all_stats = all_stats.cpu()
-    received = all_stats[:, :, 1].float()  # [world, layers]
-    straggler = (received.max(0).values / received.mean(0).clamp(min=1)).max().item() if stats.numel() else 1.0
+    if stats.numel():
+        dist.all_gather_into_tensor(all_stats.view(-1), stats.view(-1))
+    return DeviceMetrics(loss, all_stats)
+
+
+def host_metrics(loss_sum: torch.Tensor, all_stats: torch.Tensor, names: list[str]) -> dict:
+    """From host copies of DeviceMetrics: global loss, overflow, token straggler
+    (max / mean received rows over the ranks, worst layer), clones per layer."""
+    world = all_stats.shape[0]
+    received = all_stats[:, :, 1].double()  # [world, layers]
+    straggler = float((received.max(0).values / received.mean(0).clamp(min=1)).max()) if all_stats.numel() else 1.0
     dropped = all_stats[:, :, 0]
-    return {"loss": loss.item() / world, "overflow": int(dropped.sum()),
+    return {"loss": float(loss_sum.reshape(-1)[0]) / world, "overflow": int(dropped.sum()),
             "overflow_by_layer_rank": dropped.T.tolist(), "token_straggler": straggler,
-            "layers": names}
+            "clones": int(all_stats[0, :, 3].sum()) if all_stats.numel() else 0, "layers": names}
 
 
 def check_overflow(spec: Spec, metrics: dict, step: int) -> None:
@@ -122,24 +159,29 @@ def check_overflow(spec: Spec, metrics: dict, step: int) -> None:
 
 
 def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = True) -> list[dict]:
-    """Run spec.train.steps steps; returns the per-step metrics (identical on every rank)."""
+    """Run spec.train.steps steps; returns the per-step metrics (identical on every rank).
+
+    With cuda_graph 'full_iteration' the first steps run eagerly on a side stream (warm-up),
+    then the iteration is captured once and replayed; metrics reach the host through pinned
+    buffers and are read one step late, so logging never stalls the GPU.
+    """
+    from runtime.cuda_graph import AsyncMetrics, StepRunner
     device = init_distributed(spec)
     rank, world = dist.get_rank(), dist.get_world_size()
     trainer = Trainer(spec, device)
     t = spec.train
     source = TokenSource(t.data.kind, spec.model.vocab_size, spec.budgets.seq_len, t.seed, t.data.path)
     mb = spec.budgets.micro_batch
+    runner = StepRunner(trainer, graph=spec.backends.cuda_graph == "full_iteration" and device.type == "cuda")
+    pending = AsyncMetrics()
     log = open(metrics_path, "a") if (metrics_path and rank == 0) else None
-    history = []
+    history: list[dict] = []
     progress = _Progress(t.steps) if (show_progress and rank == 0) else None
-    for step in range(t.steps):
-        t0 = time.perf_counter()
-        tokens, labels = (x.to(device) for x in local_rows(source.global_batch(step, world * mb), rank, mb))
-        out = trainer.forward_backward(tokens, labels)
-        trainer.optimizer_step(step)
-        m = gather_step_metrics(out, trainer.moe_names)
-        dt = time.perf_counter() - t0
-        m.update(step=step, tokens_per_s=world * tokens.numel() / dt, step_ms=dt * 1e3)
+
+    def report(done):
+        step, (loss_sum, stats), seconds = done
+        m = host_metrics(loss_sum, stats, trainer.moe_names)
+        m.update(step=step, step_ms=seconds * 1e3, tokens_per_s=world * mb * spec.budgets.seq_len / seconds)
         history.append(m)
         if log and step % t.log_interval == 0:
             log.write(json.dumps({k: v for k, v in m.items() if k != "layers"}) + "\n")
@@ -147,6 +189,17 @@ def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = Tru
         if progress:
             progress.update(m)
         check_overflow(spec, m, step)
+
+    for step in range(t.steps):
+        tokens, labels = (x.to(device, non_blocking=True)
+                          for x in local_rows(source.global_batch(step, world * mb), rank, mb))
+        trainer.set_lr(step)
+        metrics = runner.run(tokens, labels)
+        done = pending.push(step, (metrics.loss_sum, metrics.stats))
+        if done is not None:
+            report(done)
+    for done in pending.drain():
+        report(done)
     if progress:
         progress.close()
     if log:
