@@ -73,7 +73,7 @@ def test_structure_follows_the_spec():
     assert moe.shared.w13.weight.shape == (2 * 2 * 16, 32)        # shared_experts × F, gate and up
     assert moe.experts.w13.shape == (8, 32, 32) and moe.experts.w2.shape == (8, 16, 32)
     assert moe.router.weight.shape == (8, 32)
-    assert make_cfg(shared=0) and build(make_cfg(shared=0)).layers[1].mlp.shared is None
+    assert build(make_cfg(shared=0)).layers[1].mlp.shared is None
     assert model.lm_head.weight.data_ptr() != model.embed.weight.data_ptr()   # untied
 
 

@@ -1,0 +1,135 @@
+"""The whole training iteration on GPUs: captured as one CUDA graph vs eager vs the `sync`
+baseline (and with ECHO cloning), same model, same seed, same data, in one run.
+
+    torchrun --nproc-per-node 2 bench/iteration.py [--steps 20] [--out iteration.json]
+
+Each variant trains `steps` steps from the same initial weights on the same batches.
+Checks: the graph variant's loss curve matches the eager one (bf16, relative
+difference < 1e-2 at every step); ms per iteration is the median of the CUDA-event
+times of the steps after warm-up (graph: replays only). Prints one table (rank 0)
+and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from echoc.spec_io import spec_from_dict
+from runtime.cuda_graph import StepRunner
+from runtime.data import TokenSource, local_rows
+from runtime.train import Trainer, init_distributed
+
+
+def spec_dict(args, world, dispatch="torch", graph=True, echo=False, recompute=False) -> dict:
+    return {
+        "model": {"name": "glm5-mini-2gpu", "vocab_size": 32000, "hidden_size": args.hidden,
+                  "num_layers": args.layers, "first_dense_layers": 1, "dense_intermediate_size": 4 * args.hidden,
+                  "dtype": "bfloat16",
+                  "attention": {"kind": "mla", "num_heads": 16, "q_lora_rank": 768, "kv_lora_rank": 256,
+                                "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64},
+                  "moe": {"num_experts": args.experts, "top_k": 8, "expert_intermediate_size": args.ffn,
+                          "shared_experts": 1,
+                          "router": {"score_fn": "sigmoid", "routed_scaling_factor": 2.5,
+                                     "bias_update_rate": 1e-3}}},
+        "cluster": {"device": "cuda", "nodes": 1, "gpus_per_node": world},
+        "parallel": {"ep": world, "dp": 1},
+        "budgets": {"seq_len": args.seq_len, "micro_batch": 1, "received_token_capacity": args.capacity,
+                    "row_alignment": 16},
+        "echo": {"enabled": echo, "spare_slots_per_rank": 2 if echo else 0,
+                 "recompute_clone_dispatch": recompute, "clone_domain": "node"},
+        "backends": {"dispatch": dispatch, "cuda_graph": "full_iteration" if graph else "none"},
+        "train": {"steps": args.steps, "seed": 0, "optimizer": {"lr": 3e-4}},
+    }
+
+
+VARIANTS = {
+    "graph": dict(dispatch="torch", graph=True),
+    "eager": dict(dispatch="torch", graph=False),
+    "sync": dict(dispatch="sync", graph=False),
+    "echo_graph": dict(dispatch="torch", graph=True, echo=True),
+    "echo_recompute_graph": dict(dispatch="torch", graph=True, echo=True, recompute=True),
+}
+
+
+def run_variant(args, name, device):
+    spec = spec_from_dict(spec_dict(args, dist.get_world_size(), **VARIANTS[name]))
+    trainer = Trainer(spec, device)
+    runner = StepRunner(trainer, graph=spec.backends.cuda_graph == "full_iteration")
+    source = TokenSource("synthetic", spec.model.vocab_size, spec.budgets.seq_len, 0)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    losses, times, straggler, overflow, clones = [], [], [], 0, 0
+    for step in range(args.steps):
+        tokens, labels = (x.to(device) for x in local_rows(source.global_batch(step, world), rank, 1))
+        trainer.set_lr(step)
+        start.record()
+        m = runner.run(tokens, labels)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+        losses.append(float(m.loss_sum[0]) / world)
+        rec = m.stats[:, :, 1].double()
+        straggler.append(float((rec.max(0).values / rec.mean(0)).max()))
+        overflow += int(m.stats[:, :, 0].sum())
+        clones += int(m.stats[0, :, 3].sum())
+    steady = times[4:]
+    del runner, trainer
+    torch.cuda.empty_cache()
+    return {"losses": losses, "ms_median": statistics.median(steady), "ms_all": times,
+            "token_straggler_mean": statistics.mean(straggler), "overflow": overflow, "clones": clones,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--ffn", type=int, default=1024)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--capacity", type=float, default=1.5)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "iteration.json"))
+    args = ap.parse_args()
+    base = spec_from_dict(spec_dict(args, int(os.environ["WORLD_SIZE"])))
+    device = init_distributed(base)
+    results = {}
+    for name in args.variants.split(","):
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            results[name] = run_variant(args, name, device)
+        except Exception as e:  # report and go on: one broken variant must not hide the others
+            results[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+            if dist.get_rank() == 0:
+                print(f"variant {name} failed:\n{results[name]['trace']}", flush=True)
+    if dist.get_rank() == 0:
+        ref = results.get("eager", {}).get("losses")
+        print(f"\nfull iteration: {dist.get_world_size()} GPUs ({torch.cuda.get_device_name()}), "
+              f"{vars(args)}")
+        print(f"{'variant':<22}{'ms/iter':>9}{'vs sync':>9}{'max|Δloss|/loss vs eager':>26}"
+              f"{'straggler':>10}{'overflow':>9}{'clones':>8}{'GiB':>7}")
+        sync_ms = results.get("sync", {}).get("ms_median")
+        for name, r in results.items():
+            if "error" in r:
+                print(f"{name:<22} FAILED: {r['error'][:150]}")
+                continue
+            dl = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref)) if ref else float("nan")
+            r["max_rel_loss_diff_vs_eager"] = dl
+            ratio = f"{sync_ms / r['ms_median']:.2f}x" if sync_ms else "-"
+            print(f"{name:<22}{r['ms_median']:>9.2f}{ratio:>9}{dl:>26.2e}{r['token_straggler_mean']:>10.3f}"
+                  f"{r['overflow']:>9}{r['clones']:>8}{r['peak_mem_gib']:>7.1f}")
+        json.dump({"args": vars(args), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "world": dist.get_world_size(), "results": results}, open(args.out, "w"), indent=2)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
