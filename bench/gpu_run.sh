@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks in one call (device machines: carry .whl for pydantic).
+#   bash bench/gpu_run.sh [moe_layer|iteration|all] [extra args for iteration.py]
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+if [ -d .whl ] && ! python3 -c "import pydantic" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+OUT=${OUT:-.}
+what=${1:-all}; shift || true
+ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+python3 -c "import torch, pydantic; print('torch', torch.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name())"
+if [ "$what" = all ] || [ "$what" = moe_layer ]; then
+  timeout 240 torchrun --standalone --nproc-per-node "$ngpu" bench/moe_layer.py --out "$OUT/moe_layer.json" 2>&1 | tee "$OUT/moe_layer.log" | grep -v Warning
+fi
+if [ "$what" = all ] || [ "$what" = iteration ]; then
+  timeout 400 torchrun --standalone --nproc-per-node "$ngpu" bench/iteration.py --out "$OUT/iteration.json" "$@" 2>&1 | tee "$OUT/iteration.log" | grep -v Warning
+fi
