@@ -44,6 +44,7 @@ class StepReport:
     loss_rel_err: float
     grad_rel_err: dict[str, float] = field(default_factory=dict)
     dropped: int = 0
+    clones: int = 0
     weight_drift: float = 0.0
 
     @property
@@ -112,7 +113,8 @@ def compare_with_reference(spec: Spec, device: torch.device, steps: int,
         dropped = out.stats[:, 0].sum().clone() if out.stats.numel() else torch.zeros((), dtype=torch.int64)
         dist.all_reduce(dropped)
         rep = StepReport(step, loss.item(), ref_loss.item(), rel_err(loss, ref_loss.detach()),
-                         dropped=int(dropped), weight_drift=drift)
+                         dropped=int(dropped), weight_drift=drift,
+                         clones=int(out.stats[:, 3].sum()) if out.stats.numel() else 0)
         ref_params = dict(ref.named_parameters())
         for name, p in trainer.model.named_parameters():
             want = _ref_grad(name, ref_params[name].grad, experts, ep_rank, ep)

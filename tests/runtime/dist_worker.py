@@ -48,7 +48,7 @@ def main():
     mask = independent_drop_mask(spec) if cfg.get("reference_drops") else None
     reports = compare_with_reference(spec, device, cfg["steps"], drop_mask=mask)
     result = [{"step": r.step, "loss": r.loss, "ref_loss": r.ref_loss, "loss_rel_err": r.loss_rel_err,
-               "worst_grad": r.worst_grad, "dropped": r.dropped, "weight_drift": r.weight_drift, "grads": r.grad_rel_err} for r in reports]
+               "worst_grad": r.worst_grad, "dropped": r.dropped, "clones": r.clones, "weight_drift": r.weight_drift, "grads": r.grad_rel_err} for r in reports]
     # every rank checks its own expert shard: gather the worst error per rank
     worst = torch.tensor([max(r.worst_grad[1] for r in reports)])
     allw = [torch.zeros(1) for _ in range(dist.get_world_size())]

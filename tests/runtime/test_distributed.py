@@ -16,7 +16,7 @@ TOL = 1e-5
 
 
 def tiny_spec(ep=2, dp=1, capacity=2.0, backend="torch", top_k=2, experts=8, seq_len=16, mb=2,
-              shared=1, attention=None, on_overflow="drop"):
+              shared=1, attention=None, on_overflow="drop", echo=None):
     return {
         "model": {"name": "oracle", "vocab_size": 64, "hidden_size": 32, "num_layers": 3,
                   "first_dense_layers": 1, "dense_intermediate_size": 48, "dtype": "float32",
@@ -30,6 +30,7 @@ def tiny_spec(ep=2, dp=1, capacity=2.0, backend="torch", top_k=2, experts=8, seq
         "budgets": {"seq_len": seq_len, "micro_batch": mb, "received_token_capacity": capacity,
                     "on_overflow": on_overflow, "row_alignment": 1},
         "backends": {"dispatch": backend, "cuda_graph": "none"},
+        "echo": echo or {"enabled": False},
         "train": {"steps": 3, "seed": 3, "optimizer": {"lr": 1e-2}},
     }
 
@@ -85,3 +86,16 @@ def test_tight_capacity_without_the_mask_differs(tmp_path):
     res = run_oracle(tmp_path, spec, steps=1, reference_drops=False)
     assert res["steps"][0]["dropped"] > 0
     assert res["steps"][0]["loss_rel_err"] > 1e-4 or res["steps"][0]["worst_grad"][1] > 1e-3
+
+
+@pytest.mark.parametrize("ep,dp,recompute", [(2, 1, False), (4, 1, True), (2, 2, True)])
+def test_echo_cloning_matches_reference(tmp_path, ep, dp, recompute):
+    """Clones forced on (spare slots, min_clone_rows 1 on CPU): every expert's gradient,
+    including experts whose tokens were split over clones, equals the reference."""
+    spec = tiny_spec(ep=ep, dp=dp, capacity=float(ep), experts=4 * ep,
+                     echo={"enabled": True, "spare_slots_per_rank": 2, "clone_domain": "cluster",
+                           "recompute_clone_dispatch": recompute})
+    res = run_oracle(tmp_path, spec, steps=3)
+    assert sum(s["clones"] for s in res["steps"]) > 0, "no clone was planned: the test proves nothing"
+    assert all(s["dropped"] == 0 for s in res["steps"])
+    assert_matches(res)
