@@ -1,0 +1,71 @@
+"""The CLI through typer's test runner (and one real 2-process `echoc run`)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from echoc.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def test_validate_ok():
+    r = runner.invoke(app, ["validate", str(ROOT / "specs/tiny.yaml")])
+    assert r.exit_code == 0, r.output
+    assert "ok" in r.output and "receive buffer" in r.output
+
+
+def test_bad_spec_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "specs/tiny.yaml").read_text().replace("top_k: 2", "top_k: 20"))
+    proc = subprocess.run([sys.executable, "-m", "echoc", "validate", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "model.moe.top_k" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_set_override_is_validated():
+    proc = subprocess.run([sys.executable, "-m", "echoc", "validate", str(ROOT / "specs/tiny.yaml"),
+                           "--set", "parallel.ep=3"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "parallel" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_schema_is_json():
+    r = runner.invoke(app, ["schema"])
+    assert r.exit_code == 0
+    assert "model" in json.loads(r.output)["properties"]
+
+
+def test_compile_and_inspect(tmp_path):
+    out = tmp_path / "b"
+    r = runner.invoke(app, ["compile", str(ROOT / "specs/tiny.yaml"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    for f in ("graph.txt", "graph.py", "summary.json"):
+        assert (out / f).exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["moe_layers"] == 2 and summary["experts"] == 8
+    r = runner.invoke(app, ["inspect", str(out)])
+    assert r.exit_code == 0 and "receive buffer" in r.output
+    r = runner.invoke(app, ["inspect", str(out), "--graph", "--filter", "echo.dispatch"])
+    assert r.exit_code == 0 and r.output.count("echo.dispatch") == 2
+
+
+def test_inspect_missing_dir_is_a_user_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "echoc", "inspect", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "echoc compile" in proc.stderr
+
+
+def test_run_two_processes_loss_goes_down(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "echoc", "run", str(ROOT / "specs/tiny.yaml"), "--nproc", "2",
+                           "--metrics", str(metrics), "--set", "train.steps=12", "--set", "train.log_interval=1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
