@@ -108,6 +108,8 @@ def run(spec: str, nproc: Optional[int] = typer.Option(None, "--nproc", help="Pr
         rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="host:port for multi-node."),
         max_restarts: int = typer.Option(0, "--max-restarts", help="torchrun elastic restarts."),
         metrics: Optional[str] = typer.Option(None, "--metrics", help="JSONL metrics file (rank 0)."),
+        record_routing: Optional[str] = typer.Option(None, "--record-routing",
+                                                     help="Write routing counts [steps, layers, ep, E] here."),
         set_: Optional[List[str]] = SetOpt):
     """Train: launches torchrun (or, inside torchrun, runs this rank)."""
     s = _load(spec, set_)
@@ -115,7 +117,7 @@ def run(spec: str, nproc: Optional[int] = typer.Option(None, "--nproc", help="Pr
     if _in_torchrun():
         from runtime.train import train
         Path(metrics).parent.mkdir(parents=True, exist_ok=True)
-        hist = train(s, metrics_path=metrics)
+        hist = train(s, metrics_path=metrics, record_routing=record_routing)
         if int(os.environ.get("RANK", "0")) == 0 and hist:
             console.print(f"done: {len(hist)} steps, loss {hist[0]['loss']:.4f} → {hist[-1]['loss']:.4f}, "
                           f"overflow {sum(h['overflow'] for h in hist)}; metrics in {metrics}")
@@ -127,9 +129,34 @@ def run(spec: str, nproc: Optional[int] = typer.Option(None, "--nproc", help="Pr
                          "parallel.ep × parallel.dp")
     from runtime.launch import launch
     argv = ["run", str(Path(spec).resolve()), "--metrics", str(Path(metrics).resolve())]
+    if record_routing:
+        argv += ["--record-routing", str(Path(record_routing).resolve())]
     for o in set_ or []:
         argv += ["--set", o]
     launch(argv, nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts)
+
+
+@app.command()
+def simulate(spec: str,
+             trace: Optional[str] = typer.Option(None, "--trace", help="Routing trace (echoc run --record-routing)."),
+             skew: Optional[str] = typer.Option(None, "--skew", help="Synthetic zipf skew, e.g. zipf:1.2."),
+             drift: Optional[str] = typer.Option(None, "--drift", help="Drifting hot experts, e.g. zipf:1.2,rate:0.1."),
+             steps: Optional[int] = typer.Option(None, "--steps"),
+             layers: int = typer.Option(1, "--layers", help="Layers of a synthetic trace."),
+             out: Optional[str] = typer.Option(None, "--out", help="JSON result file."),
+             plot_path: Optional[str] = typer.Option(None, "--plot", help="Write a PNG of straggler per step."),
+             set_: Optional[List[str]] = SetOpt):
+    """Planner + cost model on routing traces, no GPU: stragglers, overflow, bytes, time per strategy."""
+    from echoc import simulate as sim
+    s = _load(spec, set_)
+    res = sim.simulate(s, trace=trace, skew=skew, drift=drift, steps=steps, layers=layers)
+    sim.print_table(res, console)
+    out = out or str(Path("build") / s.model.name / "simulate.json")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    sim.write_json(res, out)
+    if plot_path:
+        sim.plot(res, plot_path)
+    console.print(f"wrote {out}" + (f" and {plot_path}" if plot_path else ""))
 
 
 def main():

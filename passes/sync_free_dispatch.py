@@ -16,8 +16,9 @@ After (torch backend), per layer, every buffer sized by the capacity budget:
     routed   [T, H]          weighted_sum                  (router weights)
     + shared expert, reshape back
 
-The graph's output becomes (logits, moe_stats [num_moe_layers, 4] int64) with
-per-layer (dropped copies, rows received, rows sent, clones) on this rank.
+The graph's output becomes (logits, moe_stats [num_moe_layers, 4], moe_counts
+[num_moe_layers, ep, E]): per layer (dropped copies, rows received, rows sent,
+clones) on this rank, and the EP group's routing counts (for --record-routing).
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ class _Builder:
 _LAYOUT_OUTS = ["send_copy", "copy_slot", "sorted_src", "recv_sorted", "offs", "stats"]
 
 
-def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec) -> tuple[Node, Node, LayerDispatch]:
+def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec) -> tuple[Node, Node, Node, LayerDispatch]:
     moe_name, x = node.target, node.args[0]
     moe_cfg, ep = spec.model.moe, spec.parallel.ep
     L, K, C = spec.experts_per_rank, moe_cfg.top_k, spec.peer_chunk_rows
@@ -131,29 +132,31 @@ def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec) -> tuple[Node, Node,
     out = b.method("out", "view_as", out, x)
     stats = b.fn("stats", ops.layer_stats, stats)
     info = LayerDispatch(moe_name, spec.budgets.tokens, K, L, C, ep * C)
-    return out, stats, info
+    return out, stats, counts_all, info
 
 
-def _append_stats(gm: GraphModule, stats: list[Node]) -> None:
+def _append_outputs(gm: GraphModule, stats: list[Node], counts: list[Node]) -> None:
     output = next(n for n in gm.graph.nodes if n.op == "output")
     with gm.graph.inserting_before(output):
-        stacked = gm.graph.create_node("call_function", torch.stack, (stats,), {}, name="moe_stats")
-    output.args = ((output.args[0], stacked),)
+        st = gm.graph.create_node("call_function", torch.stack, (stats,), {}, name="moe_stats")
+        ct = gm.graph.create_node("call_function", torch.stack, (counts,), {}, name="moe_counts")
+    output.args = ((output.args[0], st, ct),)
 
 
 def run(gm: GraphModule, spec: Spec) -> PassResult:
     check_backend(spec)
     info = DispatchInfo(spec.backends.dispatch)
-    stats = []
+    stats, counts = [], []
     for node in moe_nodes(gm):
         with gm.graph.inserting_before(node):
-            out, layer_stats, layer = _rewrite_layer(gm, node, spec)
+            out, layer_stats, layer_counts, layer = _rewrite_layer(gm, node, spec)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         stats.append(layer_stats)
+        counts.append(layer_counts)
         info.layers.append(layer)
     if stats:
-        _append_stats(gm, stats)
+        _append_outputs(gm, stats, counts)
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, info)

@@ -55,6 +55,7 @@ def build_reference(spec: Spec, device: torch.device) -> Transformer:
 class StepOut:
     loss: torch.Tensor       # [] this rank's mean loss (detached)
     stats: torch.Tensor      # [num_moe_layers, 4] (dropped, received, sent, clones) on this rank
+    counts: torch.Tensor     # [num_moe_layers, ep, E] the EP group's routing counts
 
 
 @dataclass
@@ -62,6 +63,7 @@ class DeviceMetrics:
     """Global step metrics, still on the device (so a captured step can produce them)."""
     loss_sum: torch.Tensor   # [1] float32: Σ over ranks of each rank's mean loss
     stats: torch.Tensor      # [world, num_moe_layers, 4] int64
+    counts: torch.Tensor     # [num_moe_layers, ep, E] int64 (this EP group)
 
 
 class Trainer:
@@ -100,11 +102,14 @@ class Trainer:
 
     def forward_backward(self, tokens: torch.Tensor, labels: torch.Tensor) -> StepOut:
         out = self.gm(tokens)
-        logits, stats = out if isinstance(out, tuple) else (out, tokens.new_zeros(0, 4))
+        if isinstance(out, tuple):
+            logits, stats, counts = out
+        else:  # no MoE layer
+            logits, stats, counts = out, tokens.new_zeros(0, 4), tokens.new_zeros(0, 1, 1)
         loss = lm_loss(logits, labels)
         (loss / self.world).backward()
         reduce_gradients(self.model)
-        return StepOut(loss.detach(), stats)
+        return StepOut(loss.detach(), stats, counts)
 
     def optimizer_step(self, step: int | None = None) -> None:
         if step is not None:
@@ -131,7 +136,7 @@ def device_metrics(out: StepOut) -> DeviceMetrics:
     all_stats = torch.empty((world,) + tuple(stats.shape), dtype=stats.dtype, device=stats.device)
     if stats.numel():
         dist.all_gather_into_tensor(all_stats.view(-1), stats.view(-1))
-    return DeviceMetrics(loss, all_stats)
+    return DeviceMetrics(loss, all_stats, out.counts.detach().clone())
 
 
 def host_metrics(loss_sum: torch.Tensor, all_stats: torch.Tensor, names: list[str]) -> dict:
@@ -158,7 +163,8 @@ def check_overflow(spec: Spec, metrics: dict, step: int) -> None:
                     "budgets.received_token_capacity or set budgets.on_overflow: drop")
 
 
-def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = True) -> list[dict]:
+def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = True,
+          record_routing: str | None = None) -> list[dict]:
     """Run spec.train.steps steps; returns the per-step metrics (identical on every rank).
 
     With cuda_graph 'full_iteration' the first steps run eagerly on a side stream (warm-up),
@@ -178,8 +184,12 @@ def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = Tru
     history: list[dict] = []
     progress = _Progress(t.steps) if (show_progress and rank == 0) else None
 
+    routing: list[torch.Tensor] = []
+
     def report(done):
-        step, (loss_sum, stats), seconds = done
+        step, (loss_sum, stats, counts), seconds = done
+        if record_routing:
+            routing.append(counts.clone())
         m = host_metrics(loss_sum, stats, trainer.moe_names)
         m.update(step=step, step_ms=seconds * 1e3, tokens_per_s=world * mb * spec.budgets.seq_len / seconds)
         history.append(m)
@@ -195,7 +205,7 @@ def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = Tru
                           for x in local_rows(source.global_batch(step, world * mb), rank, mb))
         trainer.set_lr(step)
         metrics = runner.run(tokens, labels)
-        done = pending.push(step, (metrics.loss_sum, metrics.stats))
+        done = pending.push(step, (metrics.loss_sum, metrics.stats, metrics.counts))
         if done is not None:
             report(done)
     for done in pending.drain():
@@ -204,6 +214,9 @@ def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = Tru
         progress.close()
     if log:
         log.close()
+    if record_routing and rank == 0 and routing:
+        from echoc.simulate import save_trace
+        save_trace(torch.stack(routing), record_routing)  # [steps, layers, ep, E] of EP group 0
     return history
 
 
