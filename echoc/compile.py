@@ -66,7 +66,11 @@ class _PlanShapes(ShapeProp):
 
 
 def propagate_shapes(gm: GraphModule, spec: Spec) -> None:
-    """Fill node.meta['tensor_meta'] from fake tensors (meta weights, no real memory)."""
+    """Fill node.meta['tensor_meta'] without real memory: meta tensors (fast), or fake tensors
+    with a shape environment when the `sync` backend makes shapes data-dependent."""
+    if spec.backends.dispatch != "sync":
+        _PlanShapes(gm).propagate(example_tokens(spec))
+        return
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True, static_shapes=True)
