@@ -15,6 +15,9 @@ python3 -c "import torch, pydantic; print('torch', torch.__version__, 'gpus', to
 if [ "$what" = all ] || [ "$what" = moe_layer ]; then
   timeout 240 torchrun --standalone --nproc-per-node "$ngpu" bench/moe_layer.py --out "$OUT/moe_layer.json" 2>&1 | tee "$OUT/moe_layer.log" | grep -v Warning
 fi
+if [ "$what" = all ] || [ "$what" = planner ]; then
+  timeout 120 python3 bench/planner_time.py --out "$OUT/planner_time.json" 2>&1 | tee "$OUT/planner_time.log" | grep -v Warning
+fi
 if [ "$what" = all ] || [ "$what" = iteration ]; then
   timeout 400 torchrun --standalone --nproc-per-node "$ngpu" bench/iteration.py --out "$OUT/iteration.json" "$@" 2>&1 | tee "$OUT/iteration.log" | grep -v Warning
 fi

@@ -44,7 +44,7 @@ def spec_dict(args, world, dispatch="torch", graph=True, echo=False, recompute=F
         "echo": {"enabled": echo, "spare_slots_per_rank": 2 if echo else 0,
                  "recompute_clone_dispatch": recompute, "clone_domain": "node"},
         "backends": {"dispatch": dispatch, "cuda_graph": "full_iteration" if graph else "none"},
-        "train": {"steps": args.steps, "seed": 0, "optimizer": {"lr": 3e-4}},
+        "train": {"steps": args.steps, "seed": 0, "optimizer": {"lr": 1e-3}},
     }
 
 
@@ -61,7 +61,8 @@ def run_variant(args, name, device):
     spec = spec_from_dict(spec_dict(args, dist.get_world_size(), **VARIANTS[name]))
     trainer = Trainer(spec, device)
     runner = StepRunner(trainer, graph=spec.backends.cuda_graph == "full_iteration")
-    source = TokenSource("synthetic", spec.model.vocab_size, spec.budgets.seq_len, 0)
+    source = (TokenSource("text", spec.model.vocab_size, spec.budgets.seq_len, 0, args.text) if args.text
+              else TokenSource("synthetic", spec.model.vocab_size, spec.budgets.seq_len, 0))
     rank, world = dist.get_rank(), dist.get_world_size()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     losses, times, straggler, overflow, clones = [], [], [], 0, 0
@@ -96,6 +97,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--capacity", type=float, default=1.5)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--text", default="specs/data/tiny.txt", help="Bytes of this file are the tokens ('' = synthetic).")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "iteration.json"))
     args = ap.parse_args()
     base = spec_from_dict(spec_dict(args, int(os.environ["WORLD_SIZE"])))

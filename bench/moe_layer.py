@@ -24,7 +24,7 @@ from torch import nn
 
 from echoc.compile import MoELeafTracer
 from echoc.spec_io import spec_from_dict
-from passes import sync_free_dispatch
+from passes import echo_clone, sync_free_dispatch
 from runtime import comm
 from runtime.model import MoE
 from runtime.parallel import shard_experts
@@ -39,7 +39,7 @@ class OneLayer(nn.Module):
         return self.mlp(x)
 
 
-def layer_spec(args, backend: str, world: int) -> dict:
+def layer_spec(args, backend: str, world: int, echo: bool = False) -> dict:
     return {
         "model": {"name": "moe-layer", "vocab_size": 1024, "hidden_size": args.hidden, "num_layers": 1,
                   "first_dense_layers": 0, "dense_intermediate_size": 4 * args.hidden, "dtype": "bfloat16",
@@ -51,19 +51,25 @@ def layer_spec(args, backend: str, world: int) -> dict:
         "parallel": {"ep": world, "dp": 1},
         "budgets": {"seq_len": args.tokens, "micro_batch": 1, "received_token_capacity": args.capacity,
                     "row_alignment": 16},
+        "echo": {"enabled": echo, "spare_slots_per_rank": 2 if echo else 0, "clone_domain": "node"},
         "backends": {"dispatch": backend, "cuda_graph": "full_iteration" if backend == "torch" else "none"},
     }
 
 
-def build(args, backend, device, seed=0):
-    spec = spec_from_dict(layer_spec(args, backend, dist.get_world_size()))
+def build(args, backend, device, seed=0, echo=False):
+    spec = spec_from_dict(layer_spec(args, backend, dist.get_world_size(), echo))
     torch.manual_seed(seed)
     ref = OneLayer(spec.model).to(device=device, dtype=torch.bfloat16)
+    if echo:  # make the experts of EP rank 0 hot, so the planner has something to balance
+        with torch.no_grad():
+            ref.mlp.router.expert_bias[: spec.experts_per_rank // 4] += 0.05
     model = OneLayer(spec.model).to(device=device, dtype=torch.bfloat16)
     model.load_state_dict(ref.state_dict())
     shard_experts(model, comm.group_rank("ep"), spec.parallel.ep)
     gm = torch.fx.GraphModule(model, MoELeafTracer().trace(model))
     gm = sync_free_dispatch.run(gm, spec).gm
+    if echo:
+        gm = echo_clone.run(gm, spec).gm
     return spec, ref, model, gm
 
 
@@ -78,7 +84,7 @@ def fwd_bwd(gm, model, x, gy):
     for p in model.parameters():
         p.grad = None
     x = x.detach().requires_grad_(True)
-    y, stats = gm(x)
+    y, stats, _ = gm(x)
     y.backward(gy)
     return y.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}, stats
 
@@ -105,12 +111,12 @@ class Captured:
             p.grad = None
         self.x.grad = None
         with torch.cuda.graph(self.graph):
-            self.y, self.stats = gm(self.x)
+            self.y, self.stats, _ = gm(self.x)
             self.y.backward(self.gy)
         self.grads = {n: p.grad for n, p in model.named_parameters()}
 
     def _step(self):
-        y, _ = self.gm(self.x)
+        y, _, _ = self.gm(self.x)
         y.backward(self.gy)
 
     def replay(self, x, gy):
@@ -131,6 +137,56 @@ def time_ms(fn, iters):
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def reference_check(ref, x, gy, y, gx, checks, prefix):
+    """Run the single-process reference on every rank's tokens; compare this rank's slice."""
+    world, rank, T = dist.get_world_size(), dist.get_rank(), x.shape[1]
+    xs = [torch.empty_like(x) for _ in range(world)]
+    gs = [torch.empty_like(gy) for _ in range(world)]
+    dist.all_gather(xs, x)
+    dist.all_gather(gs, gy)
+    xr = torch.cat(xs, 1).requires_grad_(True)
+    yr = ref(xr)
+    yr.backward(torch.cat(gs, 1))
+    checks[f"{prefix}_vs_reference_y"] = rel(y, yr[:, rank * T:(rank + 1) * T])
+    checks[f"{prefix}_vs_reference_dx"] = rel(gx, xr.grad[:, rank * T:(rank + 1) * T])
+
+
+def echo_checks(args, device, checks, times):
+    """The cloned layer: eager vs reference, captured graph replayed with new routing vs eager."""
+    spec, ref, model, gm = build(args, "torch", device, echo=True)
+    x0, g0 = inputs(args, device, 0)
+    y, gx, _, stats = fwd_bwd(gm, model, x0, g0)
+    checks["echo_clones"] = int(stats[:, 3].sum())
+    checks["echo_dropped"] = int(stats[:, 0].sum())
+    reference_check(ref, x0, g0, y, gx, checks, "echo_eager")
+    rec = stats[:, 1].double().reshape(1)
+    allrec = [torch.empty_like(rec) for _ in range(dist.get_world_size())]
+    dist.all_gather(allrec, rec)
+    allrec = torch.cat(allrec)
+    checks["echo_token_straggler"] = float(allrec.max() / allrec.mean())
+    cap = Captured(gm, model, x0, g0)
+    worst = 0.0
+    for step in range(1, 4):
+        x, gy = inputs(args, device, 10 + step)
+        y_c, gx_c, grads_c, _ = cap.replay(x, gy)
+        y_c, gx_c = y_c.clone(), gx_c.clone()
+        grads_c = {k: v.clone() for k, v in grads_c.items()}
+        y_e, gx_e, grads_e, _ = fwd_bwd(gm, model, x, gy)
+        errs = [rel(y_c, y_e), rel(gx_c, gx_e)] + [rel(grads_c[k], grads_e[k]) for k in grads_e]
+        worst = max(worst, max(errs))
+    checks["echo_graph_vs_eager_worst_rel_err"] = worst
+    times["echo_graph"] = time_ms(cap.graph.replay, args.iters)
+    _, _, model_s, gm_s = build(args, "sync", device, echo=False)
+    with torch.no_grad():
+        model_s.mlp.router.expert_bias.copy_(model.mlp.router.expert_bias)
+    times["sync_eager_skewed"] = time_ms(lambda: fwd_bwd(gm_s, model_s, x0, g0), args.iters)
+    _, _, model_t, gm_t = build(args, "torch", device, echo=False)
+    with torch.no_grad():
+        model_t.mlp.router.expert_bias.copy_(model.mlp.router.expert_bias)
+    cap_t = Captured(gm_t, model_t, x0, g0)
+    times["torch_graph_skewed"] = time_ms(cap_t.graph.replay, args.iters)
 
 
 def main():
@@ -156,18 +212,8 @@ def main():
     spec, ref, model, gm = build(args, "torch", device)
     x0, g0 = inputs(args, device, 0)
     y_e, gx_e, grads_e, stats = fwd_bwd(gm, model, x0, g0)
-    # reference: the dropless MoE on this rank's tokens alone is not the distributed function
-    # (experts see all ranks' tokens), so gather every rank's tokens and run the reference on all.
-    xs = [torch.empty_like(x0) for _ in range(world)]
-    dist.all_gather(xs, x0)
-    xr = torch.cat(xs, 1).requires_grad_(True)
-    gs = [torch.empty_like(g0) for _ in range(world)]
-    dist.all_gather(gs, g0)
-    yr = ref(xr)
-    yr.backward(torch.cat(gs, 1))
-    T = args.tokens
-    checks["eager_vs_reference_y"] = rel(y_e, yr[:, rank * T:(rank + 1) * T])
-    checks["eager_vs_reference_dx"] = rel(gx_e, xr.grad[:, rank * T:(rank + 1) * T])
+    # the reference sees every rank's tokens (experts serve all ranks)
+    reference_check(ref, x0, g0, y_e, gx_e, checks, "eager")
     checks["dropped_eager"] = int(stats[:, 0].sum())
 
     cap = Captured(gm, model, x0, g0)
@@ -194,13 +240,16 @@ def main():
     checks["sync_vs_torch_dx"] = rel(gx_s, gx_t)
     times["sync_eager"] = time_ms(lambda: fwd_bwd(gm_s, model_s, x0, g0), args.iters)
 
+    echo_checks(args, device, checks, times)
+
     if rank == 0:
         flops = 3 * 2 * 3 * args.tokens * args.top_k * args.hidden * args.ffn * world  # fwd+bwd, 3 GEMMs
         print(f"\nMoE layer fwd+bwd: {world} GPUs, {args.tokens} tokens/rank, H {args.hidden}, "
               f"{args.experts} experts top-{args.top_k}, F {args.ffn}, capacity {args.capacity}, bf16")
-        print(f"{'variant':<14}{'ms/layer':>10}{'vs sync':>10}")
+        print(f"{'variant':<20}{'ms/layer':>10}{'vs sync':>10}  (skewed variants vs sync_eager_skewed)")
         for k, v in times.items():
-            print(f"{k:<14}{v:>10.3f}{times['sync_eager'] / v:>9.2f}x")
+            base = times["sync_eager_skewed"] if k.endswith("skewed") or k == "echo_graph" else times["sync_eager"]
+            print(f"{k:<20}{v:>10.3f}{base / v:>9.2f}x")
         print("checks:", json.dumps(checks))
         json.dump({"args": vars(args), "world": world, "device": torch.cuda.get_device_name(),
                    "torch": torch.__version__, "times_ms": times, "checks": checks,
