@@ -1,0 +1,496 @@
+"""Buffer plan: every static buffer of the MoE machinery, its lifetime over one training
+iteration, and a byte offset in ONE arena per rank.
+
+Runs after `propagate_shapes` (it reads `node.meta['tensor_meta']`); reads the graph,
+changes nothing. All ranks have the same buffer shapes under the `torch` backend (equal
+[ep·C] chunks, El + S expert slots, the same T, K, H, F), so the plan is computed once
+and holds for every rank. The `sync` backend has data-dependent shapes: not planned.
+
+Timeline (integer steps). With N nodes in graph order, node i runs in forward at step i
+and its backward at step 2N−1−i (the exact mirror: layers 1…L forward, L…1 backward);
+step 2N is the gradient reduction, 2N+1 the optimizer. A lifetime is a closed interval
+of steps; a buffer may have several (the shared spare-slot buffer below).
+
+What is a buffer here, per MoE layer (shapes for the torch backend; R = ep·C rows):
+
+  node outputs (shape from tensor_meta)
+    counts        echo::count [E] / [ep·L], echo::all_gather_counts [ep, E] / [ep, ep·L]
+    plan          echo::plan spare_expert [ep, S], quota [E, 1+ep·S]; assign_slots [T, K]
+    index         layout send_copy [ep·C], copy_slot [T·K], sorted_src [R], recv_sorted [ep·C], offs [L]
+    stats         layout stats [3], layer_stats [4], and the graph's moe_stats / moe_counts
+    activation    dispatch → sorted rows [R, H]; expert_ffn → [R, H]; combine → per-copy [T·K, H]
+    clone_weights clone_weights w13 [El+S, H, 2F] + w2 [El+S, F, H], one buffer per layer
+  inside an op (shape from its inputs' tensor_meta)
+    exchange      dispatch and combine: send [ep·C, H] and receive [ep·C, H]
+    activation    expert_ffn: h13 [R, 2F], silu(gate) [R, F], act = silu(gate)·up [R, F]
+                  weighted_sum: the float32 upcast of the copies [T·K, H] (bf16 models) and
+                  the product copies·weight [T·K, H] float32
+    clone_exchange clone_weights: send [offer, ...] and all-gather [dom·offer, ...] per weight;
+                  backward: reduce-scatter in [dom·offer+1, ...] and out [offer, ...]
+  backward
+    gradient      one twin per float activation that crosses ops (grad of sorted rows, of the
+                  FFN output, of the per-copy output), the op-internal twins (exchange
+                  send/receive of the backward dispatch and combine, grad of h13 and act, the
+                  float32 grads of weighted_sum, the per-copy grad of dispatch's backward)
+    clone_grad    the clone weights' gradient (same shape), one buffer per layer
+
+Lifetime rules
+  * A node output lives from its node's forward step to the last forward user's step.
+  * Saved for backward: if a user saves it (dispatch and combine save the four index maps;
+    expert_ffn saves rows, weights and offs; clone_weights saves counts_all and
+    spare_expert; the recompute FFN's checkpoint keeps rows, offs, counts_all,
+    spare_expert; weighted_sum saves float32 copies) it lives until that user's backward.
+  * Selective checkpointing caches every MUST_SAVE op output, so with
+    recompute_clone_dispatch the FFN output [R, H] also lives until the FFN's backward.
+  * A graph output (moe_stats, moe_counts) lives until the end of the iteration.
+  * Op internals live at their op's step only: forward twins at the forward step,
+    the backward twins (the gradient exchange) at the backward step. The FFN's h13,
+    silu(gate) and act, and weighted_sum's float32 copies, are saved: op step → backward.
+  * A gradient twin lives from the backward step of the op that produces it (the last
+    differentiable user) to the backward step of the op that consumes it.
+  * Clone weights without recompute: saved from the clone to the FFN's backward; their
+    gradient lives from the FFN's backward to the clone's backward (the gradient reduction).
+    With recompute_clone_dispatch: ONE buffer `spare_weights` for all layers, live only at
+    each layer's FFN step in forward and again at its backward step (recomputed there);
+    clone gradients and the clone all-gather / reduce-scatter buffers live at those steps.
+
+Not modelled (outside the arena): the dense part (embedding, attention, norms, router,
+shared expert, dense FFN, logits) and the token-sized [T, H] tensors at the MoE boundary;
+parameters, parameter gradients (the home experts' gradients that the clone backward
+adds into) and optimizer state; router weights saved by weighted_sum; grouped-GEMM
+workspaces. Inside one op every internal buffer is taken as live for the whole step,
+which over-counts slightly (send and receive of one exchange do not all need to coexist
+with the op's output). The backward order is the mirror of the forward order; parallel
+branches (the shared expert) may interleave differently at run time.
+
+Allocator: buffers are nodes of a networkx interference graph, edges join buffers whose
+lifetimes overlap. First-fit by decreasing size: sort by aligned size (then longer
+lifetime, earlier start), place each at the lowest 256-byte-aligned offset where it
+overlaps no already placed neighbour. Reported: arena bytes (max offset + aligned size),
+the naive sum of all aligned sizes, and the lower bound max over steps of the live
+aligned bytes (no placement can beat it: live buffers occupy disjoint aligned ranges).
+"""
+from __future__ import annotations
+
+import heapq
+import operator
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+
+from echoc.spec import Spec
+from passes.cost_model import clone_domain_ranks
+from passes.manager import PassResult
+from runtime import clone as _clone_ops  # noqa: F401  (registers echo::plan, clone_weights, ...)
+from runtime import grouped_gemm, ops
+
+ALIGN_BYTES = 256
+Span = tuple[int, int]
+
+_E = torch.ops.echo
+_FFN = (grouped_gemm.expert_ffn, grouped_gemm.expert_ffn_recompute_clone)
+_OUT_ROLE = {
+    _E.count.default: "counts", _E.all_gather_counts.default: "counts",
+    _E.plan.default: "plan", _E.assign_slots.default: "plan", _E.layout.default: "index",
+    _E.dispatch.default: "activation", _E.clone_weights.default: "clone_weights",
+    grouped_gemm.expert_ffn: "activation", grouped_gemm.expert_ffn_recompute_clone: "activation",
+    _E.combine.default: "activation", ops.layer_stats: "stats",
+}
+_GRAPH_OUTPUTS = {"moe_stats": "stats", "moe_counts": "counts"}
+_LAYOUT_STATS = 5
+# which args an op's autograd keeps for its backward (see runtime/ops.py, clone.py, grouped_gemm.py)
+_SAVED_ARGS = {
+    _E.dispatch.default: {1, 2, 3, 4}, _E.combine.default: {1, 2, 3, 4},
+    grouped_gemm.expert_ffn: {0, 1, 2, 3}, grouped_gemm.expert_ffn_recompute_clone: {0, 3, 5, 6},
+    _E.clone_weights.default: {1, 2},
+}
+_DIFFERENTIABLE = {_E.dispatch.default, _E.combine.default, ops.weighted_sum, *_FFN}
+
+
+@dataclass(frozen=True)
+class Part:
+    """A named view inside a composite buffer (e.g. w13 and w2 of the spare slots)."""
+    name: str
+    shape: tuple[int, ...]
+    offset_bytes: int
+
+
+@dataclass
+class Buffer:
+    name: str
+    layer: int | None          # transformer layer index; None for buffers shared by all layers
+    role: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    live: tuple[Span, ...]     # closed step intervals, sorted
+    parts: tuple[Part, ...] = ()
+    offset: int | None = None
+
+    @property
+    def first(self) -> int:
+        return self.live[0][0]
+
+    @property
+    def last(self) -> int:
+        return self.live[-1][1]
+
+
+@dataclass
+class Timeline:
+    steps: int                 # 2N + 2
+    forward: Span              # (0, N-1)
+    backward: Span             # (N, 2N-1)
+    grad_reduction: int
+    optimizer: int
+    layers: list[dict] = field(default_factory=list)   # {layer, forward, backward} at the dispatch
+
+
+@dataclass
+class BufferPlan:
+    planned: bool
+    reason: str = ""
+    ranks: str = "all"
+    note: str = ""
+    align_bytes: int = ALIGN_BYTES
+    recompute_clone_dispatch: bool = False
+    timeline: Timeline | None = None
+    buffers: list[Buffer] = field(default_factory=list)
+    arena_bytes: int = 0
+    naive_bytes: int = 0
+    lower_bound_bytes: int = 0
+    peak_step: int = 0
+    interference_edges: int = 0
+
+
+# --- allocator (pure: sizes and lifetimes in, offsets out) -------------------------------------
+
+def aligned(nbytes: int, align: int = ALIGN_BYTES) -> int:
+    return -(-nbytes // align) * align
+
+
+def interference_graph(buffers: list[Buffer]) -> nx.Graph:
+    """Nodes 0..n-1 (buffer indices); an edge where two lifetimes share a step."""
+    spans = sorted((s, e, i) for i, b in enumerate(buffers) for s, e in b.live)
+    g = nx.Graph()
+    g.add_nodes_from(range(len(buffers)))
+    active: list[tuple[int, int]] = []          # heap of (end, buffer)
+    edges = []
+    for s, e, i in spans:
+        while active and active[0][0] < s:
+            heapq.heappop(active)
+        edges.extend((i, j) for _, j in active if j != i)
+        heapq.heappush(active, (e, i))
+    g.add_edges_from(edges)
+    return g
+
+
+def first_fit(buffers: list[Buffer], graph: nx.Graph, align: int = ALIGN_BYTES) -> list[int]:
+    """Offsets (aligned) by first-fit in decreasing size over the interference graph."""
+    size = [aligned(b.nbytes, align) for b in buffers]
+    span = [sum(e - s + 1 for s, e in b.live) for b in buffers]
+    order = sorted(range(len(buffers)), key=lambda i: (-size[i], -span[i], buffers[i].first, i))
+    offset: list[int | None] = [None] * len(buffers)
+    for i in order:
+        taken = sorted((offset[j], offset[j] + size[j]) for j in graph[i] if offset[j] is not None)
+        at = 0
+        for lo, hi in taken:
+            if at + size[i] <= lo:
+                break
+            at = max(at, hi)
+        offset[i] = at
+    return offset
+
+
+def lower_bound(buffers: list[Buffer], align: int = ALIGN_BYTES) -> tuple[int, int]:
+    """(max over steps of the live aligned bytes, the first step where it is reached)."""
+    delta: dict[int, int] = {}
+    for b in buffers:
+        for s, e in b.live:
+            delta[s] = delta.get(s, 0) + aligned(b.nbytes, align)
+            delta[e + 1] = delta.get(e + 1, 0) - aligned(b.nbytes, align)
+    live, best, at = 0, 0, 0
+    for step in sorted(delta):
+        live += delta[step]
+        if live > best:
+            best, at = live, step
+    return best, at
+
+
+def arena_bytes(buffers: list[Buffer], align: int = ALIGN_BYTES) -> int:
+    return max((b.offset + aligned(b.nbytes, align) for b in buffers), default=0)
+
+
+def allocate(buffers: list[Buffer], align: int = ALIGN_BYTES) -> int:
+    """Set every buffer's offset; return the number of interference edges."""
+    g = interference_graph(buffers)
+    for b, off in zip(buffers, first_fit(buffers, g, align)):
+        b.offset = off
+    return g.number_of_edges()
+
+
+# --- collecting the buffers from the graph -----------------------------------------------------
+
+def _dtype(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def _nbytes(shape, dt: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * dt.itemsize
+
+
+def _meta(node: Node):
+    tm = node.meta.get("tensor_meta")
+    assert tm is not None, f"{node.name} has no tensor_meta: run buffer_plan after propagate_shapes"
+    return tm
+
+
+def _composite(name, layer, role, tensors, dt, live) -> Buffer:
+    """One buffer holding several tensors back to back (each part 256-byte aligned)."""
+    parts, at = [], 0
+    for pname, shape in tensors:
+        parts.append(Part(pname, tuple(shape), at))
+        at += aligned(_nbytes(shape, dt))
+    last = parts[-1]
+    total = last.offset_bytes + _nbytes(last.shape, dt)
+    return Buffer(name, layer, role, (total // dt.itemsize,), _dtype(dt), total, tuple(live), tuple(parts))
+
+
+class _Collector:
+    def __init__(self, gm: GraphModule, spec: Spec):
+        self.spec = spec
+        nodes = list(gm.graph.nodes)
+        self.n = len(nodes)
+        self.step = {node: i for i, node in enumerate(nodes)}
+        self.end = 2 * self.n + 1
+        self.recompute = spec.echo.enabled and spec.echo.recompute_clone_dispatch
+        self.buffers: list[Buffer] = []
+        self.spare: dict = {}
+        layouts = [x for x in nodes if x.target is _E.layout.default]
+        self.prefixes = [x.name.removesuffix("_layout") + "_" for x in layouts]
+        self.layer_no = {p: _layer_number(p, k) for k, p in enumerate(self.prefixes)}
+        self.nodes = nodes
+
+    def fwd(self, node: Node) -> int:
+        return self.step[node]
+
+    def bwd(self, node: Node) -> int:
+        return 2 * self.n - 1 - self.step[node]
+
+    def layer(self, node: Node) -> int | None:
+        for p in self.prefixes:
+            if node.name.startswith(p):
+                return self.layer_no[p]
+        return None
+
+    def add(self, name, layer, role, shape, dt, live: list[Span]):
+        live = tuple(sorted(live))
+        self.buffers.append(Buffer(name, layer, role, tuple(int(s) for s in shape), _dtype(dt),
+                                   _nbytes(shape, dt), live))
+
+    # node outputs ---------------------------------------------------------------------------
+    def outputs(self, node: Node) -> None:
+        tm = _meta(node)
+        role = _OUT_ROLE.get(node.target) or _GRAPH_OUTPUTS[node.name]
+        if isinstance(tm, (tuple, list)):
+            for g in node.users:
+                assert g.target is operator.getitem, g
+                r = "stats" if node.target is _E.layout.default and g.args[1] == _LAYOUT_STATS else role
+                self.value(node, g, tm[g.args[1]], r)
+        else:
+            self.value(node, node, tm, role)
+
+    def value(self, op: Node, val: Node, tm, role: str) -> None:
+        users = list(val.users)
+        last = max([self.fwd(u) for u in users], default=self.fwd(op))
+        for u in users:
+            if u.op == "output":
+                last = self.end
+            elif _saves(u, val):
+                last = max(last, self.bwd(u))
+        if op.target is grouped_gemm.expert_ffn_recompute_clone:
+            last = max(last, self.bwd(op))           # cached by selective checkpointing
+        self.add(val.name, self.layer(op), role, tm.shape, tm.dtype, [(self.fwd(op), last)])
+        grad_users = [u for u in users if u.target in _DIFFERENTIABLE]
+        if tm.dtype.is_floating_point and grad_users:
+            first = min(self.bwd(u) for u in grad_users)
+            r = "clone_grad" if role == "clone_weights" else "gradient"
+            self.add(f"{val.name}.grad", self.layer(op), r, tm.shape, tm.dtype, [(first, self.bwd(op))])
+
+    # op internals ---------------------------------------------------------------------------
+    def exchange(self, node: Node, rows: int, h: int, dt, backward_copies: int = 0) -> None:
+        t, b, layer = self.fwd(node), self.bwd(node), self.layer(node)
+        for when, at in (("", t), (".bwd", b)):
+            self.add(f"{node.name}{when}.send", layer, "exchange", (rows, h), dt, [(at, at)])
+            self.add(f"{node.name}{when}.recv", layer, "exchange", (rows, h), dt, [(at, at)])
+        if backward_copies:
+            self.add(f"{node.name}.bwd.grad_copies", layer, "gradient", (backward_copies, h), dt, [(b, b)])
+
+    def dispatch(self, node: Node) -> None:
+        x, send_copy, copy_slot = (_meta(a) for a in node.args[:3])
+        self.exchange(node, send_copy.shape[0], x.shape[1], x.dtype, backward_copies=copy_slot.shape[0])
+
+    def combine(self, node: Node) -> None:
+        y, recv_sorted = _meta(node.args[0]), _meta(node.args[4])
+        self.exchange(node, recv_sorted.shape[0], y.shape[1], y.dtype)
+
+    def ffn(self, node: Node) -> None:
+        rows, w13 = _meta(node.args[0]), _meta(node.args[1])
+        r, f2, dt, layer = rows.shape[0], w13.shape[2], rows.dtype, self.layer(node)
+        t, b = self.fwd(node), self.bwd(node)
+        self.add(f"{node.name}.h13", layer, "activation", (r, f2), dt, [(t, b)])
+        self.add(f"{node.name}.gate_act", layer, "activation", (r, f2 // 2), dt, [(t, b)])
+        self.add(f"{node.name}.act", layer, "activation", (r, f2 // 2), dt, [(t, b)])
+        self.add(f"{node.name}.bwd.grad_act", layer, "gradient", (r, f2 // 2), dt, [(b, b)])
+        self.add(f"{node.name}.bwd.grad_h13", layer, "gradient", (r, f2), dt, [(b, b)])
+        if node.target is grouped_gemm.expert_ffn_recompute_clone:
+            self.recomputed_clone(node)
+
+    def recomputed_clone(self, node: Node) -> None:
+        """The clone inside the checkpointed FFN: run at the forward step, again at the backward."""
+        w13, w2, spare = _meta(node.args[1]), _meta(node.args[2]), _meta(node.args[6])
+        offer, dom, layer = node.args[7], clone_domain_ranks(self.spec), self.layer(node)
+        t, b, slots = self.fwd(node), self.bwd(node), w13.shape[0] + spare.shape[1]
+        weights = [("w13", (slots,) + tuple(w13.shape[1:])), ("w2", (slots,) + tuple(w2.shape[1:]))]
+        assert self.spare.get("tensors", weights) == weights, "MoE layers with different expert shapes"
+        self.spare.update(tensors=weights, dtype=w13.dtype)
+        self.spare.setdefault("live", []).extend([(t, t), (b, b)])
+        self.buffers.append(_composite(f"{node.name}.clone_grads", layer, "clone_grad", weights, w13.dtype,
+                                       [(b, b)]))
+        for wname, w in (("w13", w13), ("w2", w2)):
+            self.clone_exchange(f"{node.name}.clone_{wname}", layer, w, offer, dom, [t, b], b)
+
+    def clone_exchange(self, name, layer, w, offer: int, dom: int, forward_at: list[int], backward_at: int):
+        tail = tuple(w.shape[1:])
+        for at in forward_at:
+            tag = "" if at == forward_at[0] else ".recompute"
+            self.add(f"{name}{tag}.send", layer, "clone_exchange", (offer,) + tail, w.dtype, [(at, at)])
+            self.add(f"{name}{tag}.gather", layer, "clone_exchange", (dom * offer,) + tail, w.dtype, [(at, at)])
+        b = backward_at
+        self.add(f"{name}.bwd.rs_in", layer, "clone_exchange", (dom * offer + 1,) + tail, w.dtype, [(b, b)])
+        self.add(f"{name}.bwd.rs_out", layer, "clone_exchange", (offer,) + tail, w.dtype, [(b, b)])
+
+    def clone(self, node: Node) -> None:
+        w, offer = _meta(node.args[0]), node.args[3]
+        self.clone_exchange(node.name, self.layer(node), w, offer, clone_domain_ranks(self.spec),
+                            [self.fwd(node)], self.bwd(node))
+
+    def weighted_sum(self, node: Node) -> None:
+        copies = _meta(node.args[0])
+        t, b, layer, f32 = self.fwd(node), self.bwd(node), self.layer(node), torch.float32
+        if copies.dtype != f32:
+            self.add(f"{node.name}.copies_f32", layer, "activation", copies.shape, f32, [(t, b)])
+            self.add(f"{node.name}.bwd.grad_copies_f32", layer, "gradient", copies.shape, f32, [(b, b)])
+        self.add(f"{node.name}.product", layer, "activation", copies.shape, f32, [(t, t)])
+        self.add(f"{node.name}.bwd.grad_weights_f32", layer, "gradient", copies.shape, f32, [(b, b)])
+
+    def collect(self) -> list[Buffer]:
+        internals = {_E.dispatch.default: self.dispatch, _E.combine.default: self.combine,
+                     grouped_gemm.expert_ffn: self.ffn, grouped_gemm.expert_ffn_recompute_clone: self.ffn,
+                     _E.clone_weights.default: self.clone, ops.weighted_sum: self.weighted_sum}
+        for node in self.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target in _OUT_ROLE or (node.target is torch.stack and node.name in _GRAPH_OUTPUTS):
+                self.outputs(node)
+            if node.target in internals and (node.target is not ops.weighted_sum or self.layer(node) is not None):
+                internals[node.target](node)
+        buffers = _merge_clones(self.buffers)
+        if self.spare:
+            buffers.append(_composite("spare_weights", None, "clone_weights", self.spare["tensors"],
+                                      self.spare["dtype"], sorted(self.spare["live"])))
+        return buffers
+
+    def timeline(self) -> Timeline:
+        n = self.n
+        layers = [{"layer": self.layer(x), "forward": self.fwd(x), "backward": self.bwd(x)}
+                  for x in self.nodes if x.target is _E.dispatch.default]
+        return Timeline(2 * n + 2, (0, n - 1), (n, 2 * n - 1), 2 * n, 2 * n + 1, layers)
+
+
+def _layer_number(prefix: str, ordinal: int) -> int:
+    m = re.search(r"layers_(\d+)_", prefix)
+    return int(m.group(1)) if m else ordinal
+
+
+def _saves(user: Node, val: Node) -> bool:
+    args = {i for i, a in enumerate(user.args) if a is val}
+    if user.target is ops.weighted_sum:    # weighted_sum saves copies.float(): the copies themselves if fp32
+        return 0 in args and _meta(val).dtype == torch.float32
+    return bool(args & _SAVED_ARGS.get(user.target, set()))
+
+
+def _merge_clones(buffers: list[Buffer]) -> list[Buffer]:
+    """clone_w13 and clone_w2 of a layer (and their gradients) become one buffer each."""
+    out, groups = [], {}
+    for b in buffers:
+        if b.role in ("clone_weights", "clone_grad") and not b.parts:
+            groups.setdefault((b.layer, b.role), []).append(b)
+        else:
+            out.append(b)
+    for (layer, role), bs in groups.items():
+        name = bs[0].name.removesuffix(".grad").rsplit("_clone_", 1)[0]
+        name += "_clone_weights" if role == "clone_weights" else "_clone_weights.grad"
+        live = [(min(b.first for b in bs), max(b.last for b in bs))]
+        tensors = [(b.name, b.shape) for b in bs]
+        out.append(_composite(name, layer, role, tensors, getattr(torch, bs[0].dtype), live))
+    return out
+
+
+# --- the pass ----------------------------------------------------------------------------------
+
+def plan_buffers(gm: GraphModule, spec: Spec) -> BufferPlan:
+    if spec.backends.dispatch != "torch":
+        return BufferPlan(False, f"backends.dispatch '{spec.backends.dispatch}' has data-dependent "
+                                 "shapes: only the 'torch' backend's static buffers are planned")
+    col = _Collector(gm, spec)
+    if not col.prefixes:
+        return BufferPlan(False, "no MoE layers in the graph")
+    buffers = col.collect()
+    edges = allocate(buffers)
+    lb, peak = lower_bound(buffers)
+    world = spec.parallel.ep * spec.parallel.dp
+    note = (f"one plan for all {world} ranks: under the torch backend every rank has the same "
+            f"buffer shapes (equal [ep·C] chunks, {spec.experts_per_rank} home + "
+            f"{spec.echo.spare_slots_per_rank if spec.echo.enabled else 0} spare slots)")
+    return BufferPlan(True, "", "all", note, ALIGN_BYTES, col.recompute, col.timeline(), buffers,
+                      arena_bytes(buffers), sum(aligned(b.nbytes) for b in buffers), lb, peak, edges)
+
+
+def run(gm: GraphModule, spec: Spec) -> PassResult:
+    """Plan the MoE buffers of `gm` (shape-propagated). The graph is returned unchanged."""
+    return PassResult(gm, plan_buffers(gm, spec))
+
+
+def plan_to_json(plan: BufferPlan) -> dict:
+    """The plan as written to build/<name>/plan.json."""
+    out = {"version": 1, "planned": plan.planned, "reason": plan.reason, "ranks": plan.ranks,
+           "note": plan.note, "align_bytes": plan.align_bytes,
+           "recompute_clone_dispatch": plan.recompute_clone_dispatch}
+    if not plan.planned:
+        return out
+    tl = plan.timeline
+    out["timeline"] = {"steps": tl.steps, "forward": list(tl.forward), "backward": list(tl.backward),
+                       "grad_reduction": tl.grad_reduction, "optimizer": tl.optimizer, "layers": tl.layers}
+    out["totals"] = {"buffers": len(plan.buffers), "arena_bytes": plan.arena_bytes,
+                     "lower_bound_bytes": plan.lower_bound_bytes, "naive_bytes": plan.naive_bytes,
+                     "arena_over_lower_bound": round(plan.arena_bytes / max(plan.lower_bound_bytes, 1), 4),
+                     "peak_step": plan.peak_step, "interference_edges": plan.interference_edges}
+    out["buffers"] = [_buffer_json(b) for b in plan.buffers]
+    return out
+
+
+def _buffer_json(b: Buffer) -> dict:
+    d = {"name": b.name, "layer": b.layer, "role": b.role, "shape": list(b.shape), "dtype": b.dtype,
+         "bytes": b.nbytes, "lifetime": [b.first, b.last], "offset": b.offset}
+    if len(b.live) > 1:
+        d["live"] = [list(s) for s in b.live]
+    if b.parts:
+        d["parts"] = [{"name": p.name, "shape": list(p.shape), "offset_bytes": p.offset_bytes} for p in b.parts]
+    return d
