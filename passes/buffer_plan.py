@@ -298,7 +298,7 @@ class _Collector:
     def outputs(self, node: Node) -> None:
         tm = _meta(node)
         role = _OUT_ROLE.get(node.target) or _GRAPH_OUTPUTS[node.name]
-        if isinstance(tm, (tuple, list)):
+        if not hasattr(tm, "shape"):          # a tuple of TensorMetadata: one buffer per getitem
             for g in node.users:
                 assert g.target is operator.getitem, g
                 r = "stats" if node.target is _E.layout.default and g.args[1] == _LAYOUT_STATS else role

@@ -69,3 +69,17 @@ def test_run_two_processes_loss_goes_down(tmp_path):
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
+
+
+def test_overflow_error_names_layer_rank_and_count(tmp_path):
+    """capacity 1.0 with on_overflow error: the run stops with the layer, rank and count, exit 2."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "echoc", "run", str(ROOT / "specs/tiny.yaml"), "--nproc", "2",
+                           "--metrics", str(tmp_path / "m.jsonl"),
+                           "--set", "budgets.received_token_capacity=1.0", "--set", "budgets.on_overflow=error",
+                           "--set", "train.steps=20", "--set", "budgets.row_alignment=1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr
+    assert "did not fit layer layers." in err and "token copies from rank" in err, err[-2000:]
+    assert "Traceback" not in err
