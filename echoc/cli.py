@@ -102,22 +102,50 @@ def _in_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
+def _run_spec(spec: Optional[str], from_build: Optional[str], overrides: Optional[List[str]]):
+    """The spec of a run: a YAML file, or the exact spec an earlier `echoc compile` recorded."""
+    if from_build is None:
+        if spec is None:
+            raise EchocError("echoc run needs a SPEC file or --from-build DIR")
+        return _load(spec, overrides)
+    if overrides:
+        raise EchocError("--set cannot change a compiled build; recompile with the override instead")
+    from echoc.spec_io import spec_from_dict, spec_hash
+    d = Path(from_build)
+    if not (d / "spec.json").exists():
+        raise EchocError(f"{d}: no spec.json here; run `echoc compile SPEC -o {d}` first")
+    s = spec_from_dict(json.loads((d / "spec.json").read_text()), source=str(d / "spec.json"))
+    want = json.loads((d / "summary.json").read_text())["spec_hash"]
+    if spec_hash(s) != want:
+        raise EchocError(f"{d}: spec.json does not match the build's summary (hash {spec_hash(s)} ≠ {want}); "
+                         "recompile")
+    return s
+
+
 @app.command()
-def run(spec: str, nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes per node."),
+def run(spec: Optional[str] = typer.Argument(None, help="Spec YAML (or use --from-build)."),
+        nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes per node."),
         nnodes: str = typer.Option("1", "--nnodes", help="Nodes (torchrun syntax, e.g. 2 or 1:4)."),
         rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="host:port for multi-node."),
         max_restarts: int = typer.Option(0, "--max-restarts", help="torchrun elastic restarts."),
+        from_build: Optional[str] = typer.Option(None, "--from-build", help="Run what `echoc compile` built here."),
         metrics: Optional[str] = typer.Option(None, "--metrics", help="JSONL metrics file (rank 0)."),
+        tensorboard: Optional[str] = typer.Option(None, "--tensorboard", help="Also write TensorBoard events here."),
         record_routing: Optional[str] = typer.Option(None, "--record-routing",
                                                      help="Write routing counts [steps, layers, ep, E] here."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint."),
         set_: Optional[List[str]] = SetOpt):
     """Train: launches torchrun (or, inside torchrun, runs this rank)."""
-    s = _load(spec, set_)
+    s = _run_spec(spec, from_build, set_)
     metrics = metrics or s.train.metrics_path or str(Path("runs") / s.model.name / "metrics.jsonl")
+    if tensorboard:
+        from runtime.train import check_tensorboard
+        check_tensorboard()
     if _in_torchrun():
         from runtime.train import train
         Path(metrics).parent.mkdir(parents=True, exist_ok=True)
-        hist = train(s, metrics_path=metrics, record_routing=record_routing)
+        hist = train(s, metrics_path=metrics, record_routing=record_routing, tensorboard=tensorboard,
+                     resume=resume)
         if int(os.environ.get("RANK", "0")) == 0 and hist:
             console.print(f"done: {len(hist)} steps, loss {hist[0]['loss']:.4f} → {hist[-1]['loss']:.4f}, "
                           f"overflow {sum(h['overflow'] for h in hist)}; metrics in {metrics}")
@@ -128,9 +156,14 @@ def run(spec: str, nproc: Optional[int] = typer.Option(None, "--nproc", help="Pr
                          f"(nodes × gpus_per_node); pass --set cluster.gpus_per_node={nproc} and a matching "
                          "parallel.ep × parallel.dp")
     from runtime.launch import launch
-    argv = ["run", str(Path(spec).resolve()), "--metrics", str(Path(metrics).resolve())]
-    if record_routing:
-        argv += ["--record-routing", str(Path(record_routing).resolve())]
+    argv = ["run"] + ([str(Path(spec).resolve())] if spec else [])
+    argv += ["--metrics", str(Path(metrics).resolve())]
+    for flag, value in (("--from-build", from_build), ("--record-routing", record_routing),
+                        ("--tensorboard", tensorboard)):
+        if value:
+            argv += [flag, str(Path(value).resolve())]
+    if resume:
+        argv += ["--resume"]
     for o in set_ or []:
         argv += ["--set", o]
     launch(argv, nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts)

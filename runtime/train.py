@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from echoc.errors import CapacityOverflowError
+from echoc.errors import CapacityOverflowError, MissingDependencyError
 from echoc.spec import Spec
 from runtime import comm
 from runtime.data import TokenSource, local_rows
@@ -163,8 +163,32 @@ def check_overflow(spec: Spec, metrics: dict, step: int) -> None:
                     "budgets.received_token_capacity or set budgets.on_overflow: drop")
 
 
+def check_tensorboard() -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("--tensorboard", "pip install tensorboard") from None
+
+
+class _TensorBoard:
+    """Scalars per step (rank 0), when asked for and installed."""
+
+    def __init__(self, logdir: str):
+        check_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+        self.w = SummaryWriter(logdir)
+
+    def log(self, m: dict) -> None:
+        for key in ("loss", "overflow", "token_straggler", "tokens_per_s", "step_ms", "clones"):
+            self.w.add_scalar(key, m[key], m["step"])
+
+    def close(self) -> None:
+        self.w.close()
+
+
 def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = True,
-          record_routing: str | None = None) -> list[dict]:
+          record_routing: str | None = None, tensorboard: str | None = None,
+          resume: bool = False) -> list[dict]:
     """Run spec.train.steps steps; returns the per-step metrics (identical on every rank).
 
     With cuda_graph 'full_iteration' the first steps run eagerly on a side stream (warm-up),
@@ -183,6 +207,7 @@ def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = Tru
     log = open(metrics_path, "a") if (metrics_path and rank == 0) else None
     history: list[dict] = []
     progress = _Progress(t.steps) if (show_progress and rank == 0) else None
+    board = _TensorBoard(tensorboard) if (tensorboard and rank == 0) else None
 
     routing: list[torch.Tensor] = []
 
@@ -198,6 +223,8 @@ def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = Tru
             log.flush()
         if progress:
             progress.update(m)
+        if board:
+            board.log(m)
         check_overflow(spec, m, step)
 
     for step in range(t.steps):
@@ -210,10 +237,9 @@ def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = Tru
             report(done)
     for done in pending.drain():
         report(done)
-    if progress:
-        progress.close()
-    if log:
-        log.close()
+    for closing in (progress, board, log):
+        if closing:
+            closing.close()
     if record_routing and rank == 0 and routing:
         from echoc.simulate import save_trace
         save_trace(torch.stack(routing), record_routing)  # [steps, layers, ep, E] of EP group 0
