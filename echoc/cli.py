@@ -81,6 +81,11 @@ def _print_summary(summary: dict) -> None:
     for p in summary["passes"]:
         t.add_row(f"pass {p['name']}", f"{p['ms']:.1f} ms")
     console.print(t)
+    echo = summary.get("echo", {})
+    if "recommended_spare_slots" in echo:
+        state = "on" if echo["enabled"] else "off"
+        console.print(f"[bold]ECHO[/bold] ({state}, {echo['spec_spare_slots']} spare slot(s)/rank in the spec, "
+                      f"cost model recommends {echo['recommended_spare_slots']}): {echo['explain']}")
 
 
 @app.command()
