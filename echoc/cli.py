@@ -77,6 +77,10 @@ def _print_summary(summary: dict) -> None:
             t.add_row(f"memory/rank: {k}", _gib(v))
     d = summary["dispatch"]
     t.add_row("dispatch backend", d["backend"])
+    b = summary.get("buffers", {})
+    if "arena_bytes" in b:
+        t.add_row("MoE buffer arena / rank", f"{_gib(b['arena_bytes'])} (lower bound {_gib(b['lower_bound_bytes'])}, "
+                  f"naive {_gib(b['naive_bytes'])})")
     t.add_row("receive buffer rows/layer", f"{d['receive_rows']:,} ({d['peer_chunk_rows']:,} per peer)")
     for p in summary["passes"]:
         t.add_row(f"pass {p['name']}", f"{p['ms']:.1f} ms")
@@ -90,15 +94,32 @@ def _print_summary(summary: dict) -> None:
 
 @app.command()
 def inspect(build_dir: str, graph: bool = typer.Option(False, "--graph", help="Print the graph listing."),
-            grep: Optional[str] = typer.Option(None, "--filter", help="With --graph: only lines containing this.")):
+            grep: Optional[str] = typer.Option(None, "--filter", help="With --graph: only lines containing this."),
+            layer: Optional[str] = typer.Option(None, "--layer", help="With --graph: one layer (3 or layers.3.mlp)."),
+            op: Optional[str] = typer.Option(None, "--op", help="With --graph: one op kind or target (echo.dispatch)."),
+            buffers: bool = typer.Option(False, "--buffers", help="The static buffers and their arena offsets."),
+            sort: str = typer.Option("size", "--sort", help="With --buffers: size or layer."),
+            limit: Optional[int] = typer.Option(None, "--limit", help="With --buffers: first N rows."),
+            timeline: Optional[str] = typer.Option(None, "--timeline", help="Write a PNG of arena occupancy here.")):
     """Show what `echoc compile` wrote."""
+    from echoc import views
     d = Path(build_dir)
     if not (d / "summary.json").exists():
         raise EchocError(f"{d}: no summary.json here; run `echoc compile SPEC -o {d}` first")
+    if sort not in ("size", "layer"):
+        raise EchocError(f"--sort must be 'size' or 'layer', not {sort!r}")
     if graph:
-        for line in (d / "graph.txt").read_text().splitlines():
+        text = views.graph_listing(d / "graph.txt", layer=layer, op=op)
+        for line in text.splitlines():
             if grep is None or grep in line:
                 console.print(line, markup=False, highlight=False)
+        return
+    if buffers or timeline:
+        plan = json.loads((d / "plan.json").read_text())
+        if buffers:
+            views.buffers_table(plan, sort=sort, console=console, limit=limit)
+        if timeline:
+            console.print(f"wrote {views.timeline_png(plan, timeline)}")
         return
     _print_summary(json.loads((d / "summary.json").read_text()))
 
@@ -201,5 +222,6 @@ def main():
     try:
         app()
     except EchocError as e:
-        err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        err_console.print("[red]error:[/red] ", end="")
+        err_console.print(str(e), markup=False, highlight=False)  # messages hold [brackets]
         sys.exit(2)

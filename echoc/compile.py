@@ -148,6 +148,11 @@ def compile_spec(spec: Spec, out_dir: str | Path | None = None) -> CompileResult
     propagate_shapes(gm, spec)
     out = Path(out_dir or Path("build") / spec.model.name)
     out.mkdir(parents=True, exist_ok=True)
+    from passes import buffer_plan
+    t_plan = time.perf_counter()
+    plan = buffer_plan.plan_to_json(buffer_plan.run(gm, spec).info)
+    plan_ms = (time.perf_counter() - t_plan) * 1e3
+    (out / "plan.json").write_text(json.dumps(plan, indent=1))
     (out / "graph.txt").write_text(graph_listing(gm))
     (out / "graph.py").write_text(gm.code)
     summary = {
@@ -166,7 +171,9 @@ def compile_spec(spec: Spec, out_dir: str | Path | None = None) -> CompileResult
         "dispatch": {"backend": spec.backends.dispatch, "tokens_per_rank": spec.budgets.tokens,
                      "peer_chunk_rows": spec.peer_chunk_rows, "receive_rows": spec.receive_rows},
         "echo": _echo_decision(spec),
-        "passes": [{"name": r.name, "ms": round(r.ms, 2), "info": _jsonable(r.info)} for r in records],
+        "passes": [{"name": r.name, "ms": round(r.ms, 2), "info": _jsonable(r.info)} for r in records]
+                  + [{"name": "buffer_plan", "ms": round(plan_ms, 2), "info": plan.get("totals", plan.get("reason"))}],
+        "buffers": plan.get("totals", {"planned": False, "reason": plan.get("reason")}),
         "compile_seconds": round(time.perf_counter() - t0, 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

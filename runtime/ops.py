@@ -151,10 +151,14 @@ combine.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 
 def weighted_sum(copies: Tensor, weights: Tensor) -> Tensor:
-    """copies [N, H] (N = T·K), weights [T, K] → Σ_k w[t, k] · copies[t·K + k], [T, H] (summed in fp32)."""
+    """copies [N, H] (N = T·K), weights [T, K] → Σ_k w[t, k] · copies[t·K + k], [T, H].
+
+    One batched GEMM ([T, 1, K] @ [T, K, H]): it accumulates in fp32 like the reference's
+    float32 sum, and autograd saves the combine output in its own dtype (no fp32 copy).
+    """
     t, k = weights.shape
-    summed = (copies.view(t, k, -1).float() * weights.unsqueeze(-1).float()).sum(1)
-    return summed.to(copies.dtype)  # float32 sum, as the reference MoE does
+    w = weights.to(copies.dtype).unsqueeze(1)
+    return torch.bmm(w, copies.view(t, k, -1)).squeeze(1)
 
 
 def layer_stats(stats: Tensor, spare_expert: Tensor | None = None) -> Tensor:

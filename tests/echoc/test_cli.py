@@ -83,3 +83,28 @@ def test_overflow_error_names_layer_rank_and_count(tmp_path):
     err = proc.stderr
     assert "did not fit layer layers." in err and "token copies from rank" in err, err[-2000:]
     assert "Traceback" not in err
+
+
+def test_inspect_buffers_and_filtered_graph(tmp_path):
+    out = tmp_path / "b"
+    assert runner.invoke(app, ["compile", str(ROOT / "specs/tiny.yaml"), "-o", str(out)]).exit_code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["planned"] and plan["totals"]["arena_bytes"] >= plan["totals"]["lower_bound_bytes"]
+    r = runner.invoke(app, ["inspect", str(out), "--buffers", "--sort", "layer"])
+    assert r.exit_code == 0 and "lower bound" in r.output
+    r = runner.invoke(app, ["inspect", str(out), "--graph", "--layer", "2", "--op", "echo.combine"])
+    assert r.exit_code == 0 and "layers_2_mlp_combine" in r.output and "layers_1_mlp" not in r.output
+
+
+def test_missing_plot_extra_names_the_install(tmp_path):
+    pytest = __import__("pytest")
+    try:
+        import matplotlib  # noqa: F401
+        pytest.skip("matplotlib is installed: the missing-extra message cannot be shown")
+    except ImportError:
+        pass
+    out = tmp_path / "b"
+    assert runner.invoke(app, ["compile", str(ROOT / "specs/tiny.yaml"), "-o", str(out)]).exit_code == 0
+    proc = subprocess.run([sys.executable, "-m", "echoc", "inspect", str(out), "--timeline", str(tmp_path / "t.png")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "echoc[plot]" in proc.stderr

@@ -1,0 +1,219 @@
+"""The buffer plan: the allocator on random lifetimes (hypothesis), the pass on a small
+compiled spec (with and without recompute_clone_dispatch), a golden plan, and the views.
+
+Golden files live in tests/passes/golden/. When the plan changes on purpose, regenerate
+them with `ECHOC_UPDATE_GOLDEN=1 pytest tests/passes/test_buffer_plan.py` and review the
+diff before committing; never update them just to make the test pass.
+"""
+import json
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from rich.console import Console
+
+from echoc import views
+from echoc.compile import build_meta_model, compile_graph, propagate_shapes
+from echoc.errors import EchocError, MissingDependencyError
+from echoc.spec_io import spec_from_dict
+from passes import buffer_plan as bp
+from runtime.parallel import shard_experts
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+# --- the allocator on random lifetimes ----------------------------------------------------------
+
+def _overlap(a: bp.Buffer, b: bp.Buffer) -> bool:
+    return any(s1 <= e2 and s2 <= e1 for s1, e1 in a.live for s2, e2 in b.live)
+
+
+@st.composite
+def buffer_sets(draw):
+    n = draw(st.integers(1, 24))
+    out = []
+    for i in range(n):
+        starts = sorted(draw(st.lists(st.integers(0, 40), min_size=1, max_size=3, unique=True)))
+        live, at = [], -1
+        for s in starts:                     # disjoint, sorted spans (like the shared spare buffer)
+            if s <= at:
+                continue
+            e = draw(st.integers(s, min(s + 15, 60)))
+            live.append((s, e))
+            at = e + 1
+        nbytes = draw(st.one_of(st.integers(0, 5000), st.sampled_from([256, 512, 4096, 65536])))
+        out.append(bp.Buffer(f"b{i}", None, "activation", (nbytes,), "uint8", nbytes, tuple(live)))
+    if draw(st.booleans()) and n > 1:      # some buffers share a lifetime: one folded graph node
+        out[-1].live = out[0].live
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(buffer_sets())
+def test_allocator_never_overlaps_live_buffers(buffers):
+    g = bp.allocate(buffers)
+    assert all(b.offset % bp.ALIGN_BYTES == 0 for b in buffers)
+    pairs = 0
+    for i, a in enumerate(buffers):
+        for b in buffers[i + 1:]:
+            if _overlap(a, b):
+                pairs += 1
+                if a.nbytes and b.nbytes:
+                    assert a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset, (a, b)
+    assert bp.interfering_pairs(g) == pairs
+    lower, _ = bp.lower_bound(buffers)
+    naive = sum(bp.aligned(b.nbytes) for b in buffers)
+    assert lower <= bp.arena_bytes(buffers) <= naive
+
+
+def test_disjoint_lifetimes_share_bytes_and_the_bound_is_tight():
+    bufs = [bp.Buffer("a", None, "x", (1000,), "uint8", 1000, ((0, 3),)),
+            bp.Buffer("b", None, "x", (1000,), "uint8", 1000, ((4, 9),)),
+            bp.Buffer("c", None, "x", (300,), "uint8", 300, ((2, 5),))]
+    bp.allocate(bufs)
+    assert bufs[0].offset == bufs[1].offset == 0 and bufs[2].offset == 1024
+    assert bp.arena_bytes(bufs) == bp.lower_bound(bufs)[0] == 1024 + 512
+
+
+# --- the pass on a small compiled spec ------------------------------------------------------------
+
+def small_spec(dtype="float32", recompute=False, echo=True, dispatch="torch"):
+    return spec_from_dict({
+        "model": {"name": "bp", "vocab_size": 32, "hidden_size": 16, "num_layers": 3, "first_dense_layers": 1,
+                  "dense_intermediate_size": 32, "dtype": dtype,
+                  "attention": {"kind": "gqa", "num_heads": 2, "num_kv_heads": 1, "head_dim": 8},
+                  "moe": {"num_experts": 8, "top_k": 2, "expert_intermediate_size": 8, "shared_experts": 1}},
+        "cluster": {"nodes": 1, "gpus_per_node": 2}, "parallel": {"ep": 2},
+        "budgets": {"seq_len": 8, "micro_batch": 2, "received_token_capacity": 1.5, "row_alignment": 4},
+        "echo": {"enabled": echo, "spare_slots_per_rank": 1, "recompute_clone_dispatch": recompute},
+        "backends": {"dispatch": dispatch},
+    })
+
+
+@lru_cache(maxsize=None)
+def planned(dtype="float32", recompute=False, echo=True):
+    spec = small_spec(dtype, recompute, echo)
+    model = build_meta_model(spec)
+    shard_experts(model, 0, spec.parallel.ep)
+    gm, _ = compile_graph(model, spec)
+    propagate_shapes(gm, spec)
+    res = bp.run(gm, spec)
+    assert res.gm is gm
+    return spec, res.info
+
+
+def _by_name(plan):
+    return {b.name: b for b in plan.buffers}
+
+
+def test_recompute_keeps_one_spare_slot_buffer_for_all_layers():
+    _, rc = planned(recompute=True)
+    _, no = planned(recompute=False)
+    spare_rc = [b for b in rc.buffers if b.role == "clone_weights"]
+    spare_no = [b for b in no.buffers if b.role == "clone_weights"]
+    assert [b.name for b in spare_rc] == ["spare_weights"] and spare_rc[0].layer is None
+    assert sorted(b.layer for b in spare_no) == [1, 2]
+    # live only around each use: the FFN step of each layer, forward and backward
+    assert len(spare_rc[0].live) == 4 and all(s == e for s, e in spare_rc[0].live)
+    assert spare_rc[0].nbytes == spare_no[0].nbytes     # El + S slots of w13 and w2 either way
+    (p13, p2) = spare_rc[0].parts
+    assert p13.shape == (4 + 1, 16, 16) and p2.shape == (4 + 1, 8, 16)
+
+
+def test_shapes_follow_the_spec_and_lifetimes_follow_autograd():
+    spec, plan = planned(dtype="bfloat16")
+    b, tl = _by_name(plan), plan.timeline
+    R, H, F = spec.receive_rows, spec.model.hidden_size, spec.model.moe.expert_intermediate_size
+    TK = spec.budgets.tokens * spec.model.moe.top_k
+    p = "layers_1_mlp_"
+    assert b[p + "dispatch"].shape == (R, H) and b[p + "dispatch.send"].shape == (R, H)
+    assert b[p + "combine"].shape == (TK, H) and b[p + "expert_ffn.h13"].shape == (R, 2 * F)
+    assert b[p + "routed.copies_f32"].dtype == "float32"           # weighted_sum saves the fp32 upcast
+    in_fwd = lambda x: tl.forward[0] <= x.first and x.last <= tl.forward[1]     # noqa: E731
+    in_bwd = lambda x: tl.backward[0] <= x.first and x.last <= tl.backward[1]   # noqa: E731
+    saved = [p + "dispatch", p + "expert_ffn.h13", p + "sorted_src", p + "offs", p + "clone_weights"]
+    assert all(b[n].first <= tl.forward[1] < b[n].last for n in saved)
+    assert in_fwd(b[p + "dispatch.send"]) and b[p + "dispatch.send"].first == b[p + "dispatch.send"].last
+    assert in_bwd(b[p + "dispatch.bwd.send"]) and in_bwd(b[p + "clone_weights.grad"])
+    assert in_fwd(b[p + "combine"]) and in_fwd(b[p + "expert_ffn"])             # bf16 copies not saved
+    assert b["moe_stats"].last == tl.optimizer
+    # the backward mirrors the forward: the dispatch's index maps outlive the FFN's saved rows
+    assert b[p + "sorted_src"].last > b[p + "dispatch"].last
+
+
+def test_plan_totals_and_fp32_copies():
+    spec, plan = planned()
+    b = _by_name(plan)
+    assert "layers_1_mlp_routed.copies_f32" not in b and b["layers_1_mlp_combine"].last > plan.timeline.forward[1]
+    assert plan.lower_bound_bytes <= plan.arena_bytes <= plan.naive_bytes
+    assert plan.interfering_pairs >= plan.interference_edges > 0
+    assert plan.ranks == "all" and str(spec.cluster.world_size) in plan.note
+
+
+def test_non_static_backends_are_not_planned():
+    plan = bp.plan_buffers(None, small_spec(echo=False, dispatch="sync"))
+    assert not plan.planned and "sync" in plan.reason
+    assert bp.plan_to_json(plan)["planned"] is False
+
+
+@pytest.mark.parametrize("name,kwargs", [("plan_bf16_echo", dict(dtype="bfloat16")),
+                                         ("plan_fp32_echo_recompute", dict(recompute=True))])
+def test_golden_plan(name, kwargs):
+    """Pins plan.json of the small spec. Regenerate deliberately: ECHOC_UPDATE_GOLDEN=1."""
+    got = json.loads(json.dumps(bp.plan_to_json(planned(**kwargs)[1])))
+    path = GOLDEN / f"{name}.json"
+    if os.environ.get("ECHOC_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(got, indent=1) + "\n")
+    want = json.loads(path.read_text())
+    assert got["totals"] == want["totals"], "plan totals changed (ECHOC_UPDATE_GOLDEN=1 to accept, then review)"
+    for g, w in zip(got["buffers"], want["buffers"]):
+        assert g == w, f"buffer {w['name']} changed"
+    assert got == want
+
+
+# --- views ------------------------------------------------------------------------------------------
+
+def test_buffers_table_sorts_by_size_and_layer():
+    plan = bp.plan_to_json(planned()[1])
+    console = Console(record=True, width=220)
+    by_size = views.buffers_table(plan, "size", console)
+    by_layer = views.buffers_table(plan, "layer", limit=5)
+    sizes = [b["bytes"] for b in plan["buffers"]]
+    assert by_size.row_count == len(sizes) and by_layer.row_count == 6
+    text = console.export_text()
+    assert "lower bound" in text and "[ep·C]" in text                    # markup escaped
+    biggest = min(plan["buffers"], key=lambda b: (-b["bytes"], b["name"]))["name"]
+    assert text.index(biggest) < text.index("moe_stats")
+    with pytest.raises(EchocError, match="sort"):
+        views.buffers_table(plan, "offset")
+
+
+def test_timeline_png(tmp_path, monkeypatch):
+    plan = bp.plan_to_json(planned(recompute=True)[1])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingDependencyError, match=r"echoc\[plot\]"):
+            views.timeline_png(plan, tmp_path / "t.png")
+        return
+    out = views.timeline_png(plan, tmp_path / "t.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingDependencyError, match=r"echoc\[plot\]"):
+        views.timeline_png(plan, tmp_path / "u.png")
+
+
+def test_graph_listing_filters_by_layer_and_op():
+    text = ("layers_1_mlp_dispatch  call_function echo.dispatch  f32[8, 4]  (x)\n"
+            "layers_1_mlp_route     call_module   layers.1.mlp.router  (i64[2], f32[2])  (x)\n"
+            "layers_12_mlp_dispatch call_function echo.dispatch  f32[8, 4]  (x)\n"
+            "embed                  call_module   embed  f32[2]  (tokens)\n")
+    assert views.graph_listing(text, layer=1).count("\n") == 2
+    assert views.graph_listing(text, layer="layers.12.mlp").startswith("layers_12_mlp_dispatch")
+    assert views.graph_listing(text, op="echo.dispatch").count("\n") == 2
+    assert views.graph_listing(text, layer=1, op="call_module").startswith("layers_1_mlp_route")
+    assert views.graph_listing(text, layer=5) == ""
