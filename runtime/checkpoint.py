@@ -206,17 +206,18 @@ def load(trainer, path: str | Path) -> int:
 
 def resume(trainer, ckpt_dir: str | Path) -> int:
     """Collective: load the newest whole checkpoint (chosen by rank 0); the step to continue from, 0 if none."""
-    found = _from_rank0(latest(ckpt_dir))
+    found = _from_rank0(latest(ckpt_dir) if _rank() == 0 else None)
     return load(trainer, found[1]) if found else 0
 
 
 def keep_last(ckpt_dir: str | Path, n: int) -> list[Path]:
-    """Rank 0: delete all but the n newest whole checkpoints, and .tmp leftovers older than the newest.
+    """Delete all but the n newest whole checkpoints, and .tmp leftovers older than the newest.
 
-    A directory is first renamed out of the `step_N` pattern, so a deletion cut short
-    never looks like a checkpoint. Returns what was deleted."""
+    Acts on rank 0 only (any rank may call it; not collective). A directory is first renamed
+    out of the `step_N` pattern, so a deletion cut short never looks like a checkpoint.
+    Returns what was deleted."""
     assert n >= 1, "keep_last needs n >= 1: the newest checkpoint is never deleted"
-    found = complete_steps(ckpt_dir)
+    found = complete_steps(ckpt_dir) if _rank() == 0 else []
     if not found:
         return []
     newest = found[-1][0]

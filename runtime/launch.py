@@ -1,6 +1,7 @@
 """Start the workers with torchrun's own API (torch.distributed.run), elastic restarts included."""
 from __future__ import annotations
 
+import os
 import sys
 
 from echoc.errors import EchocError
@@ -11,6 +12,8 @@ def launch(worker_argv: list[str], nproc: int, nnodes: str = "1", rdzv_endpoint:
     """Run `python -m echoc <worker_argv>` on nproc processes per node under torchrun."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    # restarted workers must not reuse the previous attempt's store addresses (pytorch#135712)
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = ["--nproc-per-node", str(nproc), "--nnodes", nnodes, "--max-restarts", str(max_restarts)]
     if rdzv_endpoint:
         args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from echoc.errors import CapacityOverflowError, MissingDependencyError
+from echoc.errors import CapacityOverflowError, EchocError, MissingDependencyError
 from echoc.spec import Spec
 from runtime import comm
 from runtime.data import TokenSource, local_rows
@@ -206,7 +206,8 @@ def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = Tru
     pending = AsyncMetrics()
     log = open(metrics_path, "a") if (metrics_path and rank == 0) else None
     history: list[dict] = []
-    progress = _Progress(t.steps) if (show_progress and rank == 0) else None
+    ckpt = _Checkpointing(spec, trainer, resume)
+    progress = _Progress(t.steps, ckpt.start) if (show_progress and rank == 0) else None
     board = _TensorBoard(tensorboard) if (tensorboard and rank == 0) else None
 
     routing: list[torch.Tensor] = []
@@ -227,7 +228,7 @@ def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = Tru
             board.log(m)
         check_overflow(spec, m, step)
 
-    for step in range(t.steps):
+    for step in range(ckpt.start, t.steps):
         tokens, labels = (x.to(device, non_blocking=True)
                           for x in local_rows(source.global_batch(step, world * mb), rank, mb))
         trainer.set_lr(step)
@@ -235,8 +236,11 @@ def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = Tru
         done = pending.push(step, (metrics.loss_sum, metrics.stats, metrics.counts))
         if done is not None:
             report(done)
+        if ckpt.after_step(step + 1):
+            break
     for done in pending.drain():
         report(done)
+    ckpt.finish(t.steps)
     for closing in (progress, board, log):
         if closing:
             closing.close()
@@ -246,15 +250,71 @@ def train(spec: Spec, metrics_path: str | None = None, show_progress: bool = Tru
     return history
 
 
+def _injected_fault(done: int) -> None:
+    """Fault-tolerance tests: ECHOC_KILL_AT="rank:step" SIGKILLs that rank after that many
+    steps, on torchrun's first attempt only (the restarted workers then run through)."""
+    spec_ = os.environ.get("ECHOC_KILL_AT")
+    if not spec_ or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return
+    rank, step = (int(v) for v in spec_.split(":"))
+    if dist.get_rank() == rank and done == step:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Checkpointing:
+    """Resume at start, save every `train.checkpoint.interval` steps, on SIGTERM and at the end.
+
+    Without `train.checkpoint.dir` it does nothing. A torchrun elastic restart
+    (TORCHELASTIC_RESTART_COUNT > 0) resumes from the last complete checkpoint by itself.
+    """
+
+    def __init__(self, spec: Spec, trainer: "Trainer", resume: bool):
+        import threading
+        from runtime import checkpoint
+        self.ck, self.trainer, self.c = spec.train.checkpoint, trainer, checkpoint
+        self.start, self.stopped = 0, False
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if resume and not self.ck.dir:
+            raise EchocError("--resume needs train.checkpoint.dir in the spec")
+        if not self.ck.dir:
+            return
+        if resume or restarted:
+            self.start = checkpoint.resume(trainer, self.ck.dir)
+        self.flag = threading.Event()
+        checkpoint.install_sigterm(self.flag)
+
+    def after_step(self, done: int) -> bool:
+        """Save if due; True when a SIGTERM asked the run to stop (after saving)."""
+        _injected_fault(done)
+        if not self.ck.dir:
+            return False
+        if self.ck.interval and done % self.ck.interval == 0:
+            self._save(done)
+        if self.c.stop_requested(self.flag):
+            self._save(done)
+            self.stopped = True
+        return self.stopped
+
+    def finish(self, steps: int) -> None:
+        if self.ck.dir and not self.stopped:
+            self._save(steps)
+
+    def _save(self, done: int) -> None:
+        self.c.save(self.trainer, done, self.ck.dir)
+        if dist.get_rank() == 0:
+            self.c.keep_last(self.ck.dir, 3)
+
+
 class _Progress:
     """A rich progress bar on rank 0: step, loss, tokens/s, overflow, token straggler."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, done: int = 0):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         self.p = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
                           TextColumn("{task.fields[info]}"), TimeElapsedColumn())
         self.p.start()
-        self.task = self.p.add_task("train", total=total, info="")
+        self.task = self.p.add_task("train", total=total, completed=done, info="")
 
     def update(self, m: dict) -> None:
         info = (f"loss {m['loss']:.4f} · {m['tokens_per_s']:,.0f} tok/s · overflow {m['overflow']} · "

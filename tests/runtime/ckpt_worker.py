@@ -82,16 +82,20 @@ def roundtrip(cfg, spec, device):
     checkpoint.save(b, steps, ckpt)
     checkpoint._publish = publish
     dist.barrier()
-    torn = {"latest": str(checkpoint.latest(ckpt)),
+    torn = {"latest": checkpoint.latest(ckpt)[0],
             "tmp_exists": checkpoint.step_dir(ckpt, steps).with_suffix(".tmp").is_dir()}
     dist.barrier()
     checkpoint.save(b, steps, ckpt)  # the same step again: the stale .tmp is replaced
-    after = str(checkpoint.latest(ckpt))
-    pruned = [str(d) for d in checkpoint.keep_last(ckpt, 1)] if dist.get_rank() == 0 else []
+    after = checkpoint.latest(ckpt)[0]
+    inode = checkpoint.step_dir(ckpt, steps).stat().st_ino
+    checkpoint.save(b, steps, ckpt)  # already whole: kept, never deleted to be written again
+    kept = checkpoint.step_dir(ckpt, steps).stat().st_ino == inode
+    checkpoint.keep_last(ckpt, 1)
+    step_devices = sorted({str(st["step"].device) for st in b.opt.state.values()})
     all_bad = gather(bad)
     if dist.get_rank() == 0:
         json.dump({"losses_a": losses_a, "losses_b": losses_b, "start": start, "mismatches": all_bad,
-                   "torn": torn, "after": after, "pruned": pruned,
+                   "step_devices": step_devices, "torn": torn, "after": after, "kept": kept,
                    "left": sorted(p.name for p in Path(ckpt).iterdir())}, open(cfg["out"], "w"))
 
 
@@ -123,8 +127,7 @@ def train(cfg, spec, device):
         done = step + 1
         if ckpt and interval and done % interval == 0:
             checkpoint.save(trainer, done, ckpt)
-            if rank0:
-                checkpoint.keep_last(ckpt, 2)
+            checkpoint.keep_last(ckpt, 2)
         if checkpoint.stop_requested(stop):
             checkpoint.save(trainer, done, ckpt)
             stopped = done

@@ -1,0 +1,158 @@
+"""Checkpoint / resume (runtime/checkpoint.py) on gloo, CPU, fp32: resuming is bitwise invisible.
+
+The distributed cases launch real torchrun processes running tests/runtime/ckpt_worker.py;
+the elastic case lets torchrun itself restart the job after one rank is SIGKILLed.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_distributed import tiny_spec
+
+from runtime import checkpoint
+
+WORKER = Path(__file__).with_name("ckpt_worker.py")
+STEPS = 8
+
+
+def spec(ep=2, dp=1):
+    s = tiny_spec(ep=ep, dp=dp, capacity=float(ep))
+    s["train"]["optimizer"]["warmup_steps"] = 3  # the lr changes across the resume point
+    return s
+
+
+def launch(tmp_path, cfg, nproc, *torchrun_args):
+    path = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*.json')))}.json"
+    path.write_text(json.dumps(cfg))
+    # torchrun's agent shares its TCPStore with the workers by default, and a restarted rank can
+    # then read the previous attempt's gloo/NCCL addresses (pytorch#135712, #167288)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           *torchrun_args, str(WORKER), str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def roundtrip(tmp_path, s):
+    out = tmp_path / "out.json"
+    cfg = {"mode": "roundtrip", "spec": s, "steps": STEPS, "save_at": 3,
+           "ckpt_dir": str(tmp_path / "ckpt"), "out": str(out)}
+    launch(tmp_path, cfg, s["parallel"]["ep"] * s["parallel"]["dp"])
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def roundtrip_ep2(tmp_path_factory):
+    return roundtrip(tmp_path_factory.mktemp("roundtrip_ep2"), spec(ep=2))
+
+
+def check_roundtrip(res):
+    assert res["start"] == 3
+    assert res["mismatches"] == [[]] * len(res["mismatches"]), res["mismatches"]
+
+
+def test_fresh_trainer_resumes_bitwise_ep2(roundtrip_ep2):
+    check_roundtrip(roundtrip_ep2)
+    assert roundtrip_ep2["step_devices"] == ["cpu"]
+    assert roundtrip_ep2["losses_b"] == roundtrip_ep2["losses_a"][3:]  # exact: bitwise on CPU fp32
+
+
+def test_fresh_trainer_resumes_bitwise_ep2_dp2(tmp_path):
+    res = roundtrip(tmp_path, spec(ep=2, dp=2))
+    check_roundtrip(res)
+    assert res["losses_b"] == res["losses_a"][3:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="capturable AdamW needs CUDA")
+def test_capturable_adamw_state_resumes_on_gpu(tmp_path):
+    """Capturable AdamW keeps its step counters on the device; after a load they must be there too
+    (its next step asserts so) and hold the saved values."""
+    s = spec(ep=min(2, torch.cuda.device_count()))
+    s["cluster"]["device"] = "cuda"
+    s["model"]["dtype"] = "bfloat16"  # grouped_mm's dtype
+    res = roundtrip(tmp_path, s)
+    check_roundtrip(res)
+    assert res["step_devices"] == ["cuda:0"]
+    assert res["losses_b"] == pytest.approx(res["losses_a"][3:], rel=1e-3)  # GPU kernels need not be bitwise
+
+
+def test_save_cut_before_publish_is_never_latest(roundtrip_ep2):
+    res = roundtrip_ep2
+    assert res["torn"]["tmp_exists"], "the torn save left nothing: the test proves nothing"
+    assert res["torn"]["latest"] == 3
+    assert res["after"] == STEPS
+    assert res["kept"], "saving a step that is already whole must leave that checkpoint alone"
+    assert res["left"] == [f"step_{STEPS:08d}"]  # keep_last(1) pruned step 3; no .tmp remains
+
+
+def train_cfg(tmp_path, **kw):
+    return {"mode": "train", "spec": spec(), "steps": STEPS, "losses": str(tmp_path / "losses.json"),
+            "attempts": str(tmp_path / "attempts.jsonl"), **kw}
+
+
+def read_run(tmp_path):
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    attempts = [json.loads(line) for line in (tmp_path / "attempts.jsonl").read_text().splitlines()]
+    return [losses[str(s)] for s in range(len(losses))], attempts
+
+
+def test_sigkill_and_elastic_restart_give_the_uninterrupted_losses(tmp_path, roundtrip_ep2):
+    ckpt = tmp_path / "ckpt"
+    cfg = train_cfg(tmp_path, ckpt_dir=str(ckpt), interval=2, kill={"rank": 1, "step": 5, "signal": "SIGKILL"})
+    launch(tmp_path, cfg, 2, "--max-restarts=1")
+    losses, attempts = read_run(tmp_path)
+    # attempt 0 died in step 5 and wrote no record; attempt 1 resumed from the step-4 checkpoint
+    assert attempts == [[1, 4, None]], attempts
+    assert losses == roundtrip_ep2["losses_a"]
+    assert [s for s, _ in checkpoint.complete_steps(ckpt)] == [6, 8]  # keep_last(2)
+
+
+def test_sigterm_on_one_rank_saves_and_stops_then_resume(tmp_path, roundtrip_ep2):
+    ckpt = tmp_path / "ckpt"
+    # interval 3: the SIGTERM save falls on the step just saved by the interval
+    cfg = train_cfg(tmp_path, ckpt_dir=str(ckpt), interval=3, kill={"rank": 1, "step": 2, "signal": "SIGTERM"})
+    launch(tmp_path, cfg, 2)
+    assert checkpoint.latest(ckpt)[0] == 3  # both ranks agreed to stop after step 2
+    launch(tmp_path, cfg, 2)
+    losses, attempts = read_run(tmp_path)
+    assert attempts == [[0, 0, 3], [0, 3, None]]
+    assert losses == roundtrip_ep2["losses_a"]
+
+
+def make_step(root: Path, step: int, complete: bool, suffix: str = "") -> Path:
+    d = root / f"step_{step:08d}{suffix}"
+    d.mkdir(parents=True)
+    (d / ".metadata").write_bytes(b"x")
+    if complete:
+        (d / checkpoint.COMPLETE).write_text("{}")
+    return d
+
+
+def test_latest_ignores_tmp_and_unmarked_directories(tmp_path):
+    assert checkpoint.latest(tmp_path / "absent") is None
+    assert checkpoint.latest(tmp_path) is None
+    make_step(tmp_path, 2, complete=True)
+    make_step(tmp_path, 4, complete=True)
+    make_step(tmp_path, 6, complete=False)              # renamed but unmarked: not ours
+    make_step(tmp_path, 8, complete=True, suffix=".tmp")  # marker written, rename not yet done
+    make_step(tmp_path, 9, complete=False, suffix=".tmp")
+    (tmp_path / "step_00000010").write_text("a file")   # not a directory
+    make_step(tmp_path, 12, complete=True, suffix=".deleting")
+    assert checkpoint.latest(tmp_path) == (4, tmp_path / "step_00000004")
+
+
+def test_keep_last_prunes_old_whole_checkpoints_and_stale_tmp(tmp_path):
+    for s in (2, 4, 6):
+        make_step(tmp_path, s, complete=True)
+    make_step(tmp_path, 3, complete=False, suffix=".tmp")  # older than the newest: stale
+    make_step(tmp_path, 8, complete=False, suffix=".tmp")  # newer: a save may be under way
+    checkpoint.keep_last(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000006",
+                                                          "step_00000008.tmp"]
+    with pytest.raises(AssertionError):
+        checkpoint.keep_last(tmp_path, 0)
