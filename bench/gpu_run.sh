@@ -18,6 +18,18 @@ fi
 if [ "$what" = all ] || [ "$what" = planner ]; then
   timeout 120 python3 bench/planner_time.py --out "$OUT/planner_time.json" 2>&1 | tee "$OUT/planner_time.log" | grep -v Warning
 fi
+if [ "$what" = cli ]; then
+  # the user's path: echoc run of glm5-mini scaled to the GPUs here, full-iteration graph, checkpoints
+  timeout 300 python3 -m echoc run specs/glm5-mini.yaml --nproc "$ngpu" --set cluster.gpus_per_node="$ngpu" \
+    --set parallel.ep="$ngpu" --set model.num_layers=4 --set train.steps=60 --set train.log_interval=5 \
+    --set train.data.kind=text --set train.data.path=specs/data/tiny.txt \
+    --set train.checkpoint.dir=/tmp/ck --set train.checkpoint.interval=20 \
+    --metrics "$OUT/cli_metrics.jsonl" 2>&1 | tee "$OUT/cli.log" | grep -v Warning | tail -5
+  ls /tmp/ck
+  shift $#
+  what=iteration
+  set -- --variants graph,eager,sync --lr 3e-4 --steps 40
+fi
 if [ "$what" = all ] || [ "$what" = iteration ]; then
   timeout 400 torchrun --standalone --nproc-per-node "$ngpu" bench/iteration.py --out "$OUT/iteration.json" "$@" 2>&1 | tee "$OUT/iteration.log" | grep -v Warning
 fi

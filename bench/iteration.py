@@ -44,7 +44,7 @@ def spec_dict(args, world, dispatch="torch", graph=True, echo=False, recompute=F
         "echo": {"enabled": echo, "spare_slots_per_rank": 2 if echo else 0,
                  "recompute_clone_dispatch": recompute, "clone_domain": "node"},
         "backends": {"dispatch": dispatch, "cuda_graph": "full_iteration" if graph else "none"},
-        "train": {"steps": args.steps, "seed": 0, "optimizer": {"lr": 1e-3}},
+        "train": {"steps": args.steps, "seed": 0, "optimizer": {"lr": args.lr}},
     }
 
 
@@ -97,6 +97,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--capacity", type=float, default=1.5)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--text", default="specs/data/tiny.txt", help="Bytes of this file are the tokens ('' = synthetic).")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "iteration.json"))
     args = ap.parse_args()
