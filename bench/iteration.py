@@ -51,6 +51,7 @@ def spec_dict(args, world, dispatch="torch", graph=True, echo=False, recompute=F
 VARIANTS = {
     "graph": dict(dispatch="torch", graph=True),
     "eager": dict(dispatch="torch", graph=False),
+    "eager_again": dict(dispatch="torch", graph=False),  # run-to-run spread of eager itself
     "sync": dict(dispatch="sync", graph=False),
     "echo_graph": dict(dispatch="torch", graph=True, echo=True),
     "echo_recompute_graph": dict(dispatch="torch", graph=True, echo=True, recompute=True),
@@ -96,7 +97,7 @@ def main():
     ap.add_argument("--ffn", type=int, default=1024)
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--capacity", type=float, default=1.5)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "eager_again"))
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--text", default="specs/data/tiny.txt", help="Bytes of this file are the tokens ('' = synthetic).")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "iteration.json"))
