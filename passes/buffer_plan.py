@@ -41,15 +41,13 @@ Lifetime rules
   * A node output lives from its node's forward step to the last forward user's step.
   * Saved for backward: if a user saves it (dispatch and combine save the four index maps;
     expert_ffn saves rows, weights and offs; clone_weights saves counts_all and
-    spare_expert; the recompute FFN's checkpoint keeps rows, offs, counts_all,
-    spare_expert; weighted_sum saves copies.float(), i.e. the copies themselves in a float32
-    model, else the float32 upcast listed above) it lives until that user's backward.
-  * Selective checkpointing caches every MUST_SAVE op output, so with
-    recompute_clone_dispatch the FFN output [R, H] also lives until the FFN's backward.
+    spare_expert; the recompute FFN keeps rows, offs, counts_all, spare_expert and the
+    home weights, never the cloned ones; weighted_sum (one bmm) saves the copies in their own
+    dtype) it lives until that user's backward.
   * A graph output (moe_stats, moe_counts) lives until the end of the iteration.
   * Op internals live at their op's step only: forward twins at the forward step,
     the backward twins (the gradient exchange) at the backward step. The FFN's h13,
-    silu(gate) and act, and weighted_sum's float32 copies, are saved: op step → backward.
+    silu(gate) and act are saved: op step → backward.
   * A gradient twin lives from the backward step of the op that produces it (the last
     differentiable user) to the backward step of the op that consumes it.
   * Clone weights without recompute: saved from the clone to the FFN's backward; their
@@ -110,8 +108,9 @@ _LAYOUT_STATS = 5
 # which args an op's autograd keeps for its backward (see runtime/ops.py, clone.py, grouped_gemm.py)
 _SAVED_ARGS = {
     _E.dispatch.default: {1, 2, 3, 4}, _E.combine.default: {1, 2, 3, 4},
-    grouped_gemm.expert_ffn: {0, 1, 2, 3}, grouped_gemm.expert_ffn_recompute_clone: {0, 3, 5, 6},
+    grouped_gemm.expert_ffn: {0, 1, 2, 3}, grouped_gemm.expert_ffn_recompute_clone: {0, 1, 2, 3, 5, 6},
     _E.clone_weights.default: {1, 2},
+    ops.weighted_sum: {0, 1},  # one bmm: saves the copies and the router weights as they are
 }
 _DIFFERENTIABLE = {_E.dispatch.default, _E.combine.default, ops.weighted_sum, *_FFN}
 
@@ -344,8 +343,6 @@ class _Collector:
                 last = self.end
             elif _saves(u, val):
                 last = max(last, self.bwd(u))
-        if op.target is grouped_gemm.expert_ffn_recompute_clone:
-            last = max(last, self.bwd(op))           # cached by selective checkpointing
         self.add(val.name, self.layer(op), role, tm.shape, tm.dtype, [(self.fwd(op), last)])
         grad_users = [u for u in users if u.target in _DIFFERENTIABLE]
         if tm.dtype.is_floating_point and grad_users:
@@ -412,13 +409,11 @@ class _Collector:
                             [self.fwd(node)], self.bwd(node))
 
     def weighted_sum(self, node: Node) -> None:
+        """One bmm ([T,1,K] @ [T,K,H]): no forward scratch; in backward the copies' gradient
+        [T·K, H] (same dtype) is produced at this op's backward step."""
         copies = _meta(node.args[0])
-        t, b, layer, f32 = self.fwd(node), self.bwd(node), self.layer(node), torch.float32
-        if copies.dtype != f32:
-            self.add(f"{node.name}.copies_f32", layer, "activation", copies.shape, f32, [(t, b)])
-            self.add(f"{node.name}.bwd.grad_copies_f32", layer, "gradient", copies.shape, f32, [(b, b)])
-        self.add(f"{node.name}.product", layer, "activation", copies.shape, f32, [(t, t)])
-        self.add(f"{node.name}.bwd.grad_weights_f32", layer, "gradient", copies.shape, f32, [(b, b)])
+        b = self.bwd(node)
+        self.add(f"{node.name}.bwd.grad_copies", self.layer(node), "gradient", copies.shape, copies.dtype, [(b, b)])
 
     def collect(self) -> list[Buffer]:
         internals = {_E.dispatch.default: self.dispatch, _E.combine.default: self.combine,
@@ -451,8 +446,6 @@ def _layer_number(prefix: str, ordinal: int) -> int:
 
 def _saves(user: Node, val: Node) -> bool:
     args = {i for i, a in enumerate(user.args) if a is val}
-    if user.target is ops.weighted_sum:    # weighted_sum saves copies.float(): the copies themselves if fp32
-        return 0 in args and _meta(val).dtype == torch.float32
     return bool(args & _SAVED_ARGS.get(user.target, set()))
 
 

@@ -10,9 +10,10 @@ the count exchange and the layout:
 rewires the layout to address `home + spare` slots (L = El + S per rank), and
 replaces the expert FFN's weights by `echo::clone_weights` nodes whose backward is
 the gradient reduction (clone gradients sent home and added to the main expert).
-With `echo.recompute_clone_dispatch` the clone and FFN run under selective
-activation checkpointing that recomputes only the clone in backward, so clone
-weights are never saved and one spare-slot buffer serves every layer.
+With `echo.recompute_clone_dispatch` the FFN node becomes `expert_ffn_recompute_clone`,
+whose backward fetches the clone weights again instead of saving them, so between a
+layer's forward and backward only home weights are alive and one spare-slot buffer
+serves every layer.
 """
 from __future__ import annotations
 

@@ -61,25 +61,44 @@ def expert_ffn(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, impl: str) -
 HOST_SYNC_IMPLS = {"loop"}
 
 
+class _CloneMM(torch.autograd.Function):
+    """y = grouped_mm(x, clone(w_home)) where the cloned weights [El + S, ...] are NOT saved:
+    backward fetches them again (the clone's all-gather runs a second time), computes
+    dx = grouped_mm(dy, cloneᵀ) and the per-slot weight gradient grouped_mm(xᵀ, dy), and
+    sends the spare slots' part home through the clone's own backward (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, w_home, offs, counts_all, spare_expert, offer, ep_group):
+        clone_args = (counts_all, spare_expert, offer, "clone", ep_group)
+        with torch.no_grad():
+            w = torch.ops.echo.clone_weights.default(w_home, *clone_args)
+            y = _grouped_mm(x, w, offs=offs)
+        ctx.save_for_backward(x, w_home, offs, counts_all, spare_expert)
+        ctx.clone_args = clone_args
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_home, offs, counts_all, spare_expert = ctx.saved_tensors
+        _, _, offer, group, ep_group = ctx.clone_args
+        with torch.enable_grad():
+            home = w_home.detach().requires_grad_(True)
+            w = torch.ops.echo.clone_weights.default(home, counts_all, spare_expert, offer, group, ep_group)
+        dy = dy.contiguous()
+        dx = _grouped_mm(dy, w.detach().transpose(-2, -1), offs=offs)
+        dw = _grouped_mm(x.transpose(-2, -1), dy, offs=offs)
+        (dw_home,) = torch.autograd.grad(w, home, dw)
+        return dx, dw_home, None, None, None, None, None
+
+
 def expert_ffn_recompute_clone(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, impl: str,
                                counts_all: Tensor, spare_expert: Tensor, offer: int, ep_group: str) -> Tensor:
-    """Clone + expert FFN under selective activation checkpointing: only the clone is
-    recomputed in backward (its all-gather runs again), everything else is saved, so the
-    cloned weights [El + S, ...] are never kept alive between forward and backward."""
-    from functools import partial
-
-    from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
-                                        create_selective_checkpoint_contexts)
-
-    clone_op = torch.ops.echo.clone_weights.default
-
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.PREFER_RECOMPUTE if op is clone_op else CheckpointPolicy.MUST_SAVE
-
-    def body(rows, w13, w2):
-        c13 = clone_op(w13, counts_all, spare_expert, offer, "clone", ep_group)
-        c2 = clone_op(w2, counts_all, spare_expert, offer, "clone", ep_group)
-        return expert_ffn(rows, c13, c2, offs, impl)
-
-    return checkpoint(body, rows, w13, w2, use_reentrant=False,
-                      context_fn=partial(create_selective_checkpoint_contexts, policy))
+    """The expert FFN on home + spare slots whose cloned weights are fetched again in backward
+    instead of being saved: between a layer's forward and backward only the home weights are
+    alive, so one spare-slot buffer serves every layer (echo.recompute_clone_dispatch).
+    Activations are saved as usual; the only extra work is the clone's all-gather in backward."""
+    if impl != "torch" or _grouped_mm is None:
+        raise EchocError("echo.recompute_clone_dispatch needs backends.grouped_gemm 'torch' (grouped_mm)")
+    args = (offs, counts_all, spare_expert, offer, ep_group)
+    h = _CloneMM.apply(rows, w13, *args)
+    return _CloneMM.apply(_swiglu(h), w2, *args)
