@@ -175,6 +175,8 @@ def run(spec: Optional[str] = typer.Argument(None, help="Spec YAML (or use --fro
         if int(os.environ.get("RANK", "0")) == 0 and hist:
             console.print(f"done: {len(hist)} steps, loss {hist[0]['loss']:.4f} → {hist[-1]['loss']:.4f}, "
                           f"overflow {sum(h['overflow'] for h in hist)}; metrics in {metrics}")
+        from runtime.comm import shutdown
+        shutdown()
         return
     nproc = nproc or s.cluster.gpus_per_node
     if nnodes == "1" and nproc != s.cluster.world_size:

@@ -102,3 +102,18 @@ def reduce_scatter_rows(x: torch.Tensor, group: str) -> torch.Tensor:
     out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
     dist.reduce_scatter_tensor(out, x.contiguous(), group=get_group(group))
     return out
+
+
+def shutdown() -> None:
+    """End of a worker: wait for every rank, drop our references to the groups, destroy them.
+
+    Holding a ProcessGroup in a module global until interpreter teardown can abort the
+    process ("terminate called without an active exception": gloo's threads destroyed
+    late), so the references go first."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    _GROUPS.clear()
+    from runtime import checkpoint
+    checkpoint._STOP_GROUP.clear()
+    dist.destroy_process_group()

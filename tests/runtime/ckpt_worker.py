@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from runtime import comm
+
 from echoc.spec_io import spec_from_dict
 from runtime import checkpoint
 from runtime.data import TokenSource, local_rows
@@ -142,8 +144,7 @@ def main():
     spec = spec_from_dict(cfg["spec"])
     device = init_distributed(spec)
     {"roundtrip": roundtrip, "train": train}[cfg["mode"]](cfg, spec, device)
-    dist.barrier()
-    dist.destroy_process_group()
+    comm.shutdown()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from runtime import comm
+
 from echoc.spec_io import spec_from_dict
 from runtime.oracle import compare_with_reference
 from runtime.train import init_distributed
@@ -55,8 +57,7 @@ def main():
     dist.all_gather(allw, worst)
     if dist.get_rank() == 0:
         json.dump({"steps": result, "worst_grad_by_rank": [float(w) for w in allw]}, open(sys.argv[2], "w"))
-    dist.barrier()
-    dist.destroy_process_group()
+    comm.shutdown()
     print("worker done", flush=True)
 
 
