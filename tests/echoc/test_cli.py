@@ -143,3 +143,10 @@ def test_sigkill_of_one_rank_and_elastic_restart_resume_exactly(tmp_path):
           "--max-restarts", "1"]
     killed = _run(ck, tmp_path, "killed", env_extra={"ECHOC_KILL_AT": "1:5"})
     assert killed == full
+
+
+def test_tensorboard_events_are_written(tmp_path):
+    import pytest
+    pytest.importorskip("tensorboard", reason="optional package tensorboard is not installed")
+    _run(["--tensorboard", str(tmp_path / "tb")], tmp_path, "tb", steps=2)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
