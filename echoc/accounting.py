@@ -68,10 +68,11 @@ def _meta_model(cfg: Model) -> Transformer:
         return Transformer(cfg)
 
 
-def active_parameters_per_token(spec: Spec) -> int:
+def active_parameters_per_token(spec: Spec, counts: dict[str, int] | None = None) -> int:
     """Parameters one token's forward touches: everything but the routed experts, plus top_k of them
-    per MoE layer (embedding and lm_head counted in full, as DeepSeek-V3 counts them)."""
-    counts = count_parameters(_meta_model(spec.model))
+    per MoE layer (embedding and lm_head counted in full, as DeepSeek-V3 counts them).
+    `counts`: count_parameters of the unsharded model, when the caller already has it."""
+    counts = counts or count_parameters(_meta_model(spec.model))
     moe = spec.model.moe
     routed = counts["routed_experts"]
     return sum(counts.values()) - routed + routed // moe.num_experts * moe.top_k

@@ -166,7 +166,7 @@ def compile_spec(spec: Spec, out_dir: str | Path | None = None) -> CompileResult
         "world_size": spec.cluster.world_size,
         "parallel": {"ep": spec.parallel.ep, "dp": spec.parallel.dp},
         "parameters": params,
-        "active_parameters_per_token": accounting.active_parameters_per_token(spec),
+        "active_parameters_per_token": accounting.active_parameters_per_token(spec, params),
         "memory_per_rank_bytes": memory,
         "dispatch": {"backend": spec.backends.dispatch, "tokens_per_rank": spec.budgets.tokens,
                      "peer_chunk_rows": spec.peer_chunk_rows, "receive_rows": spec.receive_rows},

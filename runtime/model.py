@@ -33,6 +33,8 @@ INIT_STD = 0.02
 
 
 def _normal_(w: Tensor) -> None:
+    if w.is_meta:  # meta tensors hold no values; skipping keeps a 744B-parameter build fast
+        return
     with torch.no_grad():
         w.normal_(0.0, INIT_STD)
 
