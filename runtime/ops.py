@@ -165,8 +165,3 @@ def layer_stats(stats: Tensor, spare_expert: Tensor | None = None) -> Tensor:
     """Per-layer stats row [4]: (dropped copies, rows received, rows sent, clones hosted by the plan)."""
     clones = stats.new_zeros(1) if spare_expert is None else (spare_expert >= 0).sum().view(1)
     return torch.cat([stats, clones])
-
-
-SYNC_FREE_OPS = {torch.ops.echo.count.default, torch.ops.echo.all_gather_counts.default,
-                 torch.ops.echo.layout.default, torch.ops.echo.dispatch.default,
-                 torch.ops.echo.combine.default}

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from runtime import comm
-from runtime.model import MoE, moe_layers
+from runtime.model import moe_layers
 
 
 def expert_param_names(model: nn.Module) -> set[str]:
@@ -71,5 +71,3 @@ def all_reduce_load(model: nn.Module) -> dict[str, torch.Tensor]:
         _flat_all_reduce(list(loads.values()), comm.get_group("world"))
     return loads
 
-
-__all__ = ["MoE", "shard_experts", "reduce_gradients", "all_reduce_load", "expert_param_names"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -323,7 +322,3 @@ class _Progress:
 
     def close(self) -> None:
         self.p.stop()
-
-
-def write_history(path: str | Path, history: list[dict]) -> None:
-    Path(path).write_text(json.dumps(history))
