@@ -79,8 +79,10 @@ def _print_summary(summary: dict) -> None:
     t.add_row("dispatch backend", d["backend"])
     b = summary.get("buffers", {})
     if "arena_bytes" in b:
-        t.add_row("MoE buffer arena / rank", f"{_gib(b['arena_bytes'])} (lower bound {_gib(b['lower_bound_bytes'])}, "
-                  f"naive {_gib(b['naive_bytes'])})")
+        t.add_row("MoE buffer arena / rank", f"{_gib(b['arena_bytes'])} for {b['arena_buffers']} buffers (lower bound "
+                  f"{_gib(b['lower_bound_bytes'])}, naive {_gib(b['naive_bytes'])})")
+        t.add_row("MoE buffers from the allocator", f"{b['allocator_buffers']} (grouped_mm outputs), peak "
+                  f"{_gib(b['allocator_lower_bound_bytes'])}; all MoE buffers peak {_gib(b['total_lower_bound_bytes'])}")
     t.add_row("receive buffer rows/layer", f"{d['receive_rows']:,} ({d['peer_chunk_rows']:,} per peer)")
     for p in summary["passes"]:
         t.add_row(f"pass {p['name']}", f"{p['ms']:.1f} ms")

@@ -106,6 +106,18 @@ def graph_listing(gm: GraphModule) -> str:
     return "\n".join(lines) + "\n"
 
 
+def buffer_plan_of(spec: Spec):
+    """The buffer plan (passes/buffer_plan.py) of rank 0's compiled graph, on the meta device.
+    Every rank has the same buffer shapes under the torch backend, so it holds for all ranks."""
+    from passes import buffer_plan
+    from runtime.parallel import shard_experts
+    model = build_meta_model(spec)
+    shard_experts(model, 0, spec.parallel.ep)
+    gm, _ = compile_graph(model, spec)
+    propagate_shapes(gm, spec)
+    return buffer_plan.run(gm, spec).info
+
+
 @dataclass
 class CompileResult:
     out_dir: Path

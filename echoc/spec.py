@@ -165,6 +165,21 @@ class Backends(_Section):
     dispatch: Literal["torch", "symm_mem", "deepep", "sync"] = "torch"
     grouped_gemm: Literal["torch", "te", "loop"] = "torch"
     cuda_graph: Literal["full_iteration", "none"] = "none"
+    buffers: Literal["arena", "allocator"] = "arena"
+    """Where the MoE ops' buffers live: 'arena' = one arena per rank allocated once, each op writing
+    into the view the buffer plan gave it; 'allocator' = PyTorch's caching allocator. The arena needs
+    static shapes, so with dispatch 'sync' (left at its default) the allocator is used."""
+
+    @model_validator(mode="after")
+    def _buffers(self):
+        if self.buffers == "arena" and self.dispatch != "torch" and "buffers" in self.model_fields_set:
+            raise SpecCrossFieldError([("buffers", f"'arena' needs dispatch 'torch' (the '{self.dispatch}' "
+                                                   "backend's buffer shapes depend on routing); use 'allocator'")])
+        return self
+
+    @property
+    def uses_arena(self) -> bool:
+        return self.buffers == "arena" and self.dispatch == "torch"
 
 
 class Optimizer(_Section):

@@ -38,6 +38,12 @@ def _lifetime(b: dict) -> str:
     return f"{first}–{last}" + (f" ({spans} spans)" if spans > 1 else "")
 
 
+def _offset(b: dict) -> str:
+    if b.get("placement", "arena") != "arena":
+        return "alloc"
+    return human_bytes(b["offset"]) if b["offset"] else "0"
+
+
 def _sorted(buffers: list[dict], sort: str) -> list[dict]:
     if sort not in SORTS:
         raise EchocError(f"sort must be one of {', '.join(SORTS)} (got {sort!r})")
@@ -53,10 +59,14 @@ def buffers_table(plan_json: dict, sort: str = "size", console: Console | None =
     Prints to `console` when given; returns the rich Table either way."""
     plan = _planned(plan_json)
     t = plan["totals"]
-    table = Table(title=f"buffer plan — ranks: {plan['ranks']}  ({t['buffers']} buffers, one arena)",
-                  caption=escape(f"arena {human_bytes(t['arena_bytes'])} · lower bound "
+    table = Table(title=f"buffer plan — ranks: {plan['ranks']}  ({t['arena_buffers']} of {t['buffers']} "
+                        "buffers in one arena)",
+                  caption=escape(f"arena {human_bytes(t['arena_bytes'])} · its lower bound "
                                  f"{human_bytes(t['lower_bound_bytes'])} (×{t['arena_over_lower_bound']:.4f}) · "
-                                 f"naive sum {human_bytes(t['naive_bytes'])} · {plan['note']}"))
+                                 f"naive sum {human_bytes(t['naive_bytes'])} · allocator-owned buffers "
+                                 f"(offset 'alloc': grouped_mm outputs, graph outputs) peak at "
+                                 f"{human_bytes(t['allocator_lower_bound_bytes'])} · all buffers together peak at "
+                                 f"{human_bytes(t['total_lower_bound_bytes'])} · {plan['note']}"))
     for col, justify in (("buffer", "left"), ("layer", "right"), ("role", "left"), ("shape", "left"),
                          ("dtype", "left"), ("bytes", "right"), ("lifetime (steps)", "right"),
                          ("offset", "right")):
@@ -65,7 +75,7 @@ def buffers_table(plan_json: dict, sort: str = "size", console: Console | None =
     for b in rows[:limit]:
         table.add_row(escape(b["name"]), "all" if b["layer"] is None else str(b["layer"]), b["role"],
                       escape(str(b["shape"])), b["dtype"], human_bytes(b["bytes"]),
-                      _lifetime(b), human_bytes(b["offset"]) if b["offset"] else "0")
+                      _lifetime(b), _offset(b))
     if limit is not None and len(rows) > limit:
         table.add_row(f"… {len(rows) - limit} more", *[""] * 7)
     if console is not None:
@@ -89,7 +99,8 @@ def timeline_png(plan_json: dict, path: str | Path) -> Path:
     unit, scale = next((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
                        if tot["arena_bytes"] >= s or s == 1)
     polys, colors = [], []
-    for b in plan["buffers"]:
+    placed = [b for b in plan["buffers"] if b.get("placement", "arena") == "arena"]
+    for b in placed:
         lo, hi = b["offset"] / scale, (b["offset"] + b["bytes"]) / scale
         for first, last in b.get("live", [b["lifetime"]]):
             polys.append([(first, lo), (last + 1, lo), (last + 1, hi), (first, hi)])
@@ -105,8 +116,10 @@ def timeline_png(plan_json: dict, path: str | Path) -> Path:
     ax.set_xlabel(f"step: forward 0–{tl['forward'][1]}, backward {tl['backward'][0]}–{tl['backward'][1]}, "
                   f"grad reduction {tl['grad_reduction']}, optimizer {tl['optimizer']}")
     ax.set_ylabel(f"arena offset ({unit})")
-    ax.set_title(f"buffer plan, ranks: {plan['ranks']} — {tot['buffers']} buffers")
-    roles = sorted({b["role"] for b in plan["buffers"]})
+    ax.set_title(f"arena of the buffer plan, ranks: {plan['ranks']} — {len(placed)} of {tot['buffers']} buffers "
+                 f"(the other {tot['buffers'] - len(placed)}, grouped_mm and graph outputs, come from the "
+                 f"allocator: {human_bytes(tot['allocator_lower_bound_bytes'])} at their peak)")
+    roles = sorted({b["role"] for b in placed})
     handles = [Patch(color=_ROLE_COLORS.get(r, "black"), label=r) for r in roles]
     ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, loc="upper left", bbox_to_anchor=(1.0, 1.0),
               fontsize=8)

@@ -90,6 +90,7 @@ from passes.cost_model import clone_domain_ranks
 from passes.manager import PassResult
 from runtime import clone as _clone_ops  # noqa: F401  (registers echo::plan, clone_weights, ...)
 from runtime import grouped_gemm, ops
+from runtime.arena import ArenaLayout, View
 
 ALIGN_BYTES = 256
 Span = tuple[int, int]
@@ -113,6 +114,11 @@ _SAVED_ARGS = {
     ops.weighted_sum: {0, 1},  # one bmm: saves the copies and the router weights as they are
 }
 _DIFFERENTIABLE = {_E.dispatch.default, _E.combine.default, ops.weighted_sum, *_FFN}
+_WRITES_GRAD_IN = {_E.combine.default, ops.weighted_sum}   # backward writes `node.bwd.grad_in`
+_ALLOCATES_OUTPUT = set(_FFN)                               # grouped_mm has no out= variant
+
+
+ARENA, ALLOCATOR = "arena", "allocator"
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,7 @@ class Part:
     name: str
     shape: tuple[int, ...]
     offset_bytes: int
+    keys: tuple[str, ...] = ()     # the runtime keys that resolve to this part
 
 
 @dataclass
@@ -134,6 +141,9 @@ class Buffer:
     live: tuple[Span, ...]     # closed step intervals, sorted
     parts: tuple[Part, ...] = ()
     offset: int | None = None
+    placement: str = ARENA     # ARENA: the op writes into its planned view; ALLOCATOR: a kernel without
+                               # an output argument (grouped_mm, torch.stack) allocates it itself
+    keys: tuple[str, ...] = () # the keys ops ask the runtime arena for (runtime/arena.py)
 
     @property
     def first(self) -> int:
@@ -168,6 +178,8 @@ class BufferPlan:
     naive_bytes: int = 0
     lower_bound_bytes: int = 0
     peak_step: int = 0
+    allocator_lower_bound_bytes: int = 0   # peak live bytes of the ALLOCATOR buffers
+    total_lower_bound_bytes: int = 0       # peak live bytes of every buffer, wherever it lives
     lifetimes: int = 0
     interference_edges: int = 0
     interfering_pairs: int = 0
@@ -279,15 +291,17 @@ def _meta(node: Node):
     return tm
 
 
-def _composite(name, layer, role, tensors, dt, live) -> Buffer:
-    """One buffer holding several tensors back to back (each part 256-byte aligned)."""
+def _composite(name, layer, role, tensors, dt, live, placement=ARENA) -> Buffer:
+    """One buffer holding several tensors back to back (each part 256-byte aligned).
+    tensors: (part name, shape, runtime keys of the part)."""
     parts, at = [], 0
-    for pname, shape in tensors:
-        parts.append(Part(pname, tuple(shape), at))
+    for pname, shape, keys in tensors:
+        parts.append(Part(pname, tuple(shape), at, tuple(keys)))
         at += aligned(_nbytes(shape, dt))
     last = parts[-1]
     total = last.offset_bytes + _nbytes(last.shape, dt)
-    return Buffer(name, layer, role, (total // dt.itemsize,), _dtype(dt), total, tuple(live), tuple(parts))
+    return Buffer(name, layer, role, (total // dt.itemsize,), _dtype(dt), total, tuple(live), tuple(parts),
+                  placement=placement)
 
 
 class _Collector:
@@ -318,24 +332,28 @@ class _Collector:
     def layer(self, node: Node) -> int | None:
         return self.layer_no.get(self.prefix(node))
 
-    def add(self, name, layer, role, shape, dt, live: list[Span]):
+    def add(self, name, layer, role, shape, dt, live: list[Span], placement: str = ARENA, key: str | None = None):
+        """One buffer; an ARENA buffer is looked up at run time by `key` (default: its name)."""
         live = tuple(sorted(live))
+        keys = (key or name,) if placement == ARENA else ()
         self.buffers.append(Buffer(name, layer, role, tuple(int(s) for s in shape), _dtype(dt),
-                                   _nbytes(shape, dt), live))
+                                   _nbytes(shape, dt), live, placement=placement, keys=keys))
 
     # node outputs ---------------------------------------------------------------------------
     def outputs(self, node: Node) -> None:
         tm = _meta(node)
         role = _OUT_ROLE.get(node.target) or _GRAPH_OUTPUTS[node.name]
+        placement = ALLOCATOR if node.target in _ALLOCATES_OUTPUT or node.name in _GRAPH_OUTPUTS else ARENA
         if not hasattr(tm, "shape"):          # a tuple of TensorMetadata: one buffer per getitem
             for g in node.users:
                 assert g.target is operator.getitem, g
-                r = "stats" if node.target is _E.layout.default and g.args[1] == _LAYOUT_STATS else role
-                self.value(node, g, tm[g.args[1]], r)
+                i = g.args[1]
+                r = "stats" if node.target is _E.layout.default and i == _LAYOUT_STATS else role
+                self.value(node, g, tm[i], r, placement, f"{node.name}[{i}]")
         else:
-            self.value(node, node, tm, role)
+            self.value(node, node, tm, role, placement, node.name)
 
-    def value(self, op: Node, val: Node, tm, role: str) -> None:
+    def value(self, op: Node, val: Node, tm, role: str, placement: str, key: str) -> None:
         users = list(val.users)
         last = max([self.fwd(u) for u in users], default=self.fwd(op))
         for u in users:
@@ -343,12 +361,17 @@ class _Collector:
                 last = self.end
             elif _saves(u, val):
                 last = max(last, self.bwd(u))
-        self.add(val.name, self.layer(op), role, tm.shape, tm.dtype, [(self.fwd(op), last)])
+        self.add(val.name, self.layer(op), role, tm.shape, tm.dtype, [(self.fwd(op), last)], placement, key)
         grad_users = [u for u in users if u.target in _DIFFERENTIABLE]
         if tm.dtype.is_floating_point and grad_users:
             first = min(self.bwd(u) for u in grad_users)
             r = "clone_grad" if role == "clone_weights" else "gradient"
-            self.add(f"{val.name}.grad", self.layer(op), r, tm.shape, tm.dtype, [(first, self.bwd(op))])
+            # combine's and weighted_sum's backward write their input's gradient into `user.bwd.grad_in`;
+            # the FFN's come out of grouped_mm; a value with several users has its gradients summed by autograd
+            (u, *more) = grad_users
+            placed = not more and u.target in _WRITES_GRAD_IN
+            self.add(f"{val.name}.grad", self.layer(op), r, tm.shape, tm.dtype, [(first, self.bwd(op))],
+                     ARENA if placed else ALLOCATOR, f"{u.name}.bwd.grad_in")
 
     # op internals ---------------------------------------------------------------------------
     def exchange(self, node: Node, rows: int, h: int, dt, backward_copies: int = 0) -> None:
@@ -368,14 +391,17 @@ class _Collector:
         self.exchange(node, recv_sorted.shape[0], y.shape[1], y.dtype)
 
     def ffn(self, node: Node) -> None:
+        """grouped_mm (no out= variant) allocates h13, the output and grad_act; the SwiGLU writes
+        gate_act, act and grad_h13 into the arena. The `loop` fallback is not planned at all."""
         rows, w13 = _meta(node.args[0]), _meta(node.args[1])
         r, f2, dt, layer = rows.shape[0], w13.shape[2], rows.dtype, self.layer(node)
         t, b = self.fwd(node), self.bwd(node)
-        self.add(f"{node.name}.h13", layer, "activation", (r, f2), dt, [(t, b)])
-        self.add(f"{node.name}.gate_act", layer, "activation", (r, f2 // 2), dt, [(t, b)])
-        self.add(f"{node.name}.act", layer, "activation", (r, f2 // 2), dt, [(t, b)])
-        self.add(f"{node.name}.bwd.grad_act", layer, "gradient", (r, f2 // 2), dt, [(b, b)])
-        self.add(f"{node.name}.bwd.grad_h13", layer, "gradient", (r, f2), dt, [(b, b)])
+        swiglu = ARENA if grouped_gemm.resolved_impl(node.args[4]) == "torch" else ALLOCATOR
+        self.add(f"{node.name}.h13", layer, "activation", (r, f2), dt, [(t, b)], ALLOCATOR)
+        self.add(f"{node.name}.gate_act", layer, "activation", (r, f2 // 2), dt, [(t, b)], swiglu)
+        self.add(f"{node.name}.act", layer, "activation", (r, f2 // 2), dt, [(t, b)], swiglu)
+        self.add(f"{node.name}.bwd.grad_act", layer, "gradient", (r, f2 // 2), dt, [(b, b)], ALLOCATOR)
+        self.add(f"{node.name}.bwd.grad_h13", layer, "gradient", (r, f2), dt, [(b, b)], swiglu)
         if node.target is grouped_gemm.expert_ffn_recompute_clone:
             self.recomputed_clone(node)
 
@@ -384,41 +410,39 @@ class _Collector:
         w13, w2, spare = _meta(node.args[1]), _meta(node.args[2]), _meta(node.args[6])
         offer, dom, layer, p = node.args[7], clone_domain_ranks(self.spec), self.layer(node), self.prefix(node)
         t, b, slots = self.fwd(node), self.bwd(node), w13.shape[0] + spare.shape[1]
-        weights = [("w13", (slots,) + tuple(w13.shape[1:])), ("w2", (slots,) + tuple(w2.shape[1:]))]
-        assert self.spare.get("tensors", weights) == weights, "MoE layers with different expert shapes"
-        self.spare.update(tensors=weights, dtype=w13.dtype)
+        shapes = [("w13", (slots,) + tuple(w13.shape[1:])), ("w2", (slots,) + tuple(w2.shape[1:]))]
+        assert self.spare.get("shapes", shapes) == shapes, "MoE layers with different expert shapes"
+        self.spare.update(shapes=shapes, dtype=w13.dtype)
         self.spare.setdefault("live", []).extend([(t, t), (b, b)])
-        self.buffers.append(_composite(f"{p}clone_weights.grad", layer, "clone_grad", weights, w13.dtype,
-                                       [(b, b)]))
+        for wname, _ in shapes:   # every layer's clone (forward and recomputed) lands in the one buffer
+            self.spare.setdefault(wname, []).extend([f"{node.name}.clone_{wname}",
+                                                     f"{node.name}.clone_{wname}.recompute"])
+        self.buffers.append(_composite(f"{p}clone_weights.grad", layer, "clone_grad",
+                                       [(n, s, ()) for n, s in shapes], w13.dtype, [(b, b)], ALLOCATOR))
         for wname, w in (("w13", w13), ("w2", w2)):
-            self.clone_exchange(f"{p}clone_{wname}", layer, w, offer, dom, [t, b], b)
+            self.clone_exchange(f"{node.name}.clone_{wname}", layer, w, offer, dom, t, None)
+            self.clone_exchange(f"{node.name}.clone_{wname}.recompute", layer, w, offer, dom, b, b)
 
-    def clone_exchange(self, name, layer, w, offer: int, dom: int, forward_at: list[int], backward_at: int):
+    def clone_exchange(self, buf: str, layer, w, offer: int, dom: int, at: int, backward_at: int | None):
+        """The internals of one echo::clone_weights call keyed `buf`, run at step `at`, and of its
+        backward (the gradient reduction) at `backward_at` when it has one."""
         tail = tuple(w.shape[1:])
-        for at in forward_at:
-            tag = "" if at == forward_at[0] else ".recompute"
-            self.add(f"{name}{tag}.send", layer, "clone_exchange", (offer,) + tail, w.dtype, [(at, at)])
-            self.add(f"{name}{tag}.gather", layer, "clone_exchange", (dom * offer,) + tail, w.dtype, [(at, at)])
-        b = backward_at
-        self.add(f"{name}.bwd.rs_in", layer, "clone_exchange", (dom * offer + 1,) + tail, w.dtype, [(b, b)])
-        self.add(f"{name}.bwd.rs_out", layer, "clone_exchange", (offer,) + tail, w.dtype, [(b, b)])
+        self.add(f"{buf}.send", layer, "clone_exchange", (offer,) + tail, w.dtype, [(at, at)])
+        self.add(f"{buf}.gather", layer, "clone_exchange", (dom * offer,) + tail, w.dtype, [(at, at)])
+        if backward_at is not None:
+            b = backward_at
+            self.add(f"{buf}.bwd.rs_in", layer, "clone_exchange", (dom * offer + 1,) + tail, w.dtype, [(b, b)])
+            self.add(f"{buf}.bwd.rs_out", layer, "clone_exchange", (offer,) + tail, w.dtype, [(b, b)])
 
     def clone(self, node: Node) -> None:
         w, offer = _meta(node.args[0]), node.args[3]
         self.clone_exchange(node.name, self.layer(node), w, offer, clone_domain_ranks(self.spec),
-                            [self.fwd(node)], self.bwd(node))
-
-    def weighted_sum(self, node: Node) -> None:
-        """One bmm ([T,1,K] @ [T,K,H]): no forward scratch; in backward the copies' gradient
-        [T·K, H] (same dtype) is produced at this op's backward step."""
-        copies = _meta(node.args[0])
-        b = self.bwd(node)
-        self.add(f"{node.name}.bwd.grad_copies", self.layer(node), "gradient", copies.shape, copies.dtype, [(b, b)])
+                            self.fwd(node), self.bwd(node))
 
     def collect(self) -> list[Buffer]:
         internals = {_E.dispatch.default: self.dispatch, _E.combine.default: self.combine,
                      grouped_gemm.expert_ffn: self.ffn, grouped_gemm.expert_ffn_recompute_clone: self.ffn,
-                     _E.clone_weights.default: self.clone, ops.weighted_sum: self.weighted_sum}
+                     _E.clone_weights.default: self.clone}
         for node in self.nodes:
             if node.op != "call_function":
                 continue
@@ -428,8 +452,9 @@ class _Collector:
                 internals[node.target](node)
         buffers = _merge_clones(self.buffers)
         if self.spare:
-            buffers.append(_composite("spare_weights", None, "clone_weights", self.spare["tensors"],
-                                      self.spare["dtype"], sorted(self.spare["live"])))
+            parts = [(n, shape, self.spare[n]) for n, shape in self.spare["shapes"]]
+            buffers.append(_composite("spare_weights", None, "clone_weights", parts, self.spare["dtype"],
+                                      sorted(self.spare["live"])))
         return buffers
 
     def timeline(self) -> Timeline:
@@ -461,8 +486,8 @@ def _merge_clones(buffers: list[Buffer]) -> list[Buffer]:
         name = bs[0].name.removesuffix(".grad").rsplit("_clone_", 1)[0] + "_clone_weights"
         name += ".grad" if role == "clone_grad" else ""
         live = [(min(b.first for b in bs), max(b.last for b in bs))]
-        merged[id(bs[0])] = _composite(name, layer, role, [(b.name, b.shape) for b in bs],
-                                       getattr(torch, bs[0].dtype), live)
+        merged[id(bs[0])] = _composite(name, layer, role, [(b.name, b.shape, b.keys) for b in bs],
+                                       getattr(torch, bs[0].dtype), live, bs[0].placement)
     grouped = {id(b) for bs in groups.values() for b in bs}
     return [merged.get(id(b), b) for b in buffers if id(b) in merged or id(b) not in grouped]
 
@@ -477,15 +502,35 @@ def plan_buffers(gm: GraphModule, spec: Spec) -> BufferPlan:
     if not col.prefixes:
         return BufferPlan(False, "no MoE layers in the graph")
     buffers = col.collect()
-    g = allocate(buffers)
-    lb, peak = lower_bound(buffers)
+    placed = [b for b in buffers if b.placement == ARENA]
+    g = allocate(placed)
+    lb, peak = lower_bound(placed)
     world = spec.parallel.ep * spec.parallel.dp
     note = (f"one plan for all {world} ranks: under the torch backend every rank has the same "
             f"buffer shapes (equal [ep·C] chunks, {spec.experts_per_rank} home + "
             f"{spec.echo.spare_slots_per_rank if spec.echo.enabled else 0} spare slots)")
-    return BufferPlan(True, "", "all", note, ALIGN_BYTES, col.recompute, col.timeline(), buffers,
-                      arena_bytes(buffers), sum(aligned(b.nbytes) for b in buffers), lb, peak,
-                      g.number_of_nodes(), g.number_of_edges(), interfering_pairs(g))
+    return BufferPlan(
+        True, "", "all", note, ALIGN_BYTES, col.recompute, col.timeline(), buffers,
+        arena_bytes=arena_bytes(placed), naive_bytes=sum(aligned(b.nbytes) for b in placed),
+        lower_bound_bytes=lb, peak_step=peak, lifetimes=g.number_of_nodes(),
+        interference_edges=g.number_of_edges(), interfering_pairs=interfering_pairs(g),
+        allocator_lower_bound_bytes=lower_bound([b for b in buffers if b.placement == ALLOCATOR])[0],
+        total_lower_bound_bytes=lower_bound(buffers)[0])
+
+
+def arena_layout(plan: BufferPlan) -> ArenaLayout:
+    """What the runtime allocates: the arena size and, for every key, its view (offset, shape, dtype)."""
+    assert plan.planned, plan.reason
+    views = {}
+    for b in plan.buffers:
+        if b.placement != ARENA:
+            continue
+        dt = getattr(torch, b.dtype)
+        for p in b.parts or (Part(b.name, b.shape, 0, b.keys),):
+            for key in p.keys:
+                assert key not in views, f"arena key {key!r} planned twice"
+                views[key] = View(b.offset + p.offset_bytes, p.shape, dt)
+    return ArenaLayout(plan.arena_bytes, views)
 
 
 def run(gm: GraphModule, spec: Spec) -> PassResult:
@@ -503,9 +548,13 @@ def plan_to_json(plan: BufferPlan) -> dict:
     tl = plan.timeline
     out["timeline"] = {"steps": tl.steps, "forward": list(tl.forward), "backward": list(tl.backward),
                        "grad_reduction": tl.grad_reduction, "optimizer": tl.optimizer, "layers": tl.layers}
-    out["totals"] = {"buffers": len(plan.buffers), "arena_bytes": plan.arena_bytes,
+    placed = sum(b.placement == ARENA for b in plan.buffers)
+    out["totals"] = {"buffers": len(plan.buffers), "arena_buffers": placed,
+                     "allocator_buffers": len(plan.buffers) - placed, "arena_bytes": plan.arena_bytes,
                      "lower_bound_bytes": plan.lower_bound_bytes, "naive_bytes": plan.naive_bytes,
                      "arena_over_lower_bound": round(plan.arena_bytes / max(plan.lower_bound_bytes, 1), 4),
+                     "allocator_lower_bound_bytes": plan.allocator_lower_bound_bytes,
+                     "total_lower_bound_bytes": plan.total_lower_bound_bytes,
                      "peak_step": plan.peak_step, "lifetimes": plan.lifetimes,
                      "interference_edges": plan.interference_edges, "interfering_pairs": plan.interfering_pairs}
     out["buffers"] = [_buffer_json(b) for b in plan.buffers]
@@ -514,9 +563,12 @@ def plan_to_json(plan: BufferPlan) -> dict:
 
 def _buffer_json(b: Buffer) -> dict:
     d = {"name": b.name, "layer": b.layer, "role": b.role, "shape": list(b.shape), "dtype": b.dtype,
-         "bytes": b.nbytes, "lifetime": [b.first, b.last], "offset": b.offset}
+         "bytes": b.nbytes, "lifetime": [b.first, b.last], "placement": b.placement, "offset": b.offset}
+    if b.keys and list(b.keys) != [b.name]:
+        d["keys"] = list(b.keys)
     if len(b.live) > 1:
         d["live"] = [list(s) for s in b.live]
     if b.parts:
-        d["parts"] = [{"name": p.name, "shape": list(p.shape), "offset_bytes": p.offset_bytes} for p in b.parts]
+        d["parts"] = [{"name": p.name, "shape": list(p.shape), "offset_bytes": p.offset_bytes}
+                      | ({"keys": list(p.keys)} if p.keys and list(p.keys) != [p.name] else {}) for p in b.parts]
     return d

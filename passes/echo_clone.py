@@ -54,38 +54,43 @@ def _node(g, name, target, *args):
     return g.create_node("call_function", target, args, {}, name=name)
 
 
+def _op(g, name, target, *args):
+    """An op whose last argument is its node name: its key in the planned arena."""
+    node = _node(g, name, target, *args, name)
+    assert node.name == name, f"node {name!r} was renamed to {node.name!r}"
+    return node
+
+
 def _rewrite(gm: GraphModule, layout: Node, spec: Spec, info: EchoInfo) -> None:
     g = gm.graph
-    slot, counts, counts_all, El, C, group = layout.args
+    slot, counts, counts_all, El, C, group, layout_buf = layout.args
     S, ep = info.spare_slots_per_rank, spec.parallel.ep
     L = El + S
     p = layout.name.removesuffix("_layout")
     with g.inserting_before(layout):
-        pl = _node(g, f"{p}_plan", torch.ops.echo.plan.default, counts_all, El, S, info.domain_ranks,
-                   info.offer, info.min_clone_rows)
+        pl = _op(g, f"{p}_plan", torch.ops.echo.plan.default, counts_all, El, S, info.domain_ranks,
+                 info.offer, info.min_clone_rows)
         spare = _node(g, f"{p}_spare_expert", operator.getitem, pl, 0)
         quota = _node(g, f"{p}_quota", operator.getitem, pl, 1)
-        slots = _node(g, f"{p}_slots", torch.ops.echo.assign_slots.default, slot, counts_all, quota, El, S, group)
-        s_counts = _node(g, f"{p}_slot_count", torch.ops.echo.count.default, slots, ep * L)
-        s_all = _node(g, f"{p}_slot_counts_all", torch.ops.echo.all_gather_counts.default, s_counts, group, ep)
-    layout.args = (slots, s_counts, s_all, L, C, group)
+        slots = _op(g, f"{p}_slots", torch.ops.echo.assign_slots.default, slot, counts_all, quota, El, S, group)
+        s_counts = _op(g, f"{p}_slot_count", torch.ops.echo.count.default, slots, ep * L)
+        s_all = _op(g, f"{p}_slot_counts_all", torch.ops.echo.all_gather_counts.default, s_counts, group, ep)
+    layout.args = (slots, s_counts, s_all, L, C, group, layout_buf)
     offs = _getitem(layout, 4)
     ffn = _users(offs, grouped_gemm.expert_ffn)[0]
-    rows, w13, w2, _, impl = ffn.args
-    with g.inserting_before(ffn):
-        c13 = _node(g, f"{p}_clone_w13", torch.ops.echo.clone_weights.default, w13, counts_all, spare,
-                    info.offer, "clone", group)
-        c2 = _node(g, f"{p}_clone_w2", torch.ops.echo.clone_weights.default, w2, counts_all, spare,
-                   info.offer, "clone", group)
+    rows, w13, w2, _, impl, ffn_buf = ffn.args
     if info.recompute:
         ffn.target = grouped_gemm.expert_ffn_recompute_clone
-        ffn.args = (rows, w13, w2, offs, impl, counts_all, spare, info.offer, group)
-        g.erase_node(c13)
-        g.erase_node(c2)
+        ffn.args = (rows, w13, w2, offs, impl, counts_all, spare, info.offer, group, ffn_buf)
     else:
-        ffn.args = (rows, c13, c2, offs, impl)
+        with g.inserting_before(ffn):
+            c13 = _op(g, f"{p}_clone_w13", torch.ops.echo.clone_weights.default, w13, counts_all, spare,
+                      info.offer, "clone", group)
+            c2 = _op(g, f"{p}_clone_w2", torch.ops.echo.clone_weights.default, w2, counts_all, spare,
+                     info.offer, "clone", group)
+        ffn.args = (rows, c13, c2, offs, impl, ffn_buf)
     stats = _users(_getitem(layout, 5), ops.layer_stats)[0]
-    stats.args = (stats.args[0], spare)
+    stats.args = (stats.args[0], stats.args[1], spare)
     info.layers.append(p)
 
 

@@ -80,6 +80,13 @@ class _Builder:
     def fn(self, name, target, *args):
         return self.g.create_node("call_function", target, args, {}, name=f"{self.prefix}_{name}")
 
+    def op(self, name, target, *args):
+        """An op that writes into planned buffers: its last argument is its own node name (`buf`),
+        the key of its output in the arena (runtime/arena.py)."""
+        node = self.fn(name, target, *args, f"{self.prefix}_{name}")
+        assert node.name == node.args[-1], f"node {node.name!r} was renamed: its buffer key would not match"
+        return node
+
     def method(self, name, target, *args):
         return self.g.create_node("call_method", target, args, {}, name=f"{self.prefix}_{name}")
 
@@ -104,33 +111,33 @@ def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec) -> tuple[Node, Node,
     x_flat = b.method("x_flat", "reshape", x, (-1, spec.model.hidden_size))
     route = b.module("route", f"{moe_name}.router", x_flat)
     slot, weight = b.items(route, ["slot", "weight"])
-    counts = b.fn("count", torch.ops.echo.count.default, slot, moe_cfg.num_experts)
+    counts = b.op("count", torch.ops.echo.count.default, slot, moe_cfg.num_experts)
     load = b.attr("load", f"{moe_name}.router.load")
     b.method("load_add", "add_", load, counts)
-    counts_all = b.fn("counts_all", torch.ops.echo.all_gather_counts.default, counts, "ep", ep)
+    counts_all = b.op("counts_all", torch.ops.echo.all_gather_counts.default, counts, "ep", ep)
     if spec.backends.dispatch == "sync":
         lay = b.fn("layout", torch.ops.echo.sync_layout.default, slot, counts, counts_all, L, "ep")
         maps = b.items(lay, _LAYOUT_OUTS + ["splits"])
         idx, offs, stats, splits = maps[:4], maps[4], maps[5], maps[6]
         rows = b.fn("dispatch", torch.ops.echo.sync_dispatch.default, x_flat, *idx, splits, K, "ep")
     else:
-        lay = b.fn("layout", torch.ops.echo.layout.default, slot, counts, counts_all, L, C, "ep")
+        lay = b.op("layout", torch.ops.echo.layout.default, slot, counts, counts_all, L, C, "ep")
         maps = b.items(lay, _LAYOUT_OUTS)
         idx, offs, stats = maps[:4], maps[4], maps[5]
-        rows = b.fn("dispatch", torch.ops.echo.dispatch.default, x_flat, *idx, K, "ep")
+        rows = b.op("dispatch", torch.ops.echo.dispatch.default, x_flat, *idx, K, "ep")
     w13 = b.attr("w13", f"{moe_name}.experts.w13")
     w2 = b.attr("w2", f"{moe_name}.experts.w2")
-    y = b.fn("expert_ffn", grouped_gemm.expert_ffn, rows, w13, w2, offs, spec.backends.grouped_gemm)
+    y = b.op("expert_ffn", grouped_gemm.expert_ffn, rows, w13, w2, offs, spec.backends.grouped_gemm)
     if spec.backends.dispatch == "sync":
         copies = b.fn("combine", torch.ops.echo.sync_combine.default, y, *idx, splits, "ep")
     else:
-        copies = b.fn("combine", torch.ops.echo.combine.default, y, *idx, "ep")
-    out = b.fn("routed", ops.weighted_sum, copies, weight)
+        copies = b.op("combine", torch.ops.echo.combine.default, y, *idx, "ep")
+    out = b.op("routed", ops.weighted_sum, copies, weight)
     if gm.get_submodule(moe_name).shared is not None:
         shared = b.module("shared", f"{moe_name}.shared", x_flat)
         out = b.fn("add_shared", operator.add, out, shared)
     out = b.method("out", "view_as", out, x)
-    stats = b.fn("stats", ops.layer_stats, stats)
+    stats = b.op("layer_stats", ops.layer_stats, stats)
     info = LayerDispatch(moe_name, spec.budgets.tokens, K, L, C, ep * C)
     return out, stats, counts_all, info
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from runtime import comm
+from runtime import arena, comm
 from runtime.layout import gather_rows
 from runtime.planner import assign_slots as _assign_slots
 from runtime.planner import offered_experts, plan as _plan
@@ -21,28 +21,28 @@ from runtime.planner import offered_experts, plan as _plan
 
 @torch.library.custom_op("echo::plan", mutates_args=())
 def plan(counts_all: Tensor, experts_per_rank: int, spares: int, domain_size: int, offer: int,
-         min_clone_rows: int) -> tuple[Tensor, Tensor]:
+         min_clone_rows: int, buf: str) -> tuple[Tensor, Tensor]:
     """counts_all [ep, E] → spare_expert [ep, S] (-1 empty), quota [E, 1 + ep·S]. See runtime/planner.py."""
     p = _plan(counts_all, experts_per_rank, spares, domain_size, offer, min_clone_rows)
-    return p.spare_expert, p.quota
+    return arena.place(f"{buf}[0]", p.spare_expert), arena.place(f"{buf}[1]", p.quota)
 
 
 @plan.register_fake
-def _(counts_all, experts_per_rank, spares, domain_size, offer, min_clone_rows):
+def _(counts_all, experts_per_rank, spares, domain_size, offer, min_clone_rows, buf):
     ep, E = counts_all.shape
     return (counts_all.new_empty((ep, spares)), counts_all.new_empty((E, 1 + ep * spares)))
 
 
 @torch.library.custom_op("echo::assign_slots", mutates_args=())
 def assign_slots(topk_idx: Tensor, counts_all: Tensor, quota: Tensor, experts_per_rank: int,
-                 spares: int, group: str) -> Tensor:
+                 spares: int, group: str, buf: str) -> Tensor:
     """topk_idx [T, K] experts → [T, K] global slots (home or spare) following the quotas."""
     slots = _assign_slots(topk_idx, counts_all, quota, comm.group_rank(group), experts_per_rank, spares)
-    return slots.view_as(topk_idx)
+    return arena.place(buf, slots.view_as(topk_idx))
 
 
 @assign_slots.register_fake
-def _(topk_idx, counts_all, quota, experts_per_rank, spares, group):
+def _(topk_idx, counts_all, quota, experts_per_rank, spares, group, buf):
     return torch.empty_like(topk_idx)
 
 
@@ -60,41 +60,54 @@ def _pick_index(counts_all: Tensor, spare_expert: Tensor, experts_per_rank: int,
     return offered[rank], torch.where(valid, row, -1)
 
 
+def _planned(key: str, shape, like: Tensor) -> Tensor:
+    return arena.out(key, tuple(shape), like.dtype, like.device)
+
+
 @torch.library.custom_op("echo::clone_weights", mutates_args=())
 def clone_weights(w: Tensor, counts_all: Tensor, spare_expert: Tensor, offer: int, group: str,
-                  ep_group: str) -> Tensor:
-    """w [El, ...] home experts → [El + S, ...]: home experts, then the spare slots' clones (zero if empty)."""
-    El = w.shape[0]
+                  ep_group: str, buf: str) -> Tensor:
+    """w [El, ...] home experts → [El + S, ...]: home experts, then the spare slots' clones (zero if empty).
+    Internals: `buf.send` [offer, ...] (my offered experts), `buf.gather` [dom·offer, ...]."""
+    El, S, tail = w.shape[0], spare_expert.shape[1], tuple(w.shape[1:])
     dom, rank = comm.group_size(group), comm.group_rank(ep_group)
     mine, rows = _pick_index(counts_all, spare_expert, El, offer, rank, dom)
-    gathered = comm.all_gather_rows(w.index_select(0, mine), group)          # [dom, offer, ...]
-    spare = gather_rows(gathered.view(dom * offer, -1), rows)
-    return torch.cat([w, spare.view((-1,) + tuple(w.shape[1:]))])
+    send = torch.index_select(w, 0, mine, out=_planned(f"{buf}.send", (offer,) + tail, w))
+    gathered = _planned(f"{buf}.gather", (dom * offer,) + tail, w)
+    comm.all_gather_rows(send, group, out=gathered.view((dom, offer) + tail))
+    out = _planned(buf, (El + S,) + tail, w)
+    out[:El].copy_(w)
+    gather_rows(gathered.view(dom * offer, -1), rows, out=out[El:].view(S, -1))
+    return out
 
 
 @clone_weights.register_fake
-def _(w, counts_all, spare_expert, offer, group, ep_group):
+def _(w, counts_all, spare_expert, offer, group, ep_group, buf):
     return w.new_empty((w.shape[0] + spare_expert.shape[1],) + tuple(w.shape[1:]))
 
 
 def _clone_setup(ctx, inputs, output):
-    w, counts_all, spare_expert, offer, group, ep_group = inputs
+    w, counts_all, spare_expert, offer, group, ep_group, buf = inputs
     ctx.save_for_backward(counts_all, spare_expert)
-    ctx.offer, ctx.group, ctx.ep_group, ctx.El = offer, group, ep_group, w.shape[0]
+    ctx.offer, ctx.group, ctx.ep_group, ctx.El, ctx.buf = offer, group, ep_group, w.shape[0], buf
 
 
 def _clone_backward(ctx, grad):
+    """The gradient reduction: spare slots' gradients summed into `buf.bwd.rs_in`
+    [dom·offer + 1, ...] (last row: empty slots), reduce-scattered home into `buf.bwd.rs_out`
+    [offer, ...], added to the home experts' gradient."""
     counts_all, spare_expert = ctx.saved_tensors
     El, offer = ctx.El, ctx.offer
     dom, rank = comm.group_size(ctx.group), comm.group_rank(ctx.ep_group)
     mine, rows = _pick_index(counts_all, spare_expert, El, offer, rank, dom)
+    tail = tuple(grad.shape[1:])
     g_spare = grad[El:].reshape(rows.numel(), -1)
-    buf = g_spare.new_zeros((dom * offer + 1, g_spare.shape[1]))
-    buf.index_add_(0, torch.where(rows >= 0, rows, dom * offer), g_spare)
-    back = comm.reduce_scatter_rows(buf[:-1], ctx.group)                     # [offer, ...]
+    rs_in = _planned(f"{ctx.buf}.bwd.rs_in", (dom * offer + 1,) + tail, grad).zero_()
+    rs_in.view(dom * offer + 1, -1).index_add_(0, torch.where(rows >= 0, rows, dom * offer), g_spare)
+    back = comm.reduce_scatter_rows(rs_in[:-1], ctx.group, out=_planned(f"{ctx.buf}.bwd.rs_out", (offer,) + tail, grad))
     g_home = grad[:El].contiguous().clone()
-    g_home.view(El, -1).index_add_(0, mine, back)
-    return g_home, None, None, None, None, None
+    g_home.view(El, -1).index_add_(0, mine, back.view(offer, -1))
+    return g_home, None, None, None, None, None, None
 
 
 clone_weights.register_autograd(_clone_backward, setup_context=_clone_setup)

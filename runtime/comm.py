@@ -65,21 +65,22 @@ def group_rank(name: str) -> int:
     return dist.get_rank(g) if g is not None else 0
 
 
-def all_gather_rows(x: torch.Tensor, group: str) -> torch.Tensor:
-    """x [...] on every rank → [group_size, ...], rank-ordered."""
+def all_gather_rows(x: torch.Tensor, group: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [...] on every rank → [group_size, ...], rank-ordered (into `out` when given)."""
     n = group_size(group)
+    if out is None:
+        out = torch.empty((n,) + tuple(x.shape), dtype=x.dtype, device=x.device)
     if n == 1:
-        return x.unsqueeze(0).clone()
-    out = torch.empty(n * x.numel(), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=get_group(group))
-    return out.view((n,) + tuple(x.shape))
+        return out.copy_(x.unsqueeze(0))
+    dist.all_gather_into_tensor(out.view(-1), x.contiguous().view(-1), group=get_group(group))
+    return out
 
 
-def all_to_all_equal(x: torch.Tensor, group: str) -> torch.Tensor:
+def all_to_all_equal(x: torch.Tensor, group: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """Exchange equal chunks: x [n·C, ...] → [n·C, ...]; chunk p goes to rank p. No host-sized splits."""
+    out = torch.empty_like(x) if out is None else out
     if group_size(group) == 1:
-        return x.clone()
-    out = torch.empty_like(x)
+        return out.copy_(x)
     dist.all_to_all_single(out, x.contiguous(), group=get_group(group))
     return out
 
@@ -94,12 +95,13 @@ def all_to_all_var(x: torch.Tensor, out_rows: int, in_splits: list[int], out_spl
     return out
 
 
-def reduce_scatter_rows(x: torch.Tensor, group: str) -> torch.Tensor:
+def reduce_scatter_rows(x: torch.Tensor, group: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [n·m, ...] summed over the group; rank i keeps rows i·m … i·m+m-1 → [m, ...]."""
     n = group_size(group)
+    if out is None:
+        out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
     if n == 1:
-        return x.clone()
-    out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
+        return out.copy_(x)
     dist.reduce_scatter_tensor(out, x.contiguous(), group=get_group(group))
     return out
 

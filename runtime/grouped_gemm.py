@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from echoc.errors import EchocError, MissingDependencyError
+from runtime import arena
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -23,14 +24,78 @@ def _swiglu(h: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-def ffn_grouped(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor) -> Tensor:
+def _gmm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    return _grouped_mm(a, b, offs=offs)
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """y = swiglu(rows · W13[slot]) · W2[slot] on expert-sorted rows, with the saved tensors
+    and the SwiGLU's outputs and gradient in planned buffers (runtime/arena.py):
+
+      forward   h13 [R, 2F] (grouped_mm allocates it), `buf.gate_act` = silu(gate) [R, F],
+                `buf.act` = silu(gate)·up [R, F], y [R, H] (grouped_mm)
+      backward  grad_act [R, F] (grouped_mm), `buf.bwd.grad_h13` [R, 2F] (silu_backward and mul
+                write into its halves), d rows [R, H] and d weights (grouped_mm)
+
+    grouped_mm has no out= variant, so its products come from the caching allocator. The
+    arithmetic is the one autograd would run (silu_backward, mul, the grouped_mm transposes).
+    With `clone` (echo.recompute_clone_dispatch) the weights passed are the home experts:
+    forward clones them into the spare slots (`buf.clone_w13`, `buf.clone_w2`) without saving
+    the clones; backward fetches them again (`....recompute`) and sends the spare slots'
+    gradient home through the clone's own backward (the reduce-scatter).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, w13, w2, offs, buf, counts_all, spare_expert, offer, ep_group):
+        clone = counts_all is not None
+        ctx.buf, ctx.clone_args = buf, (offer, ep_group) if clone else None
+        w13f, w2f = (_clone_pair(buf, "", w13, w2, counts_all, spare_expert, offer, ep_group)
+                     if clone else (w13, w2))
+        h13 = _gmm(rows, w13f, offs)
+        f = h13.shape[1] // 2
+        gate, up = h13[:, :f], h13[:, f:]
+        gate_act = torch.ops.aten.silu.out(gate, out=arena.out(f"{buf}.gate_act", gate.shape, h13.dtype, h13.device))
+        act = torch.mul(gate_act, up, out=arena.out(f"{buf}.act", gate.shape, h13.dtype, h13.device))
+        ctx.save_for_backward(rows, w13, w2, offs, h13, gate_act, act, counts_all, spare_expert)
+        return _gmm(act, w2f, offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        rows, w13, w2, offs, h13, gate_act, act, counts_all, spare_expert = ctx.saved_tensors
+        dy, buf = dy.contiguous(), ctx.buf
+        if ctx.clone_args:
+            home = (w13.detach().requires_grad_(True), w2.detach().requires_grad_(True))
+            with torch.enable_grad():
+                w13f, w2f = _clone_pair(buf, ".recompute", *home, counts_all, spare_expert, *ctx.clone_args)
+        else:
+            w13f, w2f = w13, w2
+        f = act.shape[1]
+        grad_act = _gmm(dy, w2f.detach().transpose(-2, -1), offs)
+        dw2 = _gmm(act.transpose(-2, -1), dy, offs)
+        grad_h13 = arena.out(f"{buf}.bwd.grad_h13", h13.shape, h13.dtype, h13.device)
+        torch.mul(grad_act, gate_act, out=grad_h13[:, f:])
+        torch.ops.aten.silu_backward.grad_input(grad_act * h13[:, f:], h13[:, :f], grad_input=grad_h13[:, :f])
+        dx = _gmm(grad_h13, w13f.detach().transpose(-2, -1), offs)
+        dw13 = _gmm(rows.transpose(-2, -1), grad_h13, offs)
+        if ctx.clone_args:
+            dw13, dw2 = torch.autograd.grad((w13f, w2f), home, (dw13, dw2))
+        return dx, dw13, dw2, None, None, None, None, None, None
+
+
+def _clone_pair(buf, tag, w13, w2, counts_all, spare_expert, offer, ep_group):
+    """Home experts + spare-slot clones of both weights (echo::clone_weights), keyed `buf.clone_w13<tag>`."""
+    return tuple(torch.ops.echo.clone_weights.default(w, counts_all, spare_expert, offer, "clone", ep_group,
+                                                      f"{buf}.clone_{name}{tag}")
+                 for name, w in (("w13", w13), ("w2", w2)))
+
+
+def ffn_grouped(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, buf: str = "expert_ffn") -> Tensor:
     """rows [R, H], w13 [L, H, 2F], w2 [L, F, H], offs [L] int32 → [R, H] (rows ≥ offs[-1] undefined)."""
-    h = _grouped_mm(rows, w13, offs=offs)
-    return _grouped_mm(_swiglu(h), w2, offs=offs)
+    return _GroupedSwiGLU.apply(rows, w13, w2, offs, buf, None, None, 0, "")
 
 
-def ffn_loop(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor) -> Tensor:
-    """Same contract as ffn_grouped, one matmul per slot; padding rows come out zero."""
+def ffn_loop(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, buf: str = "") -> Tensor:
+    """Same contract as ffn_grouped, one matmul per slot; padding rows come out zero. Not planned."""
     ends = offs.tolist()  # host sync: this fallback is not capturable
     out = torch.zeros_like(rows)
     start = 0
@@ -41,7 +106,7 @@ def ffn_loop(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor) -> Tensor:
     return out
 
 
-def ffn_te(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor) -> Tensor:
+def ffn_te(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, buf: str = "") -> Tensor:
     try:
         import transformer_engine.pytorch  # noqa: F401
     except ImportError:
@@ -51,54 +116,26 @@ def ffn_te(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor) -> Tensor:
                      "drive its grouped GEMM yet (it takes host-side splits); use 'torch'")
 
 
-def expert_ffn(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, impl: str) -> Tensor:
+def resolved_impl(impl: str) -> str:
+    """`torch` falls back to `loop` where this torch has no grouped_mm."""
+    return "loop" if impl == "torch" and _grouped_mm is None else impl
+
+
+def expert_ffn(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, impl: str, buf: str = "expert_ffn") -> Tensor:
     """The routed experts' SwiGLU FFN on expert-sorted rows, by implementation name."""
-    if impl == "torch" and _grouped_mm is None:
-        impl = "loop"
-    return {"torch": ffn_grouped, "loop": ffn_loop, "te": ffn_te}[impl](rows, w13, w2, offs)
+    return {"torch": ffn_grouped, "loop": ffn_loop, "te": ffn_te}[resolved_impl(impl)](rows, w13, w2, offs, buf)
 
 
 HOST_SYNC_IMPLS = {"loop"}
 
 
-class _CloneMM(torch.autograd.Function):
-    """y = grouped_mm(x, clone(w_home)) where the cloned weights [El + S, ...] are NOT saved:
-    backward fetches them again (the clone's all-gather runs a second time), computes
-    dx = grouped_mm(dy, cloneᵀ) and the per-slot weight gradient grouped_mm(xᵀ, dy), and
-    sends the spare slots' part home through the clone's own backward (reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, x, w_home, offs, counts_all, spare_expert, offer, ep_group):
-        clone_args = (counts_all, spare_expert, offer, "clone", ep_group)
-        with torch.no_grad():
-            w = torch.ops.echo.clone_weights.default(w_home, *clone_args)
-            y = _grouped_mm(x, w, offs=offs)
-        ctx.save_for_backward(x, w_home, offs, counts_all, spare_expert)
-        ctx.clone_args = clone_args
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w_home, offs, counts_all, spare_expert = ctx.saved_tensors
-        _, _, offer, group, ep_group = ctx.clone_args
-        with torch.enable_grad():
-            home = w_home.detach().requires_grad_(True)
-            w = torch.ops.echo.clone_weights.default(home, counts_all, spare_expert, offer, group, ep_group)
-        dy = dy.contiguous()
-        dx = _grouped_mm(dy, w.detach().transpose(-2, -1), offs=offs)
-        dw = _grouped_mm(x.transpose(-2, -1), dy, offs=offs)
-        (dw_home,) = torch.autograd.grad(w, home, dw)
-        return dx, dw_home, None, None, None, None, None
-
-
 def expert_ffn_recompute_clone(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, impl: str,
-                               counts_all: Tensor, spare_expert: Tensor, offer: int, ep_group: str) -> Tensor:
+                               counts_all: Tensor, spare_expert: Tensor, offer: int, ep_group: str,
+                               buf: str = "expert_ffn") -> Tensor:
     """The expert FFN on home + spare slots whose cloned weights are fetched again in backward
     instead of being saved: between a layer's forward and backward only the home weights are
     alive, so one spare-slot buffer serves every layer (echo.recompute_clone_dispatch).
     Activations are saved as usual; the only extra work is the clone's all-gather in backward."""
-    if impl != "torch" or _grouped_mm is None:
+    if resolved_impl(impl) != "torch":
         raise EchocError("echo.recompute_clone_dispatch needs backends.grouped_gemm 'torch' (grouped_mm)")
-    args = (offs, counts_all, spare_expert, offer, ep_group)
-    h = _CloneMM.apply(rows, w13, *args)
-    return _CloneMM.apply(_swiglu(h), w2, *args)
+    return _GroupedSwiGLU.apply(rows, w13, w2, offs, buf, counts_all, spare_expert, offer, ep_group)

@@ -38,9 +38,9 @@ class RecvLayout(NamedTuple):
     received: Tensor     # [] int64: real rows received
 
 
-def slot_counts(dest_slot: Tensor, n_slots: int) -> Tensor:
+def slot_counts(dest_slot: Tensor, n_slots: int, out: Tensor | None = None) -> Tensor:
     """dest_slot [N] int64 → copies per slot [n_slots] int64 (scatter_add_, not bincount)."""
-    counts = torch.zeros(n_slots, dtype=torch.int64, device=dest_slot.device)
+    counts = torch.zeros(n_slots, dtype=torch.int64, device=dest_slot.device) if out is None else out.zero_()
     return counts.scatter_add_(0, dest_slot, torch.ones_like(dest_slot))
 
 
@@ -111,7 +111,8 @@ def equal_chunk_rows(ep: int, chunk_rows: int, device) -> tuple[Tensor, Tensor]:
     return m // chunk_rows, m % chunk_rows
 
 
-def gather_rows(src: Tensor, index: Tensor) -> Tensor:
-    """src [M, H], index [n] with -1 for "zero row" → [n, H]. NaN-safe (masked_fill, not multiply)."""
-    out = src.index_select(0, index.clamp(min=0))
+def gather_rows(src: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor:
+    """src [M, H], index [n] with -1 for "zero row" → [n, H] (into `out` when given).
+    NaN-safe (masked_fill, not multiply)."""
+    out = torch.index_select(src, 0, index.clamp(min=0), out=out)
     return out.masked_fill_((index < 0).unsqueeze(1), 0)

@@ -13,34 +13,37 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from runtime import comm
+from runtime import arena, comm
 from runtime.layout import (equal_chunk_rows, gather_rows, kept_counts, recv_layout, send_layout,
                             slot_counts)
 
 
 # --- count / exchange --------------------------------------------------------------------------
+# Every op takes `buf`, its node's name: the key of its output (and `buf.send`, `buf.recv`, ...
+# of its internals) in the planned arena (runtime/arena.py). Without an arena it names nothing.
 
 @torch.library.custom_op("echo::count", mutates_args=())
-def count(dest_slot: Tensor, n_slots: int) -> Tensor:
-    """dest_slot [T, K] int64 → copies per slot [n_slots] int64."""
-    return slot_counts(dest_slot.reshape(-1), n_slots)
+def count(dest_slot: Tensor, n_slots: int, buf: str) -> Tensor:
+    """dest_slot [T, K] int64 → copies per slot [n_slots] int64 (scatter_add_, not bincount)."""
+    return slot_counts(dest_slot.reshape(-1), n_slots, out=arena.out(buf, (n_slots,), torch.int64, dest_slot.device))
 
 
 @count.register_fake
-def _(dest_slot, n_slots):
+def _(dest_slot, n_slots, buf):
     return dest_slot.new_empty(n_slots, dtype=torch.int64)
 
 
 @torch.library.custom_op("echo::all_gather_counts", mutates_args=())
-def all_gather_counts(counts: Tensor, group: str, group_size: int) -> Tensor:
+def all_gather_counts(counts: Tensor, group: str, group_size: int, buf: str) -> Tensor:
     """counts [n] → [group_size, n] (row s = rank s's counts). Every rank gets the same tensor."""
     assert comm.group_size(group) == group_size, (
         f"group {group!r} has {comm.group_size(group)} ranks, the graph was compiled for {group_size}")
-    return comm.all_gather_rows(counts, group)
+    out = arena.out(buf, (group_size, counts.shape[0]), counts.dtype, counts.device)
+    return comm.all_gather_rows(counts, group, out=out)
 
 
 @all_gather_counts.register_fake
-def _(counts, group, group_size):
+def _(counts, group, group_size, buf):
     return counts.new_empty((group_size, counts.shape[0]))
 
 
@@ -48,7 +51,7 @@ def _(counts, group, group_size):
 
 @torch.library.custom_op("echo::layout", mutates_args=())
 def layout(dest_slot: Tensor, counts: Tensor, counts_all: Tensor, slots_per_rank: int,
-           chunk_rows: int, group: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+           chunk_rows: int, group: str, buf: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Index maps for one exchange with fixed [ep·C] chunks (see runtime/layout.py).
 
     dest_slot [T, K]; counts [ep·L] (mine); counts_all [ep, ep·L] (everyone's).
@@ -63,11 +66,12 @@ def layout(dest_slot: Tensor, counts: Tensor, counts_all: Tensor, slots_per_rank
     rcv = recv_layout(kept[:, rank, :], src, j, ep * C)
     sent = kept[rank].sum()
     stats = torch.stack([snd.dropped, rcv.received, sent])
-    return snd.send_copy, snd.copy_slot, rcv.sorted_src, rcv.recv_sorted, rcv.offs, stats
+    maps = (snd.send_copy, snd.copy_slot, rcv.sorted_src, rcv.recv_sorted, rcv.offs, stats)
+    return tuple(arena.place(f"{buf}[{i}]", t) for i, t in enumerate(maps))
 
 
 @layout.register_fake
-def _(dest_slot, counts, counts_all, slots_per_rank, chunk_rows, group):
+def _(dest_slot, counts, counts_all, slots_per_rank, chunk_rows, group, buf):
     ep, n = counts_all.shape[0], dest_slot.numel()
     i64 = dict(dtype=torch.int64)
     m = ep * chunk_rows
@@ -78,18 +82,33 @@ def _(dest_slot, counts, counts_all, slots_per_rank, chunk_rows, group):
 
 # --- token movement ----------------------------------------------------------------------------
 
-def to_experts(src: Tensor, send_rows: Tensor, sorted_src: Tensor, exchange) -> Tensor:
-    """Rows of `src` picked by send_rows [S] → exchange(·) → regrouped by slot [R, H]."""
-    return gather_rows(exchange(gather_rows(src, send_rows)), sorted_src)
+def _moved(buf: str | None, part: str, rows: int, like: Tensor) -> Tensor | None:
+    """The arena view `buf.part` [rows, H] for one step of a token movement (None: allocate)."""
+    if buf is None:
+        return None
+    key = f"{buf}.{part}" if part else buf
+    return arena.out(key, (rows, like.shape[1]), like.dtype, like.device)
 
 
-def to_sources(y: Tensor, recv_sorted: Tensor, copy_slot: Tensor, exchange) -> Tensor:
+def to_experts(src: Tensor, send_rows: Tensor, sorted_src: Tensor, exchange, buf: str | None = None,
+               out: str = "") -> Tensor:
+    """Rows of `src` picked by send_rows [S] → exchange(·) → regrouped by slot [R, H].
+    With `buf`: send and receive buffers are `buf.send`, `buf.recv`, the result `buf.<out>`."""
+    send = gather_rows(src, send_rows, out=_moved(buf, "send", send_rows.shape[0], src))
+    recv = exchange(send, _moved(buf, "recv", send.shape[0], src))
+    return gather_rows(recv, sorted_src, out=_moved(buf, out, sorted_src.shape[0], src))
+
+
+def to_sources(y: Tensor, recv_sorted: Tensor, copy_slot: Tensor, exchange, buf: str | None = None,
+               out: str = "") -> Tensor:
     """Expert-sorted rows y [R, H] → exchange(·) back to their sources → one row per copy [N, H]."""
-    return gather_rows(exchange(gather_rows(y, recv_sorted)), copy_slot)
+    send = gather_rows(y, recv_sorted, out=_moved(buf, "send", recv_sorted.shape[0], y))
+    recv = exchange(send, _moved(buf, "recv", send.shape[0], y))
+    return gather_rows(recv, copy_slot, out=_moved(buf, out, copy_slot.shape[0], y))
 
 
 def _equal(group: str):
-    return lambda t: comm.all_to_all_equal(t, group)
+    return lambda t, out=None: comm.all_to_all_equal(t, group, out=out)
 
 
 def token_of(send_copy: Tensor, top_k: int) -> Tensor:
@@ -98,26 +117,28 @@ def token_of(send_copy: Tensor, top_k: int) -> Tensor:
 
 @torch.library.custom_op("echo::dispatch", mutates_args=())
 def dispatch(x: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Tensor,
-             recv_sorted: Tensor, top_k: int, group: str) -> Tensor:
+             recv_sorted: Tensor, top_k: int, group: str, buf: str) -> Tensor:
     """x [T, H] → expert-sorted rows [R, H] on the ranks that own the slots (padding rows are zero)."""
-    return to_experts(x, token_of(send_copy, top_k), sorted_src, _equal(group))
+    return to_experts(x, token_of(send_copy, top_k), sorted_src, _equal(group), buf)
 
 
 @dispatch.register_fake
-def _(x, send_copy, copy_slot, sorted_src, recv_sorted, top_k, group):
+def _(x, send_copy, copy_slot, sorted_src, recv_sorted, top_k, group, buf):
     return x.new_empty((sorted_src.shape[0], x.shape[1]))
 
 
 def _dispatch_setup(ctx, inputs, output):
-    x, send_copy, copy_slot, sorted_src, recv_sorted, top_k, group = inputs
+    x, send_copy, copy_slot, sorted_src, recv_sorted, top_k, group, buf = inputs
     ctx.save_for_backward(send_copy, copy_slot, sorted_src, recv_sorted)
-    ctx.top_k, ctx.group, ctx.tokens = top_k, group, x.shape[0]
+    ctx.top_k, ctx.group, ctx.tokens, ctx.buf = top_k, group, x.shape[0], buf
 
 
 def _dispatch_backward(ctx, grad):
+    """The transpose of dispatch: combine the rows' gradient back to one row per copy
+    (`buf.bwd.send/recv/grad_copies`), then sum each token's K copies."""
     send_copy, copy_slot, sorted_src, recv_sorted = ctx.saved_tensors
-    g = combine(grad.contiguous(), send_copy, copy_slot, sorted_src, recv_sorted, ctx.group)
-    return g.view(ctx.tokens, ctx.top_k, -1).sum(1), None, None, None, None, None, None
+    g = to_sources(grad.contiguous(), recv_sorted, copy_slot, _equal(ctx.group), f"{ctx.buf}.bwd", "grad_copies")
+    return g.view(ctx.tokens, ctx.top_k, -1).sum(1), None, None, None, None, None, None, None
 
 
 dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
@@ -125,43 +146,67 @@ dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
 
 @torch.library.custom_op("echo::combine", mutates_args=())
 def combine(y: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Tensor,
-            recv_sorted: Tensor, group: str) -> Tensor:
+            recv_sorted: Tensor, group: str, buf: str) -> Tensor:
     """Expert outputs y [R, H] → one row per copy [N, H] at its source rank (dropped copies: zero)."""
-    return to_sources(y, recv_sorted, copy_slot, _equal(group))
+    return to_sources(y, recv_sorted, copy_slot, _equal(group), buf)
 
 
 @combine.register_fake
-def _(y, send_copy, copy_slot, sorted_src, recv_sorted, group):
+def _(y, send_copy, copy_slot, sorted_src, recv_sorted, group, buf):
     return y.new_empty((copy_slot.shape[0], y.shape[1]))
 
 
 def _combine_setup(ctx, inputs, output):
-    y, send_copy, copy_slot, sorted_src, recv_sorted, group = inputs
+    y, send_copy, copy_slot, sorted_src, recv_sorted, group, buf = inputs
     ctx.save_for_backward(send_copy, copy_slot, sorted_src, recv_sorted)
-    ctx.group = group
+    ctx.group, ctx.buf = group, buf
 
 
 def _combine_backward(ctx, grad):
+    """The transpose of combine: a dispatch of the copies' gradient, into `buf.bwd.grad_in` [R, H]."""
     send_copy, copy_slot, sorted_src, recv_sorted = ctx.saved_tensors
-    g = to_experts(grad.contiguous(), send_copy, sorted_src, _equal(ctx.group))
-    return g, None, None, None, None, None
+    g = to_experts(grad.contiguous(), send_copy, sorted_src, _equal(ctx.group), f"{ctx.buf}.bwd", "grad_in")
+    return g, None, None, None, None, None, None
 
 
 combine.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 
-def weighted_sum(copies: Tensor, weights: Tensor) -> Tensor:
+class _WeightedSum(torch.autograd.Function):
+    """Σ_k w[t, k] · copies[t·K + k] as one bmm; backward writes the copies' gradient into
+    `buf.bwd.grad_in` [T·K, H] (the same two bmm's autograd would run)."""
+
+    @staticmethod
+    def forward(ctx, copies, weights, buf):
+        t, k = weights.shape
+        w = weights.to(copies.dtype).unsqueeze(1)                    # [T, 1, K]
+        ctx.save_for_backward(copies, w)
+        ctx.buf, ctx.weight_dtype = buf, weights.dtype
+        return torch.bmm(w, copies.view(t, k, -1)).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        copies, w = ctx.saved_tensors
+        t, _, k = w.shape
+        g = grad.unsqueeze(1)                                         # [T, 1, H]
+        out = arena.out(f"{ctx.buf}.bwd.grad_in", copies.shape, copies.dtype, copies.device)
+        torch.bmm(w.transpose(1, 2), g, out=out.view(t, k, -1))       # [T, K, H]
+        grad_w = torch.bmm(g, copies.view(t, k, -1).transpose(1, 2))  # [T, 1, K]
+        return out, grad_w.squeeze(1).to(ctx.weight_dtype), None
+
+
+def weighted_sum(copies: Tensor, weights: Tensor, buf: str | None = None) -> Tensor:
     """copies [N, H] (N = T·K), weights [T, K] → Σ_k w[t, k] · copies[t·K + k], [T, H].
 
     One batched GEMM ([T, 1, K] @ [T, K, H]): it accumulates in fp32 like the reference's
-    float32 sum, and autograd saves the combine output in its own dtype (no fp32 copy).
+    float32 sum, and saves the combine output in its own dtype (no fp32 copy).
     """
-    t, k = weights.shape
-    w = weights.to(copies.dtype).unsqueeze(1)
-    return torch.bmm(w, copies.view(t, k, -1)).squeeze(1)
+    return _WeightedSum.apply(copies, weights, buf)
 
 
-def layer_stats(stats: Tensor, spare_expert: Tensor | None = None) -> Tensor:
+def layer_stats(stats: Tensor, buf: str | None = None, spare_expert: Tensor | None = None) -> Tensor:
     """Per-layer stats row [4]: (dropped copies, rows received, rows sent, clones hosted by the plan)."""
     clones = stats.new_zeros(1) if spare_expert is None else (spare_expert >= 0).sum().view(1)
-    return torch.cat([stats, clones])
+    if buf is None:
+        return torch.cat([stats, clones])
+    return torch.cat([stats, clones], out=arena.out(buf, (stats.shape[0] + 1,), stats.dtype, stats.device))

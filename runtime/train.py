@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from echoc.errors import CapacityOverflowError, EchocError, MissingDependencyError
 from echoc.spec import Spec
-from runtime import comm
+from runtime import arena, comm
 from runtime.data import TokenSource, local_rows
 from runtime.model import Transformer, lm_loss, moe_layers, update_expert_bias
 from runtime.parallel import all_reduce_load, reduce_gradients, shard_experts
@@ -41,6 +41,13 @@ def init_distributed(spec: Spec) -> torch.device:
                            f"has {spec.cluster.world_size} (nodes × gpus_per_node)")
     comm.init_groups(spec.parallel.ep, spec.parallel.dp)
     return device
+
+
+def make_arena(spec: Spec, device: torch.device) -> arena.Arena:
+    """Plan the MoE buffers (on the meta device, as `echoc compile` does) and allocate the arena once."""
+    from echoc.compile import buffer_plan_of
+    from passes.buffer_plan import arena_layout
+    return arena.Arena(arena_layout(buffer_plan_of(spec)), device)
 
 
 def build_reference(spec: Spec, device: torch.device) -> Transformer:
@@ -88,6 +95,8 @@ class Trainer:
                                      foreach=capturable or None)
         self.world = dist.get_world_size()
         self.moe_names = [n for n, _ in moe_layers(self.model)]
+        self.arena = make_arena(spec, device) if spec.backends.uses_arena and self.moe_names else None
+        self._arena_checked = False
 
     def set_lr(self, step: int) -> None:
         """Warm-up schedule; the value goes into the device tensor the optimizer reads."""
@@ -100,15 +109,26 @@ class Trainer:
                 g["lr"] = lr
 
     def forward_backward(self, tokens: torch.Tensor, labels: torch.Tensor) -> StepOut:
-        out = self.gm(tokens)
-        if isinstance(out, tuple):
-            logits, stats, counts = out
-        else:  # no MoE layer
-            logits, stats, counts = out, tokens.new_zeros(0, 4), tokens.new_zeros(0, 1, 1)
-        loss = lm_loss(logits, labels)
-        (loss / self.world).backward()
+        with arena.active(self.arena):   # the MoE ops write into their planned views, forward and backward
+            out = self.gm(tokens)
+            if isinstance(out, tuple):
+                logits, stats, counts = out
+            else:  # no MoE layer
+                logits, stats, counts = out, tokens.new_zeros(0, 4), tokens.new_zeros(0, 1, 1)
+            loss = lm_loss(logits, labels)
+            (loss / self.world).backward()
+        self._check_arena_use()
         reduce_gradients(self.model)
         return StepOut(loss.detach(), stats, counts)
+
+    def _check_arena_use(self) -> None:
+        """After the first step: every planned view was asked for by its op (the plan and the
+        ops agree on every key), so no planned buffer fell back to the allocator unseen."""
+        if self.arena is None or self._arena_checked:
+            return
+        unused = set(self.arena.layout.views) - self.arena.taken
+        assert not unused, f"planned arena views no op asked for: {sorted(unused)[:8]}"
+        self._arena_checked = True
 
     def optimizer_step(self, step: int | None = None) -> None:
         if step is not None:

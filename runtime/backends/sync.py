@@ -66,7 +66,7 @@ def _var(splits: Tensor, group: str, reverse: bool):
     send, recv = splits.tolist()  # a CPU tensor: no device sync here
     if reverse:
         send, recv = recv, send
-    return lambda t: comm.all_to_all_var(t, sum(recv), send, recv, group)
+    return lambda t, out=None: comm.all_to_all_var(t, sum(recv), send, recv, group)  # sizes vary: never planned
 
 
 @torch.library.custom_op("echo::sync_dispatch", mutates_args=())

@@ -153,6 +153,41 @@ def test_plan_totals_and_fp32_copies():
     assert plan.ranks == "all" and str(spec.cluster.world_size) in plan.note
 
 
+def test_placement_grouped_mm_products_come_from_the_allocator_the_rest_from_the_arena():
+    for recompute in (False, True):
+        _, plan = planned(recompute=recompute)
+        b = _by_name(plan)
+        p = "layers_1_mlp_"
+        alloc = {n for n, x in b.items() if x.placement == bp.ALLOCATOR}
+        # grouped_mm has no out= variant: its products; torch.stack makes the graph outputs
+        assert {p + "expert_ffn", p + "expert_ffn.h13", p + "expert_ffn.bwd.grad_act", p + "dispatch.grad",
+                p + "clone_weights.grad", "moe_stats", "moe_counts"} <= alloc
+        assert all(n.startswith(("layers_", "moe_")) for n in alloc)
+        assert all(x.offset is None and not x.keys for x in b.values() if x.placement == bp.ALLOCATOR)
+        assert b[p + "expert_ffn.grad"].keys == (p + "combine.bwd.grad_in",)   # combine's backward writes it
+        assert b[p + "combine.grad"].keys == (p + "routed.bwd.grad_in",)       # weighted_sum's backward
+        assert b[p + "send_copy"].keys == (p + "layout[0]",) and b[p + "stats"].keys == (p + "layout[5]",)
+        layout = bp.arena_layout(plan)
+        assert layout.nbytes == plan.arena_bytes >= plan.lower_bound_bytes
+        assert plan.total_lower_bound_bytes >= max(plan.lower_bound_bytes, plan.allocator_lower_bound_bytes)
+        assert all(v.offset_bytes + v.nbytes <= layout.nbytes for v in layout.views.values())
+    spare = _by_name(plan)["spare_weights"]   # recompute: every layer's clones, forward and again in backward
+    assert spare.parts[0].keys == tuple(f"layers_{i}_mlp_expert_ffn.clone_w13{t}" for i in (1, 2)
+                                        for t in ("", ".recompute"))
+    assert {layout.views[k].offset_bytes for k in spare.parts[0].keys} == {spare.offset}
+
+
+def test_the_loop_fallback_is_not_planned_inside_the_ffn():
+    spec = spec_from_dict(small_spec(echo=False).model_dump() | {"backends": {"grouped_gemm": "loop"}})
+    model = build_meta_model(spec)
+    shard_experts(model, 0, spec.parallel.ep)
+    gm, _ = compile_graph(model, spec)
+    propagate_shapes(gm, spec)
+    b = _by_name(bp.run(gm, spec).info)
+    assert b["layers_1_mlp_expert_ffn.act"].placement == bp.ALLOCATOR
+    assert b["layers_1_mlp_dispatch"].placement == bp.ARENA
+
+
 def test_non_static_backends_are_not_planned():
     plan = bp.plan_buffers(None, small_spec(echo=False, dispatch="sync"))
     assert not plan.planned and "sync" in plan.reason

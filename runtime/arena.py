@@ -1,0 +1,116 @@
+"""The planned arena: one byte buffer per rank, carved into the views the buffer plan placed.
+
+The buffer plan (passes/buffer_plan.py) gives every MoE buffer that an echo op writes
+itself a byte offset in one arena; buffers whose lifetimes overlap never share bytes.
+At run time the arena is allocated once (before any CUDA-graph capture, so its
+addresses are the same in every replay) and each op asks for its output by key:
+
+    out = arena.out("layers_1_mlp_dispatch", (R, H), torch.bfloat16, x.device)
+
+With an arena active and the key planned, `out` is the planned view; otherwise (no
+arena, or a buffer the plan leaves to the caching allocator) a fresh tensor. Keys are
+node names, `node.part` for an op's internals (`layers_1_mlp_dispatch.send`) and
+`node[i]` for the i-th output of a tuple-returning op.
+
+Every view gets a storage object and version counter of its own (through DLPack), so
+two buffers that reuse the same bytes at different times are different tensors to
+autograd and to the custom-op aliasing check; only the plan says they may not coexist.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class View:
+    offset_bytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class ArenaLayout:
+    """What the runtime needs of a buffer plan: the arena size and where each key lives."""
+    nbytes: int
+    views: dict[str, View] = field(default_factory=dict)
+
+
+class Arena:
+    """One uint8 buffer of `layout.nbytes` on `device`, and the planned views into it."""
+
+    def __init__(self, layout: ArenaLayout, device: torch.device):
+        self.layout = layout
+        self.base = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
+        self._alias: dict[str, Tensor] = {}
+        for key, v in layout.views.items():
+            assert v.offset_bytes % v.dtype.itemsize == 0 and v.offset_bytes + v.nbytes <= layout.nbytes, (key, v)
+            flat = self.base[v.offset_bytes:v.offset_bytes + v.nbytes].view(v.dtype)
+            self._alias[key] = torch.from_dlpack(flat)  # same bytes, a storage of its own
+        self.taken: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._alias
+
+    def take(self, key: str, shape, dtype: torch.dtype) -> Tensor:
+        """A fresh tensor (own autograd metadata) over the planned bytes of `key`."""
+        v = self.layout.views[key]
+        shape = tuple(int(s) for s in shape)
+        assert v.shape == shape and v.dtype == dtype, (
+            f"arena view {key!r} was planned as {v.dtype}{list(v.shape)}, the op asks for {dtype}{list(shape)}")
+        alias = self._alias[key]
+        self.taken.add(key)
+        return torch.empty(0, dtype=dtype, device=alias.device).set_(
+            alias.untyped_storage(), 0, shape, _contiguous_strides(shape))
+
+    def address(self, key: str) -> int:
+        """Device address of `key`'s planned bytes (tests check that ops really wrote there)."""
+        return self.base.data_ptr() + self.layout.views[key].offset_bytes
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+_ACTIVE: Arena | None = None   # module-global, not thread-local: autograd runs CUDA backward on its own thread
+
+
+@contextmanager
+def active(arena: Arena | None):
+    """Ops inside this block (forward and backward) write into `arena`'s planned views."""
+    global _ACTIVE
+    before, _ACTIVE = _ACTIVE, arena
+    try:
+        yield arena
+    finally:
+        _ACTIVE = before
+
+
+def out(key: str, shape, dtype: torch.dtype, device) -> Tensor:
+    """The output buffer for `key`: its planned view when an arena holds it, else a new tensor."""
+    a = _ACTIVE
+    if a is not None and key in a:
+        return a.take(key, shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def place(key: str, t: Tensor) -> Tensor:
+    """`t` copied into `key`'s planned view when an arena holds the key; else `t` itself.
+    For small results computed by many temporaries (index maps, plans), where writing
+    each step of the arithmetic into the view would buy nothing."""
+    a = _ACTIVE
+    if a is None or key not in a:
+        return t
+    return a.take(key, t.shape, t.dtype).copy_(t)

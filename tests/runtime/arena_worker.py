@@ -1,0 +1,110 @@
+"""Run under torchrun by tests/runtime/test_arena.py: the planned arena against the allocator (gloo, CPU).
+
+argv: CONFIG_JSON OUT_JSON. CONFIG holds the spec as a dict (backends.buffers is set here) and
+the step count. Three Trainers start from the same reference weights and see the same batches:
+
+  allocator  backends.buffers 'allocator' (PyTorch's caching allocator; the baseline)
+  arena      backends.buffers 'arena' (the buffer plan's views)
+  collapsed  the arena with every float view moved to one offset: buffers whose lifetimes
+             overlap now share bytes, which the plan forbids. It must NOT match: proof that the comparison
+             sees a wrong plan, and that the plan's separation of live buffers is what makes the
+             arena correct.
+
+Per step: loss and every gradient compared bitwise (allocator vs arena, allocator vs collapsed),
+then each takes its optimizer step. Also, one forward through an FX Interpreter records where
+each MoE node's output lives: every planned node output must sit at its planned arena address.
+"""
+import copy
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.fx import Interpreter
+
+from echoc.spec_io import spec_from_dict
+from runtime import arena, comm
+from runtime.arena import Arena, ArenaLayout, View
+from runtime.data import TokenSource, local_rows
+from runtime.train import Trainer, build_reference, init_distributed
+
+
+def collapsed(layout: ArenaLayout) -> ArenaLayout:
+    """Every floating-point view moved to one offset past the planned arena (index maps stay
+    where they were, so the run computes garbage instead of indexing out of bounds)."""
+    end = layout.nbytes
+    views = {k: View(end, v.shape, v.dtype) if v.dtype.is_floating_point else v for k, v in layout.views.items()}
+    return ArenaLayout(end + max(v.nbytes for v in layout.views.values()), views)
+
+
+def output_addresses(trainer: Trainer, tokens: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """key → (address of the node's output, planned address), for the planned node outputs."""
+    a, found = trainer.arena, {}
+
+    class Recorder(Interpreter):
+        def run_node(self, n):
+            val = super().run_node(n)
+            outs = val if isinstance(val, tuple) else (val,)
+            for i, t in enumerate(outs):
+                key = n.name if not isinstance(val, tuple) else f"{n.name}[{i}]"
+                if isinstance(t, torch.Tensor) and key in a.layout.views:
+                    found[key] = (t.data_ptr(), a.address(key))
+            return val
+
+    with torch.no_grad(), arena.active(a):
+        Recorder(trainer.gm).run(tokens)
+    return found
+
+
+def diff(x: Trainer, y: Trainer, loss_x, loss_y) -> list[str]:
+    bad = [] if torch.equal(loss_x, loss_y) else [f"loss {float(loss_x)} vs {float(loss_y)}"]
+    py = dict(y.model.named_parameters())
+    for name, p in x.model.named_parameters():
+        if not torch.equal(p.grad, py[name].grad):
+            bad.append(f"grad {name}: max |Δ| {float((p.grad - py[name].grad).abs().max()):.3e}")
+    return bad[:6]
+
+
+def main():
+    cfg = json.load(open(sys.argv[1]))
+    spec_dict = cfg["spec"]
+    spec_dict["backends"]["buffers"] = "arena"
+    spec = spec_from_dict(spec_dict)
+    spec_dict["backends"]["buffers"] = "allocator"
+    spec_alloc = spec_from_dict(spec_dict)
+    device = init_distributed(spec)
+    ref = build_reference(spec, device)
+    runs = {"allocator": Trainer(spec_alloc, device, model=copy.deepcopy(ref)),
+            "arena": Trainer(spec, device, model=copy.deepcopy(ref)),
+            "collapsed": Trainer(spec, device, model=copy.deepcopy(ref))}
+    assert runs["allocator"].arena is None and runs["arena"].arena is not None
+    runs["collapsed"].arena = Arena(collapsed(runs["arena"].arena.layout), device)
+    rank, world, mb = dist.get_rank(), dist.get_world_size(), spec.budgets.micro_batch
+    t = spec.train
+    source = TokenSource(t.data.kind, spec.model.vocab_size, spec.budgets.seq_len, t.seed, t.data.path)
+    result = {"steps": [], "planned_views": len(runs["arena"].arena.layout.views),
+              "arena_bytes": runs["arena"].arena.layout.nbytes}
+    for step in range(cfg["steps"]):
+        tokens, labels = local_rows(source.global_batch(step, world * mb), rank, mb)
+        if step == 0:
+            result["addresses"] = output_addresses(runs["arena"], tokens)
+        outs = {k: tr.forward_backward(tokens, labels) for k, tr in runs.items()}
+        result["steps"].append({
+            "loss": float(outs["arena"].loss),
+            "clones": int(outs["arena"].stats[:, 3].sum()),
+            "arena_vs_allocator": diff(runs["allocator"], runs["arena"], outs["allocator"].loss, outs["arena"].loss),
+            "collapsed_vs_allocator": diff(runs["allocator"], runs["collapsed"], outs["allocator"].loss,
+                                           outs["collapsed"].loss),
+            "unused_views": sorted(set(runs["arena"].arena.layout.views) - runs["arena"].arena.taken)})
+        for tr in runs.values():
+            tr.optimizer_step(step)
+            tr.zero_grad()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        json.dump(gathered, open(sys.argv[2], "w"))
+    comm.shutdown()
+
+
+if __name__ == "__main__":
+    main()

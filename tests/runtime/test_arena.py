@@ -1,0 +1,91 @@
+"""The planned arena (runtime/arena.py): views at planned offsets, and a run with the arena
+equal to a run without it, bitwise (gloo, CPU, fp32; torchrun workers in arena_worker.py)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_distributed import tiny_spec
+
+from runtime import arena, ops  # noqa: F401  (ops registers echo::count)
+from runtime.arena import Arena, ArenaLayout, View
+
+WORKER = Path(__file__).with_name("arena_worker.py")
+
+
+def small_layout():
+    return ArenaLayout(2048, {"a": View(0, (4, 8), torch.float32), "b": View(512, (16,), torch.int64),
+                              "a_again": View(0, (32,), torch.float32)})
+
+
+def test_views_sit_at_their_offsets_with_storages_and_versions_of_their_own():
+    ar = Arena(small_layout(), torch.device("cpu"))
+    a, b, again = ar.take("a", (4, 8), torch.float32), ar.take("b", (16,), torch.int64), \
+        ar.take("a_again", (32,), torch.float32)
+    assert a.data_ptr() == ar.base.data_ptr() == ar.address("a") and b.data_ptr() == ar.address("b")
+    assert again.data_ptr() == a.data_ptr()                           # the plan may reuse bytes ...
+    assert a.untyped_storage()._cdata != again.untyped_storage()._cdata  # ... as different tensors
+    before = again._version
+    a.fill_(1.5)
+    assert again[0] == 1.5 and again._version == before              # same bytes, own version counter
+    b.fill_(7)
+    assert torch.equal(ar.base[512:520], torch.tensor([7, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8))
+    assert ar.taken == {"a", "b", "a_again"}
+
+
+def test_out_and_place_use_the_arena_only_while_active_and_only_for_planned_keys():
+    ar = Arena(small_layout(), torch.device("cpu"))
+    fresh = arena.out("a", (4, 8), torch.float32, "cpu")
+    assert fresh.data_ptr() != ar.address("a")
+    with arena.active(ar):
+        assert arena.out("a", (4, 8), torch.float32, "cpu").data_ptr() == ar.address("a")
+        assert arena.out("not_planned", (3,), torch.float32, "cpu").data_ptr() != ar.base.data_ptr()
+        t = torch.arange(16)
+        placed = arena.place("b", t)
+        assert placed.data_ptr() == ar.address("b") and torch.equal(placed, t)
+        assert arena.place("not_planned", t) is t
+        with pytest.raises(AssertionError, match="planned as torch.float32"):
+            arena.out("a", (8, 8), torch.float32, "cpu")
+    assert arena._ACTIVE is None
+
+
+def test_a_custom_op_accepts_arena_views_of_shared_bytes():
+    """Two planned views over the same bytes are input and output of one op: the custom-op
+    aliasing check (storages) must not trip, because each view has its own storage."""
+    ar = Arena(small_layout(), torch.device("cpu"))
+    with arena.active(ar):
+        x = torch.ones(4, 2, dtype=torch.int64)
+        counts = torch.ops.echo.count.default(x, 16, "b")
+    assert counts.data_ptr() == ar.address("b") and int(counts[1]) == 8
+
+
+def run_worker(tmp_path, spec, steps=2):
+    cfg, out = tmp_path / "cfg.json", tmp_path / "out.json"
+    cfg.write_text(json.dumps({"spec": spec, "steps": steps}))
+    nproc = spec["parallel"]["ep"] * spec["parallel"]["dp"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(WORKER), str(cfg), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_arena_run_equals_allocator_run_bitwise(tmp_path, recompute):
+    spec = tiny_spec(ep=2, capacity=2.0, experts=8,
+                     echo={"enabled": True, "spare_slots_per_rank": 2, "clone_domain": "cluster",
+                           "recompute_clone_dispatch": recompute})
+    ranks = run_worker(tmp_path, spec, steps=3)
+    assert sum(s["clones"] for s in ranks[0]["steps"]) > 0, "no clone planned: the clone buffers went untested"
+    for rank, r in enumerate(ranks):
+        for i, s in enumerate(r["steps"]):
+            assert s["arena_vs_allocator"] == [], f"rank {rank} step {i}: {s['arena_vs_allocator'][:5]}"
+            assert s["unused_views"] == []
+        # every planned node output was written where the plan put it
+        assert r["addresses"] and all(got == want for got, want in r["addresses"].values()), r["addresses"]
+        # the collapsed arena (overlapping live buffers share bytes) is caught
+        assert any(s["collapsed_vs_allocator"] for s in r["steps"]), "a wrong plan went unnoticed"
