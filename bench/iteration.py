@@ -6,12 +6,16 @@ baseline (and with ECHO cloning), same model, same seed, same data, in one run.
 Each variant trains `steps` steps from the same initial weights on the same batches.
 Checks: the graph variant's loss curve matches the eager one (bf16, relative
 difference < 1e-2 at every step); ms per iteration is the median of the CUDA-event
-times of the steps after warm-up (graph: replays only). Prints one table (rank 0)
-and writes JSON.
+times of the steps after warm-up (graph: replays only). `*_allocator` variants keep the
+MoE buffers in PyTorch's caching allocator instead of the planned arena
+(backends.buffers); peak GiB is each variant's own peak allocated memory (measured from
+what was allocated before its Trainer was built), arena GiB the planned arena in it.
+Prints one table (rank 0) and writes JSON.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -26,7 +30,7 @@ from runtime.data import TokenSource, local_rows
 from runtime.train import Trainer, init_distributed
 
 
-def spec_dict(args, world, dispatch="torch", graph=True, echo=False, recompute=False) -> dict:
+def spec_dict(args, world, dispatch="torch", graph=True, echo=False, recompute=False, buffers=None) -> dict:
     return {
         "model": {"name": "glm5-mini-2gpu", "vocab_size": 32000, "hidden_size": args.hidden,
                   "num_layers": args.layers, "first_dense_layers": 1, "dense_intermediate_size": 4 * args.hidden,
@@ -43,24 +47,36 @@ def spec_dict(args, world, dispatch="torch", graph=True, echo=False, recompute=F
                     "row_alignment": 16},
         "echo": {"enabled": echo, "spare_slots_per_rank": 2 if echo else 0,
                  "recompute_clone_dispatch": recompute, "clone_domain": "node"},
-        "backends": {"dispatch": dispatch, "cuda_graph": "full_iteration" if graph else "none"},
+        "backends": {"dispatch": dispatch, "cuda_graph": "full_iteration" if graph else "none",
+                     "buffers": buffers or ("arena" if dispatch == "torch" else "allocator")},
         "train": {"steps": args.steps, "seed": 0, "optimizer": {"lr": args.lr}},
     }
 
 
 VARIANTS = {
     "graph": dict(dispatch="torch", graph=True),
+    "graph_allocator": dict(dispatch="torch", graph=True, buffers="allocator"),  # no planned arena
     "eager": dict(dispatch="torch", graph=False),
+    "eager_allocator": dict(dispatch="torch", graph=False, buffers="allocator"),
     "eager_again": dict(dispatch="torch", graph=False),  # run-to-run spread of eager itself
     "sync": dict(dispatch="sync", graph=False),
     "echo_graph": dict(dispatch="torch", graph=True, echo=True),
     "echo_recompute_graph": dict(dispatch="torch", graph=True, echo=True, recompute=True),
+    "echo_recompute_graph_allocator": dict(dispatch="torch", graph=True, echo=True, recompute=True,
+                                           buffers="allocator"),
 }
 
 
 def run_variant(args, name, device):
+    """Train `steps` steps; memory is this variant's own: peak allocated minus what was allocated
+    before its Trainer existed (earlier variants' leftovers do not count)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     spec = spec_from_dict(spec_dict(args, dist.get_world_size(), **VARIANTS[name]))
     trainer = Trainer(spec, device)
+    arena_gib = trainer.arena.layout.nbytes / 2**30 if trainer.arena is not None else 0.0
     runner = StepRunner(trainer, graph=spec.backends.cuda_graph == "full_iteration")
     source = (TokenSource("text", spec.model.vocab_size, spec.budgets.seq_len, 0, args.text) if args.text
               else TokenSource("synthetic", spec.model.vocab_size, spec.budgets.seq_len, 0))
@@ -81,11 +97,11 @@ def run_variant(args, name, device):
         overflow += int(m.stats[:, :, 0].sum())
         clones += int(m.stats[0, :, 3].sum())
     steady = times[4:]
-    del runner, trainer
-    torch.cuda.empty_cache()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    del runner, trainer, m
     return {"losses": losses, "ms_median": statistics.median(steady), "ms_all": times,
             "token_straggler_mean": statistics.mean(straggler), "overflow": overflow, "clones": clones,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "peak_mem_gib": peak, "arena_gib": arena_gib, "buffers": spec.backends.buffers}
 
 
 def main():
@@ -118,7 +134,7 @@ def main():
         print(f"\nfull iteration: {dist.get_world_size()} GPUs ({torch.cuda.get_device_name()}), "
               f"{vars(args)}")
         print(f"{'variant':<22}{'ms/iter':>9}{'vs sync':>9}{'max|Δloss|/loss vs eager':>26}"
-              f"{'straggler':>10}{'overflow':>9}{'clones':>8}{'GiB':>7}")
+              f"{'straggler':>10}{'overflow':>9}{'clones':>8}{'peak GiB':>9}{'arena GiB':>10}")
         sync_ms = results.get("sync", {}).get("ms_median")
         for name, r in results.items():
             if "error" in r:
@@ -128,7 +144,7 @@ def main():
             r["max_rel_loss_diff_vs_eager"] = dl
             ratio = f"{sync_ms / r['ms_median']:.2f}x" if sync_ms else "-"
             print(f"{name:<22}{r['ms_median']:>9.2f}{ratio:>9}{dl:>26.2e}{r['token_straggler_mean']:>10.3f}"
-                  f"{r['overflow']:>9}{r['clones']:>8}{r['peak_mem_gib']:>7.1f}")
+                  f"{r['overflow']:>9}{r['clones']:>8}{r['peak_mem_gib']:>9.2f}{r['arena_gib']:>10.3f}")
         json.dump({"args": vars(args), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "world": dist.get_world_size(), "results": results}, open(args.out, "w"), indent=2)
     dist.barrier()
