@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one call (device machines: carry .whl for pydantic).
-#   bash bench/gpu_run.sh [moe_layer|iteration|all] [extra args for iteration.py]
+#   bash bench/gpu_run.sh [moe_layer|iteration|cli|arena|all] [extra args for iteration.py]
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 if [ -d .whl ] && ! python3 -c "import pydantic" 2>/dev/null; then
@@ -29,6 +29,16 @@ if [ "$what" = cli ]; then
   shift $#
   what=iteration
   set -- --variants graph,eager,sync --lr 3e-4 --steps 40
+fi
+if [ "$what" = arena ]; then
+  # the user's path with the planned arena (the default): echoc run, graph, ECHO + recompute
+  timeout 200 python3 -m echoc run specs/glm5-mini.yaml --nproc "$ngpu" --set cluster.gpus_per_node="$ngpu" \
+    --set parallel.ep="$ngpu" --set model.num_layers=4 --set train.steps=30 --set train.log_interval=5 \
+    --set train.data.kind=text --set train.data.path=specs/data/tiny.txt \
+    --metrics "$OUT/cli_arena_metrics.jsonl" 2>&1 | tee "$OUT/cli_arena.log" | grep -v Warning | tail -3
+  shift $#
+  what=iteration
+  set -- --variants graph,graph_allocator,eager,eager_allocator,sync,echo_recompute_graph,echo_recompute_graph_allocator
 fi
 if [ "$what" = all ] || [ "$what" = iteration ]; then
   timeout 400 torchrun --standalone --nproc-per-node "$ngpu" bench/iteration.py --out "$OUT/iteration.json" "$@" 2>&1 | tee "$OUT/iteration.log" | grep -v Warning

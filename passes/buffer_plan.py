@@ -93,6 +93,9 @@ from runtime import grouped_gemm, ops
 from runtime.arena import ArenaLayout, View
 
 ALIGN_BYTES = 256
+SUB_STEPS = 4              # steps per node and pass: a token movement is gather · exchange · gather
+LAST_SUB = SUB_STEPS - 1
+_GATHER_SUB = 2            # the sub-step where a token movement writes its result
 Span = tuple[int, int]
 
 _E = torch.ops.echo
@@ -116,6 +119,7 @@ _SAVED_ARGS = {
 _DIFFERENTIABLE = {_E.dispatch.default, _E.combine.default, ops.weighted_sum, *_FFN}
 _WRITES_GRAD_IN = {_E.combine.default, ops.weighted_sum}   # backward writes `node.bwd.grad_in`
 _ALLOCATES_OUTPUT = set(_FFN)                               # grouped_mm has no out= variant
+_MOVES = {_E.dispatch.default, _E.combine.default}         # send · exchange · gather, in sub-steps
 
 
 ARENA, ALLOCATOR = "arena", "allocator"
@@ -310,7 +314,7 @@ class _Collector:
         nodes = list(gm.graph.nodes)
         self.n = len(nodes)
         self.step = {node: i for i, node in enumerate(nodes)}
-        self.end = 2 * self.n + 1
+        self.end = SUB_STEPS * 2 * self.n + 1
         self.recompute = spec.echo.enabled and spec.echo.recompute_clone_dispatch
         self.buffers: list[Buffer] = []
         self.spare: dict = {}
@@ -320,10 +324,12 @@ class _Collector:
         self.nodes = nodes
 
     def fwd(self, node: Node) -> int:
-        return self.step[node]
+        """First sub-step of the node's forward."""
+        return SUB_STEPS * self.step[node]
 
     def bwd(self, node: Node) -> int:
-        return 2 * self.n - 1 - self.step[node]
+        """First sub-step of the node's backward (the mirror of the forward)."""
+        return SUB_STEPS * (2 * self.n - 1 - self.step[node])
 
     def prefix(self, node: Node) -> str:
         """The layer's node-name prefix ('layers_3_mlp_'), '' outside the MoE layers."""
@@ -354,33 +360,40 @@ class _Collector:
             self.value(node, node, tm, role, placement, node.name)
 
     def value(self, op: Node, val: Node, tm, role: str, placement: str, key: str) -> None:
-        users = list(val.users)
-        last = max([self.fwd(u) for u in users], default=self.fwd(op))
+        users, moves = list(val.users), op.target in _MOVES
+        last = max([self.fwd(u) + LAST_SUB for u in users], default=self.fwd(op) + LAST_SUB)
         for u in users:
             if u.op == "output":
                 last = self.end
             elif _saves(u, val):
-                last = max(last, self.bwd(u))
-        self.add(val.name, self.layer(op), role, tm.shape, tm.dtype, [(self.fwd(op), last)], placement, key)
+                last = max(last, self.bwd(u) + LAST_SUB)
+        first = self.fwd(op) + (_GATHER_SUB if moves else 0)
+        self.add(val.name, self.layer(op), role, tm.shape, tm.dtype, [(first, last)], placement, key)
         grad_users = [u for u in users if u.target in _DIFFERENTIABLE]
         if tm.dtype.is_floating_point and grad_users:
-            first = min(self.bwd(u) for u in grad_users)
+            # written by a user's backward (a token movement's at its gather sub-step), read by the
+            # op's backward (a token movement reads it at its first sub-step, the others throughout)
+            first = min(self.bwd(u) + (_GATHER_SUB if u.target in _MOVES else 0) for u in grad_users)
+            last = self.bwd(op) + (0 if moves else LAST_SUB)
             r = "clone_grad" if role == "clone_weights" else "gradient"
             # combine's and weighted_sum's backward write their input's gradient into `user.bwd.grad_in`;
             # the FFN's come out of grouped_mm; a value with several users has its gradients summed by autograd
             (u, *more) = grad_users
             placed = not more and u.target in _WRITES_GRAD_IN
-            self.add(f"{val.name}.grad", self.layer(op), r, tm.shape, tm.dtype, [(first, self.bwd(op))],
+            self.add(f"{val.name}.grad", self.layer(op), r, tm.shape, tm.dtype, [(first, last)],
                      ARENA if placed else ALLOCATOR, f"{u.name}.bwd.grad_in")
 
     # op internals ---------------------------------------------------------------------------
     def exchange(self, node: Node, rows: int, h: int, dt, backward_copies: int = 0) -> None:
+        """A token movement in sub-steps: gather into `send` (0), exchange `send` → `recv` (1),
+        gather `recv` into the result (2); the same in backward."""
         t, b, layer = self.fwd(node), self.bwd(node), self.layer(node)
         for when, at in (("", t), (".bwd", b)):
-            self.add(f"{node.name}{when}.send", layer, "exchange", (rows, h), dt, [(at, at)])
-            self.add(f"{node.name}{when}.recv", layer, "exchange", (rows, h), dt, [(at, at)])
-        if backward_copies:
-            self.add(f"{node.name}.bwd.grad_copies", layer, "gradient", (backward_copies, h), dt, [(b, b)])
+            self.add(f"{node.name}{when}.send", layer, "exchange", (rows, h), dt, [(at, at + 1)])
+            self.add(f"{node.name}{when}.recv", layer, "exchange", (rows, h), dt, [(at + 1, at + 2)])
+        if backward_copies:   # dispatch's backward: one gradient row per copy, then summed per token
+            g = b + _GATHER_SUB
+            self.add(f"{node.name}.bwd.grad_copies", layer, "gradient", (backward_copies, h), dt, [(g, g + 1)])
 
     def dispatch(self, node: Node) -> None:
         x, send_copy, copy_slot = (_meta(a) for a in node.args[:3])
@@ -395,13 +408,13 @@ class _Collector:
         gate_act, act and grad_h13 into the arena. The `loop` fallback is not planned at all."""
         rows, w13 = _meta(node.args[0]), _meta(node.args[1])
         r, f2, dt, layer = rows.shape[0], w13.shape[2], rows.dtype, self.layer(node)
-        t, b = self.fwd(node), self.bwd(node)
+        t, b, e = self.fwd(node), self.bwd(node), self.bwd(node) + LAST_SUB
         swiglu = ARENA if grouped_gemm.resolved_impl(node.args[4]) == "torch" else ALLOCATOR
-        self.add(f"{node.name}.h13", layer, "activation", (r, f2), dt, [(t, b)], ALLOCATOR)
-        self.add(f"{node.name}.gate_act", layer, "activation", (r, f2 // 2), dt, [(t, b)], swiglu)
-        self.add(f"{node.name}.act", layer, "activation", (r, f2 // 2), dt, [(t, b)], swiglu)
-        self.add(f"{node.name}.bwd.grad_act", layer, "gradient", (r, f2 // 2), dt, [(b, b)], ALLOCATOR)
-        self.add(f"{node.name}.bwd.grad_h13", layer, "gradient", (r, f2), dt, [(b, b)], swiglu)
+        self.add(f"{node.name}.h13", layer, "activation", (r, f2), dt, [(t, e)], ALLOCATOR)
+        self.add(f"{node.name}.gate_act", layer, "activation", (r, f2 // 2), dt, [(t, e)], swiglu)
+        self.add(f"{node.name}.act", layer, "activation", (r, f2 // 2), dt, [(t, e)], swiglu)
+        self.add(f"{node.name}.bwd.grad_act", layer, "gradient", (r, f2 // 2), dt, [(b, e)], ALLOCATOR)
+        self.add(f"{node.name}.bwd.grad_h13", layer, "gradient", (r, f2), dt, [(b, e)], swiglu)
         if node.target is grouped_gemm.expert_ffn_recompute_clone:
             self.recomputed_clone(node)
 
@@ -413,12 +426,12 @@ class _Collector:
         shapes = [("w13", (slots,) + tuple(w13.shape[1:])), ("w2", (slots,) + tuple(w2.shape[1:]))]
         assert self.spare.get("shapes", shapes) == shapes, "MoE layers with different expert shapes"
         self.spare.update(shapes=shapes, dtype=w13.dtype)
-        self.spare.setdefault("live", []).extend([(t, t), (b, b)])
+        self.spare.setdefault("live", []).extend([(t, t + LAST_SUB), (b, b + LAST_SUB)])
         for wname, _ in shapes:   # every layer's clone (forward and recomputed) lands in the one buffer
             self.spare.setdefault(wname, []).extend([f"{node.name}.clone_{wname}",
                                                      f"{node.name}.clone_{wname}.recompute"])
         self.buffers.append(_composite(f"{p}clone_weights.grad", layer, "clone_grad",
-                                       [(n, s, ()) for n, s in shapes], w13.dtype, [(b, b)], ALLOCATOR))
+                                       [(n, s, ()) for n, s in shapes], w13.dtype, [(b, b + LAST_SUB)], ALLOCATOR))
         for wname, w in (("w13", w13), ("w2", w2)):
             self.clone_exchange(f"{node.name}.clone_{wname}", layer, w, offer, dom, t, None)
             self.clone_exchange(f"{node.name}.clone_{wname}.recompute", layer, w, offer, dom, b, b)
@@ -426,13 +439,13 @@ class _Collector:
     def clone_exchange(self, buf: str, layer, w, offer: int, dom: int, at: int, backward_at: int | None):
         """The internals of one echo::clone_weights call keyed `buf`, run at step `at`, and of its
         backward (the gradient reduction) at `backward_at` when it has one."""
-        tail = tuple(w.shape[1:])
-        self.add(f"{buf}.send", layer, "clone_exchange", (offer,) + tail, w.dtype, [(at, at)])
-        self.add(f"{buf}.gather", layer, "clone_exchange", (dom * offer,) + tail, w.dtype, [(at, at)])
+        tail, whole = tuple(w.shape[1:]), [(at, at + LAST_SUB)]
+        self.add(f"{buf}.send", layer, "clone_exchange", (offer,) + tail, w.dtype, whole)
+        self.add(f"{buf}.gather", layer, "clone_exchange", (dom * offer,) + tail, w.dtype, whole)
         if backward_at is not None:
-            b = backward_at
-            self.add(f"{buf}.bwd.rs_in", layer, "clone_exchange", (dom * offer + 1,) + tail, w.dtype, [(b, b)])
-            self.add(f"{buf}.bwd.rs_out", layer, "clone_exchange", (offer,) + tail, w.dtype, [(b, b)])
+            whole = [(backward_at, backward_at + LAST_SUB)]
+            self.add(f"{buf}.bwd.rs_in", layer, "clone_exchange", (dom * offer + 1,) + tail, w.dtype, whole)
+            self.add(f"{buf}.bwd.rs_out", layer, "clone_exchange", (offer,) + tail, w.dtype, whole)
 
     def clone(self, node: Node) -> None:
         w, offer = _meta(node.args[0]), node.args[3]
@@ -458,10 +471,10 @@ class _Collector:
         return buffers
 
     def timeline(self) -> Timeline:
-        n = self.n
+        m = SUB_STEPS * self.n
         layers = [{"layer": self.layer(x), "forward": self.fwd(x), "backward": self.bwd(x)}
                   for x in self.nodes if x.target is _E.dispatch.default]
-        return Timeline(2 * n + 2, (0, n - 1), (n, 2 * n - 1), 2 * n, 2 * n + 1, layers)
+        return Timeline(2 * m + 2, (0, m - 1), (m, 2 * m - 1), 2 * m, 2 * m + 1, layers)
 
 
 def _layer_number(prefix: str, ordinal: int) -> int:

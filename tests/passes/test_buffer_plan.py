@@ -117,7 +117,7 @@ def test_recompute_keeps_one_spare_slot_buffer_for_all_layers():
     assert [b.name for b in spare_rc] == ["spare_weights"] and spare_rc[0].layer is None
     assert sorted(b.layer for b in spare_no) == [1, 2]
     # live only around each use: the FFN step of each layer, forward and backward
-    assert len(spare_rc[0].live) == 4 and all(s == e for s, e in spare_rc[0].live)
+    assert len(spare_rc[0].live) == 4 and all(e - s == bp.LAST_SUB for s, e in spare_rc[0].live)
     assert spare_rc[0].nbytes == spare_no[0].nbytes     # El + S slots of w13 and w2 either way
     (p13, p2) = spare_rc[0].parts
     assert p13.shape == (4 + 1, 16, 16) and p2.shape == (4 + 1, 8, 16)
@@ -136,7 +136,10 @@ def test_shapes_follow_the_spec_and_lifetimes_follow_autograd():
     in_bwd = lambda x: tl.backward[0] <= x.first and x.last <= tl.backward[1]   # noqa: E731
     saved = [p + "dispatch", p + "expert_ffn.h13", p + "sorted_src", p + "offs", p + "clone_weights"]
     assert all(b[n].first <= tl.forward[1] < b[n].last for n in saved)
-    assert in_fwd(b[p + "dispatch.send"]) and b[p + "dispatch.send"].first == b[p + "dispatch.send"].last
+    send, recv, rows = b[p + "dispatch.send"], b[p + "dispatch.recv"], b[p + "dispatch"]
+    # sub-steps of a token movement: gather into send, exchange into recv, gather into the result
+    assert in_fwd(send) and (send.first + 1, send.last + 1) == (recv.first, recv.last) == (recv.first, rows.first)
+    assert send.last < rows.first                                     # so the result may reuse send's bytes
     assert in_bwd(b[p + "dispatch.bwd.send"]) and in_bwd(b[p + "clone_weights.grad"])
     assert b[p + "combine"].last > tl.forward[1] and in_fwd(b[p + "expert_ffn"])  # copies saved, FFN out not
     assert b["moe_stats"].last == tl.optimizer
