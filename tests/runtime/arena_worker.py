@@ -11,7 +11,8 @@ the step count. Three Trainers start from the same reference weights and see the
              arena correct.
 
 Per step: loss and every gradient compared bitwise (allocator vs arena, allocator vs collapsed),
-then each takes its optimizer step. Also, one forward through an FX Interpreter records where
+then each takes its optimizer step. With `graph` (CUDA): whole iterations eager vs captured in one
+CUDA graph, with and without the arena, compared bitwise (deterministic kernels). Also, one forward through an FX Interpreter records where
 each MoE node's output lives: every planned node output must sit at its planned arena address.
 """
 import copy
@@ -65,6 +66,30 @@ def diff(x: Trainer, y: Trainer, loss_x, loss_y) -> list[str]:
     return bad[:6]
 
 
+def graph_runs(spec, spec_alloc, ref, device, source, steps) -> dict:
+    """Whole iterations (forward, backward, reductions, AdamW) through StepRunner: eager with the
+    allocator, and captured as one CUDA graph with the allocator and with the arena. Returns
+    each one's loss per step and whether its final weights equal the eager allocator run's."""
+    from runtime.cuda_graph import StepRunner
+    rank, world, mb = dist.get_rank(), dist.get_world_size(), spec.budgets.micro_batch
+    out, weights = {}, {}
+    for name, sp, graph in (("eager_allocator", spec_alloc, False), ("graph_allocator", spec_alloc, True),
+                            ("graph_arena", spec, True)):
+        trainer = Trainer(sp, device, model=copy.deepcopy(ref))
+        runner = StepRunner(trainer, graph=graph)
+        losses = []
+        for step in range(steps):
+            tokens, labels = (x.to(device) for x in local_rows(source.global_batch(step, world * mb), rank, mb))
+            trainer.set_lr(step)
+            losses.append(float(runner.run(tokens, labels).loss_sum[0]))
+        out[name] = losses
+        weights[name] = [p.detach().clone() for p in trainer.model.parameters()]
+        del runner, trainer
+    base = weights["eager_allocator"]
+    out["same_weights"] = {k: all(torch.equal(a, b) for a, b in zip(w, base)) for k, w in weights.items()}
+    return out
+
+
 def main():
     cfg = json.load(open(sys.argv[1]))
     spec_dict = cfg["spec"]
@@ -73,6 +98,8 @@ def main():
     spec_dict["backends"]["buffers"] = "allocator"
     spec_alloc = spec_from_dict(spec_dict)
     device = init_distributed(spec)
+    if device.type == "cuda":   # bitwise comparisons need deterministic kernels (embedding backward, index_add)
+        torch.use_deterministic_algorithms(True, warn_only=True)
     ref = build_reference(spec, device)
     runs = {"allocator": Trainer(spec_alloc, device, model=copy.deepcopy(ref)),
             "arena": Trainer(spec, device, model=copy.deepcopy(ref)),
@@ -85,7 +112,7 @@ def main():
     result = {"steps": [], "planned_views": len(runs["arena"].arena.layout.views),
               "arena_bytes": runs["arena"].arena.layout.nbytes}
     for step in range(cfg["steps"]):
-        tokens, labels = local_rows(source.global_batch(step, world * mb), rank, mb)
+        tokens, labels = (x.to(device) for x in local_rows(source.global_batch(step, world * mb), rank, mb))
         if step == 0:
             result["addresses"] = output_addresses(runs["arena"], tokens)
         outs = {k: tr.forward_backward(tokens, labels) for k, tr in runs.items()}
@@ -99,6 +126,8 @@ def main():
         for tr in runs.values():
             tr.optimizer_step(step)
             tr.zero_grad()
+    if cfg.get("graph"):
+        result["graph"] = graph_runs(spec, spec_alloc, ref, device, source, cfg["steps"])
     gathered = [None] * world
     dist.all_gather_object(gathered, result)
     if rank == 0:

@@ -62,9 +62,9 @@ def test_a_custom_op_accepts_arena_views_of_shared_bytes():
     assert counts.data_ptr() == ar.address("b") and int(counts[1]) == 8
 
 
-def run_worker(tmp_path, spec, steps=2):
+def run_worker(tmp_path, spec, steps=2, graph=False):
     cfg, out = tmp_path / "cfg.json", tmp_path / "out.json"
-    cfg.write_text(json.dumps({"spec": spec, "steps": steps}))
+    cfg.write_text(json.dumps({"spec": spec, "steps": steps, "graph": graph}))
     nproc = spec["parallel"]["ep"] * spec["parallel"]["dp"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(WORKER), str(cfg), str(out)]

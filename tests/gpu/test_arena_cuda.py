@@ -1,0 +1,33 @@
+"""The planned arena on GPUs (NCCL, bf16): a run with the arena equals a run without it, bitwise,
+eager and captured as one CUDA graph (deterministic kernels). Needs 2 CUDA devices."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "runtime"))
+from test_arena import run_worker  # noqa: E402
+from test_distributed import tiny_spec  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_arena_equals_allocator_on_gpus_eager_and_in_a_cuda_graph(tmp_path, recompute, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    spec = tiny_spec(ep=2, capacity=2.0, experts=8,
+                     echo={"enabled": True, "spare_slots_per_rank": 2, "clone_domain": "cluster",
+                           "recompute_clone_dispatch": recompute})
+    spec["cluster"]["device"] = "cuda"
+    spec["model"]["dtype"] = "bfloat16"
+    spec["budgets"]["row_alignment"] = 16
+    ranks = run_worker(tmp_path, spec, steps=6, graph=True)
+    for r in ranks:
+        assert all(s["arena_vs_allocator"] == [] and s["unused_views"] == [] for s in r["steps"]), r["steps"]
+        assert r["addresses"] and all(got == want for got, want in r["addresses"].values())
+        assert any(s["collapsed_vs_allocator"] for s in r["steps"])
+        g = r["graph"]
+        assert g["graph_arena"] == g["graph_allocator"] == g["eager_allocator"], g
+        assert all(g["same_weights"].values()), g["same_weights"]
+    assert sum(s["clones"] for s in ranks[0]["steps"]) > 0
