@@ -1,15 +1,23 @@
 """Buffer plan: every static buffer of the MoE machinery, its lifetime over one training
-iteration, and a byte offset in ONE arena per rank.
+iteration, and, for each buffer an echo op writes itself, a byte offset in ONE arena per
+rank (allocated once by runtime/arena.py; the ops write into their planned views).
 
 Runs after `propagate_shapes` (it reads `node.meta['tensor_meta']`); reads the graph,
 changes nothing. All ranks have the same buffer shapes under the `torch` backend (equal
 [ep·C] chunks, El + S expert slots, the same T, K, H, F), so the plan is computed once
 and holds for every rank. The `sync` backend has data-dependent shapes: not planned.
 
-Timeline (integer steps). With N nodes in graph order, node i runs in forward at step i
-and its backward at step 2N−1−i (the exact mirror: layers 1…L forward, L…1 backward);
-step 2N is the gradient reduction, 2N+1 the optimizer. A lifetime is a closed interval
-of steps; a buffer may have several (the shared spare-slot buffer below).
+Timeline (integer steps). With N nodes in graph order, node i runs in forward at steps
+4i … 4i+3 and its backward at 4(2N−1−i) … +3 (the exact mirror: layers 1…L forward, L…1
+backward); step 8N is the gradient reduction, 8N+1 the optimizer. The sub-steps order a
+token movement: gather into send (0), exchange send → recv (1), gather recv into the
+result (2). A lifetime is a closed interval of steps; a buffer may have several (the shared
+spare-slot buffer below).
+
+Placement. ARENA buffers are written by the op itself (out= views) and looked up by their
+keys: the node name, `node[i]` for the i-th output of a tuple, `node.part` for internals.
+ALLOCATOR buffers come out of kernels without an output argument (grouped_mm's products,
+the graph's torch.stack outputs): listed and bounded, not placed.
 
 What is a buffer here, per MoE layer (shapes for the torch backend; R = ep·C rows):
 
@@ -25,8 +33,6 @@ What is a buffer here, per MoE layer (shapes for the torch backend; R = ep·C ro
   inside an op (shape from its inputs' tensor_meta)
     exchange      dispatch and combine: send [ep·C, H] and receive [ep·C, H]
     activation    expert_ffn: h13 [R, 2F], silu(gate) [R, F], act = silu(gate)·up [R, F]
-                  weighted_sum: the float32 upcast of the copies [T·K, H] (bf16 models) and
-                  the product copies·weight [T·K, H] float32
     clone_exchange clone_weights: send [offer, ...] and all-gather [dom·offer, ...] per weight
                   (offer: experts each rank offers; dom: ranks of the clone domain);
                   backward: reduce-scatter in [dom·offer+1, ...] and out [offer, ...]
@@ -34,7 +40,7 @@ What is a buffer here, per MoE layer (shapes for the torch backend; R = ep·C ro
     gradient      one twin per float activation that crosses ops (grad of sorted rows, of the
                   FFN output, of the per-copy output), the op-internal twins (exchange
                   send/receive of the backward dispatch and combine, grad of h13 and act, the
-                  float32 grads of weighted_sum, the per-copy grad of dispatch's backward)
+                  per-copy grad of dispatch's backward)
     clone_grad    the clone weights' gradient (same shape), one buffer per layer
 
 Lifetime rules
@@ -46,8 +52,9 @@ Lifetime rules
     dtype) it lives until that user's backward.
   * A graph output (moe_stats, moe_counts) lives until the end of the iteration.
   * Op internals live at their op's step only: forward twins at the forward step,
-    the backward twins (the gradient exchange) at the backward step. The FFN's h13,
-    silu(gate) and act are saved: op step → backward.
+    the backward twins (the gradient exchange) at the backward step; a token movement's
+    send, recv and result at their sub-steps. The FFN's h13, silu(gate) and act are saved:
+    op step → backward.
   * A gradient twin lives from the backward step of the op that produces it (the last
     differentiable user) to the backward step of the op that consumes it.
   * Clone weights without recompute: saved from the clone to the FFN's backward; their
@@ -60,9 +67,8 @@ Not modelled (outside the arena): the dense part (embedding, attention, norms, r
 shared expert, dense FFN, logits) and the token-sized [T, H] tensors at the MoE boundary;
 parameters, parameter gradients (the home experts' gradients that the clone backward
 adds into) and optimizer state; router weights saved by weighted_sum; grouped-GEMM
-workspaces. Inside one op every internal buffer is taken as live for the whole step,
-which over-counts slightly (send and receive of one exchange do not all need to coexist
-with the op's output). The backward order is the mirror of the forward order; parallel
+workspaces. Inside ops other than the token movements every internal buffer is taken as
+live for the whole step, which over-counts slightly. The backward order is the mirror of the forward order; parallel
 branches (the shared expert) may interleave differently at run time.
 
 Allocator: a networkx interference graph (buffers whose lifetimes share a step interfere;
@@ -160,9 +166,9 @@ class Buffer:
 
 @dataclass
 class Timeline:
-    steps: int                 # 2N + 2
+    steps: int                 # 8N + 2 (SUB_STEPS = 4 per node and pass)
     forward: Span              # (0, N-1)
-    backward: Span             # (N, 2N-1)
+    backward: Span             # (4N, 8N-1)
     grad_reduction: int
     optimizer: int
     layers: list[dict] = field(default_factory=list)   # {layer, forward, backward} at the dispatch
