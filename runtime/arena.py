@@ -68,20 +68,11 @@ class Arena:
             f"arena view {key!r} was planned as {v.dtype}{list(v.shape)}, the op asks for {dtype}{list(shape)}")
         alias = self._alias[key]
         self.taken.add(key)
-        return torch.empty(0, dtype=dtype, device=alias.device).set_(
-            alias.untyped_storage(), 0, shape, _contiguous_strides(shape))
+        return torch.empty(0, dtype=dtype, device=alias.device).set_(alias.untyped_storage(), 0, shape)
 
     def address(self, key: str) -> int:
         """Device address of `key`'s planned bytes (tests check that ops really wrote there)."""
         return self.base.data_ptr() + self.layout.views[key].offset_bytes
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(strides))
 
 
 _ACTIVE: Arena | None = None   # module-global, not thread-local: autograd runs CUDA backward on its own thread
