@@ -97,6 +97,11 @@ def out(key: str, shape, dtype: torch.dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def out_like(key: str, shape, like: Tensor) -> Tensor:
+    """`out` with the dtype and device of `like`."""
+    return out(key, tuple(shape), like.dtype, like.device)
+
+
 def place(key: str, t: Tensor) -> Tensor:
     """`t` copied into `key`'s planned view when an arena holds the key; else `t` itself.
     For small results computed by many temporaries (index maps, plans), where writing

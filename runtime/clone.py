@@ -60,10 +60,6 @@ def _pick_index(counts_all: Tensor, spare_expert: Tensor, experts_per_rank: int,
     return offered[rank], torch.where(valid, row, -1)
 
 
-def _planned(key: str, shape, like: Tensor) -> Tensor:
-    return arena.out(key, tuple(shape), like.dtype, like.device)
-
-
 @torch.library.custom_op("echo::clone_weights", mutates_args=())
 def clone_weights(w: Tensor, counts_all: Tensor, spare_expert: Tensor, offer: int, group: str,
                   ep_group: str, buf: str) -> Tensor:
@@ -72,10 +68,10 @@ def clone_weights(w: Tensor, counts_all: Tensor, spare_expert: Tensor, offer: in
     El, S, tail = w.shape[0], spare_expert.shape[1], tuple(w.shape[1:])
     dom, rank = comm.group_size(group), comm.group_rank(ep_group)
     mine, rows = _pick_index(counts_all, spare_expert, El, offer, rank, dom)
-    send = torch.index_select(w, 0, mine, out=_planned(f"{buf}.send", (offer,) + tail, w))
-    gathered = _planned(f"{buf}.gather", (dom * offer,) + tail, w)
+    send = torch.index_select(w, 0, mine, out=arena.out_like(f"{buf}.send", (offer,) + tail, w))
+    gathered = arena.out_like(f"{buf}.gather", (dom * offer,) + tail, w)
     comm.all_gather_rows(send, group, out=gathered.view((dom, offer) + tail))
-    out = _planned(buf, (El + S,) + tail, w)
+    out = arena.out_like(buf, (El + S,) + tail, w)
     out[:El].copy_(w)
     gather_rows(gathered.view(dom * offer, -1), rows, out=out[El:].view(S, -1))
     return out
@@ -102,9 +98,9 @@ def _clone_backward(ctx, grad):
     mine, rows = _pick_index(counts_all, spare_expert, El, offer, rank, dom)
     tail = tuple(grad.shape[1:])
     g_spare = grad[El:].reshape(rows.numel(), -1)
-    rs_in = _planned(f"{ctx.buf}.bwd.rs_in", (dom * offer + 1,) + tail, grad).zero_()
+    rs_in = arena.out_like(f"{ctx.buf}.bwd.rs_in", (dom * offer + 1,) + tail, grad).zero_()
     rs_in.view(dom * offer + 1, -1).index_add_(0, torch.where(rows >= 0, rows, dom * offer), g_spare)
-    back = comm.reduce_scatter_rows(rs_in[:-1], ctx.group, out=_planned(f"{ctx.buf}.bwd.rs_out", (offer,) + tail, grad))
+    back = comm.reduce_scatter_rows(rs_in[:-1], ctx.group, out=arena.out_like(f"{ctx.buf}.bwd.rs_out", (offer,) + tail, grad))
     g_home = grad[:El].contiguous().clone()
     g_home.view(El, -1).index_add_(0, mine, back.view(offer, -1))
     return g_home, None, None, None, None, None, None

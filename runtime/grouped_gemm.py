@@ -54,8 +54,8 @@ class _GroupedSwiGLU(torch.autograd.Function):
         h13 = _gmm(rows, w13f, offs)
         f = h13.shape[1] // 2
         gate, up = h13[:, :f], h13[:, f:]
-        gate_act = torch.ops.aten.silu.out(gate, out=arena.out(f"{buf}.gate_act", gate.shape, h13.dtype, h13.device))
-        act = torch.mul(gate_act, up, out=arena.out(f"{buf}.act", gate.shape, h13.dtype, h13.device))
+        gate_act = torch.ops.aten.silu.out(gate, out=arena.out_like(f"{buf}.gate_act", gate.shape, h13))
+        act = torch.mul(gate_act, up, out=arena.out_like(f"{buf}.act", gate.shape, h13))
         ctx.save_for_backward(rows, w13, w2, offs, h13, gate_act, act, counts_all, spare_expert)
         return _gmm(act, w2f, offs)
 
@@ -72,7 +72,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         f = act.shape[1]
         grad_act = _gmm(dy, w2f.detach().transpose(-2, -1), offs)
         dw2 = _gmm(act.transpose(-2, -1), dy, offs)
-        grad_h13 = arena.out(f"{buf}.bwd.grad_h13", h13.shape, h13.dtype, h13.device)
+        grad_h13 = arena.out_like(f"{buf}.bwd.grad_h13", h13.shape, h13)
         torch.mul(grad_act, gate_act, out=grad_h13[:, f:])
         torch.ops.aten.silu_backward.grad_input(grad_act * h13[:, f:], h13[:, :f], grad_input=grad_h13[:, :f])
         dx = _gmm(grad_h13, w13f.detach().transpose(-2, -1), offs)

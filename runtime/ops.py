@@ -38,7 +38,7 @@ def all_gather_counts(counts: Tensor, group: str, group_size: int, buf: str) -> 
     """counts [n] → [group_size, n] (row s = rank s's counts). Every rank gets the same tensor."""
     assert comm.group_size(group) == group_size, (
         f"group {group!r} has {comm.group_size(group)} ranks, the graph was compiled for {group_size}")
-    out = arena.out(buf, (group_size, counts.shape[0]), counts.dtype, counts.device)
+    out = arena.out_like(buf, (group_size, counts.shape[0]), counts)
     return comm.all_gather_rows(counts, group, out=out)
 
 
@@ -86,8 +86,7 @@ def _moved(buf: str | None, part: str, rows: int, like: Tensor) -> Tensor | None
     """The arena view `buf.part` [rows, H] for one step of a token movement (None: allocate)."""
     if buf is None:
         return None
-    key = f"{buf}.{part}" if part else buf
-    return arena.out(key, (rows, like.shape[1]), like.dtype, like.device)
+    return arena.out_like(f"{buf}.{part}" if part else buf, (rows, like.shape[1]), like)
 
 
 def to_experts(src: Tensor, send_rows: Tensor, sorted_src: Tensor, exchange, buf: str | None = None,
@@ -189,7 +188,7 @@ class _WeightedSum(torch.autograd.Function):
         copies, w = ctx.saved_tensors
         t, _, k = w.shape
         g = grad.unsqueeze(1)                                         # [T, 1, H]
-        out = arena.out(f"{ctx.buf}.bwd.grad_in", copies.shape, copies.dtype, copies.device)
+        out = arena.out_like(f"{ctx.buf}.bwd.grad_in", copies.shape, copies)
         torch.bmm(w.transpose(1, 2), g, out=out.view(t, k, -1))       # [T, K, H]
         grad_w = torch.bmm(g, copies.view(t, k, -1).transpose(1, 2))  # [T, 1, K]
         return out, grad_w.squeeze(1).to(ctx.weight_dtype), None
@@ -209,4 +208,4 @@ def layer_stats(stats: Tensor, buf: str | None = None, spare_expert: Tensor | No
     clones = stats.new_zeros(1) if spare_expert is None else (spare_expert >= 0).sum().view(1)
     if buf is None:
         return torch.cat([stats, clones])
-    return torch.cat([stats, clones], out=arena.out(buf, (stats.shape[0] + 1,), stats.dtype, stats.device))
+    return torch.cat([stats, clones], out=arena.out_like(buf, (stats.shape[0] + 1,), stats))
