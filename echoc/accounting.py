@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from echoc.spec import Model, Spec
+from echoc.spec import ModelConfig, Spec
 from runtime.model import MLP, GQAAttention, GroupedExperts, MLAAttention, MoE, RMSNorm, Router, Transformer
 
 CATEGORIES = ("embedding", "attention", "dense_mlp", "shared_experts", "routed_experts", "router", "norms",
@@ -62,7 +62,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def _meta_model(cfg: Model) -> Transformer:
+def _meta_model(cfg: ModelConfig) -> Transformer:
     import torch
     with torch.device("meta"):
         return Transformer(cfg)
@@ -78,7 +78,7 @@ def active_parameters_per_token(spec: Spec, counts: dict[str, int] | None = None
     return sum(counts.values()) - routed + routed // moe.num_experts * moe.top_k
 
 
-def _attention_width(cfg: Model) -> int:
+def _attention_width(cfg: ModelConfig) -> int:
     """Elements per token that attention saves for backward (its input norm not included)."""
     a = cfg.attention
     if a.kind == "gqa":

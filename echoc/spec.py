@@ -21,7 +21,7 @@ class _Section(BaseModel):
 PosInt = Annotated[int, Field(gt=0)]
 
 
-class GQAAttention(_Section):
+class GQAConfig(_Section):
     kind: Literal["gqa"] = "gqa"
     num_heads: PosInt
     num_kv_heads: PosInt
@@ -41,7 +41,7 @@ class GQAAttention(_Section):
         return self
 
 
-class MLAAttention(_Section):
+class MLAConfig(_Section):
     """Multi-head latent attention (DeepSeek-V3 / GLM-5). q_lora_rank 0 means no query low-rank."""
     kind: Literal["mla"] = "mla"
     num_heads: PosInt
@@ -60,10 +60,10 @@ class MLAAttention(_Section):
         return self
 
 
-Attention = Annotated[Union[GQAAttention, MLAAttention], Field(discriminator="kind")]
+Attention = Annotated[Union[GQAConfig, MLAConfig], Field(discriminator="kind")]
 
 
-class Router(_Section):
+class RouterConfig(_Section):
     score_fn: Literal["sigmoid", "softmax"] = "sigmoid"
     num_groups: PosInt = 1
     topk_groups: PosInt = 1
@@ -72,15 +72,15 @@ class Router(_Section):
     """Aux-loss-free balancing: after each step, bias += rate * sign(mean_load - load)."""
 
 
-class MoE(_Section):
+class MoEConfig(_Section):
     num_experts: PosInt
     top_k: PosInt
     expert_intermediate_size: PosInt
     shared_experts: int = Field(1, ge=0)
-    router: Router = Router()
+    router: RouterConfig = RouterConfig()
 
 
-class Model(_Section):
+class ModelConfig(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     vocab_size: PosInt
     hidden_size: PosInt
@@ -88,7 +88,7 @@ class Model(_Section):
     first_dense_layers: int = Field(0, ge=0)
     attention: Attention
     dense_intermediate_size: PosInt
-    moe: MoE
+    moe: MoEConfig
     norm_eps: float = Field(1e-6, gt=0)
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
@@ -97,19 +97,19 @@ class Model(_Section):
         return self.num_layers - self.first_dense_layers
 
 
-class Domain(_Section):
+class DomainConfig(_Section):
     """A group of nodes joined to other domains by a slower link (e.g. one datacenter)."""
     nodes: list[int] = Field(min_length=1)
 
 
-class Cluster(_Section):
+class ClusterConfig(_Section):
     device: Literal["cpu", "cuda"] = "cpu"
     nodes: PosInt = 1
     gpus_per_node: PosInt = 1
     """Processes per node; on CPU, gloo processes."""
     intra_node_gbps: float = Field(450.0, gt=0)
     inter_node_gbps: float = Field(50.0, gt=0)
-    domains: Optional[list[Domain]] = None
+    domains: Optional[list[DomainConfig]] = None
     inter_domain_gbps: Optional[float] = Field(None, gt=0)
 
     @property
@@ -117,12 +117,12 @@ class Cluster(_Section):
         return self.nodes * self.gpus_per_node
 
 
-class Parallel(_Section):
+class ParallelConfig(_Section):
     ep: PosInt = 1
     dp: PosInt = 1
 
 
-class Budgets(_Section):
+class BudgetsConfig(_Section):
     seq_len: PosInt
     micro_batch: PosInt = 1
     tokens_per_rank: Optional[PosInt] = None
@@ -154,14 +154,14 @@ class Budgets(_Section):
         return self.seq_len * self.micro_batch
 
 
-class Echo(_Section):
+class EchoConfig(_Section):
     enabled: bool = False
     spare_slots_per_rank: int = Field(0, ge=0)
     recompute_clone_dispatch: bool = False
     clone_domain: Literal["node", "cluster"] = "node"
 
 
-class Backends(_Section):
+class BackendsConfig(_Section):
     dispatch: Literal["torch", "symm_mem", "deepep", "sync"] = "torch"
     grouped_gemm: Literal["torch", "te", "loop"] = "torch"
     cuda_graph: Literal["full_iteration", "none"] = "none"
@@ -182,7 +182,7 @@ class Backends(_Section):
         return self.buffers == "arena" and self.dispatch == "torch"
 
 
-class Optimizer(_Section):
+class OptimizerConfig(_Section):
     name: Literal["adamw"] = "adamw"
     lr: float = Field(3e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -190,7 +190,7 @@ class Optimizer(_Section):
     warmup_steps: int = Field(0, ge=0)
 
 
-class Data(_Section):
+class DataConfig(_Section):
     kind: Literal["synthetic", "text"] = "synthetic"
     path: Optional[str] = None
     """For kind text: a file read as bytes (token id = byte value; vocab_size must be >= 256)."""
@@ -204,30 +204,30 @@ class Data(_Section):
         return self
 
 
-class Checkpoint(_Section):
+class CheckpointConfig(_Section):
     dir: Optional[str] = None
     interval: int = Field(0, ge=0)
     """Steps between checkpoints; 0 = only at the end and on SIGTERM (when dir is set)."""
 
 
-class Train(_Section):
+class TrainConfig(_Section):
     steps: PosInt = 10
     seed: int = 0
-    optimizer: Optimizer = Optimizer()
-    data: Data = Data()
-    checkpoint: Checkpoint = Checkpoint()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     log_interval: PosInt = 1
     metrics_path: Optional[str] = None
 
 
 class Spec(_Section):
-    model: Model
-    cluster: Cluster = Cluster()
-    parallel: Parallel = Parallel()
-    budgets: Budgets
-    echo: Echo = Echo()
-    backends: Backends = Backends()
-    train: Train = Train()
+    model: ModelConfig
+    cluster: ClusterConfig = ClusterConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    budgets: BudgetsConfig
+    echo: EchoConfig = EchoConfig()
+    backends: BackendsConfig = BackendsConfig()
+    train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
     def _cross_field(self):

@@ -1,4 +1,4 @@
-"""The reference model: a GLM-5-style MoE decoder, built from `echoc.spec.Model`.
+"""The reference model: a GLM-5-style MoE decoder, built from `echoc.spec.ModelConfig`.
 
 This is the correctness oracle. Every compiled, distributed, cloned run must
 compute the same function, so it is written to be read, not to be fast: plain
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from echoc.spec import Model
+from echoc.spec import ModelConfig
 
 INIT_STD = 0.02
 
@@ -133,7 +133,7 @@ class RotaryEmbedding(_FP32Buffers):
 class GQAAttention(nn.Module):
     """Causal grouped-query attention: num_kv_heads key/value heads shared by num_heads queries."""
 
-    def __init__(self, cfg: Model):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         a, H = cfg.attention, cfg.hidden_size
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
@@ -166,7 +166,7 @@ class MLAAttention(nn.Module):
     Softmax scale 1/sqrt(nope + rope) (no YaRN mscale: positions stay within the trained context).
     """
 
-    def __init__(self, cfg: Model):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         a, H = cfg.attention, cfg.hidden_size
         self.num_heads = a.num_heads
@@ -233,7 +233,7 @@ class Router(_FP32Buffers):
     """
     fp32_buffers = ("expert_bias", "load")
 
-    def __init__(self, cfg: Model):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         m, r = cfg.moe, cfg.moe.router
         self.num_experts, self.top_k = m.num_experts, m.top_k
@@ -310,7 +310,7 @@ class GroupedExperts(nn.Module):
 class MoE(nn.Module):
     """Router + routed experts + optional shared expert(s): [B, S, H] → [B, S, H]."""
 
-    def __init__(self, cfg: Model):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         m = cfg.moe
         self.num_experts = m.num_experts
@@ -333,7 +333,7 @@ class MoE(nn.Module):
 # ----------------------------------------------------------------------------- the decoder
 
 class Block(nn.Module):
-    def __init__(self, cfg: Model, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         attention = {"gqa": GQAAttention, "mla": MLAAttention}[cfg.attention.kind]
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -353,7 +353,7 @@ _SELF_INIT = (RMSNorm, MLP, RotaryEmbedding, GQAAttention, MLAAttention, Router,
 class Transformer(nn.Module):
     """tokens [B, S] int64 → logits [B, S, V] in the model's dtype."""
 
-    def __init__(self, cfg: Model):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from echoc import accounting
-from echoc.spec import Model, Spec
+from echoc.spec import ModelConfig, Spec
 from runtime.model import Transformer
 
 GLM5 = {
@@ -36,7 +36,7 @@ def spec_for(model: dict, ep=64, dp=4, gpus=8, echo=None, seq_len=4096, device="
 
 def meta_model(cfg: dict, dtype=torch.bfloat16) -> Transformer:
     with torch.device("meta"):
-        return Transformer(Model.model_validate(cfg)).to(dtype)
+        return Transformer(ModelConfig.model_validate(cfg)).to(dtype)
 
 
 @pytest.fixture(scope="module")

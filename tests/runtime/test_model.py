@@ -4,7 +4,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from echoc.spec import Model
+from echoc.spec import ModelConfig
 from runtime.model import (MLP, GQAAttention, GroupedExperts, MLAAttention, MoE, RMSNorm, Router, Transformer, expert_counts,
                            lm_loss, moe_layers, update_expert_bias)
 
@@ -14,8 +14,8 @@ MLA = {"kind": "mla", "num_heads": 4, "q_lora_rank": 16, "kv_lora_rank": 12, "qk
 
 
 def make_cfg(attention=GQA, score_fn="sigmoid", experts=8, top_k=2, groups=1, topk_groups=1, shared=1,
-             scale=1.0, rate=1e-3, layers=3, dense=1, hidden=32, vocab=64) -> Model:
-    return Model(name="t", vocab_size=vocab, hidden_size=hidden, num_layers=layers, first_dense_layers=dense,
+             scale=1.0, rate=1e-3, layers=3, dense=1, hidden=32, vocab=64) -> ModelConfig:
+    return ModelConfig(name="t", vocab_size=vocab, hidden_size=hidden, num_layers=layers, first_dense_layers=dense,
                  attention=attention, dense_intermediate_size=48,
                  moe={"num_experts": experts, "top_k": top_k, "expert_intermediate_size": 16,
                       "shared_experts": shared,
