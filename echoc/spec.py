@@ -13,6 +13,9 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
 class _Section(BaseModel):
     # attribute docstrings become field descriptions in the JSON schema (`echoc schema`)
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
@@ -95,6 +98,10 @@ class ModelConfig(_Section):
     @property
     def num_moe_layers(self) -> int:
         return self.num_layers - self.first_dense_layers
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
 
 
 class DomainConfig(_Section):
