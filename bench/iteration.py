@@ -27,7 +27,8 @@ import torch.distributed as dist
 from echoc.spec_io import spec_from_dict
 from runtime.cuda_graph import StepRunner
 from runtime.data import TokenSource, local_rows
-from runtime.train import Trainer, init_distributed
+from echoc.compile import compile_build
+from runtime.trainer import Trainer, init_distributed
 
 
 def spec_dict(args, world, dispatch="torch", graph=True, echo=False, recompute=False, buffers=None) -> dict:
@@ -75,7 +76,7 @@ def run_variant(args, name, device):
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     spec = spec_from_dict(spec_dict(args, dist.get_world_size(), **VARIANTS[name]))
-    trainer = Trainer(spec, device)
+    trainer = Trainer(compile_build(spec).program, device)
     arena_gib = trainer.arena.layout.nbytes / 2**30 if trainer.arena is not None else 0.0
     runner = StepRunner(trainer, graph=spec.backends.cuda_graph == "full_iteration")
     source = (TokenSource("text", spec.model.vocab_size, spec.budgets.seq_len, 0, args.text) if args.text

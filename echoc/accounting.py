@@ -10,14 +10,14 @@ convention for its "37B activated").
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from echoc.spec import ModelConfig, Spec
-from runtime.model import MLP, GQAAttention, GroupedExperts, MLAAttention, MoE, RMSNorm, Router, Transformer
+from runtime.model import MLP, GQAAttention, GroupedExperts, MLAAttention, MoE, RMSNorm, Router, meta_transformer
 
 CATEGORIES = ("embedding", "attention", "dense_mlp", "shared_experts", "routed_experts", "router", "norms",
               "lm_head")
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 FP32_BYTES = 4
 
 
@@ -62,17 +62,11 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def _meta_model(cfg: ModelConfig) -> Transformer:
-    import torch
-    with torch.device("meta"):
-        return Transformer(cfg)
-
-
 def active_parameters_per_token(spec: Spec, counts: dict[str, int] | None = None) -> int:
     """Parameters one token's forward touches: everything but the routed experts, plus top_k of them
     per MoE layer (embedding and lm_head counted in full, as DeepSeek-V3 counts them).
     `counts`: count_parameters of the unsharded model, when the caller already has it."""
-    counts = counts or count_parameters(_meta_model(spec.model))
+    counts = counts or count_parameters(meta_transformer(spec.model, torch.float32))
     moe = spec.model.moe
     routed = counts["routed_experts"]
     return sum(counts.values()) - routed + routed // moe.num_experts * moe.top_k
@@ -106,7 +100,7 @@ def activation_bytes(spec: Spec) -> int:
     i.e. T·H·b × a per-layer factor (4 + A/H + 3F/H for a dense layer; for an MoE layer the
     routed part counts capacity-sized static buffers, not just the T·K real rows).
     """
-    m, b = spec.model, DTYPE_BYTES[spec.model.dtype]
+    m, b = spec.model, spec.model.dtype_bytes
     T, H, R, moe = spec.budgets.tokens, m.hidden_size, spec.receive_rows, m.moe
     common = T * (4 * H + _attention_width(m))
     dense = common + T * 3 * m.dense_intermediate_size
@@ -136,7 +130,7 @@ def memory_per_rank(spec: Spec, model: nn.Module) -> dict:
              "by_category": {category: weights + grads + optimizer bytes}}.
     """
     m, ep = spec.model, spec.parallel.ep
-    b = DTYPE_BYTES[m.dtype]
+    b = m.dtype_bytes
     params = count_parameters(model)
     local = {cat: (n // ep if cat == "routed_experts" else n) for cat, n in params.items()}
     per_param = 2 * b + _optimizer_bytes_per_param(m.dtype)

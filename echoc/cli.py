@@ -14,7 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from echoc import simulate as sim
+from echoc import views
+from echoc.artifact import write_build
+from echoc.compile import compile_build
 from echoc.errors import EchocError
+from echoc.run import RunRequest, in_torchrun, start, worker
+from echoc.spec_io import json_schema, load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="echoc: compile a YAML MoE training spec into a sync-free, load-balanced step.")
@@ -25,7 +31,6 @@ SetOpt = typer.Option(None, "--set", help="Override a spec field, e.g. --set par
 
 
 def _load(spec_path: str, overrides: Optional[List[str]]):
-    from echoc.spec_io import load_spec
     return load_spec(spec_path, list(overrides or []))
 
 
@@ -45,7 +50,6 @@ def validate(spec: str, set_: Optional[List[str]] = SetOpt):
 @app.command()
 def schema():
     """Print the spec's JSON schema (for editor completion)."""
-    from echoc.spec_io import json_schema
     print(json.dumps(json_schema(), indent=2))
 
 
@@ -53,12 +57,12 @@ def schema():
 def compile_(spec: str, out: Optional[str] = typer.Option(None, "-o", "--out", help="Output directory."),
              set_: Optional[List[str]] = SetOpt):
     """Trace on the meta device, run the passes, write build/<name>/."""
-    from echoc.compile import compile_spec
     s = _load(spec, set_)
-    res = compile_spec(s, out)
-    _print_summary(res.summary)
-    console.print(f"wrote {res.out_dir}/ (graph.txt, graph.py, summary.json) in "
-                  f"{res.summary['compile_seconds']:.2f} s, peak RSS {res.summary['peak_rss_mib']:.0f} MiB")
+    build = compile_build(s)
+    out_dir = write_build(build, out or Path("build") / s.model.name)
+    _print_summary(build.summary)
+    console.print(f"wrote {out_dir}/ (graph.txt, graph.py, plan.json, spec.json, summary.json) in "
+                  f"{build.summary['compile_seconds']:.2f} s, peak RSS {build.summary['peak_rss_mib']:.0f} MiB")
 
 
 def _print_summary(summary: dict) -> None:
@@ -104,7 +108,6 @@ def inspect(build_dir: str, graph: bool = typer.Option(False, "--graph", help="P
             limit: Optional[int] = typer.Option(None, "--limit", help="With --buffers: first N rows."),
             timeline: Optional[str] = typer.Option(None, "--timeline", help="Write a PNG of arena occupancy here.")):
     """Show what `echoc compile` wrote."""
-    from echoc import views
     d = Path(build_dir)
     if not (d / "summary.json").exists():
         raise EchocError(f"{d}: no summary.json here; run `echoc compile SPEC -o {d}` first")
@@ -126,30 +129,6 @@ def inspect(build_dir: str, graph: bool = typer.Option(False, "--graph", help="P
     _print_summary(json.loads((d / "summary.json").read_text()))
 
 
-def _in_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-
-
-def _run_spec(spec: Optional[str], from_build: Optional[str], overrides: Optional[List[str]]):
-    """The spec of a run: a YAML file, or the exact spec an earlier `echoc compile` recorded."""
-    if from_build is None:
-        if spec is None:
-            raise EchocError("echoc run needs a SPEC file or --from-build DIR")
-        return _load(spec, overrides)
-    if overrides:
-        raise EchocError("--set cannot change a compiled build; recompile with the override instead")
-    from echoc.spec_io import spec_from_dict, spec_hash
-    d = Path(from_build)
-    if not (d / "spec.json").exists():
-        raise EchocError(f"{d}: no spec.json here; run `echoc compile SPEC -o {d}` first")
-    s = spec_from_dict(json.loads((d / "spec.json").read_text()), source=str(d / "spec.json"))
-    want = json.loads((d / "summary.json").read_text())["spec_hash"]
-    if spec_hash(s) != want:
-        raise EchocError(f"{d}: spec.json does not match the build's summary (hash {spec_hash(s)} ≠ {want}); "
-                         "recompile")
-    return s
-
-
 @app.command()
 def run(spec: Optional[str] = typer.Argument(None, help="Spec YAML (or use --from-build)."),
         nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes per node."),
@@ -164,39 +143,44 @@ def run(spec: Optional[str] = typer.Argument(None, help="Spec YAML (or use --fro
         resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint."),
         set_: Optional[List[str]] = SetOpt):
     """Train: launches torchrun (or, inside torchrun, runs this rank)."""
-    s = _run_spec(spec, from_build, set_)
-    metrics = metrics or s.train.metrics_path or str(Path("runs") / s.model.name / "metrics.jsonl")
-    if tensorboard:
-        from runtime.train import check_tensorboard
-        check_tensorboard()
-    if _in_torchrun():
-        from runtime.train import train
-        Path(metrics).parent.mkdir(parents=True, exist_ok=True)
-        hist = train(s, metrics_path=metrics, record_routing=record_routing, tensorboard=tensorboard,
-                     resume=resume)
-        if int(os.environ.get("RANK", "0")) == 0 and hist:
-            console.print(f"done: {len(hist)} steps, loss {hist[0]['loss']:.4f} → {hist[-1]['loss']:.4f}, "
-                          f"overflow {sum(h['overflow'] for h in hist)}; metrics in {metrics}")
-        from runtime.comm import shutdown
-        shutdown()
+    req = _run_request(spec, from_build, set_, metrics, record_routing, tensorboard, resume)
+    req.launcher = {"nproc": nproc, "nnodes": nnodes, "rdzv_endpoint": rdzv_endpoint, "max_restarts": max_restarts}
+    if not in_torchrun():
+        start(req, _worker_argv(req, spec, set_))
         return
-    nproc = nproc or s.cluster.gpus_per_node
-    if nnodes == "1" and nproc != s.cluster.world_size:
-        raise EchocError(f"--nproc {nproc} but the spec's cluster has {s.cluster.world_size} ranks "
-                         f"(nodes × gpus_per_node); pass --set cluster.gpus_per_node={nproc} and a matching "
-                         "parallel.ep × parallel.dp")
-    from runtime.launch import launch
-    argv = ["run"] + ([str(Path(spec).resolve())] if spec else [])
-    argv += ["--metrics", str(Path(metrics).resolve())]
-    for flag, value in (("--from-build", from_build), ("--record-routing", record_routing),
-                        ("--tensorboard", tensorboard)):
+    hist = worker(req)
+    if int(os.environ.get("RANK", "0")) == 0 and hist:
+        console.print(f"done: {len(hist)} steps, loss {hist[0]['loss']:.4f} → {hist[-1]['loss']:.4f}, "
+                      f"overflow {sum(h['overflow'] for h in hist)}; metrics in {req.metrics}")
+
+
+def _run_request(spec, from_build, overrides, metrics, record_routing, tensorboard, resume) -> RunRequest:
+    if spec is not None and from_build is not None:
+        raise EchocError("give a SPEC or --from-build DIR, not both: a build already holds its spec")
+    if spec is None and from_build is None:
+        raise EchocError("echoc run needs a SPEC file or --from-build DIR")
+    if from_build is not None and overrides:
+        raise EchocError("--set cannot change a compiled build; recompile with the override instead")
+    s = _load(spec, overrides) if spec is not None else None
+    name = s.model.name if s is not None else Path(from_build).name
+    metrics = metrics or (s.train.metrics_path if s is not None else None) or str(Path("runs") / name / "metrics.jsonl")
+    absolute = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
+    return RunRequest(s, absolute(from_build), absolute(metrics), absolute(record_routing),
+                      absolute(tensorboard), resume)
+
+
+def _worker_argv(req: RunRequest, spec_path: Optional[str], overrides) -> list[str]:
+    argv = ["run"] + ([str(Path(spec_path).resolve())] if spec_path else [])
+    argv += ["--metrics", req.metrics]
+    for flag, value in (("--from-build", req.from_build), ("--record-routing", req.record_routing),
+                        ("--tensorboard", req.tensorboard)):
         if value:
-            argv += [flag, str(Path(value).resolve())]
-    if resume:
+            argv += [flag, value]
+    if req.resume:
         argv += ["--resume"]
-    for o in set_ or []:
+    for o in overrides or []:
         argv += ["--set", o]
-    launch(argv, nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts)
+    return argv
 
 
 @app.command()
@@ -210,7 +194,6 @@ def simulate(spec: str,
              plot_path: Optional[str] = typer.Option(None, "--plot", help="Write a PNG of straggler per step."),
              set_: Optional[List[str]] = SetOpt):
     """Planner + cost model on routing traces, no GPU: stragglers, overflow, bytes, time per strategy."""
-    from echoc import simulate as sim
     s = _load(spec, set_)
     res = sim.simulate(s, trace=trace, skew=skew, drift=drift, steps=steps, layers=layers)
     sim.print_table(res, console)

@@ -1,30 +1,37 @@
-"""The compile driver: meta-device model → FX trace → passes → shapes → artifacts.
+"""The compile driver: spec → meta-device model → FX trace → passes → shapes → memory plan.
 
-`compile_graph` is shared with the runtime, which runs the same passes on the
-real (sharded) model; `compile_spec` is what `echoc compile` calls: it never
-allocates real weights.
+`compile_build(spec)` is the one compile: it returns a `Build` holding the runtime's
+`Program` (the graph, the meta model it calls, the arena layout) and everything
+`echoc compile` writes (echoc/artifact.py). `echoc run` executes a Build's Program; no
+process compiles the same spec twice. Nothing here allocates real weights or runs a
+collective: the 744B-parameter spec compiles on a laptop.
 """
 from __future__ import annotations
 
-import json
 import platform
 import resource
 import time
 from dataclasses import asdict, dataclass, is_dataclass
-from pathlib import Path
 
 import torch
 import torch.fx
 from torch.fx import GraphModule
 from torch.fx.passes.shape_prop import ShapeProp
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 import echoc
+from echoc import accounting
 from echoc.spec import Spec
-from passes.manager import PassRecord, default_pipeline
+from echoc.spec_io import spec_hash
+from passes import buffer_plan, cost_model
+from passes.manager import PassRecord
+from passes.pipeline import default_pipeline
 from runtime import grouped_gemm
-from runtime.model import MoE, Transformer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from runtime.dtypes import torch_dtype
+from runtime.model import MoE, meta_transformer
+from runtime.parallel import shard_experts
+from runtime.program import Program
 
 
 class MoELeafTracer(torch.fx.Tracer):
@@ -44,11 +51,6 @@ def compile_graph(model: torch.nn.Module, spec: Spec) -> tuple[GraphModule, list
     return default_pipeline().run(trace(model), spec)
 
 
-def build_meta_model(spec: Spec) -> Transformer:
-    with torch.device("meta"):
-        return Transformer(spec.model).to(DTYPES[spec.model.dtype])
-
-
 def example_tokens(spec: Spec, device="meta") -> torch.Tensor:
     b = spec.budgets
     return torch.zeros((b.micro_batch, b.seq_len), dtype=torch.int64, device=device)
@@ -61,7 +63,8 @@ class _PlanShapes(ShapeProp):
 
     def call_function(self, target, args, kwargs):
         if target in (grouped_gemm.expert_ffn, grouped_gemm.expert_ffn_recompute_clone):
-            return torch.empty_like(args[0])
+            rows = args[0] if args else next(iter(kwargs.values()))
+            return torch.empty_like(rows)
         return super().call_function(target, args, kwargs)
 
 
@@ -71,107 +74,49 @@ def propagate_shapes(gm: GraphModule, spec: Spec) -> None:
     if spec.backends.dispatch != "sync":
         _PlanShapes(gm).propagate(example_tokens(spec))
         return
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True, static_shapes=True)
     _PlanShapes(gm, fake_mode=mode).propagate(example_tokens(spec))
 
 
-def _fmt_meta(meta) -> str:
-    if meta is None:
-        return ""
-    if hasattr(meta, "shape"):
-        dt = str(meta.dtype).replace("torch.", "")
-        return f"{dt}[{', '.join(str(s) for s in meta.shape)}]"
-    if isinstance(meta, (tuple, list)):
-        return "(" + ", ".join(_fmt_meta(m) for m in meta) + ")"
-    return ""
-
-
-def _fmt_target(node) -> str:
-    t = node.target
-    if node.op == "call_function":
-        return getattr(t, "__qualname__", None) if not hasattr(t, "_schema") else str(t).replace(".default", "")
-    return str(t)
-
-
-def graph_listing(gm: GraphModule) -> str:
-    """One node a line: name, op, target, args, and the output shape and dtype."""
-    lines = []
-    for n in gm.graph.nodes:
-        args = ", ".join(a.name if isinstance(a, torch.fx.Node) else repr(a)
-                         for a in torch.fx.node.map_arg(n.args, lambda x: x) if not isinstance(a, (list, tuple)))
-        shape = _fmt_meta(n.meta.get("tensor_meta"))
-        lines.append(f"{n.name:<40} {n.op:<13} {_fmt_target(n):<36} {shape:<28} ({args})")
-    return "\n".join(lines) + "\n"
-
-
-def buffer_plan_of(spec: Spec):
-    """The buffer plan (passes/buffer_plan.py) of rank 0's compiled graph, on the meta device.
-    Every rank has the same buffer shapes under the torch backend, so it holds for all ranks."""
-    from passes import buffer_plan
-    from runtime.parallel import shard_experts
-    model = build_meta_model(spec)
-    shard_experts(model, 0, spec.parallel.ep)
-    gm, _ = compile_graph(model, spec)
-    propagate_shapes(gm, spec)
-    return buffer_plan.run(gm, spec).info
-
-
 @dataclass
-class CompileResult:
-    out_dir: Path
-    summary: dict
+class Build:
+    """One compile of one spec: what `echoc run` executes and what `echoc compile` writes."""
+    spec: Spec
+    program: Program            # graph + meta model + arena layout (runtime/program.py)
+    records: list[PassRecord]   # each pass: name, ms, what it decided
+    memory_plan: object         # passes/buffer_plan's plan (lifetimes, offsets, totals)
+    summary: dict               # summary.json
+
+
+def compile_build(spec: Spec) -> Build:
+    """Plan rank 0 on the meta device (every rank has the same shapes under the sync-free backends)."""
+    t0 = time.perf_counter()
+    model = meta_transformer(spec.model, torch_dtype(spec.model.dtype))
+    params = accounting.count_parameters(model)
+    memory = accounting.memory_per_rank(spec, model)
+    shard_experts(model, 0, spec.parallel.ep)
+    gm, records = compile_graph(model, spec)
+    propagate_shapes(gm, spec)
+    t_plan = time.perf_counter()
+    plan = buffer_plan.run(gm, spec).info
+    records.append(PassRecord("buffer_plan", (time.perf_counter() - t_plan) * 1e3, None))
+    layout = buffer_plan.arena_layout(plan) if spec.backends.uses_arena and plan.planned else None
+    program = Program(spec, model, gm, layout)
+    summary = _summary(spec, params, memory, records, buffer_plan.plan_to_json(plan))
+    summary["compile_seconds"] = round(time.perf_counter() - t0, 3)
+    summary["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return Build(spec, program, records, plan, summary)
 
 
 def _jsonable(x):
-    if is_dataclass(x):
-        return asdict(x)
-    return x
+    return asdict(x) if is_dataclass(x) else x
 
 
-def _echo_decision(spec: Spec) -> dict:
-    """The cost model's view: what a clone costs and must save, and how many spare slots pay
-    off under zipf(1.2) routing (predicted MoE ms per layer for 0..4 slots)."""
-    from passes import cost_model
-    if spec.parallel.ep == 1:
-        return {"explain": "ep = 1: every expert is local, nothing to clone"}
-    d = cost_model.clone_decision(spec)
-    predicted = cost_model.recommend_spare_slots(spec)
-    best = min(predicted, key=predicted.get)
-    return {"clone_domain_ranks": d.domain_ranks, "link_gbps": d.link_gbps, "min_clone_rows": d.min_clone_rows,
-            "predicted_moe_ms_by_spare_slots": predicted, "recommended_spare_slots": best,
-            "spec_spare_slots": spec.echo.spare_slots_per_rank, "enabled": spec.echo.enabled,
-            "explain": d.explain + f" Under zipf(1.2) routing {best} spare slot(s) per rank minimise the "
-                       f"predicted MoE time ({predicted[best]:.3f} ms/layer vs {predicted[0]:.3f} without cloning)."}
-
-
-def compile_spec(spec: Spec, out_dir: str | Path | None = None) -> CompileResult:
-    """`echoc compile`: plan on the meta device and write build/<name>/."""
-    from echoc import accounting
-    from echoc.spec_io import spec_hash
-    t0 = time.perf_counter()
-    from runtime.parallel import shard_experts
-    model = build_meta_model(spec)
-    params = accounting.count_parameters(model)
-    memory = accounting.memory_per_rank(spec, model)
-    shard_experts(model, 0, spec.parallel.ep)  # the graph lists rank 0's shapes
-    gm, records = compile_graph(model, spec)
-    propagate_shapes(gm, spec)
-    out = Path(out_dir or Path("build") / spec.model.name)
-    out.mkdir(parents=True, exist_ok=True)
-    from passes import buffer_plan
-    t_plan = time.perf_counter()
-    plan = buffer_plan.plan_to_json(buffer_plan.run(gm, spec).info)
-    plan_ms = (time.perf_counter() - t_plan) * 1e3
-    (out / "plan.json").write_text(json.dumps(plan, indent=1))
-    (out / "graph.txt").write_text(graph_listing(gm))
-    (out / "graph.py").write_text(gm.code)
-    summary = {
+def _summary(spec: Spec, params: dict, memory: dict, records: list[PassRecord], plan_json: dict) -> dict:
+    return {
         "name": spec.model.name,
         "spec_hash": spec_hash(spec),
-        "versions": {"echoc": echoc.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
+        "versions": {"echoc": echoc.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "layers": spec.model.num_layers,
         "moe_layers": spec.model.num_moe_layers,
         "experts": spec.model.moe.num_experts,
@@ -183,12 +128,23 @@ def compile_spec(spec: Spec, out_dir: str | Path | None = None) -> CompileResult
         "dispatch": {"backend": spec.backends.dispatch, "tokens_per_rank": spec.budgets.tokens,
                      "peer_chunk_rows": spec.peer_chunk_rows, "receive_rows": spec.receive_rows},
         "echo": _echo_decision(spec),
-        "passes": [{"name": r.name, "ms": round(r.ms, 2), "info": _jsonable(r.info)} for r in records]
-                  + [{"name": "buffer_plan", "ms": round(plan_ms, 2), "info": plan.get("totals", plan.get("reason"))}],
-        "buffers": plan.get("totals", {"planned": False, "reason": plan.get("reason")}),
-        "compile_seconds": round(time.perf_counter() - t0, 3),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "passes": [{"name": r.name, "ms": round(r.ms, 2),
+                    "info": _jsonable(r.info) if r.name != "buffer_plan"
+                    else plan_json.get("totals", plan_json.get("reason"))} for r in records],
+        "buffers": plan_json.get("totals", {"planned": False, "reason": plan_json.get("reason")}),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "spec.json").write_text(spec.model_dump_json(indent=2))
-    return CompileResult(out, summary)
+
+
+def _echo_decision(spec: Spec) -> dict:
+    """The cost model's view: what a clone costs and must save, and how many spare slots pay
+    off under zipf(1.2) routing (predicted MoE ms per layer for 0..4 slots)."""
+    if spec.parallel.ep == 1:
+        return {"explain": "ep = 1: every expert is local, nothing to clone"}
+    d = cost_model.clone_decision(spec)
+    predicted = cost_model.recommend_spare_slots(spec)
+    best = min(predicted, key=predicted.get)
+    return {"clone_domain_ranks": d.domain_ranks, "link_gbps": d.link_gbps, "min_clone_rows": d.min_clone_rows,
+            "predicted_moe_ms_by_spare_slots": predicted, "recommended_spare_slots": best,
+            "spec_spare_slots": spec.echo.spare_slots_per_rank, "enabled": spec.echo.enabled,
+            "explain": d.explain + f" Under zipf(1.2) routing {best} spare slot(s) per rank minimise the "
+                       f"predicted MoE time ({predicted[best]:.3f} ms/layer vs {predicted[0]:.3f} without cloning)."}

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -235,14 +236,12 @@ def keep_last(ckpt_dir: str | Path, n: int) -> list[Path]:
 
 # ----------------------------------------------------------------------------- SIGTERM
 
-def install_sigterm(flag) -> object:
-    """On SIGTERM call flag.set() (a threading.Event) instead of dying; returns the previous handler.
+def install_stop_signals(flag) -> None:
+    """On SIGTERM or SIGINT (Ctrl-C) call flag.set() (a threading.Event) instead of dying.
 
     The loop then saves and exits at a step boundary (see stop_requested). Main thread only."""
-    return signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
-
-
-_STOP_GROUP: list = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: flag.set())
 
 
 def stop_requested(flag) -> bool:
@@ -253,9 +252,49 @@ def stop_requested(flag) -> bool:
     no device work, so it does not disturb a captured step."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag.is_set()
-    if not _STOP_GROUP:  # created on first use, at the same step on every rank
+    if comm.get_group("stop") is None:  # created on first use, at the same step on every rank
         gloo = dist.get_backend() == "gloo"
-        _STOP_GROUP.append(dist.group.WORLD if gloo else dist.new_group(backend="gloo"))
+        comm.register_group("stop", dist.group.WORLD if gloo else dist.new_group(backend="gloo"))
     t = torch.tensor([int(flag.is_set())])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_STOP_GROUP[0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=comm.get_group("stop"))
     return bool(t.item())
+
+
+# ----------------------------------------------------------------------------- in the loop
+
+class Checkpointer:
+    """Resume at start, save every `train.checkpoint.interval` steps, on SIGTERM / SIGINT and
+    at the end. Without `train.checkpoint.dir` it does nothing. A torchrun elastic restart
+    (TORCHELASTIC_RESTART_COUNT > 0) resumes from the last complete checkpoint by itself."""
+
+    def __init__(self, trainer, resume_asked: bool, keep: int = 3):
+        self.config, self.trainer, self.keep = trainer.spec.train.checkpoint, trainer, keep
+        self.start, self.stopped, self.flag = 0, False, threading.Event()
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if resume_asked and not self.config.dir:
+            raise EchocError("--resume needs train.checkpoint.dir in the spec")
+        if not self.config.dir:
+            return
+        if resume_asked or restarted:
+            self.start = resume(trainer, self.config.dir)
+        install_stop_signals(self.flag)
+
+    def after_step(self, done: int) -> bool:
+        """Save if due; True when a SIGTERM / SIGINT asked the run to stop (after saving)."""
+        if not self.config.dir:
+            return False
+        if self.config.interval and done % self.config.interval == 0:
+            self._save(done)
+        if stop_requested(self.flag):
+            self._save(done)
+            self.stopped = True
+        return self.stopped
+
+    def finish(self, done: int) -> None:
+        if self.config.dir and not self.stopped:
+            self._save(done)
+
+    def _save(self, done: int) -> None:
+        save(self.trainer, done, self.config.dir)
+        if _rank() == 0:
+            keep_last(self.config.dir, self.keep)

@@ -23,6 +23,21 @@ class Groups:
 
 _GROUPS: dict[str, dist.ProcessGroup | None] = {}
 
+# torch ≥ 2.13 names the flat collectives *_single and deprecates the older names; 2.11 has only those
+_ALL_GATHER_FLAT = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER_FLAT = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def register_group(name: str, group: dist.ProcessGroup | None) -> None:
+    """Name a group so ops and the runtime can find it, and shutdown() releases it."""
+    _GROUPS[name] = group
+
+
+def all_gather_flat(out: torch.Tensor, x: torch.Tensor, group: str = "world") -> torch.Tensor:
+    """out [n·m] ← every rank's x [m], rank-ordered."""
+    _ALL_GATHER_FLAT(out, x, group=get_group(group))
+    return out
+
 
 def init_groups(ep: int, dp: int, clone_domain: int | None = None) -> Groups:
     """Create the EP, expert-DP and clone-domain groups (every rank calls this, in the same order).
@@ -72,7 +87,7 @@ def all_gather_rows(x: torch.Tensor, group: str, out: torch.Tensor | None = None
         out = torch.empty((n,) + tuple(x.shape), dtype=x.dtype, device=x.device)
     if n == 1:
         return out.copy_(x.unsqueeze(0))
-    dist.all_gather_into_tensor(out.view(-1), x.contiguous().view(-1), group=get_group(group))
+    _ALL_GATHER_FLAT(out.view(-1), x.contiguous().view(-1), group=get_group(group))
     return out
 
 
@@ -102,7 +117,7 @@ def reduce_scatter_rows(x: torch.Tensor, group: str, out: torch.Tensor | None = 
         out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
     if n == 1:
         return out.copy_(x)
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=get_group(group))
+    _REDUCE_SCATTER_FLAT(out, x.contiguous(), group=get_group(group))
     return out
 
 
@@ -116,6 +131,4 @@ def shutdown() -> None:
         return
     dist.barrier()
     _GROUPS.clear()
-    from runtime import checkpoint
-    checkpoint._STOP_GROUP.clear()
     dist.destroy_process_group()

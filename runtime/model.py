@@ -406,3 +406,9 @@ def update_expert_bias(model: nn.Module, load_by_layer: dict[str, Tensor] | None
         load = load.to(device=r.expert_bias.device, dtype=torch.float32)
         r.expert_bias.add_(r.bias_update_rate * torch.sign(load.mean() - load))
         r.load.zero_()
+
+
+def meta_transformer(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
+    """The model on the meta device (no memory, no init values): what compile traces and counts."""
+    with torch.device("meta"):
+        return Transformer(cfg).to(dtype)

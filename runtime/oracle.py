@@ -16,19 +16,18 @@ weight drift that the two optimizers accumulated is reported too.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from echoc.spec import Spec
 from runtime import comm
 from runtime.data import TokenSource, local_rows
 from runtime.model import Transformer, lm_loss, moe_layers, update_expert_bias
 from runtime.parallel import expert_param_names
-from runtime.train import Trainer, build_reference
+from runtime.program import Program
+from runtime.trainer import Trainer, build_reference
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,11 +84,12 @@ def _install_router_masks(ref: Transformer, mask_fn: Callable) -> None:
         moe.router.register_forward_hook(hook)
 
 
-def compare_with_reference(spec: Spec, device: torch.device, steps: int,
+def compare_with_reference(program: Program, device: torch.device, steps: int,
                            drop_mask: Callable | None = None) -> list[StepReport]:
     """Run `steps` steps of both and report relative errors (every rank returns the same losses)."""
+    spec = program.spec
     ref = build_reference(spec, device)
-    trainer = Trainer(spec, device, model=copy.deepcopy(ref))
+    trainer = Trainer(program, device, reference=ref)
     if drop_mask is not None:
         _install_router_masks(ref, drop_mask)
     o = spec.train.optimizer

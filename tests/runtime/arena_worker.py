@@ -15,7 +15,6 @@ then each takes its optimizer step. With `graph` (CUDA): whole iterations eager 
 CUDA graph, with and without the arena, compared bitwise (deterministic kernels). Also, one forward through an FX Interpreter records where
 each MoE node's output lives: every planned node output must sit at its planned arena address.
 """
-import copy
 import json
 import sys
 
@@ -26,8 +25,10 @@ from torch.fx import Interpreter
 from echoc.spec_io import spec_from_dict
 from runtime import arena, comm
 from runtime.arena import Arena, ArenaLayout, View
+from runtime.cuda_graph import StepRunner
 from runtime.data import TokenSource, local_rows
-from runtime.train import Trainer, build_reference, init_distributed
+from echoc.compile import compile_build
+from runtime.trainer import Trainer, build_reference, init_distributed
 
 
 def collapsed(layout: ArenaLayout) -> ArenaLayout:
@@ -70,12 +71,11 @@ def graph_runs(spec, spec_alloc, ref, device, source, steps) -> dict:
     """Whole iterations (forward, backward, reductions, AdamW) through StepRunner: eager with the
     allocator, and captured as one CUDA graph with the allocator and with the arena. Returns
     each one's loss per step and whether its final weights equal the eager allocator run's."""
-    from runtime.cuda_graph import StepRunner
     rank, world, mb = dist.get_rank(), dist.get_world_size(), spec.budgets.micro_batch
     out, weights = {}, {}
     for name, sp, graph in (("eager_allocator", spec_alloc, False), ("graph_allocator", spec_alloc, True),
                             ("graph_arena", spec, True)):
-        trainer = Trainer(sp, device, model=copy.deepcopy(ref))
+        trainer = Trainer(compile_build(sp).program, device, reference=ref)
         runner = StepRunner(trainer, graph=graph)
         losses = []
         for step in range(steps):
@@ -101,9 +101,9 @@ def main():
     if device.type == "cuda":   # bitwise comparisons need deterministic kernels (embedding backward, index_add)
         torch.use_deterministic_algorithms(True, warn_only=True)
     ref = build_reference(spec, device)
-    runs = {"allocator": Trainer(spec_alloc, device, model=copy.deepcopy(ref)),
-            "arena": Trainer(spec, device, model=copy.deepcopy(ref)),
-            "collapsed": Trainer(spec, device, model=copy.deepcopy(ref))}
+    runs = {"allocator": Trainer(compile_build(spec_alloc).program, device, reference=ref),
+            "arena": Trainer(compile_build(spec).program, device, reference=ref),
+            "collapsed": Trainer(compile_build(spec).program, device, reference=ref)}
     assert runs["allocator"].arena is None and runs["arena"].arena is not None
     runs["collapsed"].arena = Arena(collapsed(runs["arena"].arena.layout), device)
     rank, world, mb = dist.get_rank(), dist.get_world_size(), spec.budgets.micro_batch

@@ -27,7 +27,8 @@ from runtime import comm
 from echoc.spec_io import spec_from_dict
 from runtime import checkpoint
 from runtime.data import TokenSource, local_rows
-from runtime.train import Trainer, init_distributed
+from echoc.compile import compile_build
+from runtime.trainer import Trainer, init_distributed
 
 
 class Loop:
@@ -66,14 +67,14 @@ def gather(obj):
 
 def roundtrip(cfg, spec, device):
     loop, ckpt, steps, k = Loop(spec, device), cfg["ckpt_dir"], cfg["steps"], cfg["save_at"]
-    a = Trainer(spec, device)
+    a = Trainer(compile_build(spec).program, device)
     losses_a = []
     for step in range(steps):
         losses_a.append(loop.step(a, step))
         if step + 1 == k:
             checkpoint.save(a, k, ckpt)
             snap = snapshot(a)
-    b = Trainer(spec, device)
+    b = Trainer(compile_build(spec).program, device)
     start = checkpoint.resume(b, ckpt)
     bad = mismatches(b, snap)
     losses_b = [loop.step(b, step) for step in range(start, steps)]
@@ -114,7 +115,7 @@ def train(cfg, spec, device):
     rank0 = dist.get_rank() == 0
     stop = threading.Event()
     checkpoint.install_sigterm(stop)
-    trainer = Trainer(spec, device)
+    trainer = Trainer(compile_build(spec).program, device)
     start = checkpoint.resume(trainer, ckpt) if ckpt else 0
     losses_path = Path(cfg["losses"])
     losses = json.loads(losses_path.read_text()) if losses_path.exists() else {}

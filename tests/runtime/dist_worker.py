@@ -16,7 +16,8 @@ from runtime import comm
 
 from echoc.spec_io import spec_from_dict
 from runtime.oracle import compare_with_reference
-from runtime.train import init_distributed
+from echoc.compile import compile_build
+from runtime.trainer import init_distributed
 
 
 def independent_drop_mask(spec):
@@ -48,7 +49,7 @@ def main():
     spec = spec_from_dict(cfg["spec"])
     device = init_distributed(spec)
     mask = independent_drop_mask(spec) if cfg.get("reference_drops") else None
-    reports = compare_with_reference(spec, device, cfg["steps"], drop_mask=mask)
+    reports = compare_with_reference(compile_build(spec).program, device, cfg["steps"], drop_mask=mask)
     result = [{"step": r.step, "loss": r.loss, "ref_loss": r.ref_loss, "loss_rel_err": r.loss_rel_err,
                "worst_grad": r.worst_grad, "dropped": r.dropped, "clones": r.clones, "weight_drift": r.weight_drift, "grads": r.grad_rel_err} for r in reports]
     # every rank checks its own expert shard: gather the worst error per rank
