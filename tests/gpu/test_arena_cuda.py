@@ -1,30 +1,31 @@
 """The planned arena on GPUs (NCCL, bf16): a run with the arena equals a run without it, bitwise,
 eager and captured as one CUDA graph (deterministic kernels). Needs 2 CUDA devices."""
-import sys
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "runtime"))
-from test_arena import run_worker  # noqa: E402
-from test_distributed import tiny_spec  # noqa: E402
-
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+WORKER = Path(__file__).parents[1] / "runtime" / "arena_worker.py"
 
 
 @pytest.mark.parametrize("recompute", [False, True])
-def test_arena_equals_allocator_on_gpus_eager_and_in_a_cuda_graph(tmp_path, recompute, monkeypatch):
+def test_arena_equals_allocator_on_gpus_eager_and_in_a_cuda_graph(tmp_path, recompute, monkeypatch, oracle_spec,
+                                                                 torchrun):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    spec = tiny_spec(ep=2, capacity=2.0, experts=8,
-                     echo={"enabled": True, "spare_slots_per_rank": 2, "clone_domain": "cluster",
-                           "recompute_clone_dispatch": recompute})
+    spec = oracle_spec(ep=2, capacity=2.0, experts=8,
+                       echo={"enabled": True, "spare_slots_per_rank": 2, "clone_domain": "cluster",
+                             "recompute_clone_dispatch": recompute})
     spec["cluster"]["device"] = "cuda"
     spec["model"]["dtype"] = "bfloat16"
     spec["budgets"]["row_alignment"] = 16
     # tiny experts on GPUs never pay for a clone; an (unreal) fast link makes the cost model clone anyway
     spec["cluster"]["intra_node_gbps"] = 1e7
-    ranks = run_worker(tmp_path, spec, steps=6, graph=True)
+    out = tmp_path / "out.json"
+    torchrun(WORKER, {"spec": spec, "steps": 6, "graph": True, "out": str(out)}, 2, tmp_path)
+    ranks = json.loads(out.read_text())
     for r in ranks:
         assert all(s["arena_vs_allocator"] == [] and s["unused_views"] == [] for s in r["steps"]), r["steps"]
         assert r["addresses"] and all(got == want for got, want in r["addresses"].values())

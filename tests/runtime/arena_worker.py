@@ -1,7 +1,7 @@
 """Run under torchrun by tests/runtime/test_arena.py: the planned arena against the allocator (gloo, CPU).
 
-argv: CONFIG_JSON OUT_JSON. CONFIG holds the spec as a dict (backends.buffers is set here) and
-the step count. Three Trainers start from the same reference weights and see the same batches:
+argv: CONFIG_JSON. CONFIG holds the spec as a dict (backends.buffers is set here), the step count
+and the output path. Three Trainers start from the same reference weights and see the same batches:
 
   allocator  backends.buffers 'allocator' (PyTorch's caching allocator; the baseline)
   arena      backends.buffers 'arena' (the buffer plan's views)
@@ -131,7 +131,7 @@ def main():
     gathered = [None] * world
     dist.all_gather_object(gathered, result)
     if rank == 0:
-        json.dump(gathered, open(sys.argv[2], "w"))
+        json.dump(gathered, open(cfg["out"], "w"))
     comm.shutdown()
 
 

@@ -114,7 +114,7 @@ def train(cfg, spec, device):
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     rank0 = dist.get_rank() == 0
     stop = threading.Event()
-    checkpoint.install_sigterm(stop)
+    checkpoint.install_stop_signals(stop)
     trainer = Trainer(compile_build(spec).program, device)
     start = checkpoint.resume(trainer, ckpt) if ckpt else 0
     losses_path = Path(cfg["losses"])

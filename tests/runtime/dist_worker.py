@@ -1,6 +1,6 @@
 """Run under torchrun by tests/runtime/test_distributed.py: the oracle on gloo.
 
-argv: CONFIG_JSON OUT_JSON. CONFIG holds the spec as a dict, the step count, and
+argv: CONFIG_JSON. CONFIG holds the spec as a dict, the step count, the output path, and
 whether to hand the reference the drop mask computed here independently of
 runtime/layout.py (plain Python loops over the same rule: inside each
 (source rank → destination rank) chunk, copies ordered by (expert, copy index);
@@ -57,7 +57,7 @@ def main():
     allw = [torch.zeros(1) for _ in range(dist.get_world_size())]
     dist.all_gather(allw, worst)
     if dist.get_rank() == 0:
-        json.dump({"steps": result, "worst_grad_by_rank": [float(w) for w in allw]}, open(sys.argv[2], "w"))
+        json.dump({"steps": result, "worst_grad_by_rank": [float(w) for w in allw]}, open(cfg["out"], "w"))
     comm.shutdown()
     print("worker done", flush=True)
 

@@ -1,14 +1,10 @@
 """The planned arena (runtime/arena.py): views at planned offsets, and a run with the arena
 equal to a run without it, bitwise (gloo, CPU, fp32; torchrun workers in arena_worker.py)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import tiny_spec
 
 from runtime import arena, ops  # noqa: F401  (ops registers echo::count)
 from runtime.arena import Arena, ArenaLayout, View
@@ -62,24 +58,23 @@ def test_a_custom_op_accepts_arena_views_of_shared_bytes():
     assert counts.data_ptr() == ar.address("b") and int(counts[1]) == 8
 
 
-def run_worker(tmp_path, spec, steps=2, graph=False):
-    cfg, out = tmp_path / "cfg.json", tmp_path / "out.json"
-    cfg.write_text(json.dumps({"spec": spec, "steps": steps, "graph": graph}))
-    nproc = spec["parallel"]["ep"] * spec["parallel"]["dp"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(WORKER), str(cfg), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(out.read_text())
+@pytest.fixture
+def run_arena_worker(tmp_path, torchrun):
+    def run(spec, steps=2, graph=False):
+        out = tmp_path / "out.json"
+        cfg = {"spec": spec, "steps": steps, "graph": graph, "out": str(out)}
+        torchrun(WORKER, cfg, spec["parallel"]["ep"] * spec["parallel"]["dp"], tmp_path)
+        return json.loads(out.read_text())
+    return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recompute", [False, True])
-def test_arena_run_equals_allocator_run_bitwise(tmp_path, recompute):
-    spec = tiny_spec(ep=2, capacity=2.0, experts=8,
+def test_arena_run_equals_allocator_run_bitwise(run_arena_worker, oracle_spec, recompute):
+    spec = oracle_spec(ep=2, capacity=2.0, experts=8,
                      echo={"enabled": True, "spare_slots_per_rank": 2, "clone_domain": "cluster",
                            "recompute_clone_dispatch": recompute})
-    ranks = run_worker(tmp_path, spec, steps=3)
+    ranks = run_arena_worker(spec, steps=3)
     assert sum(s["clones"] for s in ranks[0]["steps"]) > 0, "no clone planned: the clone buffers went untested"
     for rank, r in enumerate(ranks):
         for i, s in enumerate(r["steps"]):

@@ -4,14 +4,11 @@ The distributed cases launch real torchrun processes running tests/runtime/ckpt_
 the elastic case lets torchrun itself restart the job after one rank is SIGKILLed.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import tiny_spec
+from support import oracle_spec_dict, run_torchrun
 
 from runtime import checkpoint
 
@@ -20,22 +17,13 @@ STEPS = 8
 
 
 def spec(ep=2, dp=1):
-    s = tiny_spec(ep=ep, dp=dp, capacity=float(ep))
+    s = oracle_spec_dict(ep=ep, dp=dp, capacity=float(ep))
     s["train"]["optimizer"]["warmup_steps"] = 3  # the lr changes across the resume point
     return s
 
 
 def launch(tmp_path, cfg, nproc, *torchrun_args):
-    path = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*.json')))}.json"
-    path.write_text(json.dumps(cfg))
-    # torchrun's agent shares its TCPStore with the workers by default, and a restarted rank can
-    # then read the previous attempt's gloo/NCCL addresses (pytorch#135712, #167288)
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           *torchrun_args, str(WORKER), str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
+    return run_torchrun(WORKER, cfg, nproc, tmp_path, *torchrun_args, timeout=180)
 
 
 def roundtrip(tmp_path, s):
@@ -56,18 +44,21 @@ def check_roundtrip(res):
     assert res["mismatches"] == [[]] * len(res["mismatches"]), res["mismatches"]
 
 
+@pytest.mark.slow
 def test_fresh_trainer_resumes_bitwise_ep2(roundtrip_ep2):
     check_roundtrip(roundtrip_ep2)
     assert roundtrip_ep2["step_devices"] == ["cpu"]
     assert roundtrip_ep2["losses_b"] == roundtrip_ep2["losses_a"][3:]  # exact: bitwise on CPU fp32
 
 
+@pytest.mark.slow
 def test_fresh_trainer_resumes_bitwise_ep2_dp2(tmp_path):
     res = roundtrip(tmp_path, spec(ep=2, dp=2))
     check_roundtrip(res)
     assert res["losses_b"] == res["losses_a"][3:]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="capturable AdamW needs CUDA")
 def test_capturable_adamw_state_resumes_on_gpu(tmp_path):
     """Capturable AdamW keeps its step counters on the device; after a load they must be there too
@@ -81,6 +72,7 @@ def test_capturable_adamw_state_resumes_on_gpu(tmp_path):
     assert res["losses_b"] == pytest.approx(res["losses_a"][3:], rel=1e-3)  # GPU kernels need not be bitwise
 
 
+@pytest.mark.slow
 def test_save_cut_before_publish_is_never_latest(roundtrip_ep2):
     res = roundtrip_ep2
     assert res["torn"]["tmp_exists"], "the torn save left nothing: the test proves nothing"
@@ -101,6 +93,7 @@ def read_run(tmp_path):
     return [losses[str(s)] for s in range(len(losses))], attempts
 
 
+@pytest.mark.slow
 def test_sigkill_and_elastic_restart_give_the_uninterrupted_losses(tmp_path, roundtrip_ep2):
     ckpt = tmp_path / "ckpt"
     cfg = train_cfg(tmp_path, ckpt_dir=str(ckpt), interval=2, kill={"rank": 1, "step": 5, "signal": "SIGKILL"})
@@ -112,6 +105,7 @@ def test_sigkill_and_elastic_restart_give_the_uninterrupted_losses(tmp_path, rou
     assert [s for s, _ in checkpoint.complete_steps(ckpt)] == [6, 8]  # keep_last(2)
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_rank_saves_and_stops_then_resume(tmp_path, roundtrip_ep2):
     ckpt = tmp_path / "ckpt"
     # interval 3: the SIGTERM save falls on the step just saved by the interval
