@@ -6,16 +6,28 @@ class EchocError(Exception):
 
 
 class SpecError(EchocError):
-    """A spec that does not validate. `problems` holds (yaml_path, line or None, message)."""
+    """A spec that does not validate. `problems` holds (yaml_path, line or None, message).
+
+    One problem reads as one line, `SOURCE: PATH (line N): MESSAGE`; several as a count line
+    followed by one line per problem. Control characters are shown escaped, never printed.
+    """
 
     def __init__(self, source: str, problems: list[tuple[str, int | None, str]]):
+        assert problems, "a SpecError needs at least one problem"
         self.source = source
         self.problems = problems
-        lines = [f"{source}: {len(problems)} problem(s) in the spec"]
-        for path, line, msg in problems:
-            where = f"{path} (line {line})" if line else path
-            lines.append(f"  {where}: {msg}")
-        super().__init__("\n".join(lines))
+        where = [(f"{path} (line {line})" if line else path, msg) for path, line, msg in problems]
+        if len(where) == 1:
+            text = _one_line(f"{source}: {where[0][0]}: {where[0][1]}")
+        else:
+            text = "\n".join([_one_line(f"{source}: {len(problems)} problems in the spec")]
+                             + [_one_line(f"  {w}: {m}") for w, m in where])
+        super().__init__(text)
+
+
+def _one_line(text: str) -> str:
+    """`text` with every control character (newlines included) escaped, so it prints as one line."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 class MissingDependencyError(EchocError):

@@ -12,24 +12,31 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from echoc.spec_types import (
+    MAX_CAPACITY, MAX_EXPERTS, MAX_FFN, MAX_GPUS_PER_NODE, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS,
+    MAX_LORA_RANK, MAX_ROW_ALIGNMENT, MAX_SEED, MAX_SHARED_EXPERTS, MAX_STEPS, MAX_TIMEOUT_S,
+    MAX_TOKENS_PER_RANK, MAX_VOCAB, MAX_WORLD, PathText, SafeName, float_in, int_in)
+
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 class _Section(BaseModel):
-    # attribute docstrings become field descriptions in the JSON schema (`echoc schema`)
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # attribute docstrings become field descriptions in the JSON schema (`echoc schema`);
+    # NaN and ±inf are refused in every float field
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
-PosInt = Annotated[int, Field(gt=0)]
+PosFloat = float_in(gt=0)
+Steps = int_in(0, MAX_STEPS)
 
 
 class GQAConfig(_Section):
     kind: Literal["gqa"] = "gqa"
-    num_heads: PosInt
-    num_kv_heads: PosInt
-    head_dim: PosInt
-    rope_theta: float = Field(10000.0, gt=0)
+    num_heads: int_in(1, MAX_HEADS)
+    num_kv_heads: int_in(1, MAX_HEADS)
+    head_dim: int_in(1, MAX_HEAD_DIM)
+    rope_theta: PosFloat = 10000.0
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -47,13 +54,13 @@ class GQAConfig(_Section):
 class MLAConfig(_Section):
     """Multi-head latent attention (DeepSeek-V3 / GLM-5). q_lora_rank 0 means no query low-rank."""
     kind: Literal["mla"] = "mla"
-    num_heads: PosInt
-    q_lora_rank: int = Field(0, ge=0)
-    kv_lora_rank: PosInt
-    qk_nope_head_dim: PosInt
-    qk_rope_head_dim: PosInt
-    v_head_dim: PosInt
-    rope_theta: float = Field(10000.0, gt=0)
+    num_heads: int_in(1, MAX_HEADS)
+    q_lora_rank: int_in(0, MAX_LORA_RANK) = 0
+    kv_lora_rank: int_in(1, MAX_LORA_RANK)
+    qk_nope_head_dim: int_in(1, MAX_HEAD_DIM)
+    qk_rope_head_dim: int_in(1, MAX_HEAD_DIM)
+    v_head_dim: int_in(1, MAX_HEAD_DIM)
+    rope_theta: PosFloat = 10000.0
 
     @model_validator(mode="after")
     def _rope_even(self):
@@ -68,31 +75,32 @@ Attention = Annotated[Union[GQAConfig, MLAConfig], Field(discriminator="kind")]
 
 class RouterConfig(_Section):
     score_fn: Literal["sigmoid", "softmax"] = "sigmoid"
-    num_groups: PosInt = 1
-    topk_groups: PosInt = 1
-    routed_scaling_factor: float = Field(1.0, gt=0)
-    bias_update_rate: float = Field(1e-3, ge=0)
+    num_groups: int_in(1, MAX_EXPERTS) = 1
+    topk_groups: int_in(1, MAX_EXPERTS) = 1
+    routed_scaling_factor: PosFloat = 1.0
+    bias_update_rate: float_in(ge=0) = 1e-3
     """Aux-loss-free balancing: after each step, bias += rate * sign(mean_load - load)."""
 
 
 class MoEConfig(_Section):
-    num_experts: PosInt
-    top_k: PosInt
-    expert_intermediate_size: PosInt
-    shared_experts: int = Field(1, ge=0)
+    num_experts: int_in(1, MAX_EXPERTS)
+    top_k: int_in(1, MAX_EXPERTS)
+    expert_intermediate_size: int_in(1, MAX_FFN)
+    shared_experts: int_in(0, MAX_SHARED_EXPERTS) = 1
     router: RouterConfig = RouterConfig()
 
 
 class ModelConfig(_Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    vocab_size: PosInt
-    hidden_size: PosInt
-    num_layers: PosInt
-    first_dense_layers: int = Field(0, ge=0)
+    name: SafeName
+    """Becomes the build directory build/<name>/: a safe file name."""
+    vocab_size: int_in(1, MAX_VOCAB)
+    hidden_size: int_in(1, MAX_HIDDEN)
+    num_layers: int_in(1, MAX_LAYERS)
+    first_dense_layers: int_in(0, MAX_LAYERS) = 0
     attention: Attention
-    dense_intermediate_size: PosInt
+    dense_intermediate_size: int_in(1, MAX_FFN)
     moe: MoEConfig
-    norm_eps: float = Field(1e-6, gt=0)
+    norm_eps: float_in(gt=0, lt=1) = 1e-6
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
     @property
@@ -106,18 +114,25 @@ class ModelConfig(_Section):
 
 class DomainConfig(_Section):
     """A group of nodes joined to other domains by a slower link (e.g. one datacenter)."""
-    nodes: list[int] = Field(min_length=1)
+    nodes: list[int_in(0, MAX_WORLD - 1)] = Field(min_length=1)
 
 
 class ClusterConfig(_Section):
     device: Literal["cpu", "cuda"] = "cpu"
-    nodes: PosInt = 1
-    gpus_per_node: PosInt = 1
+    nodes: int_in(1, MAX_WORLD) = 1
+    gpus_per_node: int_in(1, MAX_GPUS_PER_NODE) = 1
     """Processes per node; on CPU, gloo processes."""
-    intra_node_gbps: float = Field(450.0, gt=0)
-    inter_node_gbps: float = Field(50.0, gt=0)
+    intra_node_gbps: PosFloat = 450.0
+    inter_node_gbps: PosFloat = 50.0
     domains: Optional[list[DomainConfig]] = None
-    inter_domain_gbps: Optional[float] = Field(None, gt=0)
+    inter_domain_gbps: Optional[PosFloat] = None
+
+    @model_validator(mode="after")
+    def _world(self):
+        if self.world_size > MAX_WORLD:
+            raise SpecCrossFieldError([("gpus_per_node", f"nodes × gpus_per_node ({self.nodes} × {self.gpus_per_node} "
+                                        f"= {self.world_size:,}) is more than {MAX_WORLD:,} processes")])
+        return self
 
     @property
     def world_size(self) -> int:
@@ -125,19 +140,21 @@ class ClusterConfig(_Section):
 
 
 class ParallelConfig(_Section):
-    ep: PosInt = 1
-    dp: PosInt = 1
+    ep: int_in(1, MAX_WORLD) = 1
+    dp: int_in(1, MAX_WORLD) = 1
 
 
 class BudgetsConfig(_Section):
-    seq_len: PosInt
-    micro_batch: PosInt = 1
-    tokens_per_rank: Optional[PosInt] = None
+    seq_len: int_in(1, MAX_TOKENS_PER_RANK)
+    micro_batch: int_in(1, MAX_TOKENS_PER_RANK) = 1
+    tokens_per_rank: Optional[int_in(1, MAX_TOKENS_PER_RANK)] = None
     """Optional; when given it must equal seq_len × micro_batch."""
-    received_token_capacity: float = 1.25
-    on_overflow: Literal["drop", "error"] = "drop"
-    memory_gib: Optional[float] = Field(None, gt=0)
-    row_alignment: PosInt = 8
+    received_token_capacity: float_in(le=MAX_CAPACITY) = 1.25
+    on_overflow: Literal["drop", "error", "rerun"] = "drop"
+    """Rows beyond capacity: dropped and counted; the step fails; or the step's update is skipped
+    on the device and the same batch runs again with room for every row."""
+    memory_gib: Optional[PosFloat] = None
+    row_alignment: int_in(1, MAX_ROW_ALIGNMENT) = 8
     """Receive-buffer rows per peer chunk are rounded up to this (GEMM alignment)."""
 
     @model_validator(mode="after")
@@ -147,7 +164,10 @@ class BudgetsConfig(_Section):
             errors.append(("received_token_capacity",
                            f"received_token_capacity must be >= 1.0 (got {self.received_token_capacity}); "
                            "below 1.0 even a perfectly balanced step would overflow"))
-        if self.tokens_per_rank is not None and self.tokens_per_rank != self.seq_len * self.micro_batch:
+        if self.tokens > MAX_TOKENS_PER_RANK:
+            errors.append(("micro_batch", f"seq_len × micro_batch ({self.seq_len} × {self.micro_batch} = "
+                                          f"{self.tokens:,}) is more than {MAX_TOKENS_PER_RANK:,} tokens per rank"))
+        elif self.tokens_per_rank is not None and self.tokens_per_rank != self.tokens:
             errors.append(("tokens_per_rank",
                            f"tokens_per_rank ({self.tokens_per_rank}) must equal seq_len × micro_batch "
                            f"({self.seq_len} × {self.micro_batch} = {self.seq_len * self.micro_batch}); "
@@ -163,7 +183,7 @@ class BudgetsConfig(_Section):
 
 class EchoConfig(_Section):
     enabled: bool = False
-    spare_slots_per_rank: int = Field(0, ge=0)
+    spare_slots_per_rank: int_in(0, MAX_EXPERTS) = 0
     recompute_clone_dispatch: bool = False
     clone_domain: Literal["node", "cluster"] = "node"
 
@@ -191,15 +211,15 @@ class BackendsConfig(_Section):
 
 class OptimizerConfig(_Section):
     name: Literal["adamw"] = "adamw"
-    lr: float = Field(3e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
+    lr: float_in(gt=0, le=1) = 3e-4
+    betas: tuple[float_in(ge=0, lt=1), float_in(ge=0, lt=1)] = (0.9, 0.95)
+    weight_decay: float_in(ge=0) = 0.0
+    warmup_steps: Steps = 0
 
 
 class DataConfig(_Section):
     kind: Literal["synthetic", "text"] = "synthetic"
-    path: Optional[str] = None
+    path: Optional[PathText] = None
     """For kind text: a file read as bytes (token id = byte value; vocab_size must be >= 256)."""
 
     @model_validator(mode="after")
@@ -212,19 +232,24 @@ class DataConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    dir: Optional[str] = None
-    interval: int = Field(0, ge=0)
+    dir: Optional[PathText] = None
+    interval: Steps = 0
     """Steps between checkpoints; 0 = only at the end and on SIGTERM (when dir is set)."""
 
 
 class TrainConfig(_Section):
-    steps: PosInt = 10
-    seed: int = 0
+    steps: int_in(1, MAX_STEPS) = 10
+    seed: int_in(0, MAX_SEED) = 0
     optimizer: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
-    log_interval: PosInt = 1
-    metrics_path: Optional[str] = None
+    log_interval: int_in(1, MAX_STEPS) = 1
+    metrics_path: Optional[PathText] = None
+    collective_timeout_s: float_in(gt=0, le=MAX_TIMEOUT_S) = 600.0
+    """Every collective times out after this many seconds: a rank that stops answering ends the run."""
+    on_nonfinite: Literal["skip", "stop"] = "stop"
+    """A NaN/inf loss or gradient norm skips that step's update on the device; then 'skip' counts and
+    reports it, 'stop' stops the run naming the step."""
 
 
 class Spec(_Section):
@@ -238,62 +263,7 @@ class Spec(_Section):
 
     @model_validator(mode="after")
     def _cross_field(self):
-        m, moe = self.model, self.model.moe
-        errors: list[tuple[str, str]] = []
-
-        def bad(path: str, msg: str) -> None:
-            errors.append((path, msg))
-
-        if m.first_dense_layers > m.num_layers:
-            bad("model.first_dense_layers",
-                f"{m.first_dense_layers} is more than num_layers ({m.num_layers})")
-        if moe.top_k > moe.num_experts:
-            bad("model.moe.top_k", f"top_k ({moe.top_k}) must be <= num_experts ({moe.num_experts})")
-        r = moe.router
-        if r.topk_groups > r.num_groups:
-            bad("model.moe.router.topk_groups",
-                f"topk_groups ({r.topk_groups}) must be <= num_groups ({r.num_groups})")
-        if moe.num_experts % r.num_groups:
-            bad("model.moe.router.num_groups",
-                f"num_experts ({moe.num_experts}) must be divisible by num_groups ({r.num_groups})")
-        elif moe.num_experts >= moe.top_k > r.topk_groups * (moe.num_experts // r.num_groups):
-            bad("model.moe.top_k",
-                f"top_k ({moe.top_k}) exceeds the experts in the selected groups "
-                f"({r.topk_groups} × {moe.num_experts // r.num_groups})")
-        world = self.cluster.world_size
-        if self.parallel.ep * self.parallel.dp != world:
-            bad("parallel", f"ep × dp ({self.parallel.ep} × {self.parallel.dp}) must equal "
-                f"nodes × gpus_per_node ({self.cluster.nodes} × {self.cluster.gpus_per_node} = {world})")
-        if moe.num_experts % self.parallel.ep:
-            bad("parallel.ep", f"num_experts ({moe.num_experts}) must be divisible by ep ({self.parallel.ep})")
-        if self.echo.enabled and self.echo.spare_slots_per_rank == 0:
-            bad("echo.spare_slots_per_rank", "must be >= 1 when echo.enabled is true")
-        if self.echo.enabled and self.parallel.ep == 1:
-            bad("echo.enabled", "cloning needs ep >= 2 (with ep = 1 every expert is already local)")
-        if self.echo.spare_slots_per_rank > moe.num_experts:
-            bad("echo.spare_slots_per_rank",
-                f"{self.echo.spare_slots_per_rank} spare slots per rank is more than num_experts ({moe.num_experts})")
-        dev, be = self.cluster.device, self.backends
-        if dev == "cpu" and be.dispatch in ("symm_mem", "deepep"):
-            bad("backends.dispatch", f"'{be.dispatch}' needs cluster.device 'cuda'; on cpu use 'torch' or 'sync'")
-        if dev == "cpu" and be.cuda_graph != "none":
-            bad("backends.cuda_graph", "CUDA graphs need cluster.device 'cuda'; on cpu use 'none'")
-        if dev == "cpu" and be.grouped_gemm == "te":
-            bad("backends.grouped_gemm", "'te' (Transformer Engine) needs cluster.device 'cuda'")
-        if dev == "cuda" and m.dtype == "float32" and be.grouped_gemm == "torch":
-            bad("backends.grouped_gemm", "'torch' (grouped_mm) needs model.dtype 'bfloat16' on cuda; "
-                "use bfloat16, or 'loop' for float32")
-        if be.cuda_graph == "full_iteration" and be.dispatch == "sync":
-            bad("backends.dispatch", "'sync' reads routing counts on the host and cannot be captured; "
-                "with cuda_graph 'full_iteration' use 'torch', 'symm_mem' or 'deepep'")
-        if self.train.data.kind == "text" and m.vocab_size < 256:
-            bad("model.vocab_size", f"{m.vocab_size} is too small for byte-level text data (needs >= 256)")
-        if self.cluster.domains is not None:
-            seen = sorted(n for d in self.cluster.domains for n in d.nodes)
-            if seen != list(range(self.cluster.nodes)):
-                bad("cluster.domains", f"domains must partition nodes 0..{self.cluster.nodes - 1} exactly; got {seen}")
-            if self.cluster.inter_domain_gbps is None:
-                bad("cluster.inter_domain_gbps", "required when cluster.domains is given")
+        errors = _model_rules(self) + _layout_rules(self) + _backend_rules(self) + _cluster_rules(self)
         if errors:
             raise SpecCrossFieldError(errors)
         return self
@@ -325,3 +295,77 @@ class SpecCrossFieldError(ValueError):
     def __init__(self, errors: list[tuple[str, str]]):
         self.errors = errors
         super().__init__("; ".join(f"{p}: {m}" for p, m in errors))
+
+
+# Cross-field rules of Spec: each returns (absolute yaml path, message) pairs ---------------------
+
+def _model_rules(spec: Spec) -> list[tuple[str, str]]:
+    m, moe, r = spec.model, spec.model.moe, spec.model.moe.router
+    errors = []
+    if m.first_dense_layers > m.num_layers:
+        errors.append(("model.first_dense_layers", f"{m.first_dense_layers} is more than num_layers ({m.num_layers})"))
+    if moe.top_k > moe.num_experts:
+        errors.append(("model.moe.top_k", f"top_k ({moe.top_k}) must be <= num_experts ({moe.num_experts})"))
+    if r.topk_groups > r.num_groups:
+        errors.append(("model.moe.router.topk_groups",
+                       f"topk_groups ({r.topk_groups}) must be <= num_groups ({r.num_groups})"))
+    if moe.num_experts % r.num_groups:
+        errors.append(("model.moe.router.num_groups",
+                       f"num_experts ({moe.num_experts}) must be divisible by num_groups ({r.num_groups})"))
+    elif moe.num_experts >= moe.top_k > r.topk_groups * (moe.num_experts // r.num_groups):
+        errors.append(("model.moe.top_k", f"top_k ({moe.top_k}) exceeds the experts in the selected groups "
+                                          f"({r.topk_groups} × {moe.num_experts // r.num_groups})"))
+    if spec.train.data.kind == "text" and m.vocab_size < 256:
+        errors.append(("model.vocab_size", f"{m.vocab_size} is too small for byte-level text data (needs >= 256)"))
+    return errors
+
+
+def _layout_rules(spec: Spec) -> list[tuple[str, str]]:
+    """Parallel layout and expert cloning."""
+    p, c, echo, num_experts = spec.parallel, spec.cluster, spec.echo, spec.model.moe.num_experts
+    errors = []
+    if p.ep * p.dp != c.world_size:
+        errors.append(("parallel", f"ep × dp ({p.ep} × {p.dp}) must equal nodes × gpus_per_node "
+                                   f"({c.nodes} × {c.gpus_per_node} = {c.world_size})"))
+    if num_experts % p.ep:
+        errors.append(("parallel.ep", f"num_experts ({num_experts}) must be divisible by ep ({p.ep})"))
+    if echo.enabled and echo.spare_slots_per_rank == 0:
+        errors.append(("echo.spare_slots_per_rank", "must be >= 1 when echo.enabled is true"))
+    if echo.enabled and p.ep == 1:
+        errors.append(("echo.enabled", "cloning needs ep >= 2 (with ep = 1 every expert is already local)"))
+    if echo.spare_slots_per_rank > num_experts:
+        errors.append(("echo.spare_slots_per_rank",
+                       f"{echo.spare_slots_per_rank} spare slots per rank is more than num_experts ({num_experts})"))
+    return errors
+
+
+def _backend_rules(spec: Spec) -> list[tuple[str, str]]:
+    dev, be = spec.cluster.device, spec.backends
+    errors = []
+    if dev == "cpu" and be.dispatch in ("symm_mem", "deepep"):
+        errors.append(("backends.dispatch", f"'{be.dispatch}' needs cluster.device 'cuda'; on cpu use 'torch' or 'sync'"))
+    if dev == "cpu" and be.cuda_graph != "none":
+        errors.append(("backends.cuda_graph", "CUDA graphs need cluster.device 'cuda'; on cpu use 'none'"))
+    if dev == "cpu" and be.grouped_gemm == "te":
+        errors.append(("backends.grouped_gemm", "'te' (Transformer Engine) needs cluster.device 'cuda'"))
+    if dev == "cuda" and spec.model.dtype == "float32" and be.grouped_gemm == "torch":
+        errors.append(("backends.grouped_gemm", "'torch' (grouped_mm) needs model.dtype 'bfloat16' on cuda; "
+                                                "use bfloat16, or 'loop' for float32"))
+    if be.cuda_graph == "full_iteration" and be.dispatch == "sync":
+        errors.append(("backends.dispatch", "'sync' reads routing counts on the host and cannot be captured; "
+                                            "with cuda_graph 'full_iteration' use 'torch', 'symm_mem' or 'deepep'"))
+    return errors
+
+
+def _cluster_rules(spec: Spec) -> list[tuple[str, str]]:
+    c = spec.cluster
+    if c.domains is None:
+        return []
+    errors = []
+    seen = sorted(n for d in c.domains for n in d.nodes)
+    if seen != list(range(c.nodes)):
+        shown = str(seen) if len(seen) <= 32 else f"{str(seen[:32])[:-1]}, ... ({len(seen)} in all)]"
+        errors.append(("cluster.domains", f"domains must partition nodes 0..{c.nodes - 1} exactly; got {shown}"))
+    if c.inter_domain_gbps is None:
+        errors.append(("cluster.inter_domain_gbps", "required when cluster.domains is given"))
+    return errors

@@ -1,11 +1,11 @@
 """Spec I/O: a YAML file (plus `--set` overrides) → a validated `Spec`.
 
 Every problem comes back as one `SpecError` listing (yaml path, line, message)
-triples: YAML syntax, duplicate keys, malformed overrides, every pydantic error
-and every cross-field rule of `Spec`, all at once where pydantic collects them.
-Paths are dotted (`model.moe.top_k`, list items by index: `cluster.domains.0.nodes`);
-the line is that of the deepest key of the path present in the file, or None
-with "(from --set)" in the message when an override put the value there.
+triples: unreadable files and hostile YAML (echoc/yaml_loader.py), malformed overrides,
+every pydantic error and every cross-field rule of `Spec`, all at once where pydantic
+collects them. Paths are dotted (`model.moe.top_k`, list items by index:
+`cluster.domains.0.nodes`); the line is that of the deepest key of the path present in
+the file, or None with "(from --set)" in the message when an override put the value there.
 """
 from __future__ import annotations
 
@@ -17,26 +17,13 @@ import types
 from pathlib import Path
 from typing import Any, Iterable, Union, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from echoc.errors import SpecError
 from echoc.spec import Spec, SpecCrossFieldError
+from echoc.yaml_loader import Lines, Parts, parse_document, parse_value, read_text
 
-Parts = tuple[str, ...]
-Lines = dict[Parts, int]
 FROM_SET = "(from --set)"
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
 _OVERRIDE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
 
 
@@ -51,9 +38,11 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
     came from an override); the returned Spec holds it absolute.
     """
     path, source = Path(path), str(path)
-    data, lines = _parse_yaml(_read_text(path, source), source)
-    set_paths = _apply_overrides(data, list(overrides), source)
-    spec = _validate(data, source, lines, set_paths)
+    doc = parse_document(read_text(path, source), source)
+    if not isinstance(doc.data, dict):
+        raise SpecError(source, [("(top level)", doc.root_line, _not_a_mapping(doc.data))])
+    set_paths = _apply_overrides(doc.data, list(overrides), source)
+    spec = _validate(doc.data, source, doc.lines, set_paths)
     base = Path.cwd() if _is_set(("train", "data", "path"), set_paths) else path.resolve().parent
     return _absolute_data_path(spec, base)
 
@@ -79,71 +68,6 @@ def json_schema() -> dict:
     return Spec.model_json_schema()
 
 
-# Reading YAML ----------------------------------------------------------------------------------
-
-def _read_text(path: Path, source: str) -> str:
-    """The file's text; a missing or unreadable file is a SpecError."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(source, [("(file)", None, "file not found")]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(source, [("(file)", None, f"cannot read the file: {e}")]) from None
-
-
-def _parse_yaml(text: str, source: str) -> tuple[dict, Lines]:
-    """(data, lines): the top-level mapping and the 1-based line of every key path in it."""
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        lines: Lines = {}
-        dups = _index_lines(node, (), lines) if node is not None else []
-        if dups:
-            raise SpecError(source, dups)
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as e:
-        raise SpecError(source, [("(yaml syntax)", _yaml_line(e), _yaml_message(e))]) from None
-    finally:
-        loader.dispose()
-    if not isinstance(data, dict):
-        line = node.start_mark.line + 1 if node is not None else None
-        raise SpecError(source, [("(top level)", line, _not_a_mapping(data))])
-    return data, lines
-
-
-def _index_lines(node: yaml.Node, at: Parts, lines: Lines) -> list[tuple[str, int, str]]:
-    """Fill `lines` for every key and list item under `node`; return duplicate-key problems."""
-    dups = []
-    if isinstance(node, yaml.MappingNode):
-        for knode, vnode in node.value:
-            if knode.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *anchor`: the merged keys keep the anchor's lines
-            p = at + (str(knode.value) if isinstance(knode, yaml.ScalarNode) else "?",)
-            line = knode.start_mark.line + 1
-            if p in lines:
-                dups.append((".".join(p), line, f"duplicate key (first given on line {lines[p]})"))
-                continue
-            lines[p] = line
-            dups += _index_lines(vnode, p, lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[at + (str(i),)] = item.start_mark.line + 1
-            dups += _index_lines(item, at + (str(i),), lines)
-    return dups
-
-
-def _yaml_line(e: yaml.YAMLError) -> int | None:
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    return mark.line + 1 if mark is not None else None
-
-
-def _yaml_message(e: yaml.YAMLError) -> str:
-    if isinstance(e, yaml.MarkedYAMLError):
-        parts = [e.context, e.problem]
-        return "invalid YAML: " + "; ".join(p for p in parts if p)
-    return f"invalid YAML: {e}"
-
-
 def _not_a_mapping(data: Any) -> str:
     keys = ", ".join(Spec.model_fields)
     if data is None:
@@ -152,6 +76,7 @@ def _not_a_mapping(data: Any) -> str:
 
 
 # Overrides -------------------------------------------------------------------------------------
+
 
 def _apply_overrides(data: dict, overrides: list[str], source: str) -> list[Parts]:
     """Set each `PATH=VALUE` in `data` (in place, creating sections); return the paths set."""
@@ -176,10 +101,7 @@ def _parse_override(text: str) -> tuple[Parts, Any]:
         raise ValueError("expected PATH=VALUE with a dotted PATH, e.g. parallel.ep=2")
     if not raw.strip():
         raise ValueError("the value is empty; write null to unset an optional field")
-    try:
-        return parts, yaml.load(raw, Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise ValueError(f"the value is not valid YAML ({_yaml_message(e)})") from None
+    return parts, parse_value(raw)
 
 
 def _set_path(data: dict, parts: Parts, value: Any) -> None:
@@ -263,12 +185,18 @@ def _describe(err: dict, parts: Parts) -> tuple[Parts, str]:
     if kind in _BOUNDS:
         op, key = _BOUNDS[kind]
         return parts, f"must be {op} {ctx[key]}; got {_show(given)}"
+    if kind == "finite_number":
+        return parts, f"must be a finite number (not .nan or .inf); got {_show(given)}"
+    if kind in ("int_type", "float_type") and isinstance(given, (bool, float)):
+        return parts, _not_a_number(kind, given)
     if kind in _EXPECTED:
         return parts, f"expected {_EXPECTED[kind]}; got {_show(given)}"
     if kind == "too_short":
         return parts, f"must have at least {ctx['min_length']} item(s); got {_show(given)}"
     if kind == "string_too_short":
         return parts, f"must have at least {ctx['min_length']} character(s); got {_show(given)}"
+    if kind == "string_too_long":
+        return parts, f"must have at most {ctx['max_length']} characters; got {len(given)}"
     if kind == "string_pattern_mismatch":
         return parts, f"{_show(given)} must match the pattern {ctx['pattern']}"
     if kind in ("value_error", "assertion_error") and "error" in ctx:
@@ -286,6 +214,14 @@ _EXPECTED = {
     "model_type": "a section (a mapping of keys)", "model_attributes_type": "a section (a mapping of keys)",
     "dict_type": "a section (a mapping of keys)",
 }
+
+
+def _not_a_number(kind: str, given: bool | float) -> str:
+    """A boolean where a number belongs, or a float where an integer belongs: never converted."""
+    want = "an integer" if kind == "int_type" else "a number"
+    if isinstance(given, bool):
+        return f"expected {want}, not a boolean; got {_show(given)}"
+    return f"expected an integer; got {_show(given)} (a float: write a whole number without '.' or 'e')"
 
 
 def _unknown_key(key: str, allowed: list[str]) -> str:
