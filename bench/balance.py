@@ -17,6 +17,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from echoc.simulate import simulate
 from echoc.spec_io import spec_from_dict
 
@@ -71,14 +74,6 @@ HEADER = ["trace", "EP", "domain", "strategy", "token straggler", "GEMM straggle
 
 
 def print_table(rows: list[dict], title: str) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(title)
-        for r in [HEADER] + table_rows(rows):
-            print(" | ".join(r))
-        return
     table = Table(title=title)
     for h in HEADER:
         table.add_column(h, justify="left" if h in ("trace", "domain", "strategy") else "right")
