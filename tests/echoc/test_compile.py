@@ -2,7 +2,8 @@
 import json
 from pathlib import Path
 
-from echoc.compile import compile_spec
+from echoc.artifact import write_build
+from echoc.compile import compile_build
 from echoc.spec_io import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -10,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_glm5_compiles_without_real_weights(tmp_path):
     spec = load_spec(ROOT / "specs/glm5.yaml")
-    res = compile_spec(spec, tmp_path / "glm5")
+    build = compile_build(spec)
+    write_build(build, tmp_path / "glm5")
     s = json.loads((tmp_path / "glm5/summary.json").read_text())
     assert s["layers"] == 78 and s["moe_layers"] == 75 and s["experts"] == 256
     total = sum(s["parameters"].values())
@@ -22,13 +24,13 @@ def test_glm5_compiles_without_real_weights(tmp_path):
     # every MoE layer's receive buffer has the static, budget-derived shape
     assert f"bfloat16[{spec.receive_rows}, 6144]" in graph
     assert [p["name"] for p in s["passes"]][:2] == ["sync_free_dispatch", "echo_clone"]
-    assert res.summary["dispatch"]["receive_rows"] == spec.receive_rows
+    assert build.summary["dispatch"]["receive_rows"] == spec.receive_rows
 
 
 def test_echo_without_recompute_shows_clone_nodes(tmp_path):
     spec = load_spec(ROOT / "specs/glm5-mini.yaml", ["echo.enabled=true", "echo.spare_slots_per_rank=2",
                                                      "echo.recompute_clone_dispatch=false"])
-    compile_spec(spec, tmp_path / "mini")
+    write_build(compile_build(spec), tmp_path / "mini")
     graph = (tmp_path / "mini/graph.txt").read_text()
     moe = spec.model.num_moe_layers
     assert graph.count("echo.plan ") == moe and graph.count("echo.clone_weights") == 2 * moe
