@@ -27,6 +27,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+try:  # the fused kernels need triton; without it (CPU installs, CI) every device uses torch
+    from runtime import planner_triton as _fused
+except ImportError:
+    _fused = None
+
 
 class Plan(NamedTuple):
     spare_expert: Tensor  # [ep, S] int64, -1 = empty slot
@@ -109,13 +114,29 @@ def _plan_domain(load_e: Tensor, experts_per_rank: int, spares: int, offer: int,
     return tuple(torch.cat(parts, 1) for parts in zip(*out))
 
 
+def fused_available(t: Tensor) -> bool:
+    """Whether the Triton kernels (runtime/planner_triton.py) serve tensors like t: CUDA and triton."""
+    return _fused is not None and t.is_cuda
+
+
 def plan(counts: Tensor, experts_per_rank: int, spares: int, domain_size: int, offer: int | None = None,
          min_clone_rows: int = 1) -> Plan:
     """counts [ep_src, E] copies per (source rank, expert) → Plan. Experts home on e // El.
 
     domain_size: ranks per clone domain (gpus_per_node for 'node', ep for 'cluster');
     must divide ep. offer: hottest experts per rank whose weights may be cloned (default S).
+    On CUDA with triton installed one fused kernel computes it; else plan_reference. Both
+    give the same plan bit for bit (tests/runtime/test_planner.py, tests/gpu/test_planner_cuda.py).
     """
+    offer = spares if offer is None else offer
+    if fused_available(counts):
+        return Plan(*_fused.plan_fused(counts, experts_per_rank, spares, domain_size, offer, min_clone_rows))
+    return plan_reference(counts, experts_per_rank, spares, domain_size, offer, min_clone_rows)
+
+
+def plan_reference(counts: Tensor, experts_per_rank: int, spares: int, domain_size: int,
+                   offer: int | None = None, min_clone_rows: int = 1) -> Plan:
+    """plan in plain torch ops (any device): the reference the fused kernel is tested against."""
     ep, E = counts.shape[0], counts.shape[1]
     El = experts_per_rank
     offer = spares if offer is None else offer
@@ -142,12 +163,21 @@ def plan(counts: Tensor, experts_per_rank: int, spares: int, domain_size: int, o
 
 def assign_slots(topk_idx: Tensor, counts: Tensor, quota: Tensor, rank: int, experts_per_rank: int,
                  spares: int) -> Tensor:
-    """This rank's copies → global slot ids (home slot or a spare slot) following the plan.
+    """This rank's copies → global slot ids [T·K] int64 (home slot or a spare slot) following the plan.
 
     topk_idx [T, K] experts of this rank's copies; counts [ep, E]; quota [E, 1 + ep·S].
     Slot numbering: rank p owns slots p·L … p·L+L-1, L = El + S; home expert e sits in
     slot (e // El)·L + e % El, spare s of rank p in slot p·L + El + s.
+    On CUDA with triton installed three fused kernels compute it; else assign_slots_reference.
     """
+    if fused_available(topk_idx) and spares > 0:
+        return _fused.assign_slots_fused(topk_idx, counts, quota, rank, experts_per_rank, spares)
+    return assign_slots_reference(topk_idx, counts, quota, rank, experts_per_rank, spares)
+
+
+def assign_slots_reference(topk_idx: Tensor, counts: Tensor, quota: Tensor, rank: int,
+                           experts_per_rank: int, spares: int) -> Tensor:
+    """assign_slots in plain torch ops (any device): the reference for the fused kernels."""
     e = topk_idx.reshape(-1)
     n = e.numel()
     L = experts_per_rank + spares

@@ -1,0 +1,279 @@
+"""The ECHO planner as a few Triton kernels: the same plan, bit for bit, as runtime/planner.py.
+
+The torch planner (runtime/planner.py) is a few hundred tiny kernels (3 rounds of sorts,
+cumsums, searchsorted, gathers and scatters); inside a CUDA graph each costs a launch. Here:
+
+- `plan_fused`: one program per clone domain runs all rounds in registers. A domain holds
+  g ranks of El home experts; only each rank's `offer` offered experts can give rows, so a
+  round works on g·offer pieces against g rooms. Stable sorts become sorts of unique packed
+  int64 keys (value, tie-break index, payload); the interval overlay becomes a
+  [pieces, rooms] overlap matrix (every positive overlap is exactly one segment of the
+  torch overlay, and the k-th clone of a receiver is a cumsum down its column).
+- `assign_slots_fused`: three launches: per-block expert histograms; per-(block, expert)
+  base positions and the quota cumsum; then per block a sort of (expert, index) and a
+  binary search of each copy's position in its expert's cumulative quota.
+
+Exact while every expert's load (rows) stays below 2**40, far above any capacity budget.
+Legend: G ranks per domain, El experts per rank, S spare slots per rank, O offered experts
+per rank; *B is the padded power-of-two block of a size; P = ep·S, QC = 1 + P.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from runtime.planner_blocks import AssignMeta, PlanMeta, assign_meta, plan_meta
+
+
+@triton.jit
+def _inverse(perm, BITS: tl.constexpr):
+    """perm [2**BITS] a permutation (natural index at each sorted position) → its inverse."""
+    n: tl.constexpr = 1 << BITS
+    key = tl.sort((perm.to(tl.int64) << BITS) | tl.arange(0, n), descending=False)
+    return key & (n - 1)
+
+
+@triton.jit
+def _domain_loads(counts_ptr, d, ep, E, G: tl.constexpr, EL: tl.constexpr, GB: tl.constexpr,
+                  ELB: tl.constexpr):
+    """counts [ep, E] → loads [GB, ELB] of domain d's experts (rank-local layout, padding 0)."""
+    r = tl.arange(0, GB)[:, None]
+    l = tl.arange(0, ELB)[None, :]
+    mask = (r < G) & (l < EL)
+    col = (d * G + r) * EL + l
+    acc = tl.zeros([GB, ELB], tl.int64)
+    for src in range(ep):
+        acc += tl.load(counts_ptr + src * E + col, mask=mask, other=0).to(tl.int64)
+    return acc
+
+
+@triton.jit
+def _offered(load, EL: tl.constexpr, ELB: tl.constexpr, OB: tl.constexpr, LB: tl.constexpr):
+    """loads [GB, ELB] → (local ids, loads) [GB, OB] of each rank's hottest experts, ties by id
+    (the first O columns are offered_experts)."""
+    l = tl.arange(0, ELB)[None, :]
+    key = tl.where(l < EL, (load << LB) | (ELB - 1 - l), -1)
+    key = tl.sort(key, dim=1, descending=True)
+    pick = tl.arange(0, ELB)[None, :, None] == tl.arange(0, OB)[None, None, :]
+    ev = tl.sum(tl.where(pick, (ELB - 1 - (key & (ELB - 1)))[:, :, None], 0), axis=1)
+    hv = tl.sum(tl.where(pick, (key >> LB)[:, :, None], 0), axis=1)
+    return ev, hv
+
+
+@triton.jit
+def _pieces(hv, ev, excess, ovalid, EL: tl.constexpr, ELB: tl.constexpr, GB: tl.constexpr,
+            OB: tl.constexpr, LB: tl.constexpr, FB: tl.constexpr, NB: tl.constexpr):
+    """Each rank's excess taken from its hottest offered experts → pieces sorted as the torch
+    overlay lays them out (size desc, then rank, then hot order), with their natural index."""
+    hk = tl.where(ovalid, (hv << LB) | (ELB - 1 - ev), -1)
+    ahead = hk[:, None, :] > hk[:, :, None]                       # [GB, o, o']: o' before o
+    before = tl.sum(tl.where(ahead, hv[:, None, :], 0), axis=2)
+    pos = tl.sum(ahead.to(tl.int64), axis=2)
+    piece = tl.where(ovalid, tl.minimum(tl.maximum(excess[:, None] - before, 0), hv), 0)
+    r = tl.arange(0, GB)[:, None]
+    nat = r * OB + tl.arange(0, OB)[None, :]
+    flat = r * EL + pos
+    key = tl.where(piece > 0, (piece << (FB + NB)) | ((((1 << FB) - 1) - flat) << NB) | nat, nat)
+    key = tl.sort(tl.reshape(key, [GB * OB]), descending=True)
+    return key >> (FB + NB), key & (GB * OB - 1)
+
+
+@triton.jit
+def _rooms(room, GB: tl.constexpr, RB: tl.constexpr):
+    """room [GB] → rooms sorted descending (ties by rank) and their receiving ranks."""
+    key = tl.sort((room << RB) | (GB - 1 - tl.arange(0, GB)), descending=True)
+    return key >> RB, GB - 1 - (key & (GB - 1))
+
+
+@triton.jit
+def _overlay(piece_s, room_s, used_s, S: tl.constexpr, MIN_ROWS: tl.constexpr):
+    """Sorted pieces [NP] on one line, sorted rooms [GB] on another → kept clone rows and
+    the k-th new clone of each receiver, [NP, GB]."""
+    pe = tl.cumsum(piece_s, 0)
+    re = tl.cumsum(room_s, 0)
+    total = tl.minimum(tl.sum(piece_s, 0), tl.sum(room_s, 0))
+    lo = tl.maximum((pe - piece_s)[:, None], (re - room_s)[None, :])
+    hi = tl.minimum(tl.minimum(pe[:, None], re[None, :]), total)
+    rows = tl.maximum(hi - lo, 0)
+    big = (rows >= MIN_ROWS).to(tl.int64)
+    k = tl.cumsum(big, 0) - big
+    keep = (big > 0) & (k < (S - used_s)[None, :])
+    return tl.where(keep, rows, 0), k
+
+
+@triton.jit
+def _init_outputs(load, spare_ptr, quota_ptr, d, G: tl.constexpr, EL: tl.constexpr,
+                  S: tl.constexpr, QC: tl.constexpr, GB: tl.constexpr, ELB: tl.constexpr,
+                  SB: tl.constexpr, DEB: tl.constexpr, CB: tl.constexpr):
+    """Domain d's rows: quota column 0 = load, other columns 0; spare slots empty (-1)."""
+    r = tl.arange(0, GB)[:, None]
+    l = tl.arange(0, ELB)[None, :]
+    tl.store(quota_ptr + ((d * G + r) * EL + l) * QC, load, mask=(r < G) & (l < EL))
+    s = tl.arange(0, SB)[None, :]
+    tl.store(spare_ptr + (d * G + r) * S + s, tl.full([GB, SB], -1, tl.int64),
+             mask=(r < G) & (s < S))
+    f = tl.arange(0, DEB)[:, None]
+    for c0 in range(1, QC, CB):
+        c = c0 + tl.arange(0, CB)[None, :]
+        tl.store(quota_ptr + (d * G * EL + f) * QC + c, tl.zeros([DEB, CB], tl.int64),
+                 mask=(f < G * EL) & (c < QC))
+
+
+@triton.jit
+def _store_clones(spare_ptr, quota_ptr, rows, slot, recv_s, expert_s, d, G: tl.constexpr,
+                  EL: tl.constexpr, S: tl.constexpr, QC: tl.constexpr):
+    """Write the kept clones [NP, GB] (rows > 0) into spare_expert and quota."""
+    keep = rows > 0
+    rank = d * G + recv_s[None, :]
+    expert = d * G * EL + expert_s[:, None] + 0 * rank
+    tl.store(spare_ptr + rank * S + slot, expert, mask=keep)
+    tl.store(quota_ptr + expert * QC + 1 + rank * S + slot, rows, mask=keep)
+
+
+@triton.jit
+def _next_level(load, used, mean, rvalid, S: tl.constexpr):
+    """Later rounds spread what is left over the ranks that still have a free slot."""
+    left = tl.sum(tl.where(rvalid, tl.maximum(load - mean, 0), 0), 0)
+    open_ranks = tl.maximum(tl.sum((rvalid & (used < S) & (load <= mean)).to(tl.int64), 0), 1)
+    return mean + (left + open_ranks - 1) // open_ranks
+
+
+@triton.jit
+def _plan_kernel(counts_ptr, spare_ptr, quota_ptr, ep, E, G: tl.constexpr, EL: tl.constexpr,
+                 S: tl.constexpr, OFFER: tl.constexpr, MIN_ROWS: tl.constexpr,
+                 ROUNDS: tl.constexpr, QC: tl.constexpr, GB: tl.constexpr, ELB: tl.constexpr,
+                 OB: tl.constexpr, SB: tl.constexpr, DEB: tl.constexpr, CB: tl.constexpr,
+                 LB: tl.constexpr, FB: tl.constexpr, NB: tl.constexpr, RB: tl.constexpr):
+    """One clone domain per program: all rounds of the water-filling overlay (see module doc)."""
+    d = tl.program_id(0)
+    tile = _domain_loads(counts_ptr, d, ep, E, G, EL, GB, ELB)
+    _init_outputs(tile, spare_ptr, quota_ptr, d, G, EL, S, QC, GB, ELB, SB, DEB, CB)
+    ev, hv = _offered(tile, EL, ELB, OB, LB)
+    r = tl.arange(0, GB)
+    rvalid = r < G
+    ovalid = rvalid[:, None] & (tl.arange(0, OB)[None, :] < OFFER)
+    load = tl.sum(tile, 1)
+    mean = (tl.sum(load, 0) + G - 1) // G
+    level = mean
+    used = tl.zeros([GB], tl.int64)
+    tl.debug_barrier()  # the clones below overwrite cells the init above wrote
+    for _ in range(ROUNDS):
+        excess = tl.where(rvalid, tl.maximum(load - level, 0), 0)
+        room = tl.where(rvalid & (used < S), tl.maximum(level - load, 0), 0)
+        piece_s, nat_s = _pieces(hv, ev, excess, ovalid, EL, ELB, GB, OB, LB, FB, NB)
+        room_s, recv_s = _rooms(room, GB, RB)
+        used_s = tl.gather(used, recv_s, 0)
+        rows, k = _overlay(piece_s, room_s, used_s, S, MIN_ROWS)
+        expert_s = (nat_s // OB) * EL + tl.gather(tl.reshape(ev, [GB * OB]), nat_s, 0)
+        _store_clones(spare_ptr, quota_ptr, rows, used_s[None, :] + k, recv_s, expert_s, d, G,
+                      EL, S, QC)
+        taken = tl.reshape(tl.gather(tl.sum(rows, 1), _inverse(nat_s, NB), 0), [GB, OB])
+        inv_r = _inverse(recv_s, RB)
+        hv -= taken
+        load += tl.gather(tl.sum(rows, 0), inv_r, 0) - tl.sum(taken, 1)
+        used += tl.gather(tl.sum((rows > 0).to(tl.int64), 0), inv_r, 0)
+        level = _next_level(load, used, mean, rvalid, S)
+    col0 = quota_ptr + ((d * G + r)[:, None] * EL + ev) * QC
+    tl.store(col0, hv, mask=ovalid)
+
+
+def plan_fused(counts: Tensor, experts_per_rank: int, spares: int, domain_size: int, offer: int,
+               min_clone_rows: int, rounds: int = 3) -> tuple[Tensor, Tensor]:
+    """counts [ep, E] → (spare_expert [ep, S] int64, quota [E, 1 + ep·S] int64), equal to
+    runtime.planner's torch path. One launch, one program per clone domain."""
+    ep, E = counts.shape
+    m = plan_meta(ep, E, experts_per_rank, spares, domain_size, offer, min_clone_rows, rounds)
+    spare = torch.empty(ep, spares, dtype=torch.int64, device=counts.device)
+    quota = torch.empty(E, m.qc, dtype=torch.int64, device=counts.device)
+    _plan_kernel[(ep // domain_size,)](
+        counts.contiguous(), spare, quota, ep, E, m.g, m.el, m.s, m.offer, m.min_rows, m.rounds,
+        m.qc, m.gb, m.elb, m.ob, m.sb, m.deb, m.cb, m.lb, m.fb, m.nb, m.rb,
+        num_warps=m.num_warps)
+    return spare, quota
+
+
+@triton.jit
+def _hist_kernel(idx_ptr, hist_ptr, n, E, BLK: tl.constexpr, EB: tl.constexpr):
+    """Experts of block b's copies → hist [blocks, EB] (bin E counts the padding)."""
+    b = tl.program_id(0)
+    i = b * BLK + tl.arange(0, BLK)
+    e = tl.load(idx_ptr + i, mask=i < n, other=E).to(tl.int32)
+    tl.store(hist_ptr + b * EB + tl.arange(0, EB), tl.histogram(e, EB))
+
+
+@triton.jit
+def _base_kernel(counts_ptr, hist_ptr, quota_ptr, base_ptr, qcum_ptr, rank, E, blocks,
+                 EB: tl.constexpr, QC: tl.constexpr, QCB: tl.constexpr, RCH: tl.constexpr):
+    """base [blocks, EB]: the position, among all copies of expert e in (source rank, copy)
+    order, of block b's first copy of e minus its rank among block b's sorted copies.
+    qcum [E, QC]: the quota's cumulative sum along its columns."""
+    e = tl.arange(0, EB)
+    em = e < E
+    mine = tl.load(counts_ptr + rank * E + e, mask=em, other=0).to(tl.int64)
+    before_me = tl.zeros([EB], tl.int64)
+    for src in range(rank):
+        before_me += tl.load(counts_ptr + src * E + e, mask=em, other=0).to(tl.int64)
+    total = tl.zeros([EB], tl.int64)
+    for b in range(blocks):
+        total += tl.load(hist_ptr + b * EB + e).to(tl.int64)
+    base = before_me - (tl.cumsum(mine, 0) - mine) + (tl.cumsum(total, 0) - total)
+    for b in range(blocks):
+        h = tl.load(hist_ptr + b * EB + e).to(tl.int64)
+        tl.store(base_ptr + b * EB + e, base - (tl.cumsum(h, 0) - h))
+        base += h
+    c = tl.arange(0, QCB)[None, :]
+    for r0 in range(0, E, RCH):
+        rows = r0 + tl.arange(0, RCH)[:, None]
+        m = (rows < E) & (c < QC)
+        q = tl.load(quota_ptr + rows * QC + c, mask=m, other=0)
+        tl.store(qcum_ptr + rows * QC + c, tl.cumsum(q, 1), mask=m)
+
+
+@triton.jit
+def _assign_kernel(idx_ptr, base_ptr, qcum_ptr, out_ptr, n, E, EL: tl.constexpr, S: tl.constexpr,
+                   BLK: tl.constexpr, IB: tl.constexpr, EB: tl.constexpr, QC: tl.constexpr,
+                   QSTEPS: tl.constexpr):
+    """Block b's copies → global slots: position among e's copies, then the replica whose
+    cumulative quota first exceeds it (binary search), as runtime.planner.assign_slots."""
+    b = tl.program_id(0)
+    i = tl.arange(0, BLK)
+    e = tl.load(idx_ptr + b * BLK + i, mask=b * BLK + i < n, other=E).to(tl.int64)
+    key = tl.sort((e << IB) | i)
+    e_t = key >> IB
+    valid = e_t < E
+    pos = tl.load(base_ptr + b * EB + e_t) + i
+    cnt = tl.zeros([BLK], tl.int64)
+    for j in tl.static_range(QSTEPS + 1):
+        cand = cnt + (1 << (QSTEPS - j))
+        ok = valid & (cand <= QC)
+        end = tl.load(qcum_ptr + e_t * QC + cand - 1, mask=ok, other=0)
+        cnt = tl.where(ok & (end <= pos), cand, cnt)
+    col = tl.minimum(cnt, QC - 1)
+    L: tl.constexpr = EL + S
+    SD: tl.constexpr = max(S, 1)
+    spare = tl.maximum(col - 1, 0)
+    slot = tl.where(col == 0, (e_t // EL) * L + e_t % EL, (spare // SD) * L + EL + spare % SD)
+    tl.store(out_ptr + b * BLK + (key & (BLK - 1)), slot, mask=valid)
+
+
+def assign_slots_fused(topk_idx: Tensor, counts: Tensor, quota: Tensor, rank: int,
+                       experts_per_rank: int, spares: int) -> Tensor:
+    """topk_idx [T, K] → global slots [T·K] int64, equal to runtime.planner's torch path.
+    counts [ep, E]; quota [E, 1 + ep·S] (non-negative, as plan makes it)."""
+    e = topk_idx.reshape(-1).contiguous()
+    E, qc = quota.shape
+    out = torch.empty(e.numel(), dtype=torch.int64, device=e.device)
+    if e.numel() == 0:
+        return out
+    m = assign_meta(e.numel(), E, qc)
+    hist = torch.empty(m.blocks, m.eb, dtype=torch.int32, device=e.device)
+    base = torch.empty(m.blocks, m.eb, dtype=torch.int64, device=e.device)
+    qcum = torch.empty(E, qc, dtype=torch.int64, device=e.device)
+    _hist_kernel[(m.blocks,)](e, hist, m.n, E, m.blk, m.eb)
+    _base_kernel[(1,)](counts.contiguous(), hist, quota.contiguous(), base, qcum, rank, E, m.blocks,
+                       m.eb, qc, m.qcb, m.rch)
+    _assign_kernel[(m.blocks,)](e, base, qcum, out, m.n, E, experts_per_rank, spares, m.blk, m.ib,
+                                m.eb, qc, m.qsteps)
+    return out
