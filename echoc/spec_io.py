@@ -184,7 +184,7 @@ def _describe(err: dict, parts: Parts) -> tuple[Parts, str]:
         return parts + ("kind",), f"required; allowed values are {_tags(err['loc'])}"
     if kind in _BOUNDS:
         op, key = _BOUNDS[kind]
-        return parts, f"must be {op} {ctx[key]}; got {_show(given)}"
+        return parts, f"must be {op} {_number(ctx[key])}; got {_show(given)}"
     if kind == "finite_number":
         return parts, f"must be a finite number (not .nan or .inf); got {_show(given)}"
     if kind in ("int_type", "float_type") and isinstance(given, (bool, float)):
@@ -307,6 +307,11 @@ def _show(v: Any, limit: int = 60) -> str:
         return {None: "null", True: "true", False: "false"}[v]
     text = repr(v)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _number(bound: float) -> float:
+    """A bound as the user would write it: 0 rather than 0.0, 1e-06 kept."""
+    return int(bound) if isinstance(bound, float) and bound.is_integer() else bound
 
 
 def _absolute_data_path(spec: Spec, base: Path) -> Spec:
