@@ -35,7 +35,7 @@ def save_trace(counts: Tensor, path: str | Path) -> None:
 
 
 def load_trace(path: str | Path) -> Tensor:
-    """Read a trace file → counts [steps, layers, ep, E] int64, checked: integers >= 0, >= 1 step."""
+    """Read a trace file → counts [steps, layers, ep, E] int64, checked: integers >= 0, no size 0."""
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
@@ -71,10 +71,10 @@ def _read_npz(path: Path) -> Tensor:
 
 
 def _as_counts(counts: Tensor, path: Path) -> Tensor:
-    """Integer, finite, >= 0, [steps, layers, ep, E] or [steps, ep, E] with steps >= 1."""
-    if counts.dim() not in (3, 4) or counts.shape[0] == 0:
+    """Integer, finite, >= 0, [steps, layers, ep, E] or [steps, ep, E] with no size 0."""
+    if counts.dim() not in (3, 4) or counts.numel() == 0:
         raise TraceError(f"{path}: counts have shape {tuple(counts.shape)}; expected [steps, layers, ep, E] "
-                         f"(or [steps, ep, E]) with at least one step")
+                         f"(or [steps, ep, E]) with at least one step and one MoE layer")
     if counts.dtype == torch.bool or counts.is_complex():
         raise TraceError(f"{path}: counts have dtype {counts.dtype}; expected integers")
     if counts.is_floating_point():

@@ -60,6 +60,7 @@ BAD = {
     "notensor.pt": ({"counts": "many"}, "not a tensor"),
     "twod.pt": ({"counts": torch.zeros(4, 8, dtype=torch.int64)}, "shape"),
     "nosteps.pt": ({"counts": torch.zeros(0, 1, 4, 8, dtype=torch.int64)}, "at least one step"),
+    "nolayers.pt": ({"counts": torch.zeros(3, 0, 1, 1, dtype=torch.int64)}, "one MoE layer"),
     "negative.pt": ({"counts": -counts()}, ">= 0"),
     "nan.pt": ({"counts": torch.full((2, 1, 4, 8), float("nan"))}, "whole numbers"),
     "fraction.pt": ({"counts": torch.full((2, 1, 4, 8), 1.5)}, "whole numbers"),
