@@ -25,7 +25,7 @@ from echoc.spec_io import json_schema, load_spec
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="echoc: compile a YAML MoE training spec into a sync-free, load-balanced step.")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
 
 SetOpt = typer.Option(None, "--set", help="Override a spec field, e.g. --set parallel.ep=2 (repeatable).")
 

@@ -12,8 +12,13 @@ def launch(worker_argv: list[str], nproc: int, nnodes: str = "1", rdzv_endpoint:
     """Run `python -m echoc <worker_argv>` on nproc processes per node under torchrun."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    if nnodes != "1" and not rdzv_endpoint:
+        raise EchocError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node); "
+                         "without it the nodes would wait for each other forever")
     # restarted workers must not reuse the previous attempt's store addresses (pytorch#135712)
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # set it ourselves: torchrun otherwise sets 1 and prints a banner saying so
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     args = ["--nproc-per-node", str(nproc), "--nnodes", nnodes, "--max-restarts", str(max_restarts)]
     if rdzv_endpoint:
         args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint]
