@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from echoc.spec import Spec
+from runtime.planner import plan, rank_rows
 
 DEVICE_FLOPS = {"cuda": 790e12, "cpu": 100e9}
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 @dataclass
@@ -43,11 +43,11 @@ class CloneDecision:
 
 
 def row_bytes(spec: Spec) -> int:
-    return spec.model.hidden_size * DTYPE_BYTES[spec.model.dtype]
+    return spec.model.hidden_size * spec.model.dtype_bytes
 
 
 def expert_bytes(spec: Spec) -> int:
-    return 3 * spec.model.hidden_size * spec.model.moe.expert_intermediate_size * DTYPE_BYTES[spec.model.dtype]
+    return 3 * spec.model.hidden_size * spec.model.moe.expert_intermediate_size * spec.model.dtype_bytes
 
 
 def row_compute_s(spec: Spec) -> float:
@@ -98,7 +98,6 @@ def zipf_counts(ep: int, experts: int, tokens: int, top_k: int, skew: float, see
 
 def predicted_moe_ms(spec: Spec, counts: torch.Tensor, spares: int, decision: CloneDecision) -> float:
     """Straggler rank's expert compute + its clone traffic (not overlapped), per layer, ms."""
-    from runtime.planner import plan, rank_rows
     El = spec.experts_per_rank
     if spares == 0:
         rows = counts.sum(0).view(spec.parallel.ep, El).sum(1)

@@ -13,21 +13,23 @@ the gradient reduction (clone gradients sent home and added to the main expert).
 With `echo.recompute_clone_dispatch` the FFN node becomes `expert_ffn_recompute_clone`,
 whose backward fetches the clone weights again instead of saving them, so between a
 layer's forward and backward only home weights are alive and one spare-slot buffer
-serves every layer.
+serves every layer. The new nodes carry their layer like the layout they serve
+(passes/layer_builder.py).
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
-import torch
 from torch.fx import GraphModule, Node
 
 from echoc.errors import EchocError
 from echoc.spec import Spec
 from passes.cost_model import clone_decision
+from passes.layer_builder import LayerBuilder, moe_block, moe_layer, output_node, user_of
 from passes.manager import PassResult
-from runtime import clone, grouped_gemm, ops  # noqa: F401  (clone registers echo:: ops)
+from runtime import clone, contracts, grouped_gemm, ops  # noqa: F401  (the op modules bind the contracts)
+from runtime.contracts import (ALL_GATHER_COUNTS, ASSIGN_SLOTS, CLONE_WEIGHTS, COUNT, EXPERT_FFN,
+                               EXPERT_FFN_RECOMPUTE_CLONE, LAYER_STATS, LAYOUT, PLAN)
 
 
 @dataclass
@@ -42,56 +44,46 @@ class EchoInfo:
     reason: str = ""
 
 
-def _users(node: Node, target) -> list[Node]:
-    return [u for u in node.users if u.op == "call_function" and u.target is target]
+def _plan_slots(b: LayerBuilder, layout: Node, ep: int, info: EchoInfo) -> tuple[Node, Node, Node, Node]:
+    """plan → assign_slots → count → all_gather_counts: (spare_expert, slots, slot counts, all ranks' slot counts)."""
+    lay = LAYOUT.values(layout)
+    El, S, group = lay["slots_per_rank"], info.spare_slots_per_rank, lay["group"]
+    plan = b.op("plan", PLAN, counts_all=lay["counts_all"], experts_per_rank=El, spares=S,
+                domain_size=info.domain_ranks, offer=info.offer, min_clone_rows=info.min_clone_rows)
+    spare, quota = b.outputs(plan, PLAN)
+    slots = b.op("slots", ASSIGN_SLOTS, topk_idx=lay["dest_slot"], counts_all=lay["counts_all"], quota=quota,
+                 experts_per_rank=El, spares=S, group=group)
+    s_counts = b.op("slot_count", COUNT, dest_slot=slots, n_slots=ep * (El + S))
+    s_all = b.op("slot_counts_all", ALL_GATHER_COUNTS, counts=s_counts, group=group, group_size=ep)
+    return spare, slots, s_counts, s_all
 
 
-def _getitem(node: Node, i: int) -> Node:
-    return next(u for u in node.users if u.target is operator.getitem and u.args[1] == i)
-
-
-def _node(g, name, target, *args):
-    return g.create_node("call_function", target, args, {}, name=name)
-
-
-def _op(g, name, target, *args):
-    """An op whose last argument is its node name: its key in the planned arena."""
-    node = _node(g, name, target, *args, name)
-    assert node.name == name, f"node {name!r} was renamed to {node.name!r}"
-    return node
+def _clone_ffn_weights(b: LayerBuilder, ffn: Node, counts_all: Node, spare: Node, info: EchoInfo, group: str) -> None:
+    """The FFN computes on home + spare slots: its weights become clones (or, with recompute,
+    the FFN clones them itself and again in backward)."""
+    f = EXPERT_FFN.values(ffn)
+    clone_args = dict(counts_all=counts_all, spare_expert=spare, offer=info.offer)
+    if info.recompute:
+        ffn.target = contracts.target(EXPERT_FFN_RECOMPUTE_CLONE)
+        ffn.args = EXPERT_FFN_RECOMPUTE_CLONE.call_args(**f, **clone_args, ep_group=group)
+        return
+    with b.graph.inserting_before(ffn):
+        c13 = b.op("clone_w13", CLONE_WEIGHTS, w=f["w13"], group="clone", ep_group=group, **clone_args)
+        c2 = b.op("clone_w2", CLONE_WEIGHTS, w=f["w2"], group="clone", ep_group=group, **clone_args)
+    EXPERT_FFN.set_args(ffn, w13=c13, w2=c2)
 
 
 def _rewrite(gm: GraphModule, layout: Node, spec: Spec, info: EchoInfo) -> None:
-    g = gm.graph
-    slot, counts, counts_all, El, C, group, layout_buf = layout.args
-    S, ep = info.spare_slots_per_rank, spec.parallel.ep
-    L = El + S
-    p = layout.name.removesuffix("_layout")
-    with g.inserting_before(layout):
-        pl = _op(g, f"{p}_plan", torch.ops.echo.plan.default, counts_all, El, S, info.domain_ranks,
-                 info.offer, info.min_clone_rows)
-        spare = _node(g, f"{p}_spare_expert", operator.getitem, pl, 0)
-        quota = _node(g, f"{p}_quota", operator.getitem, pl, 1)
-        slots = _op(g, f"{p}_slots", torch.ops.echo.assign_slots.default, slot, counts_all, quota, El, S, group)
-        s_counts = _op(g, f"{p}_slot_count", torch.ops.echo.count.default, slots, ep * L)
-        s_all = _op(g, f"{p}_slot_counts_all", torch.ops.echo.all_gather_counts.default, s_counts, group, ep)
-    layout.args = (slots, s_counts, s_all, L, C, group, layout_buf)
-    offs = _getitem(layout, 4)
-    ffn = _users(offs, grouped_gemm.expert_ffn)[0]
-    rows, w13, w2, _, impl, ffn_buf = ffn.args
-    if info.recompute:
-        ffn.target = grouped_gemm.expert_ffn_recompute_clone
-        ffn.args = (rows, w13, w2, offs, impl, counts_all, spare, info.offer, group, ffn_buf)
-    else:
-        with g.inserting_before(ffn):
-            c13 = _op(g, f"{p}_clone_w13", torch.ops.echo.clone_weights.default, w13, counts_all, spare,
-                      info.offer, "clone", group)
-            c2 = _op(g, f"{p}_clone_w2", torch.ops.echo.clone_weights.default, w2, counts_all, spare,
-                     info.offer, "clone", group)
-        ffn.args = (rows, c13, c2, offs, impl, ffn_buf)
-    stats = _users(_getitem(layout, 5), ops.layer_stats)[0]
-    stats.args = (stats.args[0], stats.args[1], spare)
-    info.layers.append(p)
+    b = LayerBuilder(gm.graph, moe_block(layout), moe_layer(layout))
+    counts_all = LAYOUT.arg(layout, "counts_all")
+    with gm.graph.inserting_before(layout):
+        spare, slots, s_counts, s_all = _plan_slots(b, layout, spec.parallel.ep, info)
+    L = LAYOUT.arg(layout, "slots_per_rank") + info.spare_slots_per_rank
+    LAYOUT.set_args(layout, dest_slot=slots, counts=s_counts, counts_all=s_all, slots_per_rank=L)
+    ffn = user_of(output_node(layout, LAYOUT, "offs"), EXPERT_FFN)
+    _clone_ffn_weights(b, ffn, counts_all, spare, info, LAYOUT.arg(layout, "group"))
+    LAYER_STATS.set_args(user_of(output_node(layout, LAYOUT, "stats"), LAYER_STATS), spare_expert=spare)
+    info.layers.append(b.block)
 
 
 def run(gm: GraphModule, spec: Spec) -> PassResult:
@@ -103,7 +95,8 @@ def run(gm: GraphModule, spec: Spec) -> PassResult:
     decision = clone_decision(spec)
     info = EchoInfo(True, e.spare_slots_per_rank, decision.domain_ranks, e.spare_slots_per_rank,
                     decision.min_clone_rows, e.recompute_clone_dispatch, reason=decision.explain)
-    for layout in [n for n in gm.graph.nodes if n.target is torch.ops.echo.layout.default]:
+    layouts = [n for n in gm.graph.nodes if contracts.of(n.target) is LAYOUT]
+    for layout in layouts:
         _rewrite(gm, layout, spec, info)
     gm.graph.lint()
     gm.recompile()

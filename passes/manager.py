@@ -2,7 +2,8 @@
 
 A pass is `run(gm: GraphModule, spec: Spec) -> PassResult`. It returns a module
 (it may be the same object, rewritten) and a small dataclass of what it
-decided; it never runs collectives or allocates device memory.
+decided; it never runs collectives or allocates device memory. The default
+pipeline, in order, is in passes/pipeline.py.
 """
 from __future__ import annotations
 
@@ -41,11 +42,3 @@ class Pipeline:
             gm = result.gm
         return gm, records
 
-
-def default_pipeline() -> Pipeline:
-    from passes import echo_clone, sync_free_dispatch, verify_sync_free
-    return Pipeline([
-        ("sync_free_dispatch", sync_free_dispatch.run),
-        ("echo_clone", echo_clone.run),
-        ("verify_sync_free", verify_sync_free.run),
-    ])

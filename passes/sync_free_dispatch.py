@@ -16,6 +16,7 @@ After (torch backend), per layer, every buffer sized by the capacity budget:
     routed   [T, H]          weighted_sum                  (router weights)
     + shared expert, reshape back
 
+Every inserted node carries its layer in `node.meta` (passes/layer_builder.py).
 The graph's output becomes (logits, moe_stats [num_moe_layers, 4], moe_counts
 [num_moe_layers, ep, E]): per layer (dropped copies, rows received, rows sent,
 clones) on this rank, and the EP group's routing counts (for --record-routing).
@@ -30,10 +31,15 @@ from torch.fx import GraphModule, Node
 
 from echoc.errors import EchocError, MissingDependencyError
 from echoc.spec import Spec
+from passes.layer_builder import LayerBuilder
 from passes.manager import PassResult
-from runtime import grouped_gemm, ops
-from runtime.backends import sync as sync_backend
+from runtime import grouped_gemm, ops  # noqa: F401  (they bind the contracts used below)
+from runtime.backends import sync as sync_backend  # noqa: F401
+from runtime.contracts import (ALL_GATHER_COUNTS, COMBINE, COUNT, DISPATCH, EXPERT_FFN, LAYER_STATS, LAYOUT,
+                               SYNC_COMBINE, SYNC_DISPATCH, SYNC_LAYOUT, WEIGHTED_SUM)
 from runtime.model import MoE
+
+MOE_STATS, MOE_COUNTS = "moe_stats", "moe_counts"    # the graph outputs this pass appends
 
 
 @dataclass
@@ -71,82 +77,54 @@ def moe_nodes(gm: GraphModule) -> list[Node]:
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), MoE)]
 
 
-class _Builder:
-    """Inserts one layer's nodes before the MoE node, named after the layer."""
-
-    def __init__(self, gm: GraphModule, prefix: str):
-        self.g, self.prefix = gm.graph, prefix
-
-    def fn(self, name, target, *args):
-        return self.g.create_node("call_function", target, args, {}, name=f"{self.prefix}_{name}")
-
-    def op(self, name, target, *args):
-        """An op that writes into planned buffers: its last argument is its own node name (`buf`),
-        the key of its output in the arena (runtime/arena.py)."""
-        node = self.fn(name, target, *args, f"{self.prefix}_{name}")
-        assert node.name == node.args[-1], f"node {node.name!r} was renamed: its buffer key would not match"
-        return node
-
-    def method(self, name, target, *args):
-        return self.g.create_node("call_method", target, args, {}, name=f"{self.prefix}_{name}")
-
-    def module(self, name, target, *args):
-        return self.g.create_node("call_module", target, args, {}, name=f"{self.prefix}_{name}")
-
-    def attr(self, name, target):
-        return self.g.create_node("get_attr", target, (), {}, name=f"{self.prefix}_{name}")
-
-    def items(self, node, names):
-        return [self.fn(n, operator.getitem, node, i) for i, n in enumerate(names)]
+def layer_index(module_path: str, ordinal: int) -> int:
+    """The MoE block's transformer layer: the index of its entry in the model's layer list, the
+    first numeric component of its module path (`layers.3.mlp` → 3, as nn.ModuleList names its
+    entries); `ordinal` (its rank among the MoE blocks) when no list holds it."""
+    return next((int(p) for p in module_path.split(".") if p.isdigit()), ordinal)
 
 
-_LAYOUT_OUTS = ["send_copy", "copy_slot", "sorted_src", "recv_sorted", "offs", "stats"]
+def _exchange(b: LayerBuilder, spec: Spec, x_flat: Node, slot: Node, counts: Node, counts_all: Node):
+    """layout + dispatch: (the layout's outputs by name, expert-sorted rows, the matching combine)."""
+    L, K, C = spec.experts_per_rank, spec.model.moe.top_k, spec.peer_chunk_rows
+    common = dict(dest_slot=slot, counts=counts, counts_all=counts_all, slots_per_rank=L, group="ep")
+    if spec.backends.dispatch == "sync":
+        layout_c, dispatch_c, combine_c, lay = SYNC_LAYOUT, SYNC_DISPATCH, SYNC_COMBINE, {}
+    else:
+        layout_c, dispatch_c, combine_c, lay = LAYOUT, DISPATCH, COMBINE, dict(chunk_rows=C)
+    maps = dict(zip(layout_c.outputs, b.outputs(b.op("layout", layout_c, **common, **lay), layout_c)))
+    moved = {n: maps[n] for n in dispatch_c.args if n in maps}     # the index maps (and the sync splits)
+    rows = b.op("dispatch", dispatch_c, x=x_flat, top_k=K, group="ep", **moved)
+    return maps, rows, lambda y: b.op("combine", combine_c, y=y, group="ep", **moved)
 
 
-def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec) -> tuple[Node, Node, Node, LayerDispatch]:
+def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec, layer: int) -> tuple[Node, Node, Node, LayerDispatch]:
     moe_name, x = node.target, node.args[0]
     moe_cfg, ep = spec.model.moe, spec.parallel.ep
-    L, K, C = spec.experts_per_rank, moe_cfg.top_k, spec.peer_chunk_rows
-    b = _Builder(gm, moe_name.replace(".", "_"))
+    b = LayerBuilder(gm.graph, moe_name.replace(".", "_"), layer)
     x_flat = b.method("x_flat", "reshape", x, (-1, spec.model.hidden_size))
-    route = b.module("route", f"{moe_name}.router", x_flat)
-    slot, weight = b.items(route, ["slot", "weight"])
-    counts = b.op("count", torch.ops.echo.count.default, slot, moe_cfg.num_experts)
-    load = b.attr("load", f"{moe_name}.router.load")
-    b.method("load_add", "add_", load, counts)
-    counts_all = b.op("counts_all", torch.ops.echo.all_gather_counts.default, counts, "ep", ep)
-    if spec.backends.dispatch == "sync":
-        lay = b.fn("layout", torch.ops.echo.sync_layout.default, slot, counts, counts_all, L, "ep")
-        maps = b.items(lay, _LAYOUT_OUTS + ["splits"])
-        idx, offs, stats, splits = maps[:4], maps[4], maps[5], maps[6]
-        rows = b.fn("dispatch", torch.ops.echo.sync_dispatch.default, x_flat, *idx, splits, K, "ep")
-    else:
-        lay = b.op("layout", torch.ops.echo.layout.default, slot, counts, counts_all, L, C, "ep")
-        maps = b.items(lay, _LAYOUT_OUTS)
-        idx, offs, stats = maps[:4], maps[4], maps[5]
-        rows = b.op("dispatch", torch.ops.echo.dispatch.default, x_flat, *idx, K, "ep")
-    w13 = b.attr("w13", f"{moe_name}.experts.w13")
-    w2 = b.attr("w2", f"{moe_name}.experts.w2")
-    y = b.op("expert_ffn", grouped_gemm.expert_ffn, rows, w13, w2, offs, spec.backends.grouped_gemm)
-    if spec.backends.dispatch == "sync":
-        copies = b.fn("combine", torch.ops.echo.sync_combine.default, y, *idx, splits, "ep")
-    else:
-        copies = b.op("combine", torch.ops.echo.combine.default, y, *idx, "ep")
-    out = b.op("routed", ops.weighted_sum, copies, weight)
+    slot, weight = b.items(b.module("route", f"{moe_name}.router", x_flat), ["slot", "weight"])
+    counts = b.op("count", COUNT, dest_slot=slot, n_slots=moe_cfg.num_experts)
+    b.method("load_add", "add_", b.attr("load", f"{moe_name}.router.load"), counts)
+    counts_all = b.op("counts_all", ALL_GATHER_COUNTS, counts=counts, group="ep", group_size=ep)
+    maps, rows, combine = _exchange(b, spec, x_flat, slot, counts, counts_all)
+    y = b.op("expert_ffn", EXPERT_FFN, rows=rows, w13=b.attr("w13", f"{moe_name}.experts.w13"),
+             w2=b.attr("w2", f"{moe_name}.experts.w2"), offs=maps["offs"], impl=spec.backends.grouped_gemm)
+    out = b.op("routed", WEIGHTED_SUM, copies=combine(y), weights=weight)
     if gm.get_submodule(moe_name).shared is not None:
-        shared = b.module("shared", f"{moe_name}.shared", x_flat)
-        out = b.fn("add_shared", operator.add, out, shared)
+        out = b.fn("add_shared", operator.add, out, b.module("shared", f"{moe_name}.shared", x_flat))
     out = b.method("out", "view_as", out, x)
-    stats = b.op("layer_stats", ops.layer_stats, stats)
-    info = LayerDispatch(moe_name, spec.budgets.tokens, K, L, C, ep * C)
+    stats = b.op("layer_stats", LAYER_STATS, stats=maps["stats"], spare_expert=None)
+    info = LayerDispatch(moe_name, spec.budgets.tokens, moe_cfg.top_k, spec.experts_per_rank,
+                         spec.peer_chunk_rows, ep * spec.peer_chunk_rows)
     return out, stats, counts_all, info
 
 
 def _append_outputs(gm: GraphModule, stats: list[Node], counts: list[Node]) -> None:
     output = next(n for n in gm.graph.nodes if n.op == "output")
     with gm.graph.inserting_before(output):
-        st = gm.graph.create_node("call_function", torch.stack, (stats,), {}, name="moe_stats")
-        ct = gm.graph.create_node("call_function", torch.stack, (counts,), {}, name="moe_counts")
+        st = gm.graph.create_node("call_function", torch.stack, (stats,), {}, name=MOE_STATS)
+        ct = gm.graph.create_node("call_function", torch.stack, (counts,), {}, name=MOE_COUNTS)
     output.args = ((output.args[0], st, ct),)
 
 
@@ -154,9 +132,10 @@ def run(gm: GraphModule, spec: Spec) -> PassResult:
     check_backend(spec)
     info = DispatchInfo(spec.backends.dispatch)
     stats, counts = [], []
-    for node in moe_nodes(gm):
+    for ordinal, node in enumerate(moe_nodes(gm)):
         with gm.graph.inserting_before(node):
-            out, layer_stats, layer_counts, layer = _rewrite_layer(gm, node, spec)
+            out, layer_stats, layer_counts, layer = _rewrite_layer(
+                gm, node, spec, layer_index(node.target, ordinal))
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         stats.append(layer_stats)
@@ -167,7 +146,3 @@ def run(gm: GraphModule, spec: Spec) -> PassResult:
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, info)
-
-
-HOST_SYNC_TARGETS = sync_backend.HOST_SYNC_OPS
-HOST_SYNC_FFN = grouped_gemm.HOST_SYNC_IMPLS

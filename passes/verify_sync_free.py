@@ -19,6 +19,8 @@ from torch.fx import GraphModule, Node
 from echoc.errors import EchocError
 from echoc.spec import Spec
 from passes.manager import PassResult
+from runtime import contracts, grouped_gemm
+from runtime.model import MoE
 
 _HOST_METHODS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "nonzero",
                  "unique", "masked_select", "bincount", "repeat_interleave"}
@@ -41,10 +43,20 @@ class VerifyInfo:
     offenders: list[tuple[str, str]] = field(default_factory=list)
 
 
+def _contract_why(node: Node) -> str | None:
+    """What an echo op's contract says about host syncs: the `sync` backend's ops, and a grouped
+    GEMM implementation that reads the expert offsets on the host."""
+    c = contracts.of(node.target)
+    if c is None:
+        return None
+    if c.host_sync:
+        return f"{node.target} is the host-synced 'sync' backend (variable splits read on the host)"
+    if "impl" in c.args and grouped_gemm.resolved_impl(c.arg(node, "impl")) in grouped_gemm.HOST_SYNC_IMPLS:
+        return f"grouped_gemm '{c.arg(node, 'impl')}' reads expert offsets on the host"
+    return None
+
+
 def _why(node: Node, gm: GraphModule) -> str | None:
-    from passes.sync_free_dispatch import HOST_SYNC_FFN, HOST_SYNC_TARGETS
-    from runtime import grouped_gemm
-    from runtime.model import MoE
     t = node.target
     if node.op == "call_method" and t in _HOST_METHODS:
         return f"Tensor.{t}() reads data on the host or has a data-dependent shape"
@@ -52,10 +64,8 @@ def _why(node: Node, gm: GraphModule) -> str | None:
         return "MoE block not rewritten: the reference dropless MoE has data-dependent shapes"
     if node.op != "call_function":
         return None
-    if t in HOST_SYNC_TARGETS:
-        return f"{t} is the host-synced 'sync' backend (variable splits read on the host)"
-    if t in (grouped_gemm.expert_ffn, grouped_gemm.expert_ffn_recompute_clone) and node.args[4] in HOST_SYNC_FFN:
-        return f"grouped_gemm '{node.args[4]}' reads expert offsets on the host"
+    if (why := _contract_why(node)) is not None:
+        return why
     if t is torch.repeat_interleave and "output_size" in node.kwargs:
         return None
     if t in _HOST_FUNCTIONS:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from runtime import arena, comm
+from runtime import arena, comm, contracts
+from runtime.contracts import ASSIGN_SLOTS, CLONE_WEIGHTS, PLAN
 from runtime.layout import gather_rows
 from runtime.planner import assign_slots as _assign_slots
 from runtime.planner import offered_experts, plan as _plan
@@ -24,7 +25,8 @@ def plan(counts_all: Tensor, experts_per_rank: int, spares: int, domain_size: in
          min_clone_rows: int, buf: str) -> tuple[Tensor, Tensor]:
     """counts_all [ep, E] → spare_expert [ep, S] (-1 empty), quota [E, 1 + ep·S]. See runtime/planner.py."""
     p = _plan(counts_all, experts_per_rank, spares, domain_size, offer, min_clone_rows)
-    return arena.place(f"{buf}[0]", p.spare_expert), arena.place(f"{buf}[1]", p.quota)
+    spare_key, quota_key = PLAN.output_keys(buf)
+    return arena.place(spare_key, p.spare_expert), arena.place(quota_key, p.quota)
 
 
 @plan.register_fake
@@ -38,7 +40,7 @@ def assign_slots(topk_idx: Tensor, counts_all: Tensor, quota: Tensor, experts_pe
                  spares: int, group: str, buf: str) -> Tensor:
     """topk_idx [T, K] experts → [T, K] global slots (home or spare) following the quotas."""
     slots = _assign_slots(topk_idx, counts_all, quota, comm.group_rank(group), experts_per_rank, spares)
-    return arena.place(buf, slots.view_as(topk_idx))
+    return arena.place(ASSIGN_SLOTS.output_key(buf), slots.view_as(topk_idx))
 
 
 @assign_slots.register_fake
@@ -68,10 +70,10 @@ def clone_weights(w: Tensor, counts_all: Tensor, spare_expert: Tensor, offer: in
     El, S, tail = w.shape[0], spare_expert.shape[1], tuple(w.shape[1:])
     dom, rank = comm.group_size(group), comm.group_rank(ep_group)
     mine, rows = _pick_index(counts_all, spare_expert, El, offer, rank, dom)
-    send = torch.index_select(w, 0, mine, out=arena.out_like(f"{buf}.send", (offer,) + tail, w))
-    gathered = arena.out_like(f"{buf}.gather", (dom * offer,) + tail, w)
+    send = torch.index_select(w, 0, mine, out=arena.out_like(CLONE_WEIGHTS.key(buf, "send"), (offer,) + tail, w))
+    gathered = arena.out_like(CLONE_WEIGHTS.key(buf, "gather"), (dom * offer,) + tail, w)
     comm.all_gather_rows(send, group, out=gathered.view((dom, offer) + tail))
-    out = arena.out_like(buf, (El + S,) + tail, w)
+    out = arena.out_like(CLONE_WEIGHTS.output_key(buf), (El + S,) + tail, w)
     out[:El].copy_(w)
     gather_rows(gathered.view(dom * offer, -1), rows, out=out[El:].view(S, -1))
     return out
@@ -83,27 +85,33 @@ def _(w, counts_all, spare_expert, offer, group, ep_group, buf):
 
 
 def _clone_setup(ctx, inputs, output):
-    w, counts_all, spare_expert, offer, group, ep_group, buf = inputs
-    ctx.save_for_backward(counts_all, spare_expert)
-    ctx.offer, ctx.group, ctx.ep_group, ctx.El, ctx.buf = offer, group, ep_group, w.shape[0], buf
+    a = CLONE_WEIGHTS.named(inputs)
+    ctx.save_for_backward(*CLONE_WEIGHTS.saved(inputs))
+    ctx.offer, ctx.group, ctx.ep_group, ctx.buf = a["offer"], a["group"], a["ep_group"], a["buf"]
+    ctx.El = a["w"].shape[0]
 
 
 def _clone_backward(ctx, grad):
     """The gradient reduction: spare slots' gradients summed into `buf.bwd.rs_in`
     [dom·offer + 1, ...] (last row: empty slots), reduce-scattered home into `buf.bwd.rs_out`
     [offer, ...], added to the home experts' gradient."""
-    counts_all, spare_expert = ctx.saved_tensors
+    saved = dict(zip(CLONE_WEIGHTS.saves, ctx.saved_tensors))
+    counts_all, spare_expert = saved["counts_all"], saved["spare_expert"]
     El, offer = ctx.El, ctx.offer
     dom, rank = comm.group_size(ctx.group), comm.group_rank(ctx.ep_group)
     mine, rows = _pick_index(counts_all, spare_expert, El, offer, rank, dom)
     tail = tuple(grad.shape[1:])
     g_spare = grad[El:].reshape(rows.numel(), -1)
-    rs_in = arena.out_like(f"{ctx.buf}.bwd.rs_in", (dom * offer + 1,) + tail, grad).zero_()
+    rs_in = arena.out_like(CLONE_WEIGHTS.key(ctx.buf, "bwd.rs_in"), (dom * offer + 1,) + tail, grad).zero_()
     rs_in.view(dom * offer + 1, -1).index_add_(0, torch.where(rows >= 0, rows, dom * offer), g_spare)
-    back = comm.reduce_scatter_rows(rs_in[:-1], ctx.group, out=arena.out_like(f"{ctx.buf}.bwd.rs_out", (offer,) + tail, grad))
+    rs_out = arena.out_like(CLONE_WEIGHTS.key(ctx.buf, "bwd.rs_out"), (offer,) + tail, grad)
+    back = comm.reduce_scatter_rows(rs_in[:-1], ctx.group, out=rs_out)
     g_home = grad[:El].contiguous().clone()
     g_home.view(El, -1).index_add_(0, mine, back.view(offer, -1))
-    return g_home, None, None, None, None, None, None
+    return CLONE_WEIGHTS.input_grads(w=g_home)
 
 
 clone_weights.register_autograd(_clone_backward, setup_context=_clone_setup)
+contracts.bind(PLAN, torch.ops.echo.plan.default)
+contracts.bind(ASSIGN_SLOTS, torch.ops.echo.assign_slots.default)
+contracts.bind(CLONE_WEIGHTS, torch.ops.echo.clone_weights.default)

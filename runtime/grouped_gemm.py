@@ -14,14 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from echoc.errors import EchocError, MissingDependencyError
-from runtime import arena
+from runtime import arena, clone, contracts
+from runtime.contracts import EXPERT_FFN, EXPERT_FFN_RECOMPUTE_CLONE
+from runtime.model import swiglu
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def _swiglu(h: Tensor) -> Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def _gmm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
@@ -47,45 +44,51 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, w13, w2, offs, buf, counts_all, spare_expert, offer, ep_group):
-        clone = counts_all is not None
-        ctx.buf, ctx.clone_args = buf, (offer, ep_group) if clone else None
+        recompute = counts_all is not None
+        c = EXPERT_FFN_RECOMPUTE_CLONE if recompute else EXPERT_FFN
+        ctx.buf, ctx.contract, ctx.clone_args = buf, c, (offer, ep_group) if recompute else None
         w13f, w2f = (_clone_pair(buf, "", w13, w2, counts_all, spare_expert, offer, ep_group)
-                     if clone else (w13, w2))
+                     if recompute else (w13, w2))
         h13 = _gmm(rows, w13f, offs)
         f = h13.shape[1] // 2
         gate, up = h13[:, :f], h13[:, f:]
-        gate_act = torch.ops.aten.silu.out(gate, out=arena.out_like(f"{buf}.gate_act", gate.shape, h13))
-        act = torch.mul(gate_act, up, out=arena.out_like(f"{buf}.act", gate.shape, h13))
-        ctx.save_for_backward(rows, w13, w2, offs, h13, gate_act, act, counts_all, spare_expert)
+        gate_act = torch.ops.aten.silu.out(gate, out=arena.out_like(c.key(buf, "gate_act"), gate.shape, h13))
+        act = torch.mul(gate_act, up, out=arena.out_like(c.key(buf, "act"), gate.shape, h13))
+        inputs = dict(rows=rows, w13=w13, w2=w2, offs=offs, counts_all=counts_all, spare_expert=spare_expert)
+        ctx.save_for_backward(*(inputs[n] for n in c.saves), h13, gate_act, act)
         return _gmm(act, w2f, offs)
 
     @staticmethod
     def backward(ctx, dy):
-        rows, w13, w2, offs, h13, gate_act, act, counts_all, spare_expert = ctx.saved_tensors
-        dy, buf = dy.contiguous(), ctx.buf
+        c, n_args = ctx.contract, len(ctx.contract.saves)
+        a = dict(zip(c.saves, ctx.saved_tensors[:n_args]))
+        h13, gate_act, act = ctx.saved_tensors[n_args:]
+        dy, buf, offs = dy.contiguous(), ctx.buf, a["offs"]
         if ctx.clone_args:
-            home = (w13.detach().requires_grad_(True), w2.detach().requires_grad_(True))
+            home = (a["w13"].detach().requires_grad_(True), a["w2"].detach().requires_grad_(True))
             with torch.enable_grad():
-                w13f, w2f = _clone_pair(buf, ".recompute", *home, counts_all, spare_expert, *ctx.clone_args)
+                w13f, w2f = _clone_pair(buf, ".recompute", *home, a["counts_all"], a["spare_expert"], *ctx.clone_args)
         else:
-            w13f, w2f = w13, w2
+            w13f, w2f = a["w13"], a["w2"]
         f = act.shape[1]
         grad_act = _gmm(dy, w2f.detach().transpose(-2, -1), offs)
         dw2 = _gmm(act.transpose(-2, -1), dy, offs)
-        grad_h13 = arena.out_like(f"{buf}.bwd.grad_h13", h13.shape, h13)
+        grad_h13 = arena.out_like(c.key(buf, "bwd.grad_h13"), h13.shape, h13)
         torch.mul(grad_act, gate_act, out=grad_h13[:, f:])
         torch.ops.aten.silu_backward.grad_input(grad_act * h13[:, f:], h13[:, :f], grad_input=grad_h13[:, :f])
         dx = _gmm(grad_h13, w13f.detach().transpose(-2, -1), offs)
-        dw13 = _gmm(rows.transpose(-2, -1), grad_h13, offs)
+        dw13 = _gmm(a["rows"].transpose(-2, -1), grad_h13, offs)
         if ctx.clone_args:
             dw13, dw2 = torch.autograd.grad((w13f, w2f), home, (dw13, dw2))
-        return dx, dw13, dw2, None, None, None, None, None, None
+        return (dx, dw13, dw2) + (None,) * 6    # apply's arguments: rows, w13, w2, then six without gradient
 
 
 def _clone_pair(buf, tag, w13, w2, counts_all, spare_expert, offer, ep_group):
-    """Home experts + spare-slot clones of both weights (echo::clone_weights), keyed `buf.clone_w13<tag>`."""
-    return tuple(torch.ops.echo.clone_weights.default(w, counts_all, spare_expert, offer, "clone", ep_group,
-                                                      f"{buf}.clone_{name}{tag}")
+    """Home experts + spare-slot clones of both weights (echo::clone_weights), keyed by the
+    parts `clone_w13<tag>` and `clone_w2<tag>` of the recompute FFN's contract."""
+    return tuple(clone.clone_weights(w=w, counts_all=counts_all, spare_expert=spare_expert, offer=offer,
+                                     group="clone", ep_group=ep_group,
+                                     buf=EXPERT_FFN_RECOMPUTE_CLONE.key(buf, f"clone_{name}{tag}"))
                  for name, w in (("w13", w13), ("w2", w2)))
 
 
@@ -101,7 +104,7 @@ def ffn_loop(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, buf: str = "")
     start = 0
     for e, end in enumerate(ends):
         if end > start:
-            out[start:end] = _swiglu(rows[start:end] @ w13[e]) @ w2[e]
+            out[start:end] = swiglu(rows[start:end] @ w13[e]) @ w2[e]
         start = end
     return out
 
@@ -139,3 +142,7 @@ def expert_ffn_recompute_clone(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tens
     if resolved_impl(impl) != "torch":
         raise EchocError("echo.recompute_clone_dispatch needs backends.grouped_gemm 'torch' (grouped_mm)")
     return _GroupedSwiGLU.apply(rows, w13, w2, offs, buf, counts_all, spare_expert, offer, ep_group)
+
+
+contracts.bind(EXPERT_FFN, expert_ffn)
+contracts.bind(EXPERT_FFN_RECOMPUTE_CLONE, expert_ffn_recompute_clone)

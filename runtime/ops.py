@@ -10,22 +10,26 @@ The `torch` backend lives here: token exchange is one all_to_all_single on
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-from runtime import arena, comm
+from runtime import arena, comm, contracts
+from runtime.contracts import ALL_GATHER_COUNTS, COMBINE, COUNT, DISPATCH, LAYER_STATS, LAYOUT, WEIGHTED_SUM
 from runtime.layout import (equal_chunk_rows, gather_rows, kept_counts, recv_layout, send_layout,
                             slot_counts)
 
 
 # --- count / exchange --------------------------------------------------------------------------
 # Every op takes `buf`, its node's name: the key of its output (and `buf.send`, `buf.recv`, ...
-# of its internals) in the planned arena (runtime/arena.py). Without an arena it names nothing.
+# of its internals) in the planned arena (runtime/arena.py); runtime/contracts.py declares them.
 
 @torch.library.custom_op("echo::count", mutates_args=())
 def count(dest_slot: Tensor, n_slots: int, buf: str) -> Tensor:
     """dest_slot [T, K] int64 → copies per slot [n_slots] int64 (scatter_add_, not bincount)."""
-    return slot_counts(dest_slot.reshape(-1), n_slots, out=arena.out(buf, (n_slots,), torch.int64, dest_slot.device))
+    out = arena.out(COUNT.output_key(buf), (n_slots,), torch.int64, dest_slot.device)
+    return slot_counts(dest_slot.reshape(-1), n_slots, out=out)
 
 
 @count.register_fake
@@ -38,7 +42,7 @@ def all_gather_counts(counts: Tensor, group: str, group_size: int, buf: str) -> 
     """counts [n] → [group_size, n] (row s = rank s's counts). Every rank gets the same tensor."""
     assert comm.group_size(group) == group_size, (
         f"group {group!r} has {comm.group_size(group)} ranks, the graph was compiled for {group_size}")
-    out = arena.out_like(buf, (group_size, counts.shape[0]), counts)
+    out = arena.out_like(ALL_GATHER_COUNTS.output_key(buf), (group_size, counts.shape[0]), counts)
     return comm.all_gather_rows(counts, group, out=out)
 
 
@@ -67,7 +71,7 @@ def layout(dest_slot: Tensor, counts: Tensor, counts_all: Tensor, slots_per_rank
     sent = kept[rank].sum()
     stats = torch.stack([snd.dropped, rcv.received, sent])
     maps = (snd.send_copy, snd.copy_slot, rcv.sorted_src, rcv.recv_sorted, rcv.offs, stats)
-    return tuple(arena.place(f"{buf}[{i}]", t) for i, t in enumerate(maps))
+    return tuple(arena.place(key, t) for key, t in zip(LAYOUT.output_keys(buf), maps))
 
 
 @layout.register_fake
@@ -82,28 +86,42 @@ def _(dest_slot, counts, counts_all, slots_per_rank, chunk_rows, group, buf):
 
 # --- token movement ----------------------------------------------------------------------------
 
-def _moved(buf: str | None, part: str, rows: int, like: Tensor) -> Tensor | None:
-    """The arena view `buf.part` [rows, H] for one step of a token movement (None: allocate)."""
+class MoveKeys(NamedTuple):
+    """The arena keys of one token movement: gather into `send`, exchange into `recv`,
+    gather the result into `out`."""
+    send: str
+    recv: str
+    out: str
+
+
+def move_keys(contract: contracts.OpContract, buf: str | None, backward: bool = False,
+              out_part: str = "") -> MoveKeys | None:
+    """The keys of `contract`'s forward (or backward) movement when called with `buf`; the
+    result goes to its output key, or to part `out_part`. None (no `buf`): not planned."""
     if buf is None:
         return None
-    return arena.out_like(f"{buf}.{part}" if part else buf, (rows, like.shape[1]), like)
+    pre = "bwd." if backward else ""
+    out = contract.key(buf, out_part) if out_part else contract.output_key(buf)
+    return MoveKeys(contract.key(buf, pre + "send"), contract.key(buf, pre + "recv"), out)
 
 
-def to_experts(src: Tensor, send_rows: Tensor, sorted_src: Tensor, exchange, buf: str | None = None,
-               out: str = "") -> Tensor:
-    """Rows of `src` picked by send_rows [S] → exchange(·) → regrouped by slot [R, H].
-    With `buf`: send and receive buffers are `buf.send`, `buf.recv`, the result `buf.<out>`."""
-    send = gather_rows(src, send_rows, out=_moved(buf, "send", send_rows.shape[0], src))
-    recv = exchange(send, _moved(buf, "recv", send.shape[0], src))
-    return gather_rows(recv, sorted_src, out=_moved(buf, out, sorted_src.shape[0], src))
+def _moved(key: str | None, rows: int, like: Tensor) -> Tensor | None:
+    """The arena view `key` [rows, H] for one step of a token movement (None: allocate)."""
+    return None if key is None else arena.out_like(key, (rows, like.shape[1]), like)
 
 
-def to_sources(y: Tensor, recv_sorted: Tensor, copy_slot: Tensor, exchange, buf: str | None = None,
-               out: str = "") -> Tensor:
+def to_experts(src: Tensor, send_rows: Tensor, sorted_src: Tensor, exchange, keys: MoveKeys | None = None) -> Tensor:
+    """Rows of `src` picked by send_rows [S] → exchange(·) → regrouped by slot [R, H]."""
+    send = gather_rows(src, send_rows, out=_moved(keys and keys.send, send_rows.shape[0], src))
+    recv = exchange(send, _moved(keys and keys.recv, send.shape[0], src))
+    return gather_rows(recv, sorted_src, out=_moved(keys and keys.out, sorted_src.shape[0], src))
+
+
+def to_sources(y: Tensor, recv_sorted: Tensor, copy_slot: Tensor, exchange, keys: MoveKeys | None = None) -> Tensor:
     """Expert-sorted rows y [R, H] → exchange(·) back to their sources → one row per copy [N, H]."""
-    send = gather_rows(y, recv_sorted, out=_moved(buf, "send", recv_sorted.shape[0], y))
-    recv = exchange(send, _moved(buf, "recv", send.shape[0], y))
-    return gather_rows(recv, copy_slot, out=_moved(buf, out, copy_slot.shape[0], y))
+    send = gather_rows(y, recv_sorted, out=_moved(keys and keys.send, recv_sorted.shape[0], y))
+    recv = exchange(send, _moved(keys and keys.recv, send.shape[0], y))
+    return gather_rows(recv, copy_slot, out=_moved(keys and keys.out, copy_slot.shape[0], y))
 
 
 def _equal(group: str):
@@ -118,7 +136,7 @@ def token_of(send_copy: Tensor, top_k: int) -> Tensor:
 def dispatch(x: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Tensor,
              recv_sorted: Tensor, top_k: int, group: str, buf: str) -> Tensor:
     """x [T, H] → expert-sorted rows [R, H] on the ranks that own the slots (padding rows are zero)."""
-    return to_experts(x, token_of(send_copy, top_k), sorted_src, _equal(group), buf)
+    return to_experts(x, token_of(send_copy, top_k), sorted_src, _equal(group), move_keys(DISPATCH, buf))
 
 
 @dispatch.register_fake
@@ -127,17 +145,18 @@ def _(x, send_copy, copy_slot, sorted_src, recv_sorted, top_k, group, buf):
 
 
 def _dispatch_setup(ctx, inputs, output):
-    x, send_copy, copy_slot, sorted_src, recv_sorted, top_k, group, buf = inputs
-    ctx.save_for_backward(send_copy, copy_slot, sorted_src, recv_sorted)
-    ctx.top_k, ctx.group, ctx.tokens, ctx.buf = top_k, group, x.shape[0], buf
+    a = DISPATCH.named(inputs)
+    ctx.save_for_backward(*DISPATCH.saved(inputs))
+    ctx.top_k, ctx.group, ctx.tokens, ctx.buf = a["top_k"], a["group"], a["x"].shape[0], a["buf"]
 
 
 def _dispatch_backward(ctx, grad):
     """The transpose of dispatch: combine the rows' gradient back to one row per copy
     (`buf.bwd.send/recv/grad_copies`), then sum each token's K copies."""
-    send_copy, copy_slot, sorted_src, recv_sorted = ctx.saved_tensors
-    g = to_sources(grad.contiguous(), recv_sorted, copy_slot, _equal(ctx.group), f"{ctx.buf}.bwd", "grad_copies")
-    return g.view(ctx.tokens, ctx.top_k, -1).sum(1), None, None, None, None, None, None, None
+    maps = dict(zip(DISPATCH.saves, ctx.saved_tensors))
+    keys = move_keys(DISPATCH, ctx.buf, backward=True, out_part="bwd.grad_copies")
+    g = to_sources(grad.contiguous(), maps["recv_sorted"], maps["copy_slot"], _equal(ctx.group), keys)
+    return DISPATCH.input_grads(x=g.view(ctx.tokens, ctx.top_k, -1).sum(1))
 
 
 dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
@@ -147,7 +166,7 @@ dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
 def combine(y: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Tensor,
             recv_sorted: Tensor, group: str, buf: str) -> Tensor:
     """Expert outputs y [R, H] → one row per copy [N, H] at its source rank (dropped copies: zero)."""
-    return to_sources(y, recv_sorted, copy_slot, _equal(group), buf)
+    return to_sources(y, recv_sorted, copy_slot, _equal(group), move_keys(COMBINE, buf))
 
 
 @combine.register_fake
@@ -156,16 +175,17 @@ def _(y, send_copy, copy_slot, sorted_src, recv_sorted, group, buf):
 
 
 def _combine_setup(ctx, inputs, output):
-    y, send_copy, copy_slot, sorted_src, recv_sorted, group, buf = inputs
-    ctx.save_for_backward(send_copy, copy_slot, sorted_src, recv_sorted)
-    ctx.group, ctx.buf = group, buf
+    a = COMBINE.named(inputs)
+    ctx.save_for_backward(*COMBINE.saved(inputs))
+    ctx.group, ctx.buf = a["group"], a["buf"]
 
 
 def _combine_backward(ctx, grad):
     """The transpose of combine: a dispatch of the copies' gradient, into `buf.bwd.grad_in` [R, H]."""
-    send_copy, copy_slot, sorted_src, recv_sorted = ctx.saved_tensors
-    g = to_experts(grad.contiguous(), send_copy, sorted_src, _equal(ctx.group), f"{ctx.buf}.bwd", "grad_in")
-    return g, None, None, None, None, None, None
+    maps = dict(zip(COMBINE.saves, ctx.saved_tensors))
+    keys = move_keys(COMBINE, ctx.buf, backward=True, out_part=COMBINE.input_grad)
+    g = to_experts(grad.contiguous(), maps["send_copy"], maps["sorted_src"], _equal(ctx.group), keys)
+    return COMBINE.input_grads(y=g)
 
 
 combine.register_autograd(_combine_backward, setup_context=_combine_setup)
@@ -179,7 +199,7 @@ class _WeightedSum(torch.autograd.Function):
     def forward(ctx, copies, weights, buf):
         t, k = weights.shape
         w = weights.to(copies.dtype).unsqueeze(1)                    # [T, 1, K]
-        ctx.save_for_backward(copies, w)
+        ctx.save_for_backward(copies, w)                              # WEIGHTED_SUM.saves, w in the copies' dtype
         ctx.buf, ctx.weight_dtype = buf, weights.dtype
         return torch.bmm(w, copies.view(t, k, -1)).squeeze(1)
 
@@ -188,10 +208,11 @@ class _WeightedSum(torch.autograd.Function):
         copies, w = ctx.saved_tensors
         t, _, k = w.shape
         g = grad.unsqueeze(1)                                         # [T, 1, H]
-        out = arena.out_like(f"{ctx.buf}.bwd.grad_in", copies.shape, copies)
+        key = None if ctx.buf is None else WEIGHTED_SUM.key(ctx.buf, WEIGHTED_SUM.input_grad)
+        out = arena.out_like(key, copies.shape, copies)
         torch.bmm(w.transpose(1, 2), g, out=out.view(t, k, -1))       # [T, K, H]
         grad_w = torch.bmm(g, copies.view(t, k, -1).transpose(1, 2))  # [T, 1, K]
-        return out, grad_w.squeeze(1).to(ctx.weight_dtype), None
+        return WEIGHTED_SUM.input_grads(copies=out, weights=grad_w.squeeze(1).to(ctx.weight_dtype))
 
 
 def weighted_sum(copies: Tensor, weights: Tensor, buf: str | None = None) -> Tensor:
@@ -208,4 +229,14 @@ def layer_stats(stats: Tensor, buf: str | None = None, spare_expert: Tensor | No
     clones = stats.new_zeros(1) if spare_expert is None else (spare_expert >= 0).sum().view(1)
     if buf is None:
         return torch.cat([stats, clones])
-    return torch.cat([stats, clones], out=arena.out_like(buf, (stats.shape[0] + 1,), stats))
+    out = arena.out_like(LAYER_STATS.output_key(buf), (stats.shape[0] + 1,), stats)
+    return torch.cat([stats, clones], out=out)
+
+
+contracts.bind(COUNT, torch.ops.echo.count.default)
+contracts.bind(ALL_GATHER_COUNTS, torch.ops.echo.all_gather_counts.default)
+contracts.bind(LAYOUT, torch.ops.echo.layout.default)
+contracts.bind(DISPATCH, torch.ops.echo.dispatch.default)
+contracts.bind(COMBINE, torch.ops.echo.combine.default)
+contracts.bind(WEIGHTED_SUM, weighted_sum)
+contracts.bind(LAYER_STATS, layer_stats)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from runtime import comm
+from runtime import comm, contracts
+from runtime.contracts import SYNC_COMBINE, SYNC_DISPATCH, SYNC_LAYOUT
 from runtime.layout import recv_layout, send_layout
 from runtime.ops import to_experts, to_sources, token_of
 
@@ -93,27 +94,33 @@ def _(y, send_copy, copy_slot, sorted_src, recv_sorted, splits, group):
     return y.new_empty((copy_slot.shape[0], y.shape[1]))
 
 
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[1:6])
-    ctx.group = inputs[-1]
-    ctx.top_k = inputs[6] if len(inputs) == 8 else None
-    ctx.tokens = inputs[0].shape[0]
+def _dispatch_setup(ctx, inputs, output):
+    a = SYNC_DISPATCH.named(inputs)
+    ctx.save_for_backward(*SYNC_DISPATCH.saved(inputs))
+    ctx.group, ctx.top_k, ctx.tokens = a["group"], a["top_k"], a["x"].shape[0]
 
 
 def _dispatch_backward(ctx, grad):
-    idx = ctx.saved_tensors
-    g = sync_combine(grad.contiguous(), *idx, ctx.group)
-    return (g.view(ctx.tokens, ctx.top_k, -1).sum(1),) + (None,) * 7
+    """The transpose of sync_dispatch: a sync_combine of the rows' gradient, summed per token."""
+    maps = dict(zip(SYNC_DISPATCH.saves, ctx.saved_tensors))
+    g = sync_combine(y=grad.contiguous(), group=ctx.group, **maps)
+    return SYNC_DISPATCH.input_grads(x=g.view(ctx.tokens, ctx.top_k, -1).sum(1))
+
+
+def _combine_setup(ctx, inputs, output):
+    ctx.save_for_backward(*SYNC_COMBINE.saved(inputs))
+    ctx.group = SYNC_COMBINE.named(inputs)["group"]
 
 
 def _combine_backward(ctx, grad):
-    send_copy, copy_slot, sorted_src, recv_sorted, splits = ctx.saved_tensors
-    g = to_experts(grad.contiguous(), send_copy, sorted_src, _var(splits, ctx.group, False))
-    return (g,) + (None,) * 6
+    """The transpose of sync_combine: the copies' gradient dispatched back to the experts' rows."""
+    maps = dict(zip(SYNC_COMBINE.saves, ctx.saved_tensors))
+    exchange = _var(maps["splits"], ctx.group, False)
+    return SYNC_COMBINE.input_grads(y=to_experts(grad.contiguous(), maps["send_copy"], maps["sorted_src"], exchange))
 
 
-sync_dispatch.register_autograd(_dispatch_backward, setup_context=_setup)
-sync_combine.register_autograd(_combine_backward, setup_context=_setup)
-
-HOST_SYNC_OPS = {torch.ops.echo.sync_layout.default, torch.ops.echo.sync_dispatch.default,
-                 torch.ops.echo.sync_combine.default}
+sync_dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
+sync_combine.register_autograd(_combine_backward, setup_context=_combine_setup)
+contracts.bind(SYNC_LAYOUT, torch.ops.echo.sync_layout.default)
+contracts.bind(SYNC_DISPATCH, torch.ops.echo.sync_dispatch.default)
+contracts.bind(SYNC_COMBINE, torch.ops.echo.sync_combine.default)

@@ -7,8 +7,8 @@ diff before committing; never update them just to make the test pass.
 """
 import json
 import os
+import re
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -16,10 +16,15 @@ from hypothesis import given, settings, strategies as st
 from rich.console import Console
 
 from echoc import views
-from echoc.compile import build_meta_model, compile_graph, propagate_shapes
+from echoc.compile import compile_graph, propagate_shapes
 from echoc.errors import EchocError, MissingDependencyError
-from echoc.spec_io import spec_from_dict
+from passes import buffer_alloc as alloc
 from passes import buffer_plan as bp
+from passes.buffer_lifetimes import LAST_SUB
+from passes.memory_plan import ALIGN_BYTES, ALLOCATOR, ARENA, Buffer, aligned
+from runtime import contracts
+from runtime.dtypes import torch_dtype
+from runtime.model import meta_transformer
 from runtime.parallel import shard_experts
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -27,7 +32,7 @@ GOLDEN = Path(__file__).parent / "golden"
 
 # --- the allocator on random lifetimes ----------------------------------------------------------
 
-def _overlap(a: bp.Buffer, b: bp.Buffer) -> bool:
+def _overlap(a: Buffer, b: Buffer) -> bool:
     return any(s1 <= e2 and s2 <= e1 for s1, e1 in a.live for s2, e2 in b.live)
 
 
@@ -45,7 +50,7 @@ def buffer_sets(draw):
             live.append((s, e))
             at = e + 1
         nbytes = draw(st.one_of(st.integers(0, 5000), st.sampled_from([256, 512, 4096, 65536])))
-        out.append(bp.Buffer(f"b{i}", None, "activation", (nbytes,), "uint8", nbytes, tuple(live)))
+        out.append(Buffer(f"b{i}", None, "activation", (nbytes,), "uint8", nbytes, tuple(live)))
     if draw(st.booleans()) and n > 1:      # some buffers share a lifetime: one folded graph node
         out[-1].live = out[0].live
     return out
@@ -54,8 +59,8 @@ def buffer_sets(draw):
 @settings(max_examples=150, deadline=None)
 @given(buffer_sets())
 def test_allocator_never_overlaps_live_buffers(buffers):
-    g = bp.allocate(buffers)
-    assert all(b.offset % bp.ALIGN_BYTES == 0 for b in buffers)
+    g = alloc.allocate(buffers)
+    assert all(b.offset % ALIGN_BYTES == 0 for b in buffers)
     pairs = 0
     for i, a in enumerate(buffers):
         for b in buffers[i + 1:]:
@@ -63,53 +68,66 @@ def test_allocator_never_overlaps_live_buffers(buffers):
                 pairs += 1
                 if a.nbytes and b.nbytes:
                     assert a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset, (a, b)
-    assert bp.interfering_pairs(g) == pairs
-    lower, _ = bp.lower_bound(buffers)
-    naive = sum(bp.aligned(b.nbytes) for b in buffers)
-    assert lower <= bp.arena_bytes(buffers) <= naive
+    assert alloc.interfering_pairs(g) == pairs
+    lower, _ = alloc.lower_bound(buffers)
+    naive = sum(aligned(b.nbytes) for b in buffers)
+    assert lower <= alloc.arena_bytes(buffers) <= naive
 
 
 def test_disjoint_lifetimes_share_bytes_and_the_bound_is_tight():
-    bufs = [bp.Buffer("a", None, "x", (1000,), "uint8", 1000, ((0, 3),)),
-            bp.Buffer("b", None, "x", (1000,), "uint8", 1000, ((4, 9),)),
-            bp.Buffer("c", None, "x", (300,), "uint8", 300, ((2, 5),))]
-    bp.allocate(bufs)
+    bufs = [Buffer("a", None, "x", (1000,), "uint8", 1000, ((0, 3),)),
+            Buffer("b", None, "x", (1000,), "uint8", 1000, ((4, 9),)),
+            Buffer("c", None, "x", (300,), "uint8", 300, ((2, 5),))]
+    alloc.allocate(bufs)
     assert bufs[0].offset == bufs[1].offset == 0 and bufs[2].offset == 1024
-    assert bp.arena_bytes(bufs) == bp.lower_bound(bufs)[0] == 1024 + 512
+    assert alloc.arena_bytes(bufs) == alloc.lower_bound(bufs)[0] == 1024 + 512
 
 
 # --- the pass on a small compiled spec ------------------------------------------------------------
 
-def small_spec(dtype="float32", recompute=False, echo=True, dispatch="torch"):
-    return spec_from_dict({
-        "model": {"name": "bp", "vocab_size": 32, "hidden_size": 16, "num_layers": 3, "first_dense_layers": 1,
-                  "dense_intermediate_size": 32, "dtype": dtype,
-                  "attention": {"kind": "gqa", "num_heads": 2, "num_kv_heads": 1, "head_dim": 8},
-                  "moe": {"num_experts": 8, "top_k": 2, "expert_intermediate_size": 8, "shared_experts": 1}},
-        "cluster": {"nodes": 1, "gpus_per_node": 2}, "parallel": {"ep": 2},
-        "budgets": {"seq_len": 8, "micro_batch": 2, "received_token_capacity": 1.5, "row_alignment": 4},
-        "echo": {"enabled": echo, "spare_slots_per_rank": 1, "recompute_clone_dispatch": recompute},
-        "backends": {"dispatch": dispatch},
-    })
+def small(dtype="float32", recompute=False, echo=True, dispatch="torch") -> dict:
+    """Overrides of the tiny spec: 3 layers (1 dense, 2 MoE), H=16, 8 experts over ep=2."""
+    return {"model.name": "bp", "model.vocab_size": 32, "model.hidden_size": 16, "model.num_layers": 3,
+            "model.first_dense_layers": 1, "model.dense_intermediate_size": 32, "model.dtype": dtype,
+            "model.attention.num_heads": 2, "model.attention.num_kv_heads": 1, "model.attention.head_dim": 8,
+            "model.moe.num_experts": 8, "model.moe.top_k": 2, "model.moe.expert_intermediate_size": 8,
+            "model.moe.shared_experts": 1, "budgets.seq_len": 8, "budgets.micro_batch": 2,
+            "budgets.received_token_capacity": 1.5, "budgets.row_alignment": 4, "echo.enabled": echo,
+            "echo.spare_slots_per_rank": 1, "echo.recompute_clone_dispatch": recompute,
+            "backends.dispatch": dispatch}
 
 
-@lru_cache(maxsize=None)
-def planned(dtype="float32", recompute=False, echo=True):
-    spec = small_spec(dtype, recompute, echo)
-    model = build_meta_model(spec)
+def compiled(spec):
+    model = meta_transformer(spec.model, torch_dtype(spec.model.dtype))
     shard_experts(model, 0, spec.parallel.ep)
     gm, _ = compile_graph(model, spec)
     propagate_shapes(gm, spec)
-    res = bp.run(gm, spec)
-    assert res.gm is gm
-    return spec, res.info
+    return gm
+
+
+_PLANS: dict = {}
+
+
+@pytest.fixture
+def planned(make_spec):
+    """planned(dtype, recompute, echo) → (spec, MemoryPlan) of the small spec, computed once per session."""
+    def get(dtype="float32", recompute=False, echo=True):
+        key = (dtype, recompute, echo)
+        if key not in _PLANS:
+            spec = make_spec(small(dtype, recompute, echo))
+            gm = compiled(spec)
+            res = bp.run(gm, spec)
+            assert res.gm is gm
+            _PLANS[key] = spec, res.info, gm
+        return _PLANS[key][:2]
+    return get
 
 
 def _by_name(plan):
     return {b.name: b for b in plan.buffers}
 
 
-def test_recompute_keeps_one_spare_slot_buffer_for_all_layers():
+def test_recompute_keeps_one_spare_slot_buffer_for_all_layers(planned):
     _, rc = planned(recompute=True)
     _, no = planned(recompute=False)
     spare_rc = [b for b in rc.buffers if b.role == "clone_weights"]
@@ -117,13 +135,13 @@ def test_recompute_keeps_one_spare_slot_buffer_for_all_layers():
     assert [b.name for b in spare_rc] == ["spare_weights"] and spare_rc[0].layer is None
     assert sorted(b.layer for b in spare_no) == [1, 2]
     # live only around each use: the FFN step of each layer, forward and backward
-    assert len(spare_rc[0].live) == 4 and all(e - s == bp.LAST_SUB for s, e in spare_rc[0].live)
+    assert len(spare_rc[0].live) == 4 and all(e - s == LAST_SUB for s, e in spare_rc[0].live)
     assert spare_rc[0].nbytes == spare_no[0].nbytes     # El + S slots of w13 and w2 either way
     (p13, p2) = spare_rc[0].parts
     assert p13.shape == (4 + 1, 16, 16) and p2.shape == (4 + 1, 8, 16)
 
 
-def test_shapes_follow_the_spec_and_lifetimes_follow_autograd():
+def test_shapes_follow_the_spec_and_lifetimes_follow_autograd(planned):
     spec, plan = planned(dtype="bfloat16")
     b, tl = _by_name(plan), plan.timeline
     R, H, F = spec.receive_rows, spec.model.hidden_size, spec.model.moe.expert_intermediate_size
@@ -147,7 +165,7 @@ def test_shapes_follow_the_spec_and_lifetimes_follow_autograd():
     assert b[p + "sorted_src"].last > b[p + "dispatch"].last
 
 
-def test_plan_totals_and_fp32_copies():
+def test_plan_totals_and_fp32_copies(planned):
     spec, plan = planned()
     b = _by_name(plan)
     assert "layers_1_mlp_routed.copies_f32" not in b and b["layers_1_mlp_combine"].last > plan.timeline.forward[1]
@@ -156,17 +174,17 @@ def test_plan_totals_and_fp32_copies():
     assert plan.ranks == "all" and str(spec.cluster.world_size) in plan.note
 
 
-def test_placement_grouped_mm_products_come_from_the_allocator_the_rest_from_the_arena():
+def test_placement_grouped_mm_products_come_from_the_allocator_the_rest_from_the_arena(planned):
     for recompute in (False, True):
         _, plan = planned(recompute=recompute)
         b = _by_name(plan)
         p = "layers_1_mlp_"
-        alloc = {n for n, x in b.items() if x.placement == bp.ALLOCATOR}
+        alloc = {n for n, x in b.items() if x.placement == ALLOCATOR}
         # grouped_mm has no out= variant: its products; torch.stack makes the graph outputs
         assert {p + "expert_ffn", p + "expert_ffn.h13", p + "expert_ffn.bwd.grad_act", p + "dispatch.grad",
                 p + "clone_weights.grad", "moe_stats", "moe_counts"} <= alloc
         assert all(n.startswith(("layers_", "moe_")) for n in alloc)
-        assert all(x.offset is None and not x.keys for x in b.values() if x.placement == bp.ALLOCATOR)
+        assert all(x.offset is None and not x.keys for x in b.values() if x.placement == ALLOCATOR)
         assert b[p + "expert_ffn.grad"].keys == (p + "combine.bwd.grad_in",)   # combine's backward writes it
         assert b[p + "combine.grad"].keys == (p + "routed.bwd.grad_in",)       # weighted_sum's backward
         assert b[p + "send_copy"].keys == (p + "layout[0]",) and b[p + "stats"].keys == (p + "layout[5]",)
@@ -180,26 +198,59 @@ def test_placement_grouped_mm_products_come_from_the_allocator_the_rest_from_the
     assert {layout.views[k].offset_bytes for k in spare.parts[0].keys} == {spare.offset}
 
 
-def test_the_loop_fallback_is_not_planned_inside_the_ffn():
-    spec = spec_from_dict(small_spec(echo=False).model_dump() | {"backends": {"grouped_gemm": "loop"}})
-    model = build_meta_model(spec)
-    shard_experts(model, 0, spec.parallel.ep)
-    gm, _ = compile_graph(model, spec)
-    propagate_shapes(gm, spec)
-    b = _by_name(bp.run(gm, spec).info)
-    assert b["layers_1_mlp_expert_ffn.act"].placement == bp.ALLOCATOR
-    assert b["layers_1_mlp_dispatch"].placement == bp.ARENA
+def test_the_loop_fallback_is_not_planned_inside_the_ffn(make_spec):
+    spec = make_spec(small(echo=False) | {"backends.grouped_gemm": "loop"})
+    b = _by_name(bp.run(compiled(spec), spec).info)
+    assert b["layers_1_mlp_expert_ffn.act"].placement == ALLOCATOR
+    assert b["layers_1_mlp_dispatch"].placement == ARENA
 
 
-def test_non_static_backends_are_not_planned():
-    plan = bp.plan_buffers(None, small_spec(echo=False, dispatch="sync"))
+def test_non_static_backends_are_not_planned(make_spec):
+    plan = bp.plan_buffers(None, make_spec(small(echo=False, dispatch="sync")))
     assert not plan.planned and "sync" in plan.reason
     assert bp.plan_to_json(plan)["planned"] is False
 
 
+def test_layers_come_from_node_metadata_not_names(planned):
+    """The plan's layers are node metadata: shifting the metadata shifts them, names unchanged."""
+    spec, plan = planned()
+    gm = _PLANS[("float32", False, True)][2]
+    renamed = {}
+    for node in gm.graph.nodes:
+        if node.meta.get("moe_layer") is not None:
+            renamed[node] = node.meta["moe_layer"]
+    assert sorted(set(renamed.values())) == [1, 2]
+    by_layer = {b.layer for b in plan.buffers}
+    assert by_layer == {None, 1, 2}
+    for node, layer in renamed.items():
+        node.meta["moe_layer"] = layer + 10
+    try:
+        shifted = bp.run(gm, spec).info
+    finally:
+        for node, layer in renamed.items():
+            node.meta["moe_layer"] = layer
+    assert [b.layer for b in shifted.buffers] == [None if b.layer is None else b.layer + 10 for b in plan.buffers]
+
+
+def test_every_arena_key_is_declared_by_its_nodes_contract(planned):
+    """Keys are `node`, `node[i]`, `node.<part>` or the keys of an op called at a part, all
+    declared by the node's contract (runtime/contracts.py); a misspelt key fails here."""
+    for recompute in (False, True):
+        spec, plan = planned(recompute=recompute)
+        gm = _PLANS[("float32", recompute, True)][2]
+        by_name = {n.name: contracts.of(n.target) for n in gm.graph.nodes}
+        keys = bp.arena_layout(plan).views
+        assert len(keys) > 40
+        for key in keys:
+            name = re.match(r"[^.\[]+", key).group(0)
+            c = by_name[name]
+            assert c is not None and c.owns(name, key), key
+    assert not contracts.COMBINE.owns("x", "x.bwd.grad_copies") and contracts.DISPATCH.owns("x", "x.bwd.grad_copies")
+
+
 @pytest.mark.parametrize("name,kwargs", [("plan_bf16_echo", dict(dtype="bfloat16")),
                                          ("plan_fp32_echo_recompute", dict(recompute=True))])
-def test_golden_plan(name, kwargs):
+def test_golden_plan(name, kwargs, planned):
     """Pins plan.json of the small spec. Regenerate deliberately: ECHOC_UPDATE_GOLDEN=1."""
     got = json.loads(json.dumps(bp.plan_to_json(planned(**kwargs)[1])))
     path = GOLDEN / f"{name}.json"
@@ -215,7 +266,7 @@ def test_golden_plan(name, kwargs):
 
 # --- views ------------------------------------------------------------------------------------------
 
-def test_buffers_table_sorts_by_size_and_layer():
+def test_buffers_table_sorts_by_size_and_layer(planned):
     plan = bp.plan_to_json(planned()[1])
     console = Console(record=True, width=220)
     by_size = views.buffers_table(plan, "size", console)
@@ -230,7 +281,7 @@ def test_buffers_table_sorts_by_size_and_layer():
         views.buffers_table(plan, "offset")
 
 
-def test_timeline_png(tmp_path, monkeypatch):
+def test_timeline_png(tmp_path, monkeypatch, planned):
     plan = bp.plan_to_json(planned(recompute=True)[1])
     try:
         import matplotlib  # noqa: F401
