@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks in one call (device machines: carry .whl for pydantic).
-#   bash bench/gpu_run.sh [moe_layer|iteration|cli|arena|all] [extra args for iteration.py]
+# The GPU checks and benchmarks in one call (device machines: carry .whl for pydantic, and for
+# torchtitan 0.3.0 + spmd_types, tyro, docstring-parser, typeguard: the layer bench's peer).
+#   bash bench/gpu_run.sh [moe_layer|layer|iteration|cli|arena|all] [extra args for iteration.py]
+# layer: issue 11's two shapes, profile (bench/profile_layer.py) then the layer bench with the
+# torchtitan peer and the GEMM floor (bench/moe_layer.py), EP = the GPUs here.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-if [ -d .whl ] && ! python3 -c "import pydantic" 2>/dev/null; then
+if [ -d .whl ] && { ! python3 -c "import pydantic" 2>/dev/null || ! python3 -c "import torchtitan" 2>/dev/null; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
@@ -14,6 +17,19 @@ ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 python3 -c "import torch, pydantic; print('torch', torch.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name())"
 if [ "$what" = all ] || [ "$what" = moe_layer ]; then
   timeout 240 torchrun --standalone --nproc-per-node "$ngpu" bench/moe_layer.py --out "$OUT/moe_layer.json" 2>&1 | tee "$OUT/moe_layer.log" | grep -v Warning
+fi
+if [ "$what" = layer ]; then
+  shapes=("2048 64 1024" "6144 32 2048")   # hidden, experts, expert FFN
+  for shape in "${shapes[@]}"; do
+    read -r h e f <<< "$shape"
+    timeout 100 python3 bench/profile_layer.py --hidden "$h" --experts "$e" --ffn "$f" \
+      --out "$OUT/profile_layer_h$h.json" 2>&1 | tee "$OUT/profile_layer_h$h.log" | grep -v Warning
+  done
+  for shape in "${shapes[@]}"; do
+    read -r h e f <<< "$shape"
+    timeout 200 torchrun --standalone --nproc-per-node "$ngpu" bench/moe_layer.py --hidden "$h" --experts "$e" \
+      --ffn "$f" --out "$OUT/moe_layer_h$h.json" 2>&1 | tee "$OUT/moe_layer_h$h.log" | grep -v Warning
+  done
 fi
 if [ "$what" = all ] || [ "$what" = planner ]; then
   timeout 120 python3 bench/planner_time.py --out "$OUT/planner_time.json" 2>&1 | tee "$OUT/planner_time.log" | grep -v Warning

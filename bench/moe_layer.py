@@ -86,11 +86,12 @@ def layer_spec(args, backend: str, world: int, echo: bool = False, device: str =
 def build(args, backend, device, seed=0, echo=False):
     spec = spec_from_dict(layer_spec(args, backend, dist.get_world_size(), echo, device.type))
     torch.manual_seed(seed)
-    ref = OneLayer(spec.model).to(device=device, dtype=torch.bfloat16)
-    if echo:  # make the experts of EP rank 0 hot, so the planner has something to balance
-        with torch.no_grad():
-            ref.mlp.router.expert_bias[: spec.experts_per_rank // 4] += 0.05
-    model = OneLayer(spec.model).to(device=device, dtype=torch.bfloat16)
+    with torch.device(device):  # initialise on the device: seconds less per build at GLM-5 widths
+        ref = OneLayer(spec.model).to(dtype=torch.bfloat16)
+        if echo:  # make the experts of EP rank 0 hot, so the planner has something to balance
+            with torch.no_grad():
+                ref.mlp.router.expert_bias[: spec.experts_per_rank // 4] += 0.05
+        model = OneLayer(spec.model).to(dtype=torch.bfloat16)
     model.load_state_dict(ref.state_dict())
     shard_experts(model, comm.group_rank("ep"), spec.parallel.ep)
     gm = torch.fx.GraphModule(model, MoELeafTracer().trace(model))
