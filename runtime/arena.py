@@ -1,6 +1,6 @@
 """The planned arena: one byte buffer per rank, carved into the views the buffer plan placed.
 
-The buffer plan (passes/buffer_plan.py) gives every MoE buffer that an echo op writes
+The memory plan (passes/buffer_plan.py) gives every MoE buffer that an echo op writes
 itself a byte offset in one arena; buffers whose lifetimes overlap never share bytes.
 At run time the arena is allocated once (before any CUDA-graph capture, so its
 addresses are the same in every replay) and each op asks for its output by key:
@@ -10,7 +10,8 @@ addresses are the same in every replay) and each op asks for its output by key:
 With an arena active and the key planned, `out` is the planned view; otherwise (no
 arena, or a buffer the plan leaves to the caching allocator) a fresh tensor. Keys are
 node names, `node.part` for an op's internals (`layers_1_mlp_dispatch.send`) and
-`node[i]` for the i-th output of a tuple-returning op.
+`node[i]` for the i-th output of a tuple-returning op; each op's contract
+(runtime/contracts.py) declares its keys, and the ops and the plan both read it there.
 
 Every view gets a storage object and version counter of its own (through DLPack), so
 two buffers that reuse the same bytes at different times are different tensors to

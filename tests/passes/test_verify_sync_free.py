@@ -3,26 +3,37 @@ import pytest
 import torch
 import torch.fx as fx
 
-from echoc.spec_io import spec_from_dict
+from echoc.compile import compile_graph
 from passes import verify_sync_free
 from passes.verify_sync_free import SyncFreeError, find_offenders
+from runtime.dtypes import torch_dtype
+from runtime.model import meta_transformer
+from runtime.parallel import shard_experts
+
+SMALL = {"model.vocab_size": 32, "model.hidden_size": 16, "model.num_layers": 2, "model.dense_intermediate_size": 32,
+         "model.dtype": "bfloat16", "model.attention.num_heads": 2, "model.attention.num_kv_heads": 1,
+         "model.attention.head_dim": 8, "model.moe.num_experts": 4, "model.moe.expert_intermediate_size": 8,
+         "budgets.seq_len": 8, "cluster.device": "cuda"}
 
 
-def spec(graph="full_iteration"):
-    return spec_from_dict({
-        "model": {"name": "t", "vocab_size": 32, "hidden_size": 16, "num_layers": 1, "dense_intermediate_size": 32,
-                  "dtype": "bfloat16", "attention": {"kind": "gqa", "num_heads": 2, "num_kv_heads": 1, "head_dim": 8},
-                  "moe": {"num_experts": 4, "top_k": 2, "expert_intermediate_size": 8}},
-        "cluster": {"device": "cuda"}, "budgets": {"seq_len": 8},
-        "backends": {"cuda_graph": graph},
-    })
+@pytest.fixture
+def spec(make_spec):
+    """spec(cuda_graph, **backends) → a small bf16 CUDA spec."""
+    return lambda graph="full_iteration", **be: make_spec(
+        SMALL | {"backends.cuda_graph": graph} | {f"backends.{k}": v for k, v in be.items()})
+
+
+def compiled(s):
+    model = meta_transformer(s.model, torch_dtype(s.model.dtype))
+    shard_experts(model, 0, s.parallel.ep)
+    return compile_graph(model, s)[0]
 
 
 def graph_of(fn):
     return fx.symbolic_trace(fn)
 
 
-def test_clean_graph_passes():
+def test_clean_graph_passes(spec):
     gm = graph_of(lambda x: torch.argsort(x, stable=True) + torch.cumsum(x, 0))
     assert verify_sync_free.run(gm, spec()).info.offenders == []
 
@@ -36,7 +47,7 @@ def test_clean_graph_passes():
     (lambda x: x.cpu(), "cpu"),
     (lambda x: torch.masked_select(x, x > 0), "masked_select"),
 ])
-def test_planted_offender_is_named(fn, needle):
+def test_planted_offender_is_named(fn, needle, spec):
     gm = graph_of(fn)
     with pytest.raises(SyncFreeError) as e:
         verify_sync_free.run(gm, spec())
@@ -48,18 +59,21 @@ def test_repeat_interleave_with_output_size_is_fine():
     assert find_offenders(gm) == []
 
 
-def test_not_enforced_without_cuda_graph():
+def test_not_enforced_without_cuda_graph(spec):
     gm = graph_of(lambda x: x.sum().item())
     info = verify_sync_free.run(gm, spec("none")).info
     assert not info.enforced and info.offenders and "item" in info.offenders[0][1]
 
 
-def test_sync_backend_and_loop_gemm_are_rejected():
-    from echoc.compile import build_meta_model, compile_graph
-    s = spec_from_dict({**spec("none").model_dump(), "backends": {"dispatch": "sync", "cuda_graph": "none"}})
-    gm, _ = compile_graph(build_meta_model(s), s)
-    why = " ".join(w for _, w in find_offenders(gm))
-    assert "sync" in why
-    s2 = spec_from_dict({**spec("none").model_dump(), "backends": {"grouped_gemm": "loop", "cuda_graph": "none"}})
-    gm2, _ = compile_graph(build_meta_model(s2), s2)
-    assert "offsets on the host" in " ".join(w for _, w in find_offenders(gm2))
+def test_sync_backend_and_loop_gemm_are_rejected(spec):
+    offenders = dict(find_offenders(compiled(spec("none", dispatch="sync"))))
+    assert {"layers_1_mlp_layout", "layers_1_mlp_dispatch", "layers_1_mlp_combine"} <= set(offenders)
+    assert "sync" in offenders["layers_1_mlp_dispatch"]
+    loop = dict(find_offenders(compiled(spec("none", grouped_gemm="loop"))))
+    assert list(loop) == ["layers_1_mlp_expert_ffn"] and "offsets on the host" in loop["layers_1_mlp_expert_ffn"]
+    assert find_offenders(compiled(spec("none"))) == []
+
+
+def test_a_full_iteration_graph_refuses_the_sync_backend(spec):
+    with pytest.raises(SyncFreeError, match="layers_1_mlp_layout"):
+        verify_sync_free.run(compiled(spec("none", dispatch="sync")), spec())
