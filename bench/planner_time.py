@@ -1,20 +1,26 @@
-"""ECHO planner time per layer on one GPU: eager and captured in a CUDA graph.
+"""ECHO planner time per layer on one GPU, captured in a CUDA graph: the torch reference path
+(old) against the fused Triton path (new), for plan, assign_slots, and both.
 
-    python bench/planner_time.py [--out planner_time.json]
+    python bench/planner_time.py [--out bench/results/planner_time.json]
 
-Counts [ep, 256] drawn from zipf(1.2) (4096 tokens × top-8 per rank), 2 spare slots per
-rank, clone domain = the whole EP group. Also times assign_slots for one rank's copies.
+Counts [ep, 256] drawn from zipf(1.2) (4096 tokens × top-8 per rank), 2 spare slots per rank,
+clone domain = the whole EP group; assign_slots for rank 0's 4096 × 8 copies. Each time is the
+median over 50 replays of a graph that runs the step 10 times (one layer = one step).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
+from pathlib import Path
 
 import torch
 
-from runtime.planner import assign_slots, plan, rank_rows
+from runtime.planner import assign_slots, assign_slots_reference, plan, plan_reference, rank_rows
+
+STEPS_PER_GRAPH = 10
 
 
 def zipf_counts(ep, E, copies, skew, g, device):
@@ -25,55 +31,68 @@ def zipf_counts(ep, E, copies, skew, g, device):
     return counts.to(device), idx[0].to(device)
 
 
-def time_ms(fn, iters=50):
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+def graph_ms(fn, iters=50):
+    """Median ms of one fn() inside a CUDA graph that runs it STEPS_PER_GRAPH times."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(STEPS_PER_GRAPH):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     out = []
     for _ in range(iters):
-        s.record()
-        fn()
-        e.record()
+        start.record()
+        graph.replay()
+        end.record()
         torch.cuda.synchronize()
-        out.append(s.elapsed_time(e))
+        out.append(start.elapsed_time(end) / STEPS_PER_GRAPH)
     return statistics.median(out)
+
+
+def measure(ep, g):
+    """One row of the table: old and new ms for plan, assign_slots and both, plus the balance."""
+    E, S, El = 256, 2, 256 // ep
+    counts, idx = zipf_counts(ep, E, 4096 * 8, 1.2, g, "cuda")
+    idx = idx.view(4096, 8)
+    quota = plan_reference(counts, El, S, ep).quota
+    paths = {"old": (plan_reference, assign_slots_reference), "new": (plan, assign_slots)}
+    row = {"ep": ep, "experts": E, "spares": S}
+    for name, (p_fn, a_fn) in paths.items():
+        row[f"{name}_plan_ms"] = graph_ms(lambda: p_fn(counts, El, S, ep, S, 1))
+        row[f"{name}_assign_ms"] = graph_ms(lambda: a_fn(idx, counts, quota, 0, El, S))
+        row[f"{name}_both_ms"] = graph_ms(lambda: a_fn(idx, counts, p_fn(counts, El, S, ep, S, 1).quota, 0, El, S))
+    new, old = plan(counts, El, S, ep), plan_reference(counts, El, S, ep)
+    row["identical"] = bool(torch.equal(new.quota, old.quota) and torch.equal(new.spare_expert, old.spare_expert)
+                            and torch.equal(assign_slots(idx, counts, new.quota, 0, El, S),
+                                            assign_slots_reference(idx, counts, old.quota, 0, El, S)))
+    rr, base = rank_rows(counts, new, El, S).double(), counts.sum(0).view(ep, El).sum(1).double()
+    row["straggler_none"], row["straggler_echo"] = float(base.max() / base.mean()), float(rr.max() / rr.mean())
+    return row
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "planner_time.json"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "planner_time.json"))
     args = ap.parse_args()
-    dev = torch.device("cuda")
     g = torch.Generator().manual_seed(0)
-    rows = []
-    for ep in (8, 16, 64):
-        E, S, El = 256, 2, 256 // ep
-        counts, idx = zipf_counts(ep, E, 4096 * 8, 1.2, g, dev)
-        idx = idx.view(4096, 8)
-        fn = lambda: plan(counts, El, S, ep, S, 1)
-        fn()
-        eager = time_ms(fn)
-        static = counts.clone()
-        graph = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        with torch.cuda.graph(graph):
-            p = plan(static, El, S, ep, S, 1)
-            slots = assign_slots(idx, static, p.quota, 0, El, S)
-        captured = time_ms(graph.replay)
-        rr = rank_rows(counts, p, El, S).double()
-        base = counts.sum(0).view(ep, El).sum(1).double()
-        rows.append({"ep": ep, "experts": E, "spares": S, "plan_eager_ms": eager,
-                     "plan_plus_assign_graph_ms": captured,
-                     "straggler_none": float(base.max() / base.mean()),
-                     "straggler_echo": float(rr.max() / rr.mean())})
-    print(f"{'ep':>4}{'plan eager ms':>15}{'plan+assign graph ms':>22}{'straggler none':>16}{'echo':>8}")
+    rows = [measure(ep, g) for ep in (8, 16, 64)]
+    print(f"{'ep':>4}{'old plan':>10}{'new plan':>10}{'old assign':>12}{'new assign':>12}"
+          f"{'old both':>10}{'new both':>10}{'ratio':>8}{'same':>6}{'strag none':>12}{'echo':>7}   (ms per layer, graph)")
     for r in rows:
-        print(f"{r['ep']:>4}{r['plan_eager_ms']:>15.3f}{r['plan_plus_assign_graph_ms']:>22.3f}"
-              f"{r['straggler_none']:>16.3f}{r['straggler_echo']:>8.3f}")
-    json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
-              open(args.out, "w"), indent=2)
+        print(f"{r['ep']:>4}{r['old_plan_ms']:>10.3f}{r['new_plan_ms']:>10.3f}{r['old_assign_ms']:>12.3f}"
+              f"{r['new_assign_ms']:>12.3f}{r['old_both_ms']:>10.3f}{r['new_both_ms']:>10.3f}"
+              f"{r['old_both_ms'] / r['new_both_ms']:>8.1f}{str(r['identical']):>6}"
+              f"{r['straggler_none']:>12.3f}{r['straggler_echo']:>7.3f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "steps_per_graph": STEPS_PER_GRAPH}
+    with open(args.out, "w") as f:
+        json.dump({**meta, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def plan_meta(ep: int, E: int, experts_per_rank: int, spares: int, domain_size: 
     pairs = gb * ob * gb
     return PlanMeta(g=g, el=el, s=spares, offer=min(offer, el), min_rows=max(min_clone_rows, 1),
                     rounds=rounds, qc=1 + ep * spares, gb=gb, elb=elb, ob=ob, sb=_pow2(spares),
-                    deb=deb, cb=max(1, 4096 // deb), lb=_bits(elb), fb=_bits(g * el),
+                    deb=deb, cb=max(1, 4096 // deb), lb=_bits(elb), fb=_bits(deb),
                     nb=_bits(gb * ob), rb=_bits(gb),
                     num_warps=4 if pairs <= 2048 else (8 if pairs <= 8192 else 16))
 
@@ -80,4 +80,4 @@ def assign_meta(n: int, E: int, qc: int, blk: int = 1024) -> AssignMeta:
     blk = min(blk, _pow2(n))
     qcb = _pow2(qc)
     return AssignMeta(n=n, blk=blk, ib=_bits(blk), blocks=-(-n // blk), eb=_pow2(E + 1), qc=qc,
-                      qcb=qcb, rch=max(1, 4096 // qcb), qsteps=_bits(qc))
+                      qcb=qcb, rch=max(1, 4096 // qcb), qsteps=_bits(qcb))

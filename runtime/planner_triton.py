@@ -28,7 +28,7 @@ from runtime.planner_blocks import AssignMeta, PlanMeta, assign_meta, plan_meta
 
 
 @triton.jit
-def _inverse(perm, BITS: tl.constexpr):
+def _inverse(perm, BITS):
     """perm [2**BITS] a permutation (natural index at each sorted position) → its inverse."""
     n: tl.constexpr = 1 << BITS
     key = tl.sort((perm.to(tl.int64) << BITS) | tl.arange(0, n), descending=False)
@@ -36,7 +36,7 @@ def _inverse(perm, BITS: tl.constexpr):
 
 
 @triton.jit
-def _domain_loads(counts_ptr, d, ep, E, G: tl.constexpr, EL: tl.constexpr, GB: tl.constexpr,
+def _domain_loads(counts_ptr, d, ep, E, G, EL, GB: tl.constexpr,
                   ELB: tl.constexpr):
     """counts [ep, E] → loads [GB, ELB] of domain d's experts (rank-local layout, padding 0)."""
     r = tl.arange(0, GB)[:, None]
@@ -50,7 +50,7 @@ def _domain_loads(counts_ptr, d, ep, E, G: tl.constexpr, EL: tl.constexpr, GB: t
 
 
 @triton.jit
-def _offered(load, EL: tl.constexpr, ELB: tl.constexpr, OB: tl.constexpr, LB: tl.constexpr):
+def _offered(load, EL, ELB: tl.constexpr, OB: tl.constexpr, LB: tl.constexpr):
     """loads [GB, ELB] → (local ids, loads) [GB, OB] of each rank's hottest experts, ties by id
     (the first O columns are offered_experts)."""
     l = tl.arange(0, ELB)[None, :]
@@ -63,7 +63,7 @@ def _offered(load, EL: tl.constexpr, ELB: tl.constexpr, OB: tl.constexpr, LB: tl
 
 
 @triton.jit
-def _pieces(hv, ev, excess, ovalid, EL: tl.constexpr, ELB: tl.constexpr, GB: tl.constexpr,
+def _pieces(hv, ev, excess, ovalid, EL, ELB: tl.constexpr, GB: tl.constexpr,
             OB: tl.constexpr, LB: tl.constexpr, FB: tl.constexpr, NB: tl.constexpr):
     """Each rank's excess taken from its hottest offered experts → pieces sorted as the torch
     overlay lays them out (size desc, then rank, then hot order), with their natural index."""
@@ -88,7 +88,7 @@ def _rooms(room, GB: tl.constexpr, RB: tl.constexpr):
 
 
 @triton.jit
-def _overlay(piece_s, room_s, used_s, S: tl.constexpr, MIN_ROWS: tl.constexpr):
+def _overlay(piece_s, room_s, used_s, S, MIN_ROWS):
     """Sorted pieces [NP] on one line, sorted rooms [GB] on another → kept clone rows and
     the k-th new clone of each receiver, [NP, GB]."""
     pe = tl.cumsum(piece_s, 0)
@@ -104,8 +104,8 @@ def _overlay(piece_s, room_s, used_s, S: tl.constexpr, MIN_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _init_outputs(load, spare_ptr, quota_ptr, d, G: tl.constexpr, EL: tl.constexpr,
-                  S: tl.constexpr, QC: tl.constexpr, GB: tl.constexpr, ELB: tl.constexpr,
+def _init_outputs(load, spare_ptr, quota_ptr, d, G, EL,
+                  S, QC, GB: tl.constexpr, ELB: tl.constexpr,
                   SB: tl.constexpr, DEB: tl.constexpr, CB: tl.constexpr):
     """Domain d's rows: quota column 0 = load, other columns 0; spare slots empty (-1)."""
     r = tl.arange(0, GB)[:, None]
@@ -122,8 +122,8 @@ def _init_outputs(load, spare_ptr, quota_ptr, d, G: tl.constexpr, EL: tl.constex
 
 
 @triton.jit
-def _store_clones(spare_ptr, quota_ptr, rows, slot, recv_s, expert_s, d, G: tl.constexpr,
-                  EL: tl.constexpr, S: tl.constexpr, QC: tl.constexpr):
+def _store_clones(spare_ptr, quota_ptr, rows, slot, recv_s, expert_s, d, G,
+                  EL, S, QC):
     """Write the kept clones [NP, GB] (rows > 0) into spare_expert and quota."""
     keep = rows > 0
     rank = d * G + recv_s[None, :]
@@ -133,20 +133,23 @@ def _store_clones(spare_ptr, quota_ptr, rows, slot, recv_s, expert_s, d, G: tl.c
 
 
 @triton.jit
-def _next_level(load, used, mean, rvalid, S: tl.constexpr):
+def _next_level(load, used, mean, rvalid, S):
     """Later rounds spread what is left over the ranks that still have a free slot."""
     left = tl.sum(tl.where(rvalid, tl.maximum(load - mean, 0), 0), 0)
     open_ranks = tl.maximum(tl.sum((rvalid & (used < S) & (load <= mean)).to(tl.int64), 0), 1)
     return mean + (left + open_ranks - 1) // open_ranks
 
 
-@triton.jit
-def _plan_kernel(counts_ptr, spare_ptr, quota_ptr, ep, E, G: tl.constexpr, EL: tl.constexpr,
-                 S: tl.constexpr, OFFER: tl.constexpr, MIN_ROWS: tl.constexpr,
-                 ROUNDS: tl.constexpr, QC: tl.constexpr, GB: tl.constexpr, ELB: tl.constexpr,
-                 OB: tl.constexpr, SB: tl.constexpr, DEB: tl.constexpr, CB: tl.constexpr,
-                 LB: tl.constexpr, FB: tl.constexpr, NB: tl.constexpr, RB: tl.constexpr):
-    """One clone domain per program: all rounds of the water-filling overlay (see module doc)."""
+_PLAN_ARGS = ["ep", "E", "G", "EL", "S", "OFFER", "MIN_ROWS", "ROUNDS", "QC"]
+
+
+@triton.jit(do_not_specialize=_PLAN_ARGS)
+def _plan_kernel(counts_ptr, spare_ptr, quota_ptr, ep, E, G, EL, S, OFFER, MIN_ROWS, ROUNDS, QC,
+                 GB: tl.constexpr, ELB: tl.constexpr, OB: tl.constexpr, SB: tl.constexpr,
+                 DEB: tl.constexpr, CB: tl.constexpr, LB: tl.constexpr, FB: tl.constexpr,
+                 NB: tl.constexpr, RB: tl.constexpr):
+    """One clone domain per program: all rounds of the water-filling overlay (see module doc).
+    Only block sizes are compile-time, so one compiled kernel serves many plan shapes."""
     d = tl.program_id(0)
     tile = _domain_loads(counts_ptr, d, ep, E, G, EL, GB, ELB)
     _init_outputs(tile, spare_ptr, quota_ptr, d, G, EL, S, QC, GB, ELB, SB, DEB, CB)
@@ -194,7 +197,7 @@ def plan_fused(counts: Tensor, experts_per_rank: int, spares: int, domain_size: 
     return spare, quota
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "E"])
 def _hist_kernel(idx_ptr, hist_ptr, n, E, BLK: tl.constexpr, EB: tl.constexpr):
     """Experts of block b's copies → hist [blocks, EB] (bin E counts the padding)."""
     b = tl.program_id(0)
@@ -203,9 +206,9 @@ def _hist_kernel(idx_ptr, hist_ptr, n, E, BLK: tl.constexpr, EB: tl.constexpr):
     tl.store(hist_ptr + b * EB + tl.arange(0, EB), tl.histogram(e, EB))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank", "E", "blocks", "QC"])
 def _base_kernel(counts_ptr, hist_ptr, quota_ptr, base_ptr, qcum_ptr, rank, E, blocks,
-                 EB: tl.constexpr, QC: tl.constexpr, QCB: tl.constexpr, RCH: tl.constexpr):
+                 EB: tl.constexpr, QC, QCB: tl.constexpr, RCH: tl.constexpr):
     """base [blocks, EB]: the position, among all copies of expert e in (source rank, copy)
     order, of block b's first copy of e minus its rank among block b's sorted copies.
     qcum [E, QC]: the quota's cumulative sum along its columns."""
@@ -231,10 +234,10 @@ def _base_kernel(counts_ptr, hist_ptr, quota_ptr, base_ptr, qcum_ptr, rank, E, b
         tl.store(qcum_ptr + rows * QC + c, tl.cumsum(q, 1), mask=m)
 
 
-@triton.jit
-def _assign_kernel(idx_ptr, base_ptr, qcum_ptr, out_ptr, n, E, EL: tl.constexpr, S: tl.constexpr,
-                   BLK: tl.constexpr, IB: tl.constexpr, EB: tl.constexpr, QC: tl.constexpr,
-                   QSTEPS: tl.constexpr):
+@triton.jit(do_not_specialize=["n", "E", "EL", "S", "QC"])
+def _assign_kernel(idx_ptr, base_ptr, qcum_ptr, out_ptr, n, E, EL, S,
+                   BLK: tl.constexpr, IB: tl.constexpr, EB: tl.constexpr, QC,
+                   QSTEPS):
     """Block b's copies → global slots: position among e's copies, then the replica whose
     cumulative quota first exceeds it (binary search), as runtime.planner.assign_slots."""
     b = tl.program_id(0)
@@ -251,8 +254,8 @@ def _assign_kernel(idx_ptr, base_ptr, qcum_ptr, out_ptr, n, E, EL: tl.constexpr,
         end = tl.load(qcum_ptr + e_t * QC + cand - 1, mask=ok, other=0)
         cnt = tl.where(ok & (end <= pos), cand, cnt)
     col = tl.minimum(cnt, QC - 1)
-    L: tl.constexpr = EL + S
-    SD: tl.constexpr = max(S, 1)
+    L = EL + S
+    SD = tl.maximum(S, 1)
     spare = tl.maximum(col - 1, 0)
     slot = tl.where(col == 0, (e_t // EL) * L + e_t % EL, (spare // SD) * L + EL + spare % SD)
     tl.store(out_ptr + b * BLK + (key & (BLK - 1)), slot, mask=valid)

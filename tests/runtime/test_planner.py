@@ -1,4 +1,11 @@
 """Properties of the ECHO planner (runtime/planner.py) on random and skewed count matrices."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -83,3 +90,17 @@ def test_zipf_straggler_goal_at_ep8():
         rows = rank_rows(counts, p, 32, 2).double()
         worst = max(worst, float(rows.max() / rows.mean()))
     assert worst <= 1.05, worst
+
+
+def test_fused_planner_equals_reference_in_the_triton_interpreter():
+    """runtime/planner_triton.py under TRITON_INTERPRET=1 on CPU: plan and assign_slots equal the
+    torch reference bit for bit on random counts (zipf, ties, zeros, one expert, spare slots 0..4,
+    node and cluster domains). The GPU run of the same comparison is tests/gpu/test_planner_cuda.py."""
+    pytest.importorskip("triton", reason="needs the triton package (pip install triton)")
+    worker = Path(__file__).parent / "planner_fused_worker.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(worker), "--device", "cpu", "--cases", "16", "--small"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["cases"] == 16 and result["mismatches"] == [], result["mismatches"][:5]
