@@ -285,6 +285,16 @@ class Spec(_Section):
         """Static receive-buffer rows per EP rank per layer."""
         return self.peer_chunk_rows * self.parallel.ep
 
+    @property
+    def clone_domain_ranks(self) -> int:
+        """EP ranks per clone domain: one node's worth of consecutive EP ranks ('node'), or the
+        whole EP group ('cluster', or when a node's ranks do not divide ep)."""
+        ep = self.parallel.ep
+        if self.echo.clone_domain == "cluster":
+            return ep
+        d = min(self.cluster.gpus_per_node, ep)
+        return d if ep % d == 0 else ep
+
 
 class SpecCrossFieldError(ValueError):
     """Raised by validators with (yaml path, message) pairs; spec_io turns it into SpecError.

@@ -7,6 +7,7 @@ torch.library schemas); the runtime registers the real groups once with
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ class Groups:
 
 
 _GROUPS: dict[str, dist.ProcessGroup | None] = {}
+_TIMEOUT: dict[str, timedelta | None] = {}
 
 # torch ≥ 2.13 names the flat collectives *_single and deprecates the older names; 2.11 has only those
 _ALL_GATHER_FLAT = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -39,31 +41,44 @@ def all_gather_flat(out: torch.Tensor, x: torch.Tensor, group: str = "world") ->
     return out
 
 
-def init_groups(ep: int, dp: int, clone_domain: int | None = None) -> Groups:
+def init_groups(ep: int, dp: int, clone_domain: int | None = None, timeout_s: float | None = None) -> Groups:
     """Create the EP, expert-DP and clone-domain groups (every rank calls this, in the same order).
 
     clone_domain: EP ranks per clone domain (consecutive EP ranks, e.g. one node); default ep.
+    timeout_s: every collective on these groups fails after this long instead of hanging.
     """
     world, rank = dist.get_world_size(), dist.get_rank()
     assert ep * dp == world, f"ep × dp = {ep * dp} but world size is {world}"
     dom = clone_domain or ep
     assert ep % dom == 0, f"clone domain of {dom} ranks does not divide ep = {ep}"
+    _TIMEOUT["default"] = timedelta(seconds=timeout_s) if timeout_s else None
     mine_ep = mine_edp = mine_clone = None
     for d in range(dp):
-        g = dist.new_group(list(range(d * ep, (d + 1) * ep)))
+        g = new_group(list(range(d * ep, (d + 1) * ep)))
         if rank // ep == d:
             mine_ep = g
         for c in range(ep // dom):
             first = d * ep + c * dom
-            gc = g if dom == ep else dist.new_group(list(range(first, first + dom)))
+            gc = g if dom == ep else new_group(list(range(first, first + dom)))
             if first <= rank < first + dom:
                 mine_clone = gc
     for i in range(ep):
-        g = dist.new_group(list(range(i, world, ep)))
+        g = new_group(list(range(i, world, ep)))
         if rank % ep == i:
             mine_edp = g
     _GROUPS.update(ep=mine_ep, expert_dp=mine_edp, clone=mine_clone, world=dist.group.WORLD)
     return Groups(mine_ep, mine_edp, ep, dp)
+
+
+def new_group(ranks: list[int] | None = None, backend: str | None = None) -> dist.ProcessGroup:
+    """dist.new_group with the run's collective timeout (set by init_groups)."""
+    return dist.new_group(ranks, timeout=_TIMEOUT.get("default"), backend=backend)
+
+
+def group_ranks(name: str) -> list[int]:
+    """Global ranks of a named group ([0] in a single-process run)."""
+    g = _GROUPS.get(name)
+    return dist.get_process_group_ranks(g) if g is not None else [0]
 
 
 def get_group(name: str) -> dist.ProcessGroup | None:

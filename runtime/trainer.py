@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -36,11 +37,12 @@ def init_distributed(spec: Spec) -> torch.device:
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
-        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None,
+                                timeout=timedelta(seconds=spec.train.collective_timeout_s))
     if dist.get_world_size() != spec.cluster.world_size:
         raise EchocError(f"torchrun started {dist.get_world_size()} processes but the spec's cluster "
                          f"has {spec.cluster.world_size} (nodes × gpus_per_node)")
-    comm.init_groups(spec.parallel.ep, spec.parallel.dp)
+    comm.init_groups(spec.parallel.ep, spec.parallel.dp, spec.clone_domain_ranks, spec.train.collective_timeout_s)
     return device
 
 
