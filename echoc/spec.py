@@ -250,6 +250,9 @@ class TrainConfig(_Section):
     on_nonfinite: Literal["skip", "stop"] = "stop"
     """A NaN/inf loss or gradient norm skips that step's update on the device; then 'skip' counts and
     reports it, 'stop' stops the run naming the step."""
+    recompute: Literal["none", "moe", "full", "auto"] = "none"
+    """Activation recompute in backward: 'moe' each MoE block, 'full' each transformer block (only block
+    inputs kept); 'auto' = the cheapest of those that fits budgets.memory_gib (decided at compile time)."""
 
 
 class Spec(_Section):

@@ -452,3 +452,19 @@ def test_json_schema():
     assert set(schema["properties"]) == {"model", "cluster", "parallel", "budgets", "echo", "backends", "train"}
     assert set(schema["required"]) == {"model", "budgets"}
     json.dumps(schema)  # serialisable
+
+
+# train.recompute ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["none", "moe", "full", "auto"])
+def test_train_recompute_values(tmp_path, value):
+    spec = load_spec(write(tmp_path, BASE), [f"train.recompute={value}"])
+    assert spec.train.recompute == value
+
+
+def test_train_recompute_default_and_bad_value(tmp_path):
+    assert load_spec(write(tmp_path, BASE)).train.recompute == "none"
+    text = edit(BASE, ("  steps: 3\n", "  steps: 3\n  recompute: everything\n"))
+    line, msg = find(problems_of(tmp_path, text), "train.recompute")
+    assert line == line_of(text, "recompute:")
+    assert "'none', 'moe', 'full' or 'auto'" in msg, msg
