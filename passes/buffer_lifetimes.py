@@ -189,10 +189,10 @@ def _ffn(col: _Collector, node: Node) -> None:
     swiglu_in_arena = grouped_gemm.resolved_impl(c.arg(node, "impl")) == "torch"
     shapes = {"h13": (r, f2), "gate_act": (r, f2 // 2), "act": (r, f2 // 2),
               "bwd.grad_act": (r, f2 // 2), "bwd.grad_h13": (r, f2)}
-    for part, shape in shapes.items():
-        role = "gradient" if part.startswith("bwd.") else "activation"
+    for part, shape in shapes.items():   # saved parts live from the forward, the others in the backward
+        role = "activation" if c.part(part).saved else "gradient"
         placement = ARENA if c.part(part).arena and swiglu_in_arena else ALLOCATOR
-        col.add(c.key(node.name, part), layer, role, shape, dt, [(b if role == "gradient" else t, e)], placement)
+        col.add(c.key(node.name, part), layer, role, shape, dt, [(t if c.part(part).saved else b, e)], placement)
     if c is EXPERT_FFN_RECOMPUTE_CLONE:
         _recomputed_clone(col, node)
 

@@ -33,8 +33,8 @@ from echoc.errors import EchocError, MissingDependencyError
 from echoc.spec import Spec
 from passes.layer_builder import LayerBuilder
 from passes.manager import PassResult
-from runtime import grouped_gemm, ops  # noqa: F401  (they bind the contracts used below)
-from runtime.backends import sync as sync_backend  # noqa: F401
+from runtime import grouped_gemm, ops  # noqa: F401  (the op modules bind the contracts used below)
+from runtime.backends import sync  # noqa: F401
 from runtime.contracts import (ALL_GATHER_COUNTS, COMBINE, COUNT, DISPATCH, EXPERT_FFN, LAYER_STATS, LAYOUT,
                                SYNC_COMBINE, SYNC_DISPATCH, SYNC_LAYOUT, WEIGHTED_SUM)
 from runtime.model import MoE
@@ -99,7 +99,7 @@ def _exchange(b: LayerBuilder, spec: Spec, x_flat: Node, slot: Node, counts: Nod
 
 
 def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec, layer: int) -> tuple[Node, Node, Node, LayerDispatch]:
-    moe_name, x = node.target, node.args[0]
+    moe_name, (x,) = node.target, node.args       # MoE.forward(x)
     moe_cfg, ep = spec.model.moe, spec.parallel.ep
     b = LayerBuilder(gm.graph, moe_name.replace(".", "_"), layer)
     x_flat = b.method("x_flat", "reshape", x, (-1, spec.model.hidden_size))
@@ -125,7 +125,8 @@ def _append_outputs(gm: GraphModule, stats: list[Node], counts: list[Node]) -> N
     with gm.graph.inserting_before(output):
         st = gm.graph.create_node("call_function", torch.stack, (stats,), {}, name=MOE_STATS)
         ct = gm.graph.create_node("call_function", torch.stack, (counts,), {}, name=MOE_COUNTS)
-    output.args = ((output.args[0], st, ct),)
+    (result,) = output.args
+    output.args = ((result, st, ct),)
 
 
 def run(gm: GraphModule, spec: Spec) -> PassResult:

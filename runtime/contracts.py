@@ -29,11 +29,13 @@ class Part:
     """An internal buffer of an op, keyed `buf.<name>` (`bwd.` parts live in its backward)."""
     name: str
     arena: bool = True                 # False: a kernel without out= allocates it (listed, not placed)
+    saved: bool = False                # kept for the backward (live from the op's forward to its backward)
     call: OpContract | None = None     # an op the op calls with this key as `buf` (its keys nest here)
 
 
 @dataclass(frozen=True)
 class OpContract:
+    """What an op takes, returns, keeps for its backward and writes into the arena."""
     name: str
     args: tuple[str, ...]             # named arguments, in call order
     outputs: tuple[str, ...]          # named outputs (one name: the op returns one tensor)
@@ -95,6 +97,11 @@ class OpContract:
     def part_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.parts)
 
+    @property
+    def saved_parts(self) -> tuple[str, ...]:
+        """Internal buffers its backward keeps (after the saved arguments, in this order)."""
+        return tuple(p.name for p in self.parts if p.saved)
+
     def output_index(self, name: str) -> int:
         return self.outputs.index(name)
 
@@ -128,8 +135,9 @@ class OpContract:
                    for p in self.parts)
 
 
-def _parts(*names: str, allocated: tuple[str, ...] = (), calls: OpContract | None = None) -> tuple[Part, ...]:
-    return tuple(Part(n, arena=n not in allocated, call=calls) for n in names)
+def _parts(*names: str, allocated: tuple[str, ...] = (), saved: tuple[str, ...] = (),
+           calls: OpContract | None = None) -> tuple[Part, ...]:
+    return tuple(Part(n, arena=n not in allocated, saved=n in saved, call=calls) for n in names)
 
 
 _MAPS = ("send_copy", "copy_slot", "sorted_src", "recv_sorted")   # a layout's four index maps
@@ -137,6 +145,7 @@ LAYOUT_OUTPUTS = _MAPS + ("offs", "stats")
 _MOVE = ("send", "recv", "bwd.send", "bwd.recv")
 _FFN_PARTS = ("h13", "gate_act", "act", "bwd.grad_act", "bwd.grad_h13")
 _FFN_ALLOCATED = ("h13", "bwd.grad_act")                           # grouped_mm has no out= variant
+_FFN_SAVED = ("h13", "gate_act", "act")                            # the SwiGLU's backward reads them
 
 # --- count / exchange / layout -----------------------------------------------------------------
 COUNT = OpContract("echo::count", ("dest_slot", "n_slots", "buf"), ("counts",), ("counts",))
@@ -174,13 +183,14 @@ SYNC_COMBINE = OpContract("echo::sync_combine", ("y",) + _MAPS + ("splits", "gro
 # --- graph-level autograd functions ------------------------------------------------------------
 EXPERT_FFN = OpContract("expert_ffn", ("rows", "w13", "w2", "offs", "impl", "buf"), ("y",), ("activation",),
                         saves=("rows", "w13", "w2", "offs"), grads=("rows", "w13", "w2"),
-                        parts=_parts(*_FFN_PARTS, allocated=_FFN_ALLOCATED), output_in_arena=False)
+                        parts=_parts(*_FFN_PARTS, allocated=_FFN_ALLOCATED, saved=_FFN_SAVED),
+                        output_in_arena=False)
 EXPERT_FFN_RECOMPUTE_CLONE = OpContract(
     "expert_ffn_recompute_clone",
     ("rows", "w13", "w2", "offs", "impl", "counts_all", "spare_expert", "offer", "ep_group", "buf"), ("y",),
     ("activation",), saves=("rows", "w13", "w2", "offs", "counts_all", "spare_expert"), grads=("rows", "w13", "w2"),
     # the clones are echo::clone_weights calls keyed by these parts, in forward and again in backward
-    parts=_parts(*_FFN_PARTS, allocated=_FFN_ALLOCATED)
+    parts=_parts(*_FFN_PARTS, allocated=_FFN_ALLOCATED, saved=_FFN_SAVED)
     + _parts("clone_w13", "clone_w2", "clone_w13.recompute", "clone_w2.recompute", calls=CLONE_WEIGHTS),
     output_in_arena=False)
 WEIGHTED_SUM = OpContract("weighted_sum", ("copies", "weights", "buf"), ("out",), saves=("copies", "weights"),

@@ -54,15 +54,16 @@ class _GroupedSwiGLU(torch.autograd.Function):
         gate, up = h13[:, :f], h13[:, f:]
         gate_act = torch.ops.aten.silu.out(gate, out=arena.out_like(c.key(buf, "gate_act"), gate.shape, h13))
         act = torch.mul(gate_act, up, out=arena.out_like(c.key(buf, "act"), gate.shape, h13))
-        inputs = dict(rows=rows, w13=w13, w2=w2, offs=offs, counts_all=counts_all, spare_expert=spare_expert)
-        ctx.save_for_backward(*(inputs[n] for n in c.saves), h13, gate_act, act)
+        kept = dict(rows=rows, w13=w13, w2=w2, offs=offs, counts_all=counts_all, spare_expert=spare_expert,
+                    h13=h13, gate_act=gate_act, act=act)
+        ctx.save_for_backward(*(kept[n] for n in c.saves + c.saved_parts))
         return _gmm(act, w2f, offs)
 
     @staticmethod
     def backward(ctx, dy):
-        c, n_args = ctx.contract, len(ctx.contract.saves)
-        a = dict(zip(c.saves, ctx.saved_tensors[:n_args]))
-        h13, gate_act, act = ctx.saved_tensors[n_args:]
+        c = ctx.contract
+        a = dict(zip(c.saves + c.saved_parts, ctx.saved_tensors))
+        h13, gate_act, act = a["h13"], a["gate_act"], a["act"]
         dy, buf, offs = dy.contiguous(), ctx.buf, a["offs"]
         if ctx.clone_args:
             home = (a["w13"].detach().requires_grad_(True), a["w2"].detach().requires_grad_(True))
