@@ -142,6 +142,10 @@ class ClusterConfig(_Section):
 class ParallelConfig(_Section):
     ep: int_in(1, MAX_WORLD) = 1
     dp: int_in(1, MAX_WORLD) = 1
+    zero: int_in(0, 3) = 0
+    """Sharded training state over each parameter's data-parallel group (all ranks for dense
+    parameters, expert-DP for experts): 1 = fp32 master weights and AdamW moments, 2 = also the
+    gradients (reduce-scattered), 3 = also the weights (all-gathered per layer before use)."""
 
 
 class BudgetsConfig(_Section):
@@ -250,6 +254,8 @@ class TrainConfig(_Section):
     on_nonfinite: Literal["skip", "stop"] = "stop"
     """A NaN/inf loss or gradient norm skips that step's update on the device; then 'skip' counts and
     reports it, 'stop' stops the run naming the step."""
+    grad_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """The dtype gradients are summed in over data-parallel ranks (all-reduce or reduce-scatter)."""
     recompute: Literal["none", "moe", "full", "auto"] = "none"
     """Activation recompute in backward: 'moe' each MoE block, 'full' each transformer block (only block
     inputs kept); 'auto' = the cheapest of those that fits budgets.memory_gib (decided at compile time)."""

@@ -468,3 +468,28 @@ def test_train_recompute_default_and_bad_value(tmp_path):
     line, msg = find(problems_of(tmp_path, text), "train.recompute")
     assert line == line_of(text, "recompute:")
     assert "'none', 'moe', 'full' or 'auto'" in msg, msg
+
+
+# parallel.zero, train.grad_reduce_dtype ----------------------------------------------------------
+
+def test_zero_and_grad_reduce_dtype_defaults_and_values(tmp_path):
+    spec = load_spec(write(tmp_path, BASE))
+    assert (spec.parallel.zero, spec.train.grad_reduce_dtype) == (0, "float32")
+    spec = load_spec(write(tmp_path, BASE), ["parallel.zero=3", "train.grad_reduce_dtype=bfloat16"])
+    assert (spec.parallel.zero, spec.train.grad_reduce_dtype) == (3, "bfloat16")
+
+
+@pytest.mark.parametrize("value,phrase", [("4", "must be <= 3; got 4"), ("-1", "must be >= 0; got -1"),
+                                          ("true", "expected an integer")])
+def test_zero_out_of_range(tmp_path, value, phrase):
+    text = edit(BASE, ("  dp: 1\n", f"  dp: 1\n  zero: {value}\n"))
+    line, msg = find(problems_of(tmp_path, text), "parallel.zero")
+    assert line == line_of(text, "zero:")
+    assert phrase in msg, msg
+
+
+def test_grad_reduce_dtype_bad_value(tmp_path):
+    text = edit(BASE, ("  steps: 3\n", "  steps: 3\n  grad_reduce_dtype: fp16\n"))
+    line, msg = find(problems_of(tmp_path, text), "train.grad_reduce_dtype")
+    assert line == line_of(text, "grad_reduce_dtype:")
+    assert "'float32' or 'bfloat16'" in msg, msg
