@@ -237,7 +237,7 @@ def _base_kernel(counts_ptr, hist_ptr, quota_ptr, base_ptr, qcum_ptr, rank, E, b
 @triton.jit(do_not_specialize=["n", "E", "EL", "S", "QC"])
 def _assign_kernel(idx_ptr, base_ptr, qcum_ptr, out_ptr, n, E, EL, S,
                    BLK: tl.constexpr, IB: tl.constexpr, EB: tl.constexpr, QC,
-                   QSTEPS):
+                   QSTEPS: tl.constexpr):
     """Block b's copies → global slots: position among e's copies, then the replica whose
     cumulative quota first exceeds it (binary search), as runtime.planner.assign_slots."""
     b = tl.program_id(0)
