@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one call (device machines: carry .whl for pydantic, and for
 # torchtitan 0.3.0 + spmd_types, tyro, docstring-parser, typeguard: the layer bench's peer).
-#   bash bench/gpu_run.sh [moe_layer|layer|iteration|cli|arena|all] [extra args for iteration.py]
-# layer: issue 11's two shapes, profile (bench/profile_layer.py) then the layer bench with the
-# torchtitan peer and the GEMM floor (bench/moe_layer.py), EP = the GPUs here.
+#   bash bench/gpu_run.sh [moe_layer|layer|profile|iteration|cli|arena|all] [extra args for iteration.py]
+# layer: issue 11's two shapes, profile (bench/profile_layer.py, with the floor's and torchtitan's
+# kernels) then the layer bench with the torchtitan peer and the GEMM floor (bench/moe_layer.py),
+# EP = the GPUs here; profile: the profile part alone.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 if [ -d .whl ] && { ! python3 -c "import pydantic" 2>/dev/null || ! python3 -c "import torchtitan" 2>/dev/null; }; then
@@ -18,13 +19,15 @@ python3 -c "import torch, pydantic; print('torch', torch.__version__, 'gpus', to
 if [ "$what" = all ] || [ "$what" = moe_layer ]; then
   timeout 240 torchrun --standalone --nproc-per-node "$ngpu" bench/moe_layer.py --out "$OUT/moe_layer.json" 2>&1 | tee "$OUT/moe_layer.log" | grep -v Warning
 fi
-if [ "$what" = layer ]; then
+if [ "$what" = layer ] || [ "$what" = profile ]; then
   shapes=("2048 64 1024" "6144 32 2048")   # hidden, experts, expert FFN
   for shape in "${shapes[@]}"; do
     read -r h e f <<< "$shape"
-    timeout 100 python3 bench/profile_layer.py --hidden "$h" --experts "$e" --ffn "$f" \
+    timeout 100 python3 bench/profile_layer.py --hidden "$h" --experts "$e" --ffn "$f" --floor --peer \
       --out "$OUT/profile_layer_h$h.json" 2>&1 | tee "$OUT/profile_layer_h$h.log" | grep -v Warning
   done
+fi
+if [ "$what" = layer ]; then
   for shape in "${shapes[@]}"; do
     read -r h e f <<< "$shape"
     timeout 200 torchrun --standalone --nproc-per-node "$ngpu" bench/moe_layer.py --hidden "$h" --experts "$e" \

@@ -202,14 +202,18 @@ class GemmFloor:
         R, L = int(rows_per_expert.sum()), rows_per_expert.shape[0]
         g = torch.Generator(device=device).manual_seed(0)
 
-        def rnd(*shape):
-            return torch.randn(*shape, device=device, dtype=dtype, generator=g) * 0.02
+        def rnd(*shape, std=1.0):  # the layer's statistics: unit activations, weights at init std
+            return torch.randn(*shape, device=device, dtype=dtype, generator=g) * std
 
         self.rows, self.act, self.dy, self.gh13 = rnd(R, H), rnd(R, F), rnd(R, H), rnd(R, 2 * F)
-        self.w13, self.w2 = rnd(L, H, 2 * F), rnd(L, F, H)
+        self.w13, self.w2 = rnd(L, H, 2 * F, std=0.02), rnd(L, F, H, std=0.02)
         self.xs, self.acts, self.dys, self.ghs = rnd(tokens, H), rnd(tokens, F), rnd(tokens, H), rnd(tokens, 2 * F)
-        self.ws13, self.ws2 = rnd(H, 2 * F), rnd(F, H)
+        self.ws13, self.ws2 = rnd(H, 2 * F, std=0.02), rnd(F, H, std=0.02)
         self.rows_total = R + tokens
+
+    def tensors(self):
+        return [self.rows, self.act, self.dy, self.gh13, self.w13, self.w2,
+                self.xs, self.acts, self.dys, self.ghs, self.ws13, self.ws2]
 
     def routed(self):
         o = self.offs

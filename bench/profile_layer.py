@@ -23,7 +23,9 @@ import argparse
 import difflib
 import json
 import os
+import re
 import statistics
+import zlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
@@ -48,6 +50,33 @@ class NodeLabels(torch.fx.Interpreter):
             return super().run_node(n)
 
 
+class ModuleLabels:
+    """Every submodule's forward inside record_function("node:<module name>") (for the peer,
+    which is no GraphModule), through forward pre/post hooks."""
+
+    def __init__(self, module):
+        self.handles, self.open = [], {}
+        for name, m in module.named_modules():
+            self.handles.append(m.register_forward_pre_hook(self._enter(name or "moe")))
+            self.handles.append(m.register_forward_hook(self._exit(name or "moe")))
+
+    def _enter(self, name):
+        def hook(m, args):
+            rf = record_function(NODE + name)
+            rf.__enter__()
+            self.open.setdefault(name, []).append(rf)
+        return hook
+
+    def _exit(self, name):
+        def hook(m, args, out):
+            self.open[name].pop().__exit__(None, None, None)
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
 @dataclass
 class Kernel:
     """One device activity (kernel, memcpy, memset) of one step, in launch order."""
@@ -68,7 +97,15 @@ def _walk_label(e) -> tuple[str, str, int]:
     return UNATTRIBUTED, "", -1
 
 
-def _forward_creators(events) -> dict[int, str]:
+def _top_op(e) -> str:
+    """The outermost op (not a range) above a CPU op: aten::linear rather than aten::mm."""
+    top = e
+    while e is not None and not e.name.startswith((NODE, BWD, "step:")):
+        top, e = e, e.cpu_parent
+    return top.name
+
+
+def _forward_creators(events, with_op=False) -> dict[int, str]:
     """sequence number → node of the forward op that created the autograd Function: ops record
     the next free number, and the op that takes it is the last one to record it."""
     seq_node: dict[int, tuple[float, str]] = {}
@@ -76,6 +113,8 @@ def _forward_creators(events) -> dict[int, str]:
         if e.device_type != DeviceType.CPU or e.sequence_nr < 0:
             continue
         node, phase, _ = _walk_label(e)
+        if with_op and phase == "fwd":
+            node = f"{node} {_top_op(e)}"
         if phase == "fwd":
             start = e.time_range.start
             if e.sequence_nr not in seq_node or seq_node[e.sequence_nr][0] <= start:
@@ -97,12 +136,15 @@ def _launches(events, device) -> list[tuple[float, str, float, object]]:
     return sorted(out, key=lambda t: t[0])
 
 
-def labelled_steps(events, device, step_ranges) -> list[list[Kernel]]:
-    """Each profiled step's device activities, in launch order, with node and phase."""
-    creators = _forward_creators(events)
+def labelled_steps(events, device, step_ranges, with_op=False) -> list[list[Kernel]]:
+    """Each profiled step's device activities, in launch order, with node and phase
+    (`with_op`: the launching op's name appended to the node, for the peer)."""
+    creators = _forward_creators(events, with_op)
     steps: list[list[Kernel]] = [[] for _ in step_ranges]
     for start, name, us, op in _launches(events, device):
         node, phase, seq = _walk_label(op)
+        if with_op and phase == "fwd":
+            node = f"{node} {_top_op(op)}"
         if phase == "bwd":
             fn = node
             node = creators.get(seq, f"{UNATTRIBUTED} {fn}")
@@ -121,16 +163,18 @@ def step_ranges_of(events, prefix):
                   if e.device_type == DeviceType.CPU and e.name.startswith(prefix))
 
 
-def profile_eager(gm, model, x, gy, device, steps):
-    """Profiled labelled eager steps → (list of steps of Kernel, median wall ms per step)."""
-    interp = NodeLabels(gm)
+def profile_eager(gm, model, x, gy, device, steps, peer=None):
+    """Profiled labelled eager steps → (list of steps of Kernel, median wall ms per step).
+    With `peer` (a plain module), that module runs instead, labelled by submodule and op."""
+    interp = NodeLabels(gm) if peer is None else None
+    labels = ModuleLabels(peer) if peer is not None else None
     walls = []
 
     def step():
-        for p in model.parameters():
+        for p in (model if peer is None else peer).parameters():
             p.grad = None
         xr = x.detach().requires_grad_(True)
-        y, _, _ = interp.run(xr)
+        y = interp.run(xr)[0] if peer is None else peer(xr)
         y.backward(gy)
 
     for _ in range(2):
@@ -141,10 +185,12 @@ def profile_eager(gm, model, x, gy, device, steps):
         for i in range(steps):
             with record_function(f"step:{i}"):
                 walls.append(_wall_ms(step, device))
+    if labels:
+        labels.remove()
     events = prof.events()
     ranges = step_ranges_of(events, "step:")
     # the autograd thread's ops finish inside the step's range because each step synchronizes
-    return labelled_steps(events, device, ranges), statistics.median(walls)
+    return labelled_steps(events, device, ranges, with_op=peer is not None), statistics.median(walls)
 
 
 def _wall_ms(fn, device):
@@ -220,6 +266,23 @@ def per_node(steps: list[list[Kernel]]) -> list[dict]:
     return sorted(rows, key=lambda r: -r["total_ms"])
 
 
+def pretty(kernel: str) -> str:
+    """A readable kernel name: the functor or op of an ATen elementwise kernel, the tile of a
+    CUTLASS grouped GEMM (with a tag that tells its variants apart), templates dropped."""
+    if kernel.startswith("_ZN7cutlass") and "GroupProblemShape" in kernel:
+        tile = re.search(r"NSG_ILi(\d+)EEENSG_ILi(\d+)EEENSG_ILi(\d+)E", kernel)
+        t = "x".join(tile.groups()) if tile else "?"
+        return f"cutlass grouped GEMM sm90 {t} #{zlib.crc32(kernel.encode()) % 4096:03x}"
+    m = re.search(r"native::(?:\(anonymous namespace\)::)?(\w+_kernel)\(at::Tensor", kernel)
+    if m:
+        return m.group(1)
+    m = re.search(r"binary_internal::(\w+Functor)", kernel) or re.search(r"(\w+Functor)<", kernel)
+    if m:
+        return f"elementwise {m.group(1)}"
+    m = re.match(r"void (?:[\w:]+::)?(\w+)<", kernel)
+    return m.group(1) if m else kernel
+
+
 def short(name: str, width: int) -> str:
     return name if len(name) <= width else name[:width - 1] + "…"
 
@@ -235,9 +298,7 @@ def print_tables(res: dict, n_top: int) -> None:
     src = "graph" if res.get("graph_top") else "eager"
     print(f"\ntop {n_top} kernels by GPU time ({src}; labels "
           f"{'aligned from the labelled eager run' if src == 'graph' else 'from the labelled run'})")
-    print(f"{'ms':>8}{'calls':>7}  {'node':<24}{'ph':<4} kernel")
-    for r in res[f"{src}_top"][:n_top]:
-        print(f"{r['ms']:>8.3f}{r['calls']:>7g}  {short(r['node'], 24):<24}{r['phase']:<4} {short(r['kernel'], 90)}")
+    _print_top(res[f"{src}_top"][:n_top], 24)
     print(f"\nper node, ms per step ({src}; eager total in the last column)")
     eager = {r["node"]: r for r in res["eager_nodes"]}
     print(f"{'node':<28}{'fwd':>8}{'bwd':>8}{'other':>8}{'total':>8}{'kernels':>9}{'eager':>8}")
@@ -245,6 +306,59 @@ def print_tables(res: dict, n_top: int) -> None:
         e = eager.get(r["node"], {}).get("total_ms", 0.0)
         print(f"{short(r['node'], 28):<28}{r['fwd_ms']:>8.3f}{r['bwd_ms']:>8.3f}{r['other_ms']:>8.3f}"
               f"{r['total_ms']:>8.3f}{r['kernels']:>9g}{e:>8.3f}")
+
+
+def _print_top(rows, node_width):
+    print(f"{'ms':>8}{'calls':>7}  {'node':<{node_width}}{'ph':<4} kernel")
+    for r in rows:
+        print(f"{r['ms']:>8.3f}{r['calls']:>7g}  {short(r['node'], node_width):<{node_width}}{r['phase']:<4} "
+              f"{short(pretty(r['kernel']), 70)}")
+
+
+def print_extras(res: dict, n_top: int) -> None:
+    """The floor's kernels beside the layer's GEMMs, and the peer's top kernels."""
+    if "floor" in res:
+        f = res["floor"]
+        print(f"\nGEMM floor alone (captured): {f['ms']:.3f} ms (kernel sum {f['kernel_sum_ms']:.3f}); "
+              f"the same graph on zeros: {f['zeros_ms']:.3f} ms")
+        for k in f["kernels"]:
+            print(f"{k['ms']:>8.3f}  {short(pretty(k['kernel']), 70)}")
+    p = res.get("peer")
+    if p and "top" in p:
+        print(f"\ntorchtitan layer, eager: wall {p['eager_wall_ms']:.3f} ms, kernel sum {p['kernel_sum_ms']:.3f} ms, "
+              f"{p['kernels_per_step']} kernels; top {n_top} (module · op)")
+        _print_top(p["top"][:n_top], 50)
+    elif p:
+        print(f"\ntorchtitan layer: {p}")
+
+
+def floor_profile(args, gm, x, device) -> dict:
+    """The GEMM floor of bench/moe_layer.py on x's routing: captured time with the layer's data
+    statistics and with zeros (a GEMM-bound graph that runs faster on zeros is power-limited),
+    and its kernels, to set beside the same GEMMs inside the layer's graph."""
+    with torch.no_grad():
+        counts_all = gm(x)[2][0]
+    floor = ml.GemmFloor(counts_all.sum(0), args.hidden, args.ffn, args.tokens, device)
+    graph = ml.capture(floor.both)
+    out = {"ms": ml.time_ms(graph.replay, args.iters, device)}
+    kernels = profile_graph(graph, 1)[0]
+    out["kernels"] = [{"kernel": k, "ms": us / 1e3} for k, us in kernels]
+    out["kernel_sum_ms"] = sum(us for _, us in kernels) / 1e3
+    for t in floor.tensors():
+        t.zero_()
+    out["zeros_ms"] = ml.time_ms(graph.replay, args.iters, device)
+    return out
+
+
+def peer_profile(args, model, x, gy, device) -> dict:
+    """torchtitan's layer (same weights), eager, kernels labelled by submodule and op."""
+    why = ml.torchtitan_moe.available()
+    if why:
+        return {"skipped": why}
+    tt = ml.torchtitan_moe.build(model.mlp)
+    steps, wall = profile_eager(None, None, x, gy, device, args.steps, peer=tt)
+    return {"eager_wall_ms": wall, "kernel_sum_ms": sum(k.us for s in steps for k in s) / 1e3 / len(steps),
+            "kernels_per_step": len(steps[0]), "top": top_kernels(steps, args.top), "nodes": per_node(steps)}
 
 
 def main():
@@ -259,8 +373,16 @@ def main():
     ap.add_argument("--iters", type=int, default=30, help="timed graph replays")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--floor", action="store_true", help="also profile the GEMM floor (and on zeros)")
+    ap.add_argument("--peer", action="store_true", help="also profile torchtitan's layer (same weights)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile_layer.json"))
+    ap.add_argument("--print", dest="print_json", metavar="JSON", help="print the tables of a saved run and exit")
     args = ap.parse_args()
+    if args.print_json:
+        res = json.load(open(args.print_json))
+        print_tables(res, args.top)
+        print_extras(res, args.top)
+        return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29561")
     os.environ.setdefault("RANK", "0")
@@ -295,8 +417,13 @@ def main():
                           "graph_kernels_per_replay": len(replays[0]),
                           "graph_aligned_fraction": min(f for _, f in labelled)}
         res["graph_top"], res["graph_nodes"] = top_kernels(gsteps, args.top), per_node(gsteps)
+    if device.type == "cuda" and args.floor:
+        res["floor"] = floor_profile(args, gm, x, device)
+    if args.peer:
+        res["peer"] = peer_profile(args, model, x, gy, device)
     if dist.get_rank() == 0:
         print_tables(res, args.top)
+        print_extras(res, args.top)
         json.dump(res, open(args.out, "w"), indent=2)
     dist.destroy_process_group()
 
