@@ -45,7 +45,8 @@ class EchoInfo:
 
 
 def _plan_slots(b: LayerBuilder, layout: Node, ep: int, info: EchoInfo) -> tuple[Node, Node, Node, Node]:
-    """plan → assign_slots → count → all_gather_counts: (spare_expert, slots, slot counts, all ranks' slot counts)."""
+    """plan → assign_slots → count → all_gather_counts, before the layout:
+    (spare_expert, slots, slot counts, all ranks' slot counts)."""
     lay = LAYOUT.values(layout)
     El, S, group = lay["slots_per_rank"], info.spare_slots_per_rank, lay["group"]
     plan = b.op("plan", PLAN, counts_all=lay["counts_all"], experts_per_rank=El, spares=S,

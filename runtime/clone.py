@@ -84,20 +84,13 @@ def _(w, counts_all, spare_expert, offer, group, ep_group, buf):
     return w.new_empty((w.shape[0] + spare_expert.shape[1],) + tuple(w.shape[1:]))
 
 
-def _clone_setup(ctx, inputs, output):
-    a = CLONE_WEIGHTS.named(inputs)
-    ctx.save_for_backward(*CLONE_WEIGHTS.saved(inputs))
-    ctx.offer, ctx.group, ctx.ep_group, ctx.buf = a["offer"], a["group"], a["ep_group"], a["buf"]
-    ctx.El = a["w"].shape[0]
-
-
 def _clone_backward(ctx, grad):
     """The gradient reduction: spare slots' gradients summed into `buf.bwd.rs_in`
     [dom·offer + 1, ...] (last row: empty slots), reduce-scattered home into `buf.bwd.rs_out`
     [offer, ...], added to the home experts' gradient."""
-    saved = dict(zip(CLONE_WEIGHTS.saves, ctx.saved_tensors))
+    saved = CLONE_WEIGHTS.saved_by_name(ctx)
     counts_all, spare_expert = saved["counts_all"], saved["spare_expert"]
-    El, offer = ctx.El, ctx.offer
+    El, offer = ctx.w_shape[0], ctx.offer
     dom, rank = comm.group_size(ctx.group), comm.group_rank(ctx.ep_group)
     mine, rows = _pick_index(counts_all, spare_expert, El, offer, rank, dom)
     tail = tuple(grad.shape[1:])
@@ -111,7 +104,8 @@ def _clone_backward(ctx, grad):
     return CLONE_WEIGHTS.input_grads(w=g_home)
 
 
-clone_weights.register_autograd(_clone_backward, setup_context=_clone_setup)
+clone_weights.register_autograd(_clone_backward, setup_context=CLONE_WEIGHTS.setup_context(
+    "w", "offer", "group", "ep_group", "buf"))
 contracts.bind(PLAN, torch.ops.echo.plan.default)
 contracts.bind(ASSIGN_SLOTS, torch.ops.echo.assign_slots.default)
 contracts.bind(CLONE_WEIGHTS, torch.ops.echo.clone_weights.default)

@@ -87,6 +87,21 @@ class OpContract:
         named = self.named(inputs)
         return tuple(named[n] for n in self.saves)
 
+    def setup_context(self, *keep: str) -> Callable:
+        """A setup_context for torch.library.register_autograd: saves the `saves` arguments and
+        sets `ctx.<name>` for each argument named in `keep` (`ctx.<name>_shape` for a tensor)."""
+        def setup(ctx, inputs, output):
+            named = self.named(inputs)
+            ctx.save_for_backward(*self.saved(inputs))
+            for n in keep:
+                v = named[n]
+                setattr(ctx, f"{n}_shape" if hasattr(v, "shape") else n, getattr(v, "shape", v))
+        return setup
+
+    def saved_by_name(self, ctx) -> dict[str, Any]:
+        """In a backward: the saved arguments by name."""
+        return dict(zip(self.saves, ctx.saved_tensors))
+
     def input_grads(self, **grads: Any) -> tuple:
         """A backward's return value: the given gradients by argument name, None elsewhere."""
         assert set(grads) <= set(self.grads), (self.name, sorted(set(grads) - set(self.grads)))

@@ -144,22 +144,16 @@ def _(x, send_copy, copy_slot, sorted_src, recv_sorted, top_k, group, buf):
     return x.new_empty((sorted_src.shape[0], x.shape[1]))
 
 
-def _dispatch_setup(ctx, inputs, output):
-    a = DISPATCH.named(inputs)
-    ctx.save_for_backward(*DISPATCH.saved(inputs))
-    ctx.top_k, ctx.group, ctx.tokens, ctx.buf = a["top_k"], a["group"], a["x"].shape[0], a["buf"]
-
-
 def _dispatch_backward(ctx, grad):
     """The transpose of dispatch: combine the rows' gradient back to one row per copy
     (`buf.bwd.send/recv/grad_copies`), then sum each token's K copies."""
-    maps = dict(zip(DISPATCH.saves, ctx.saved_tensors))
+    maps = DISPATCH.saved_by_name(ctx)
     keys = move_keys(DISPATCH, ctx.buf, backward=True, out_part="bwd.grad_copies")
     g = to_sources(grad.contiguous(), maps["recv_sorted"], maps["copy_slot"], _equal(ctx.group), keys)
-    return DISPATCH.input_grads(x=g.view(ctx.tokens, ctx.top_k, -1).sum(1))
+    return DISPATCH.input_grads(x=g.view(ctx.x_shape[0], ctx.top_k, -1).sum(1))
 
 
-dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
+dispatch.register_autograd(_dispatch_backward, setup_context=DISPATCH.setup_context("x", "top_k", "group", "buf"))
 
 
 @torch.library.custom_op("echo::combine", mutates_args=())
@@ -174,21 +168,15 @@ def _(y, send_copy, copy_slot, sorted_src, recv_sorted, group, buf):
     return y.new_empty((copy_slot.shape[0], y.shape[1]))
 
 
-def _combine_setup(ctx, inputs, output):
-    a = COMBINE.named(inputs)
-    ctx.save_for_backward(*COMBINE.saved(inputs))
-    ctx.group, ctx.buf = a["group"], a["buf"]
-
-
 def _combine_backward(ctx, grad):
     """The transpose of combine: a dispatch of the copies' gradient, into `buf.bwd.grad_in` [R, H]."""
-    maps = dict(zip(COMBINE.saves, ctx.saved_tensors))
+    maps = COMBINE.saved_by_name(ctx)
     keys = move_keys(COMBINE, ctx.buf, backward=True, out_part=COMBINE.input_grad)
     g = to_experts(grad.contiguous(), maps["send_copy"], maps["sorted_src"], _equal(ctx.group), keys)
     return COMBINE.input_grads(y=g)
 
 
-combine.register_autograd(_combine_backward, setup_context=_combine_setup)
+combine.register_autograd(_combine_backward, setup_context=COMBINE.setup_context("group", "buf"))
 
 
 class _WeightedSum(torch.autograd.Function):

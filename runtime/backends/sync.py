@@ -94,33 +94,21 @@ def _(y, send_copy, copy_slot, sorted_src, recv_sorted, splits, group):
     return y.new_empty((copy_slot.shape[0], y.shape[1]))
 
 
-def _dispatch_setup(ctx, inputs, output):
-    a = SYNC_DISPATCH.named(inputs)
-    ctx.save_for_backward(*SYNC_DISPATCH.saved(inputs))
-    ctx.group, ctx.top_k, ctx.tokens = a["group"], a["top_k"], a["x"].shape[0]
-
-
 def _dispatch_backward(ctx, grad):
     """The transpose of sync_dispatch: a sync_combine of the rows' gradient, summed per token."""
-    maps = dict(zip(SYNC_DISPATCH.saves, ctx.saved_tensors))
-    g = sync_combine(y=grad.contiguous(), group=ctx.group, **maps)
-    return SYNC_DISPATCH.input_grads(x=g.view(ctx.tokens, ctx.top_k, -1).sum(1))
-
-
-def _combine_setup(ctx, inputs, output):
-    ctx.save_for_backward(*SYNC_COMBINE.saved(inputs))
-    ctx.group = SYNC_COMBINE.named(inputs)["group"]
+    g = sync_combine(y=grad.contiguous(), group=ctx.group, **SYNC_DISPATCH.saved_by_name(ctx))
+    return SYNC_DISPATCH.input_grads(x=g.view(ctx.x_shape[0], ctx.top_k, -1).sum(1))
 
 
 def _combine_backward(ctx, grad):
     """The transpose of sync_combine: the copies' gradient dispatched back to the experts' rows."""
-    maps = dict(zip(SYNC_COMBINE.saves, ctx.saved_tensors))
+    maps = SYNC_COMBINE.saved_by_name(ctx)
     exchange = _var(maps["splits"], ctx.group, False)
     return SYNC_COMBINE.input_grads(y=to_experts(grad.contiguous(), maps["send_copy"], maps["sorted_src"], exchange))
 
 
-sync_dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
-sync_combine.register_autograd(_combine_backward, setup_context=_combine_setup)
+sync_dispatch.register_autograd(_dispatch_backward, setup_context=SYNC_DISPATCH.setup_context("x", "top_k", "group"))
+sync_combine.register_autograd(_combine_backward, setup_context=SYNC_COMBINE.setup_context("group"))
 contracts.bind(SYNC_LAYOUT, torch.ops.echo.sync_layout.default)
 contracts.bind(SYNC_DISPATCH, torch.ops.echo.sync_dispatch.default)
 contracts.bind(SYNC_COMBINE, torch.ops.echo.sync_combine.default)
