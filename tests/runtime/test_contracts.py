@@ -68,3 +68,17 @@ def test_keys_and_gradients_come_from_the_declaration():
 
 def test_things_that_are_not_echo_ops_have_no_contract():
     assert contracts.of(operator.getitem) is None and contracts.of("reshape") is None
+
+
+def test_setup_context_saves_the_declared_arguments_and_keeps_the_named_ones():
+    class Ctx:
+        def save_for_backward(self, *tensors):
+            self.saved_tensors = tensors
+
+    ctx, x = Ctx(), torch.zeros(5, 3)
+    maps = [torch.arange(4) + i for i in range(4)]
+    DISPATCH.setup_context("x", "top_k", "buf")(ctx, (x, *maps, 2, "ep", "d"), None)
+    assert ctx.x_shape == (5, 3) and ctx.top_k == 2 and ctx.buf == "d" and not hasattr(ctx, "group")
+    saved = DISPATCH.saved_by_name(ctx)
+    assert list(saved) == ["send_copy", "copy_slot", "sorted_src", "recv_sorted"]
+    assert all(a is b for a, b in zip(saved.values(), maps))
