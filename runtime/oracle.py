@@ -59,13 +59,13 @@ def _ref_grad(name: str, grad: torch.Tensor, experts: set[str], ep_rank: int, ep
 
 
 @torch.no_grad()
-def _sync_reference(ref: Transformer, model: torch.nn.Module, experts: set[str]) -> float:
-    """Copy the distributed weights (expert shards gathered over EP) and expert biases into
-    the reference; return the largest relative difference seen before copying."""
-    drift = 0.0
+def _sync_reference(ref: Transformer, trainer: Trainer, experts: set[str]) -> float:
+    """Copy the distributed weights (ZeRO shards gathered, then expert shards gathered over EP)
+    and expert biases into the reference; return the largest relative difference seen before copying."""
+    drift, model = 0.0, trainer.model
     ref_params = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        full = comm.all_gather_rows(p.data, "ep").flatten(0, 1) if name in experts else p.data
+    for name, w in trainer.state.full("weight").items():
+        full = comm.all_gather_rows(w, "ep").flatten(0, 1) if name in experts else w
         drift = max(drift, rel_err(ref_params[name].data, full))
         ref_params[name].data.copy_(full)
     ref_buffers = dict(ref.named_buffers())
@@ -101,7 +101,7 @@ def compare_with_reference(program: Program, device: torch.device, steps: int,
     ep_rank, ep = comm.group_rank("ep"), spec.parallel.ep
     reports = []
     for step in range(steps):
-        drift = _sync_reference(ref, trainer.model, experts) if step else 0.0
+        drift = _sync_reference(ref, trainer, experts) if step else 0.0
         batch = source.global_batch(step, world * mb).to(device)
         ref_loss = lm_loss(ref(batch[:, :-1]), batch[:, 1:])
         ref_loss.backward()
@@ -116,9 +116,9 @@ def compare_with_reference(program: Program, device: torch.device, steps: int,
                          dropped=int(dropped), weight_drift=drift,
                          clones=int(out.stats[:, 3].sum()) if out.stats.numel() else 0)
         ref_params = dict(ref.named_parameters())
-        for name, p in trainer.model.named_parameters():
+        for name, grad in trainer.state.full("grad").items():   # ZeRO shards gathered
             want = _ref_grad(name, ref_params[name].grad, experts, ep_rank, ep)
-            rep.grad_rel_err[name] = rel_err(p.grad, want)
+            rep.grad_rel_err[name] = rel_err(grad, want)
         reports.append(rep)
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)

@@ -2,8 +2,10 @@
 
 Every rank builds the reference model from the same seed, keeps its expert shard, and
 copies it into the compiled program's model (runtime/program.py); `Trainer.step` runs
-the program's graph forward, backward, reduces gradients, steps AdamW and updates the
-aux-loss-free expert bias. The loop around it is runtime/loop.py.
+the program's graph forward and backward, reduces gradients (sharded by the ZeRO level,
+runtime/train_state.py), checks the step on the device (non-finite loss or gradients;
+overflow under `budgets.on_overflow: rerun`), steps AdamW on fp32 masters unless the check
+failed, and updates the aux-loss-free expert bias. The loop around it is runtime/loop.py.
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ from torch import nn
 
 from echoc.errors import EchocError
 from echoc.spec import Spec
-from runtime import arena, comm
+from runtime import arena, comm, zero_ops
 from runtime.dtypes import torch_dtype
 from runtime.model import Transformer, lm_loss, moe_layers, update_expert_bias
-from runtime.parallel import all_reduce_load, reduce_gradients, shard_experts
+from runtime.parallel import all_reduce_load, shard_experts
 from runtime.program import Program, materialize
+from runtime.train_state import TrainState
 
 
 def init_distributed(spec: Spec) -> torch.device:
@@ -74,14 +77,16 @@ class DeviceMetrics:
     loss_sum: torch.Tensor   # [1] float32: Σ over ranks of each rank's mean loss
     stats: torch.Tensor      # [world, num_moe_layers, 4] int64
     counts: torch.Tensor     # [num_moe_layers, ep, E] int64 (this EP group)
+    skipped: torch.Tensor    # [1] int32: 1 = this step's update was skipped on the device (any cause)
+    nonfinite: torch.Tensor  # [1] int32: 1 = some rank's loss or gradients were NaN/inf
 
 
 class Trainer:
     """The distributed, compiled model and its optimizer.
 
-    `step` is the whole iteration — forward, backward, gradient reductions, AdamW,
-    expert-bias update and the metric collectives — with no host read, so the runtime
-    can capture it as one CUDA graph (runtime/cuda_graph.py) or run it eagerly.
+    `step` is the whole iteration — forward, backward, gradient reductions, the device-side
+    guard, AdamW, expert-bias update and the metric collectives — with no host read, so the
+    runtime can capture it as one CUDA graph (runtime/cuda_graph.py) or run it eagerly.
     `reference`: start from these full (unsharded) weights instead of the seeded init.
     """
 
@@ -90,25 +95,26 @@ class Trainer:
         self.spec, self.device, self.program = spec, device, program
         self.model = materialize(program, rank_init(spec, device, reference), device)
         self.gm = program.gm
-        self.opt, self.lr = _adamw(self.model, spec, device)
+        self.state = TrainState(self.model, spec, device, zero_ops.gathered_params(program.gm))
+        self.lr = self.state.lr
         self.world = dist.get_world_size()
         self.moe_names = [n for n, _ in moe_layers(self.model)]
         uses_arena = program.arena_layout is not None and self.moe_names
         self.arena = arena.Arena(program.arena_layout, device) if uses_arena else None
         self._arena_checked = False
+        # the guard's verdict of the current step, read by optimizer_step (static device tensors)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self.skipped = torch.zeros(1, dtype=torch.int32, device=device)
+        self.nonfinite = torch.zeros(1, dtype=torch.int32, device=device)
 
     def set_lr(self, step: int) -> None:
         """Warm-up schedule; the value goes into the device tensor the optimizer reads."""
         o = self.spec.train.optimizer
-        lr = o.lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
-        if isinstance(self.lr, torch.Tensor):
-            self.lr.fill_(lr)
-        else:
-            for g in self.opt.param_groups:
-                g["lr"] = lr
+        self.lr.fill_(o.lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else o.lr)
 
     def forward_backward(self, tokens: torch.Tensor, labels: torch.Tensor) -> StepOut:
-        with arena.active(self.arena):   # the MoE ops write into their planned views, forward and backward
+        """Forward, backward, gradient reduction and the guard (sets found_inf / skipped / nonfinite)."""
+        with arena.active(self.arena), zero_ops.regather_in_backward():
             out = self.gm(tokens)
             if isinstance(out, tuple):
                 logits, stats, counts = out
@@ -117,8 +123,10 @@ class Trainer:
             loss = lm_loss(logits, labels)
             (loss / self.world).backward()
         self._check_arena_use()
-        reduce_gradients(self.model)
-        return StepOut(loss.detach(), stats, counts)
+        self.state.reduce_grads()
+        step_out = StepOut(loss.detach(), stats, counts)
+        self._guard(step_out)
+        return step_out
 
     def _check_arena_use(self) -> None:
         """After the first step: every planned view was asked for by its op (the plan and the
@@ -129,35 +137,48 @@ class Trainer:
         assert not unused, f"planned arena views no op asked for: {sorted(unused)[:8]}"
         self._arena_checked = True
 
+    @torch.no_grad()
+    def _guard(self, out: StepOut) -> None:
+        """On the device, agreed by every rank: skip this step's update when any rank's loss or
+        gradients are NaN/inf, or (budgets.on_overflow 'rerun') any rank dropped a row."""
+        bad = ~(torch.isfinite(out.loss.float()) & torch.isfinite(self.state.grad_sq_sum()))
+        overflowed = out.stats[:, 0].sum() > 0 if out.stats.numel() else torch.zeros((), dtype=torch.bool,
+                                                                                          device=self.device)
+        flags = torch.stack([bad, overflowed]).float()
+        if self.world > 1:
+            dist.all_reduce(flags)
+        nonfinite = flags[0] > 0
+        skip = nonfinite | ((flags[1] > 0) & (self.spec.budgets.on_overflow == "rerun"))
+        self.found_inf.copy_(skip.float())
+        self.skipped.copy_(skip.reshape(1))
+        self.nonfinite.copy_(nonfinite.reshape(1))
+
+    @torch.no_grad()
     def optimizer_step(self, step: int | None = None) -> None:
+        """AdamW (skipped on the device if the guard said so), then the expert-bias update
+        (undone on the device for a skipped step)."""
         if step is not None:
             self.set_lr(step)
-        self.opt.step()
+        self.state.step(self.found_inf)
         all_reduce_load(self.model)
+        biases = [moe.router.expert_bias for _, moe in moe_layers(self.model)]
+        before = [b.clone() for b in biases]
         update_expert_bias(self.model)
+        keep = self.found_inf > 0
+        for b, old in zip(biases, before):
+            b.copy_(torch.where(keep, old, b))
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> DeviceMetrics:
         """One whole iteration. Gradients must be None on entry (see zero_grad)."""
         out = self.forward_backward(tokens, labels)
         self.optimizer_step()
-        return device_metrics(out)
+        return device_metrics(out, self.skipped, self.nonfinite)
 
     def zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
+        self.state.zero_grad()
 
 
-def _adamw(model: nn.Module, spec: Spec, device: torch.device):
-    """AdamW over the model; on CUDA capturable, with lr in a device tensor so a captured
-    step reads the schedule's current value."""
-    o = spec.train.optimizer
-    capturable = device.type == "cuda"
-    lr = torch.tensor(o.lr, device=device) if capturable else o.lr
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=o.betas, weight_decay=o.weight_decay,
-                            capturable=capturable, foreach=capturable or None)
-    return opt, lr
-
-
-def device_metrics(out: StepOut) -> DeviceMetrics:
+def device_metrics(out: StepOut, skipped: torch.Tensor, nonfinite: torch.Tensor) -> DeviceMetrics:
     loss = out.loss.float().reshape(1).clone()
     dist.all_reduce(loss)
     stats = out.stats.to(torch.int64).contiguous()
@@ -165,4 +186,4 @@ def device_metrics(out: StepOut) -> DeviceMetrics:
     all_stats = torch.empty((world,) + tuple(stats.shape), dtype=stats.dtype, device=stats.device)
     if stats.numel():
         comm.all_gather_flat(all_stats.view(-1), stats.view(-1))
-    return DeviceMetrics(loss, all_stats, out.counts.detach().clone())
+    return DeviceMetrics(loss, all_stats, out.counts.detach().clone(), skipped.clone(), nonfinite.clone())

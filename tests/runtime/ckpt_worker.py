@@ -94,7 +94,7 @@ def roundtrip(cfg, spec, device):
     checkpoint.save(b, steps, ckpt)  # already whole: kept, never deleted to be written again
     kept = checkpoint.step_dir(ckpt, steps).stat().st_ino == inode
     checkpoint.keep_last(ckpt, 1)
-    step_devices = sorted({str(st["step"].device) for st in b.opt.state.values()})
+    step_devices = [str(b.state.optimizer.step_count.device)]
     all_bad = gather(bad)
     if dist.get_rank() == 0:
         json.dump({"losses_a": losses_a, "losses_b": losses_b, "start": start, "mismatches": all_bad,
