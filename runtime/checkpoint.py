@@ -16,14 +16,18 @@ State: one flat dict, the same keys on every rank that holds the same data:
                                  expert_bias): replicated on every rank
     model.<name>@ep<r>           stacked expert tensors [E/ep, ...] of EP rank r:
                                  replicated over expert-DP
-    optim.<param key>.<field>    AdamW's exp_avg, exp_avg_sq, step per parameter,
-                                 under its parameter's key (so experts also get @ep<r>)
+    <key>@z<r>                   ZeRO: this rank's flat shard (rank r of the tensor's
+                                 data-parallel group) of a weight (level 3) or its state
+    optim.<param key>.<field>    exp_avg, exp_avg_sq and (unless the fp32 weight is its own)
+                                 the fp32 master, under its parameter's key (+ @z<r>)
+    optim.step                   [] float32, the optimizer's step count
     meta.step                    [] int64
 Replicas hold identical values under identical keys, so DCP's dedup writes each
 shard once and every rank reads back its own. Plain tensors with per-EP-rank keys
 rather than DTensor: no device mesh, the same code on gloo and NCCL. The price: a
 checkpoint resumes with the same ep only (load refuses another with a clear error);
-dp may change, since every expert-DP replica reads the same shard. The learning
+without ZeRO dp may change, since every expert-DP replica reads the same shard; with
+ZeRO the shards follow the group sizes, so dp and the level must stay. The learning
 rate is not stored: the loop's set_lr(step) recomputes it from the step.
 """
 from __future__ import annotations
@@ -39,7 +43,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 
 from echoc.errors import EchocError
 from runtime import comm
@@ -59,40 +62,37 @@ def step_dir(ckpt_dir: str | Path, step: int) -> Path:
 
 # ----------------------------------------------------------------------------- state dict
 
-def _param_keys(model: nn.Module) -> dict[str, str]:
-    """Model state name → checkpoint key: expert tensors get this rank's @ep<r> suffix."""
-    experts = expert_param_names(model)
+def _param_keys(trainer) -> dict[str, str]:
+    """Model state name → checkpoint key: expert tensors get this rank's @ep<r> suffix; a weight
+    kept as a ZeRO-3 shard gets @z<r>, r its rank in the weight's data-parallel group."""
+    experts = expert_param_names(trainer.model)
     ep_rank = comm.group_rank("ep")
-    return {name: f"{name}@ep{ep_rank}" if name in experts else name for name in model.state_dict()}
+    shard_rank = {s.name: s.shard.rank for s in trainer.state.params if s.weight_sharded}
+    keys = {}
+    for name in trainer.model.state_dict():
+        key = f"{name}@ep{ep_rank}" if name in experts else name
+        keys[name] = f"{key}@z{shard_rank[name]}" if name in shard_rank else key
+    return keys
 
 
 def _state(trainer, step: int) -> dict[str, torch.Tensor]:
     """The flat dict DCP saves or loads into; its tensors share storage with the trainer's,
-    so a load writes straight into the parameters, buffers and optimizer state."""
-    model, opt = trainer.model, trainer.opt
-    keys = _param_keys(model)
-    state = {f"model.{keys[n]}": t for n, t in model.state_dict().items()}
-    for name, p in model.named_parameters():
-        for field, value in opt.state.get(p, {}).items():
-            if isinstance(value, torch.Tensor):
-                state[f"optim.{keys[name]}.{field}"] = value
+    so a load writes straight into the parameters, buffers and optimizer state.
+
+    Optimizer state per parameter (runtime/train_state.py), under the parameter's key plus
+    @z<r> where this rank holds a ZeRO shard: exp_avg, exp_avg_sq, and the fp32 master
+    unless the (float32) weight is its own master; `optim.step` is the shared step count."""
+    keys = _param_keys(trainer)
+    state = {f"model.{keys[n]}": t for n, t in trainer.model.state_dict().items()}
+    opt = trainer.state.optimizer
+    for s, avg, avg_sq in zip(trainer.state.params, opt.exp_avg, opt.exp_avg_sq):
+        key = keys[s.name] if s.weight_sharded or s.shard.n == 1 else f"{keys[s.name]}@z{s.shard.rank}"
+        state[f"optim.{key}.exp_avg"], state[f"optim.{key}.exp_avg_sq"] = avg, avg_sq
+        if not s.master_is_weight:
+            state[f"optim.{key}.master"] = s.master
+    state["optim.step"] = opt.step_count
     state["meta.step"] = torch.tensor(step, dtype=torch.int64)
     return state
-
-
-def _init_adamw_state(opt: torch.optim.Optimizer, p: nn.Parameter) -> None:
-    """Create the state AdamW creates on its first step (zeros), so DCP can load into it.
-
-    `step` lives on the parameter's device for capturable/fused AdamW, else on the CPU."""
-    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-    on_device = group.get("capturable", False) or group.get("fused", False)
-    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    state = opt.state[p]
-    state["step"] = torch.zeros((), dtype=scalar, device=p.device if on_device else "cpu")
-    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    if group.get("amsgrad", False):
-        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 # ----------------------------------------------------------------------------- save
@@ -185,20 +185,15 @@ def latest(ckpt_dir: str | Path) -> tuple[int, Path] | None:
 
 
 def load(trainer, path: str | Path) -> int:
-    """Collective: restore parameters, persistent buffers and AdamW state (exp_avg, exp_avg_sq and
-    the per-parameter step counters, capturable or not) in place. Returns the checkpoint's step."""
+    """Collective: restore parameters, persistent buffers and the optimizer's state (moments,
+    masters, step count; sharded as this run's ZeRO level) in place. Returns the checkpoint's step."""
     path = Path(path)
     info = json.loads((path / COMPLETE).read_text())
     if info["ep"] != comm.group_size("ep"):
         raise CheckpointMismatchError(
             f"{path} was written with ep = {info['ep']} but this run has ep = {comm.group_size('ep')}; "
             "expert shards are stored per EP rank, so resume with the same parallel.ep")
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    keys = _param_keys(trainer.model)
-    for name, p in trainer.model.named_parameters():
-        if f"optim.{keys[name]}.step" in stored and not trainer.opt.state.get(p):
-            _init_adamw_state(trainer.opt, p)
-    state = _state(trainer, 0)
+    state = _state(trainer, 0)   # the optimizer's state exists from the start: DCP loads into it
     dcp.load(state, checkpoint_id=str(path))
     step = int(state["meta.step"])
     assert step == info["step"], f"{path}: COMPLETE says step {info['step']}, the state says {step}"
