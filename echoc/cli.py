@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.exceptions import TyperException
 from rich.console import Console
 from rich.table import Table
 
+from echoc import preflight
 from echoc import simulate as sim
 from echoc import views
 from echoc.artifact import write_build
@@ -58,8 +60,9 @@ def compile_(spec: str, out: Optional[str] = typer.Option(None, "-o", "--out", h
              set_: Optional[List[str]] = SetOpt):
     """Trace on the meta device, run the passes, write build/<name>/."""
     s = _load(spec, set_)
+    out_dir = preflight.check_output_dir(out or Path("build") / s.model.name, "-o")
     build = compile_build(s)
-    out_dir = write_build(build, out or Path("build") / s.model.name)
+    out_dir = write_build(build, out_dir)
     _print_summary(build.summary)
     console.print(f"wrote {out_dir}/ (graph.txt, graph.py, plan.json, spec.json, summary.json) in "
                   f"{build.summary['compile_seconds']:.2f} s, peak RSS {build.summary['peak_rss_mib']:.0f} MiB")
@@ -140,10 +143,18 @@ def run(spec: Optional[str] = typer.Argument(None, help="Spec YAML (or use --fro
         tensorboard: Optional[str] = typer.Option(None, "--tensorboard", help="Also write TensorBoard events here."),
         record_routing: Optional[str] = typer.Option(None, "--record-routing",
                                                      help="Write routing counts [steps, layers, ep, E] here."),
-        resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the newest verified checkpoint "
+                                    "(an error when there is none)."),
+        resume_or_start: bool = typer.Option(False, "--resume-or-start",
+                                             help="Like --resume, but start from step 0 when there is no checkpoint."),
+        resume_with_changes: bool = typer.Option(False, "--resume-with-changes",
+                                                 help="Resume although the spec changed, if only lr, the schedule, "
+                                                      "steps, log or checkpoint settings did."),
         set_: Optional[List[str]] = SetOpt):
     """Train: launches torchrun (or, inside torchrun, runs this rank)."""
-    req = _run_request(spec, from_build, set_, metrics, record_routing, tensorboard, resume)
+    mode = _resume_mode(resume, resume_or_start, resume_with_changes)
+    req = _run_request(spec, from_build, set_, metrics, record_routing, tensorboard, mode)
+    req.resume_with_changes = resume_with_changes
     req.launcher = {"nproc": nproc, "nnodes": nnodes, "rdzv_endpoint": rdzv_endpoint, "max_restarts": max_restarts}
     if not in_torchrun():
         start(req, _worker_argv(req, spec, set_))
@@ -151,7 +162,16 @@ def run(spec: Optional[str] = typer.Argument(None, help="Spec YAML (or use --fro
     hist = worker(req)
     if int(os.environ.get("RANK", "0")) == 0 and hist:
         console.print(f"done: {len(hist)} steps, loss {hist[0]['loss']:.4f} → {hist[-1]['loss']:.4f}, "
-                      f"overflow {sum(h['overflow'] for h in hist)}; metrics in {req.metrics}")
+                      f"overflow {sum(h['overflow'] for h in hist)}, reruns {sum(h['rerun'] for h in hist)}, "
+                      f"skipped {sum(h['skipped'] for h in hist)}; metrics in {req.metrics}")
+
+
+def _resume_mode(resume: bool, or_start: bool, with_changes: bool) -> str:
+    if resume and or_start:
+        raise EchocError("give --resume or --resume-or-start, not both")
+    if with_changes and not (resume or or_start):
+        raise EchocError("--resume-with-changes needs --resume or --resume-or-start")
+    return "must" if resume else "or_start" if or_start else "no"
 
 
 def _run_request(spec, from_build, overrides, metrics, record_routing, tensorboard, resume) -> RunRequest:
@@ -176,8 +196,9 @@ def _worker_argv(req: RunRequest, spec_path: Optional[str], overrides) -> list[s
                         ("--tensorboard", req.tensorboard)):
         if value:
             argv += [flag, value]
-    if req.resume:
-        argv += ["--resume"]
+    argv += {"must": ["--resume"], "or_start": ["--resume-or-start"], "no": []}[req.resume]
+    if req.resume_with_changes:
+        argv += ["--resume-with-changes"]
     for o in overrides or []:
         argv += ["--set", o]
     return argv
@@ -207,8 +228,21 @@ def simulate(spec: str,
 
 def main():
     try:
-        app()
+        app(standalone_mode=False)
     except EchocError as e:
-        err_console.print("[red]error:[/red] ", end="")
-        err_console.print(str(e), markup=False, highlight=False)  # messages hold [brackets]
-        sys.exit(2)
+        _error(str(e))
+    except TyperException as e:  # the command line itself: an unknown option, a bad value
+        if type(e).__name__ == "NoArgsIsHelpError":  # `echoc` alone prints the help
+            e.show()
+            sys.exit(0)
+        _error(f"{e.format_message()} (see `echoc --help`)")
+    except (KeyboardInterrupt, typer.Abort):
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+def _error(message: str) -> None:
+    """One line on stderr, exit 2, no traceback."""
+    err_console.print("[red]error:[/red] ", end="")
+    err_console.print(message, markup=False, highlight=False)  # messages hold [brackets]
+    sys.exit(2)

@@ -4,17 +4,20 @@ each torchrun worker; both are plain functions (tested without the CLI)."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from echoc import preflight
 from echoc.artifact import load_build
 from echoc.compile import Build, compile_build
 from echoc.errors import EchocError
 from echoc.spec import Spec
-from runtime import comm
+from echoc.spec_io import spec_from_dict
+from runtime import comm, watchdog
 from runtime.launch import launch
 from runtime.loop import RunOptions, train
 from runtime.metrics import check_tensorboard
+from runtime.program import Program
 from runtime.trainer import init_distributed
 
 
@@ -26,7 +29,8 @@ class RunRequest:
     metrics: str
     record_routing: str | None = None
     tensorboard: str | None = None
-    resume: bool = False
+    resume: str = "no"              # 'no', 'must' (--resume), 'or_start' (--resume-or-start)
+    resume_with_changes: bool = False
     launcher: dict = field(default_factory=dict)   # nproc, nnodes, rdzv_endpoint, max_restarts
 
 
@@ -39,29 +43,68 @@ def the_build(req: RunRequest) -> Build:
     return load_build(req.from_build) if req.from_build else compile_build(req.spec)
 
 
+def dropless_spec(spec: Spec) -> Spec:
+    """The spec of the program an overflowed step runs again with: the `sync` backend (exact,
+    host-sized splits: no row can overflow), eager, allocator buffers, no cloning."""
+    d = spec.model_dump(mode="json")
+    d["backends"].update(dispatch="sync", cuda_graph="none", buffers="allocator")
+    d["echo"]["enabled"] = False
+    return spec_from_dict(d, source=f"{spec.model.name} (dropless rerun)")
+
+
+def rerun_program(spec: Spec) -> Program | None:
+    """budgets.on_overflow 'rerun': the dropless program; else None."""
+    return compile_build(dropless_spec(spec)).program if spec.budgets.on_overflow == "rerun" else None
+
+
 def worker(req: RunRequest, build: Build | None = None) -> list[dict]:
     """Inside torchrun: this rank's part of the run. Returns the per-step metrics."""
     build = build or the_build(req)
-    device = init_distributed(build.spec)
+    spec = build.spec
+    watchdog.watch_parent(grace_s=spec.train.collective_timeout_s)
+    options = RunOptions(metrics_path=req.metrics, record_routing=req.record_routing, tensorboard=req.tensorboard,
+                         resume=req.resume, resume_with_changes=req.resume_with_changes,
+                         rerun_program=rerun_program(spec))
+    device = init_distributed(spec)
+    watchdog.announce()
     try:
-        options = RunOptions(metrics_path=req.metrics, record_routing=req.record_routing,
-                             tensorboard=req.tensorboard, resume=req.resume)
-        return train(build.program, device, options)
-    finally:
-        comm.shutdown()
+        history = train(build.program, device, options)
+    except Exception as e:
+        comm.shutdown(wait=False)
+        if watchdog.is_timeout(e):
+            raise watchdog.explain_timeout(spec.train.collective_timeout_s) from None
+        raise
+    comm.shutdown()
+    return history
+
+
+def check_launch(req: RunRequest) -> None:
+    """Launcher options that make no sense are errors, never silently replaced."""
+    nproc, restarts = req.launcher.get("nproc"), req.launcher.get("max_restarts", 0)
+    if nproc is not None and nproc < 1:
+        raise EchocError(f"--nproc must be >= 1 (got {nproc}); leave it out to use cluster.gpus_per_node")
+    if restarts < 0:
+        raise EchocError(f"--max-restarts must be >= 0 (got {restarts})")
 
 
 def start(req: RunRequest, worker_argv: list[str]) -> None:
     """In the launching process: check everything a worker would trip on later, then start torchrun."""
+    check_launch(req)
     if req.tensorboard:
         check_tensorboard()
     build = the_build(req)   # compile errors surface here, once, before any worker starts
     spec = build.spec
-    nproc, nnodes = req.launcher.get("nproc") or spec.cluster.gpus_per_node, req.launcher.get("nnodes", "1")
+    nproc = req.launcher.get("nproc") or spec.cluster.gpus_per_node
+    nnodes = req.launcher.get("nnodes", "1")
     if nnodes == "1" and nproc != spec.cluster.world_size:
         raise EchocError(f"--nproc {nproc} but the spec's cluster has {spec.cluster.world_size} ranks "
                          f"(nodes × gpus_per_node); pass --set cluster.gpus_per_node={nproc} and a matching "
                          "parallel.ep × parallel.dp")
-    Path(req.metrics).parent.mkdir(parents=True, exist_ok=True)
+    preflight.check_inputs(spec)
+    preflight.check_outputs(spec, req.metrics, req.record_routing, req.tensorboard)
+    note = preflight.check_resume(spec, req.resume, req.resume_with_changes)
+    if note:
+        print(f"echoc: {note}", file=sys.stderr, flush=True)
+    rerun_program(spec)   # the dropless program compiles too
     launch(worker_argv, nproc=nproc, nnodes=nnodes, rdzv_endpoint=req.launcher.get("rdzv_endpoint"),
-           max_restarts=req.launcher.get("max_restarts", 0))
+           max_restarts=req.launcher.get("max_restarts", 0), rdzv_timeout_s=spec.train.collective_timeout_s)

@@ -1,15 +1,11 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP): save, find the latest whole one,
-load, prune, and stop cleanly on SIGTERM.
+"""Checkpoints with torch.distributed.checkpoint (DCP): save, verify, resume, prune, and stop
+cleanly on SIGTERM / SIGINT. The on-disk format and its checks are runtime/checkpoint_files.py.
 
-On disk:
-    ckpt_dir/step_00000040/        .metadata, __<rank>_0.distcp   DCP's files
-                                   COMPLETE                      json {step, ep, dp, world}
-    ckpt_dir/step_00000042.tmp/    a save in progress, or one that died: never loaded
-
-A save writes into `step_N.tmp/`; only after every rank has written (barrier) does
-rank 0 put COMPLETE inside it, fsync, and rename it to `step_N/`. So a directory
-named `step_N` always holds a whole checkpoint, and `latest` additionally requires
-the COMPLETE marker, so neither a .tmp directory nor a stray one is ever resumed.
+A save writes into `step_N.tmp/`; only after every rank has written (barrier) and the files are
+checksummed does rank 0 put COMPLETE (step, spec, checksums) inside it, fsync, and rename it to
+`step_N/`. A save refuses a state holding NaN/inf. Resume takes the newest checkpoint whose files
+all match their checksums (a damaged one is reported and set aside) and refuses one of another
+spec; `N` is always the number of steps whose updates the state holds.
 
 State: one flat dict, the same keys on every rank that holds the same data:
     model.<name>                 dense parameters and persistent buffers (routers'
@@ -34,9 +30,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -46,18 +42,13 @@ import torch.distributed.checkpoint as dcp
 
 from echoc.errors import EchocError
 from runtime import comm
+from runtime.checkpoint_files import (COMPLETE, CheckpointError, CheckpointMismatchError, check_spec,
+                                      check_steps, complete_steps, damage, file_digest, keep_last, latest,
+                                      marker_json, publish, read_marker, set_aside, step_dir)
 from runtime.parallel import expert_param_names
 
-COMPLETE = "COMPLETE"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointMismatchError(EchocError):
-    """A checkpoint written by a different parallel layout than the one resuming it."""
-
-
-def step_dir(ckpt_dir: str | Path, step: int) -> Path:
-    return Path(ckpt_dir) / f"step_{step:08d}"
+__all__ = ["COMPLETE", "CheckpointError", "CheckpointMismatchError", "Checkpointer", "complete_steps",
+           "keep_last", "latest", "load", "resume", "save", "step_dir"]
 
 
 # ----------------------------------------------------------------------------- state dict
@@ -106,6 +97,10 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -120,69 +115,73 @@ def _from_rank0(value):
     return box[0]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _gather(value) -> list:
+    """Every rank's value, rank-ordered, on every rank."""
+    if not dist.is_initialized():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
-def _publish(tmp: Path, final: Path, info: dict) -> None:
-    """Rank 0, after every rank wrote: marker into tmp, fsync, then the atomic rename."""
-    marker = tmp / COMPLETE
-    with open(marker, "w") as f:
-        json.dump(info, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # a directory without COMPLETE (latest never took it): garbage
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
+def _nonfinite_keys(state: dict[str, torch.Tensor], step: int) -> None:
+    """Collective: refuse to save when any rank's floating-point state holds NaN/inf.
+    One pass over the tensors on their devices and one small all-reduce."""
+    floats = {k: t for k, t in state.items() if t.is_floating_point()}
+    device = next(iter(floats.values())).device if floats else torch.device("cpu")
+    ok = torch.stack([t.isfinite().all().to(device) for t in floats.values()]) if floats else None
+    bad = torch.zeros(1, dtype=torch.int64, device=device) if ok is None else (~ok).sum().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    if int(bad.item()):
+        mine = [k for k, good in zip(floats, ok.tolist()) if not good] if ok is not None else []
+        where = f"e.g. {mine[0]} on rank {_rank()}" if mine else "on another rank"
+        raise CheckpointError(f"step {step} not saved: {int(bad.item())} state tensor(s) hold NaN/inf ({where}); "
+                              "the last saved checkpoint is kept")
+
+
+def _digests(tmp: Path) -> dict[str, tuple[int, str]]:
+    """Collective: (bytes, sha256) of every file in tmp; the hashing is split over the ranks."""
+    names = _from_rank0(sorted(p.name for p in tmp.iterdir() if p.is_file()) if _rank() == 0 else None)
+    mine = {n: file_digest(tmp / n) for n in names[_rank()::_world()]}
+    return {k: v for part in _gather(mine) for k, v in part.items()}
 
 
 def save(trainer, step: int, ckpt_dir: str | Path) -> Path:
     """Collective: every rank calls it at the same step. Writes ckpt_dir/step_{step:08d}/.
 
-    A whole checkpoint of the same step already there is kept as it is (e.g. SIGTERM
-    right after an interval save). Returns the checkpoint's directory."""
+    A whole checkpoint of the same step already there is kept as it is (e.g. SIGTERM right
+    after an interval save). Returns the checkpoint's directory."""
     final = step_dir(ckpt_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    if _from_rank0((final / COMPLETE).is_file()):
+    if _from_rank0((final / COMPLETE).is_file() and damage(final, hash_files=False) is None):
         return final
+    state = _state(trainer, step)
+    _nonfinite_keys(state, step)
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that died
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(_state(trainer, step), storage_writer=dcp.FileSystemWriter(str(tmp)))
+    try:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)))
+    except Exception as e:  # DCP's own errors carry no hint about what to do
+        raise CheckpointError(f"saving step {step} into {tmp} failed in torch.distributed.checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check that "
+                              "train.checkpoint.dir is writable with free space on every node") from None
     _barrier()  # every rank's shard is on disk
+    files = _digests(tmp)
     if _rank() == 0:
-        _publish(tmp, final, {"step": step, **_layout()})
+        _publish(tmp, final, marker_json(step, trainer.spec, files, _layout()))
     _barrier()
     return final
 
 
-# ----------------------------------------------------------------------------- find, load, prune
-
-def complete_steps(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
-    """Whole checkpoints, oldest first: `step_NNNNNNNN` directories holding COMPLETE."""
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for d in root.iterdir():
-        m = _STEP_DIR.match(d.name)
-        if m and d.is_dir() and (d / COMPLETE).is_file():
-            found.append((int(m.group(1)), d))
-    return sorted(found)
+def _publish(tmp: Path, final: Path, marker: dict) -> None:
+    """Rank 0, after every rank wrote (tests replace it to cut a save short)."""
+    publish(tmp, final, marker)
 
 
-def latest(ckpt_dir: str | Path) -> tuple[int, Path] | None:
-    """(step, directory) of the newest whole checkpoint, or None; .tmp and unmarked dirs never count."""
-    found = complete_steps(ckpt_dir)
-    return found[-1] if found else None
-
+# ----------------------------------------------------------------------------- load, resume
 
 def load(trainer, path: str | Path) -> int:
     """Collective: restore parameters, persistent buffers and the optimizer's state (moments,
@@ -200,33 +199,55 @@ def load(trainer, path: str | Path) -> int:
     return step
 
 
-def resume(trainer, ckpt_dir: str | Path) -> int:
-    """Collective: load the newest whole checkpoint (chosen by rank 0); the step to continue from, 0 if none."""
-    found = _from_rank0(latest(ckpt_dir) if _rank() == 0 else None)
-    return load(trainer, found[1]) if found else 0
+def _say(text: str) -> None:
+    if _rank() == 0:
+        print(f"echoc: {text}", file=sys.stderr, flush=True)
 
 
-def keep_last(ckpt_dir: str | Path, n: int) -> list[Path]:
-    """Delete all but the n newest whole checkpoints, and .tmp leftovers older than the newest.
+def _verified(d: Path) -> str | None:
+    """Collective: why checkpoint d is damaged (sizes, then every file's sha256, split over ranks), or None."""
+    why = _from_rank0(damage(d, hash_files=False) if _rank() == 0 else None)
+    if why is not None:
+        return why
+    names = sorted(read_marker(d).files)
+    problems = _gather(damage(d, names[_rank()::_world()]))
+    return next((p for p in problems if p), None)
 
-    Acts on rank 0 only (any rank may call it; not collective). A directory is first renamed
-    out of the `step_N` pattern, so a deletion cut short never looks like a checkpoint.
-    Returns what was deleted."""
-    assert n >= 1, "keep_last needs n >= 1: the newest checkpoint is never deleted"
-    found = complete_steps(ckpt_dir) if _rank() == 0 else []
-    if not found:
-        return []
-    newest = found[-1][0]
-    doomed = [d for _, d in found[:-n]]
-    for d in Path(ckpt_dir).glob("step_*.tmp"):
-        m = _STEP_DIR.match(d.name[:-len(".tmp")])
-        if m and int(m.group(1)) < newest:
-            doomed.append(d)
-    for d in doomed:
-        gone = d.with_name(d.name + ".deleting")
-        os.rename(d, gone)
-        shutil.rmtree(gone)
-    return doomed
+
+def _load_with_hint(trainer, d: Path) -> int:
+    try:
+        return load(trainer, d)
+    except EchocError:
+        raise
+    except Exception as e:  # DCP's errors name a key or a storage call, not what to do
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{d} could not be loaded by torch.distributed.checkpoint ({type(e).__name__}: "
+                              f"{first[:200]}); it does not fit this model or was written by another torch: "
+                              "move it out of the checkpoint directory to resume from an earlier one") from None
+
+
+def resume(trainer, ckpt_dir: str | Path, allow_changes: bool = False) -> int:
+    """Collective: load the newest verified checkpoint and return its step; 0 when there is none.
+
+    A damaged one (missing file, wrong size or checksum) is reported, set aside (renamed
+    `.damaged`) and the next older one is tried. A checkpoint of another spec is refused
+    (CheckpointMismatchError naming the fields) unless `allow_changes` and every change is safe."""
+    found = _from_rank0(complete_steps(ckpt_dir) if _rank() == 0 else None)
+    for step, d in reversed(found):
+        why = _verified(d)
+        if why is not None:
+            if _rank() == 0:
+                _say(f"checkpoint {d} is damaged ({why}); set aside as {set_aside(d).name}, "
+                     "trying the one before it")
+            _barrier()
+            continue
+        marker = read_marker(d)
+        changes = check_spec(d, marker, trainer.spec, allow_changes)
+        check_steps(d, step, trainer.spec)
+        if changes:
+            _say(f"resuming {d.name} with changes: " + "; ".join(changes))
+        return _load_with_hint(trainer, d)
+    return 0
 
 
 # ----------------------------------------------------------------------------- SIGTERM
@@ -249,7 +270,7 @@ def stop_requested(flag) -> bool:
         return flag.is_set()
     if comm.get_group("stop") is None:  # created on first use, at the same step on every rank
         gloo = dist.get_backend() == "gloo"
-        comm.register_group("stop", dist.group.WORLD if gloo else dist.new_group(backend="gloo"))
+        comm.register_group("stop", dist.group.WORLD if gloo else comm.new_group(backend="gloo"))
     t = torch.tensor([int(flag.is_set())])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=comm.get_group("stop"))
     return bool(t.item())
@@ -257,39 +278,60 @@ def stop_requested(flag) -> bool:
 
 # ----------------------------------------------------------------------------- in the loop
 
-class Checkpointer:
-    """Resume at start, save every `train.checkpoint.interval` steps, on SIGTERM / SIGINT and
-    at the end. Without `train.checkpoint.dir` it does nothing. A torchrun elastic restart
-    (TORCHELASTIC_RESTART_COUNT > 0) resumes from the last complete checkpoint by itself."""
+RESUME_MODES = ("no", "must", "or_start")
 
-    def __init__(self, trainer, resume_asked: bool, keep: int = 3):
+
+class Checkpointer:
+    """Resume at start; save when the loop asks (interval, SIGTERM / SIGINT, end). Without
+    `train.checkpoint.dir` it does nothing. resume: 'no' (a directory that already holds
+    checkpoints is then an error: they would be mixed and pruned), 'must' (a missing checkpoint
+    is an error), 'or_start'. A torchrun elastic restart (TORCHELASTIC_RESTART_COUNT > 0)
+    resumes by itself."""
+
+    def __init__(self, trainer, resume_mode: str = "no", allow_changes: bool = False, keep: int = 3):
+        assert resume_mode in RESUME_MODES, resume_mode
         self.config, self.trainer, self.keep = trainer.spec.train.checkpoint, trainer, keep
         self.start, self.stopped, self.flag = 0, False, threading.Event()
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        if resume_asked and not self.config.dir:
-            raise EchocError("--resume needs train.checkpoint.dir in the spec")
+        if resume_mode != "no" and not self.config.dir:
+            raise CheckpointError("--resume needs train.checkpoint.dir in the spec")
         if not self.config.dir:
             return
-        if resume_asked or restarted:
-            self.start = resume(trainer, self.config.dir)
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume_mode = "or_start"
+        if resume_mode == "no":
+            check_fresh_dir(self.config.dir)
+        else:
+            self.start = resume(trainer, self.config.dir, allow_changes)
+            if self.start == 0 and resume_mode == "must":
+                raise CheckpointError(f"--resume: no whole checkpoint in {self.config.dir}; "
+                                      "use --resume-or-start to start from step 0 when there is none")
         install_stop_signals(self.flag)
 
-    def after_step(self, done: int) -> bool:
-        """Save if due; True when a SIGTERM / SIGINT asked the run to stop (after saving)."""
-        if not self.config.dir:
-            return False
-        if self.config.interval and done % self.config.interval == 0:
-            self._save(done)
-        if stop_requested(self.flag):
-            self._save(done)
-            self.stopped = True
+    @property
+    def enabled(self) -> bool:
+        return bool(self.config.dir)
+
+    def due(self, done: int) -> bool:
+        """An interval save falls after `done` steps."""
+        return self.enabled and bool(self.config.interval) and done % self.config.interval == 0
+
+    def stop_asked(self) -> bool:
+        """Collective: a SIGTERM / SIGINT reached any rank (checked every step)."""
+        self.stopped = self.enabled and stop_requested(self.flag)
         return self.stopped
 
-    def finish(self, done: int) -> None:
-        if self.config.dir and not self.stopped:
-            self._save(done)
-
-    def _save(self, done: int) -> None:
+    def save(self, done: int) -> None:
+        """Collective: save the state after `done` steps, then prune (rank 0)."""
+        if not self.enabled:
+            return
         save(self.trainer, done, self.config.dir)
         if _rank() == 0:
             keep_last(self.config.dir, self.keep)
+
+
+def check_fresh_dir(ckpt_dir: str | Path) -> None:
+    """A run that does not resume must not write into a directory holding another run's checkpoints."""
+    found = latest(ckpt_dir)
+    if found is not None:
+        raise CheckpointError(f"train.checkpoint.dir {ckpt_dir} already holds checkpoints (newest {found[1].name}); "
+                              "pass --resume to continue from them, or use another directory")

@@ -136,14 +136,16 @@ def reduce_scatter_rows(x: torch.Tensor, group: str, out: torch.Tensor | None = 
     return out
 
 
-def shutdown() -> None:
-    """End of a worker: wait for every rank, drop our references to the groups, destroy them.
+def shutdown(wait: bool = True) -> None:
+    """End of a worker: wait for every rank (unless `wait` is False: after an error, when a
+    peer may never come), drop our references to the groups, destroy them.
 
     Holding a ProcessGroup in a module global until interpreter teardown can abort the
     process ("terminate called without an active exception": gloo's threads destroyed
     late), so the references go first."""
     if not dist.is_initialized():
         return
-    dist.barrier()
+    if wait:
+        dist.barrier()
     _GROUPS.clear()
     dist.destroy_process_group()

@@ -10,6 +10,32 @@ from pathlib import Path
 
 import torch
 
+from echoc.errors import EchocError
+
+
+class DataError(EchocError):
+    """The training data cannot be used; the message names the file and what is wrong."""
+
+
+def check_text_file(path: str | Path, seq_len: int) -> int:
+    """Size in bytes of a text data file that can feed one sequence: it exists, is a regular file,
+    is readable and holds at least seq_len + 2 bytes (seq_len + 1 tokens, and a choice of start)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"train.data.path {p}: no such file")
+    if not p.is_file():
+        raise DataError(f"train.data.path {p} is not a regular file (a directory?); give a text file")
+    try:
+        with open(p, "rb") as f:
+            f.read(1)
+        size = p.stat().st_size
+    except OSError as e:
+        raise DataError(f"train.data.path {p} cannot be read ({e.strerror or type(e).__name__})") from None
+    if size < seq_len + 2:
+        raise DataError(f"train.data.path {p} holds {size} bytes; one sequence of budgets.seq_len = {seq_len} "
+                        f"needs at least {seq_len + 2}")
+    return size
+
 
 class TokenSource:
     """Synthetic tokens (uniform over the vocabulary) or a text file read as bytes."""
@@ -18,9 +44,8 @@ class TokenSource:
         self.kind, self.vocab, self.seq_len, self.seed = kind, vocab_size, seq_len, seed
         self.data = None
         if kind == "text":
+            check_text_file(path, seq_len)
             raw = Path(path).read_bytes()
-            if len(raw) < seq_len + 2:
-                raise ValueError(f"{path}: {len(raw)} bytes is shorter than one sequence ({seq_len + 1})")
             self.data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
 
     def global_batch(self, step: int, rows: int) -> torch.Tensor:

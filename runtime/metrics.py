@@ -67,7 +67,7 @@ class TensorBoardLog:
         self.writer = SummaryWriter(logdir)
 
     def log(self, m: dict) -> None:
-        for key in ("loss", "overflow", "token_straggler", "tokens_per_s", "step_ms", "clones"):
+        for key in ("loss", "overflow", "token_straggler", "tokens_per_s", "step_ms", "clones", "rerun", "skipped"):
             self.writer.add_scalar(key, m[key], m["step"])
 
     def close(self) -> None:
@@ -75,17 +75,23 @@ class TensorBoardLog:
 
 
 class ProgressLog:
-    """A rich progress bar on rank 0: step, loss, tokens/s, overflow, token straggler."""
+    """A rich progress bar on rank 0: step, loss, tokens/s, overflow, token straggler, and how many
+    steps were run again (on_overflow 'rerun') or skipped (non-finite) so far."""
 
     def __init__(self, total: int, done: int = 0):
         self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn())
         self.bar.start()
         self.task = self.bar.add_task("train", total=total, completed=done, info="")
+        self.reruns = self.skipped = 0
 
     def log(self, m: dict) -> None:
+        self.reruns += m.get("rerun", 0)
+        self.skipped += m.get("skipped", 0)
         info = (f"loss {m['loss']:.4f} · {m['tokens_per_s']:,.0f} tok/s · overflow {m['overflow']} · "
                 f"straggler {m['token_straggler']:.3f}")
+        info += f" · reruns {self.reruns}" if self.reruns else ""
+        info += f" · skipped {self.skipped}" if self.skipped else ""
         self.bar.update(self.task, advance=1, info=info)
 
     def close(self) -> None:

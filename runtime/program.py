@@ -55,3 +55,21 @@ def _share_tensors(gm: GraphModule, model: nn.Module) -> None:
                     table[field] = tensors[prefix + field]
     for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
         assert t is tensors[name], f"graph tensor {name} is not the model's"
+
+
+@torch.no_grad()
+def alias(program: Program, model: nn.Module) -> nn.Module:
+    """Make `program` run on a model another program materialized: every parameter and buffer
+    of `program.model` (and the graph's holders) becomes the very tensor of `model` with the
+    same name (no copy), so an optimizer over `model` also trains `program`. Returns program.model."""
+    src = dict(model.named_parameters()) | dict(model.named_buffers())
+    for mod_name, mod in program.model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for table in (mod._parameters, mod._buffers):
+            for field, t in table.items():
+                if t is not None:
+                    other = src[prefix + field]
+                    assert t.shape == other.shape, f"{prefix}{field}: {tuple(t.shape)} vs {tuple(other.shape)}"
+                    table[field] = other
+    _share_tensors(program.gm, program.model)
+    return program.model

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import oracle_spec_dict, run_torchrun
+from support import build_spec, oracle_spec_dict, run_torchrun
 
 from runtime import checkpoint
+from runtime.checkpoint_files import file_digest, marker_json
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
 STEPS = 8
@@ -119,11 +120,14 @@ def test_sigterm_on_one_rank_saves_and_stops_then_resume(tmp_path, roundtrip_ep2
 
 
 def make_step(root: Path, step: int, complete: bool, suffix: str = "") -> Path:
+    """A checkpoint directory with one file and, when complete, a real COMPLETE marker."""
     d = root / f"step_{step:08d}{suffix}"
     d.mkdir(parents=True)
-    (d / ".metadata").write_bytes(b"x")
+    (d / ".metadata").write_bytes(b"x" * (step + 1))
     if complete:
-        (d / checkpoint.COMPLETE).write_text("{}")
+        files = {".metadata": file_digest(d / ".metadata")}
+        marker = marker_json(step, build_spec(), files, {"ep": 2, "dp": 1, "world": 2})
+        (d / checkpoint.COMPLETE).write_text(json.dumps(marker))
     return d
 
 

@@ -1,0 +1,93 @@
+"""What `echoc run` and `echoc compile` check before any worker starts, so a run never fails at
+its end for something knowable at its start: every output path is writable (probed by creating
+a file), every input is usable, and a resume has a checkpoint of this spec to resume from."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from echoc.errors import EchocError
+from echoc.spec import Spec
+from runtime.checkpoint import check_fresh_dir
+from runtime.checkpoint_files import CheckpointError, check_spec, check_steps, newest_whole, read_marker
+from runtime.data import check_text_file
+
+
+class OutputPathError(EchocError):
+    """An output path that cannot be written."""
+
+
+def _existing_ancestor(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_dir(path: str | Path, what: str) -> Path:
+    """Create directory `path` (and parents) and prove a file can be written in it."""
+    p = Path(path)
+    base = _existing_ancestor(p)
+    if p.exists() and not p.is_dir():
+        raise OutputPathError(f"{what} {p} is a file, not a directory; give a directory path")
+    if not base.is_dir():
+        raise OutputPathError(f"{what} {p} cannot be created: {base} is a file, not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".echoc-probe-"):
+            pass
+    except OSError as e:
+        raise OutputPathError(f"{what} {p} is not writable ({e.strerror or type(e).__name__}); "
+                              "choose a directory you can write to") from None
+    return p
+
+
+def check_output_file(path: str | Path, what: str) -> Path:
+    """The parent directory of file `path` is writable, and `path` is not a directory or read-only."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputPathError(f"{what} {p} is a directory; give a file path")
+    check_output_dir(p.parent, f"{what}'s directory")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise OutputPathError(f"{what} {p} exists and is read-only")
+    return p
+
+
+def check_outputs(spec: Spec, metrics: str | None, record_routing: str | None, tensorboard: str | None) -> None:
+    """Every path the run will write, before it starts."""
+    if metrics:
+        check_output_file(metrics, "--metrics")
+    if record_routing:
+        check_output_file(record_routing, "--record-routing")
+    if tensorboard:
+        check_output_dir(tensorboard, "--tensorboard")
+    if spec.train.checkpoint.dir:
+        check_output_dir(spec.train.checkpoint.dir, "train.checkpoint.dir")
+
+
+def check_inputs(spec: Spec) -> None:
+    if spec.train.data.kind == "text":
+        check_text_file(spec.train.data.path, spec.budgets.seq_len)
+
+
+def check_resume(spec: Spec, mode: str, allow_changes: bool) -> str | None:
+    """The checkpoint a resume will start from (a line for the user), or None for a fresh start.
+    The same rules the workers apply (runtime/checkpoint.py), without hashing every byte."""
+    d = spec.train.checkpoint.dir
+    if mode != "no" and not d:
+        raise CheckpointError("--resume needs train.checkpoint.dir in the spec")
+    if not d:
+        return None
+    if mode == "no":
+        check_fresh_dir(d)
+        return None
+    found = newest_whole(d)
+    if found is None:
+        if mode == "must":
+            raise CheckpointError(f"--resume: no whole checkpoint in {d}; use --resume-or-start to start from "
+                                  "step 0 when there is none")
+        return None
+    step, path, damaged = found
+    check_spec(path, read_marker(path), spec, allow_changes)
+    check_steps(path, step, spec)
+    return f"resuming from {path.name}" + (f" (newer but damaged: {'; '.join(damaged)})" if damaged else "")

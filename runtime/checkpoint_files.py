@@ -1,0 +1,236 @@
+"""What a checkpoint directory holds on disk, and how it is checked: no torch.distributed here.
+
+    ckpt_dir/step_00000040/          DCP's files (.metadata, __<rank>_0.distcp) and COMPLETE
+    ckpt_dir/step_00000042.tmp/      a save in progress, or one that died: never loaded
+    ckpt_dir/step_00000038.damaged/  failed its check at resume: kept for a look, never loaded
+    ckpt_dir/step_00000036.deleting/ being pruned
+
+COMPLETE (json) is written last, by rank 0, after every rank's files are on disk:
+    {"format": 2, "step", "ep", "dp", "world", "spec_hash", "spec": the spec as a dict,
+     "files": {name: [bytes, sha256]}}
+A checkpoint is *whole* when COMPLETE parses and every listed file has its size (cheap:
+stat only), and *verified* when every file also has its sha256 (reads every byte; done once,
+at resume). Resume refuses a checkpoint of another spec, naming the fields that differ,
+unless the caller allows changes and all of them are in SAFE_CHANGES.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from echoc.errors import EchocError
+from echoc.spec import Spec
+from echoc.spec_io import spec_hash
+
+COMPLETE = "COMPLETE"
+FORMAT = 2
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+SAFE_CHANGES = ("train.steps", "train.log_interval", "train.optimizer.lr", "train.optimizer.warmup_steps",
+                "train.checkpoint.interval", "train.checkpoint.dir", "train.metrics_path",
+                "train.collective_timeout_s", "train.on_nonfinite")
+"""Spec fields a resume may change with --resume-with-changes: the schedule, how long to train,
+where and how often to log and save. Nothing that shapes the model, its data or its state."""
+
+
+class CheckpointError(EchocError):
+    """A checkpoint that cannot be written or resumed; the message says what to do."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint written by another spec (or parallel layout) than the one resuming it."""
+
+
+@dataclass
+class Marker:
+    """The parsed COMPLETE file of one checkpoint."""
+    step: int
+    spec: dict
+    spec_hash: str
+    files: dict[str, tuple[int, str]]   # name → (bytes, sha256 hex)
+    layout: dict                        # ep, dp, world
+
+
+def step_dir(ckpt_dir: str | Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:08d}"
+
+
+def file_digest(path: Path, chunk_bytes: int = 1 << 22) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of one file."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+            n += len(block)
+    return n, h.hexdigest()
+
+
+def marker_json(step: int, spec: Spec, files: dict[str, tuple[int, str]], layout: dict) -> dict:
+    return {"format": FORMAT, "step": step, **layout, "spec_hash": spec_hash(spec),
+            "spec": spec.model_dump(mode="json"), "files": {k: list(v) for k, v in sorted(files.items())}}
+
+
+def read_marker(d: Path) -> Marker:
+    """COMPLETE of checkpoint `d`; CheckpointError when it is missing, unreadable or of an old format."""
+    try:
+        m = json.loads((d / COMPLETE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{d}: its COMPLETE marker cannot be read ({type(e).__name__})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise CheckpointError(f"{d}: written without spec and checksums (an older echoc); it cannot be checked")
+    files = {k: (int(v[0]), str(v[1])) for k, v in m["files"].items()}
+    layout = {k: m[k] for k in ("ep", "dp", "world")}
+    return Marker(int(m["step"]), m["spec"], m["spec_hash"], files, layout)
+
+
+def damage(d: Path, names: list[str] | None = None, hash_files: bool = True) -> str | None:
+    """Why checkpoint `d` is not whole (or, with hash_files, not verified), or None when it is.
+
+    names: check only these of its files (to split the hashing over ranks); default all."""
+    try:
+        marker = read_marker(d)
+    except CheckpointError as e:
+        return str(e).split(": ", 1)[1]
+    if not marker.files:
+        return "its COMPLETE marker lists no files"
+    for name in sorted(marker.files) if names is None else names:
+        size, sha = marker.files[name]
+        path = d / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if hash_files and file_digest(path)[1] != sha:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def complete_steps(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """Published checkpoints, oldest first: `step_NNNNNNNN` directories holding COMPLETE."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and d.is_dir() and (d / COMPLETE).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest(ckpt_dir: str | Path) -> tuple[int, Path] | None:
+    """(step, directory) of the newest published checkpoint, or None; .tmp and unmarked dirs never count."""
+    found = complete_steps(ckpt_dir)
+    return found[-1] if found else None
+
+
+def newest_whole(ckpt_dir: str | Path) -> tuple[int, Path, list[str]] | None:
+    """The newest whole checkpoint (sizes checked, no hashing) and a line for each newer one that
+    is not whole; None when there is none. For checks before any worker starts."""
+    skipped = []
+    for step, d in reversed(complete_steps(ckpt_dir)):
+        why = damage(d, hash_files=False)
+        if why is None:
+            return step, d, skipped
+        skipped.append(f"{d.name}: {why}")
+    return None
+
+
+def set_aside(d: Path) -> Path:
+    """Rename a damaged checkpoint out of the step pattern (kept for a look, never loaded again)."""
+    target = d.with_name(d.name + ".damaged")
+    n = 1
+    while target.exists():
+        n += 1
+        target = d.with_name(f"{d.name}.damaged{n}")
+    os.rename(d, target)
+    return target
+
+
+def spec_changes(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted path, saved value, current value) for every field that differs."""
+    out = []
+    for key in sorted(saved.keys() | now.keys()):
+        a, b = saved.get(key), now.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += spec_changes(a, b, path + ".")
+        elif a != b:
+            out.append((path, a, b))
+    return out
+
+
+def check_spec(d: Path, marker: Marker, spec: Spec, allow_changes: bool) -> list[str]:
+    """Refuse to resume checkpoint `d` under a different spec; returns the accepted changes as
+    `path: old → new` lines (empty when the spec is the same)."""
+    changes = spec_changes(marker.spec, spec.model_dump(mode="json"))
+    lines = [f"{p}: {a!r} → {b!r}" for p, a, b in changes]
+    unsafe = [line for (p, _, _), line in zip(changes, lines) if p not in SAFE_CHANGES]
+    if unsafe or (changes and not allow_changes):
+        named = unsafe or lines
+        shown = "; ".join(named[:6]) + (f"; and {len(named) - 6} more" if len(named) > 6 else "")
+        hint = ("only these may change: " + ", ".join(SAFE_CHANGES) if unsafe
+                else "pass --resume-with-changes to accept them")
+        raise CheckpointMismatchError(f"{d} was written by a different spec ({shown}); {hint}")
+    return lines
+
+
+def check_steps(d: Path, step: int, spec: Spec) -> None:
+    """Resuming at `step` must leave something to train: the step labels stay the real steps."""
+    if step >= spec.train.steps:
+        raise CheckpointError(f"{d} is at step {step} and train.steps is {spec.train.steps}: nothing is left to "
+                              "train, so nothing is run or written; raise train.steps (with --resume-with-changes) "
+                              "to train on")
+
+
+def keep_last(ckpt_dir: str | Path, n: int) -> list[Path]:
+    """Delete every published checkpoint with at least n whole checkpoints newer than it, and .tmp
+    leftovers older than the newest. So the n newest whole ones stay, and the newest whole one is
+    never deleted, whatever is damaged. One process only (rank 0). A directory is first renamed out
+    of the step pattern, so a deletion cut short never looks like a checkpoint. Returns what went."""
+    assert n >= 1, "keep_last needs n >= 1: the newest checkpoint is never deleted"
+    found = complete_steps(ckpt_dir)
+    if not found:
+        return []
+    doomed, whole_newer = [], 0
+    for _, d in reversed(found):
+        if whole_newer >= n:
+            doomed.append(d)
+        elif damage(d, hash_files=False) is None:
+            whole_newer += 1
+    newest = found[-1][0]
+    for d in Path(ckpt_dir).glob("step_*.tmp"):
+        m = _STEP_DIR.match(d.name[:-len(".tmp")])
+        if m and int(m.group(1)) < newest:
+            doomed.append(d)
+    for d in doomed:
+        gone = d.with_name(d.name + ".deleting")
+        os.rename(d, gone)
+        shutil.rmtree(gone)
+    return doomed
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, final: Path, marker: dict) -> None:
+    """After every rank wrote into `tmp`: COMPLETE into it, fsync, then the atomic rename to `final`."""
+    with open(tmp / COMPLETE, "w") as f:
+        json.dump(marker, f)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    if final.exists():  # unpublished or not whole (latest never took it): garbage
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
