@@ -24,7 +24,7 @@ import echoc
 from echoc import accounting
 from echoc.spec import Spec
 from echoc.spec_io import spec_hash
-from passes import buffer_plan, cost_model
+from passes import buffer_plan, cost_model, recompute
 from passes.manager import PassRecord
 from passes.pipeline import default_pipeline
 from runtime import grouped_gemm
@@ -101,6 +101,10 @@ def compile_build(spec: Spec) -> Build:
     plan = buffer_plan.run(gm, spec).info
     records.append(PassRecord("buffer_plan", (time.perf_counter() - t_plan) * 1e3, None))
     layout = buffer_plan.arena_layout(plan) if spec.backends.uses_arena and plan.planned else None
+    policy = spec.train.recompute if spec.train.recompute != "auto" else "none"
+    t_rc = time.perf_counter()
+    records.append(PassRecord("recompute", 0.0, recompute.apply(gm, policy).info))
+    records[-1].ms = (time.perf_counter() - t_rc) * 1e3
     program = Program(spec, model, gm, layout)
     summary = _summary(spec, params, memory, records, buffer_plan.plan_to_json(plan))
     summary["compile_seconds"] = round(time.perf_counter() - t0, 3)
