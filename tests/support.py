@@ -61,8 +61,9 @@ def oracle_spec_dict(ep=2, dp=1, capacity=2.0, backend="torch", top_k=2, experts
 
 
 def run_torchrun(script: Path, cfg: dict, nproc: int, workdir: Path, *torchrun_args: str,
-                 timeout: int = 600) -> subprocess.CompletedProcess:
-    """Launch `script CFG_JSON` on nproc local processes (gloo on CPU) and require exit 0."""
+                 timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Launch `script CFG_JSON` on nproc local processes (gloo on CPU) and require exit 0
+    (unless `check` is False: fault tests look at the failure themselves)."""
     path = workdir / f"cfg{len(list(workdir.glob('cfg*.json')))}.json"
     path.write_text(json.dumps(cfg))
     # a restarted rank must not read the previous attempt's store addresses (pytorch#135712)
@@ -70,5 +71,5 @@ def run_torchrun(script: Path, cfg: dict, nproc: int, workdir: Path, *torchrun_a
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            *torchrun_args, str(script), str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
