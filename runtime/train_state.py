@@ -89,8 +89,9 @@ class TrainState:
     # --- after backward ---------------------------------------------------------------------
     @torch.no_grad()
     def reduce_grads(self) -> None:
-        """Sum gradients over each parameter's group into `ParamState.grad` (fp32, master-shaped);
-        the parameters' own .grad is released (ZeRO 3 shards: already reduced by the graph)."""
+        """Sum gradients over each parameter's group into `ParamState.grad` (fp32, master-shaped).
+        `param.grad` then holds the summed gradient (levels 0, 1), nothing (level 2: only the
+        shard is kept) or the summed shard (level 3, reduced by the graph's gather backward)."""
         for s in self.params:
             if s.param.grad is None:
                 s.param.grad = torch.zeros_like(s.param)
@@ -99,13 +100,13 @@ class TrainState:
         for s in self.params:
             if s.weight_sharded:
                 s.grad = s.param.grad.float()
-            s.param.grad = None
 
     def _all_reduce(self, group: str, states: list[ParamState]) -> None:
         flat = torch.cat([s.param.grad.reshape(-1).to(self.reduce_dtype) for s in states])
         if comm.group_size(group) > 1:
             dist.all_reduce(flat, group=comm.get_group(group))
         for s, g in zip(states, flat.split([s.param.numel() for s in states])):
+            s.param.grad = g.view_as(s.param).to(s.param.dtype)
             if s.shard.n == 1:
                 s.grad = g.view_as(s.param).float()
             else:
@@ -116,6 +117,7 @@ class TrainState:
         flat = reduce_scatter_full([s.param.grad for s in states], specs, self.reduce_dtype)
         for s, g in zip(states, split_rows(flat, specs)):
             s.grad = g.float().view_as(s.master)
+            s.param.grad = None
 
     def grad_sq_sum(self) -> Tensor:
         """[] float32: Σ of squared gradient elements this rank holds (non-finite iff any is)."""
