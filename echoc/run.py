@@ -57,22 +57,25 @@ def rerun_program(spec: Spec) -> Program | None:
     return compile_build(dropless_spec(spec)).program if spec.budgets.on_overflow == "rerun" else None
 
 
-def worker(req: RunRequest, build: Build | None = None) -> list[dict]:
-    """Inside torchrun: this rank's part of the run. Returns the per-step metrics."""
+def worker(req: RunRequest, build: Build | None = None, hooks: tuple = ()) -> list[dict]:
+    """Inside torchrun: this rank's part of the run. Returns the per-step metrics.
+    hooks: called with the number of finished steps after each step (tests inject faults)."""
     build = build or the_build(req)
     spec = build.spec
     watchdog.watch_parent(grace_s=spec.train.collective_timeout_s)
     options = RunOptions(metrics_path=req.metrics, record_routing=req.record_routing, tensorboard=req.tensorboard,
                          resume=req.resume, resume_with_changes=req.resume_with_changes,
-                         rerun_program=rerun_program(spec))
+                         rerun_program=rerun_program(spec), hooks=list(hooks))
     device = init_distributed(spec)
     watchdog.announce()
     try:
         history = train(build.program, device, options)
     except Exception as e:
+        # the roll call needs the process group's store: before the group is destroyed
+        timeout = watchdog.explain_timeout(spec.train.collective_timeout_s) if watchdog.is_timeout(e) else None
         comm.shutdown(wait=False)
-        if watchdog.is_timeout(e):
-            raise watchdog.explain_timeout(spec.train.collective_timeout_s) from None
+        if timeout is not None:
+            raise timeout from None
         raise
     comm.shutdown()
     return history
