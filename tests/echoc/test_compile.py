@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from echoc.artifact import write_build
 from echoc.compile import compile_build
 from echoc.spec_io import load_spec
@@ -9,6 +11,7 @@ from echoc.spec_io import load_spec
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_glm5_compiles_without_real_weights(tmp_path):
     spec = load_spec(ROOT / "specs/glm5.yaml")
     build = compile_build(spec)

@@ -385,6 +385,7 @@ def test_one_problem_is_one_line(tmp_path):
     assert f"model.num_layers (line {line}): expected an integer; got 1e+30" in str(info.value)
 
 
+@pytest.mark.slow  # four subprocesses, each importing torch
 @pytest.mark.parametrize("text", [
     spec_text("model.num_layers", "1e30")[0], billion_laughs(), spec_text("model.name", "a\x00b")[0],
     spec_text("budgets.received_token_capacity", ".nan")[0]])

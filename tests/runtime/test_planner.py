@@ -92,6 +92,7 @@ def test_zipf_straggler_goal_at_ep8():
     assert worst <= 1.05, worst
 
 
+@pytest.mark.slow
 def test_fused_planner_equals_reference_in_the_triton_interpreter():
     """runtime/planner_triton.py under TRITON_INTERPRET=1 on CPU: plan and assign_slots equal the
     torch reference bit for bit on random counts (zipf, ties, zeros, one expert, spare slots 0..4,
