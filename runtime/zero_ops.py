@@ -34,10 +34,12 @@ from runtime import contracts
 from runtime.contracts import OpContract
 from runtime.shards import ShardSpec, gather_full, reduce_scatter_full, shard_spec, split_rows
 
+# no role: the MoE buffer plan does not place its output (the allocator does); `weights` is a tuple
 ZERO_GATHER = OpContract("zero_gather", ("shards", "shapes", "group", "reduce_dtype", "buf"), ("weights",),
-                         ("gathered_weights",), grads=("shards",), output_in_arena=False)
+                         grads=("shards",), output_in_arena=False)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+REGATHERS = [0]   # units gathered again in backward since the process started (tests read it)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class _Unit:
     def regathered(self) -> list[Tensor]:
         if self.again is None:
             self.again = self.gather()
+            REGATHERS[0] += 1
         return self.again
 
 
@@ -141,6 +144,12 @@ def zero_gather(shards, shapes, group, reduce_dtype, buf):
     if shards[0].is_meta:
         return tuple(torch.empty(s, dtype=shards[0].dtype, device="meta") for s in shapes)
     return _ZeroGather.apply(tuple(tuple(s) for s in shapes), group, reduce_dtype, *shards)
+
+
+def live_gathered() -> int:
+    """How many gathered weights of the current forward are still alive (0 after a forward:
+    every one was freed after its last use)."""
+    return len(_LIVE.by_ptr)
 
 
 def module_call(module: nn.Module, names: tuple[str, ...], weights, *args):

@@ -75,3 +75,17 @@ def test_echo_cloning_matches_reference(run_oracle, oracle_spec, ep, dp, recompu
     assert sum(s["clones"] for s in res["steps"]) > 0, "no clone was planned: the test proves nothing"
     assert all(s["dropped"] == 0 for s in res["steps"])
     assert_matches(res)
+
+
+@pytest.mark.parametrize("zero,echo", [(1, False), (2, True), (3, False), (3, True)])
+def test_zero_matches_reference(run_oracle, oracle_spec, zero, echo):
+    """ep 2 × dp 2 with sharded training state: dense state over all 4 ranks, experts over their
+    expert-DP pair; gradients are compared after gathering the shards."""
+    spec = oracle_spec(ep=2, dp=2, capacity=2.0, experts=8,
+                       echo={"enabled": True, "spare_slots_per_rank": 2, "clone_domain": "cluster"} if echo else None)
+    spec["parallel"]["zero"] = zero
+    res = run_oracle(spec, steps=3)
+    assert all(s["dropped"] == 0 for s in res["steps"])
+    if echo:
+        assert sum(s["clones"] for s in res["steps"]) > 0, "no clone was planned: the test proves nothing"
+    assert_matches(res)

@@ -1,0 +1,155 @@
+"""ZeRO 3: weights stay sharded; each layer's weights are all-gathered just before use.
+
+With `parallel.zero: 3` every parameter the graph reads is owned by a *unit* — a
+transformer layer (`layers.<i>`), or a top-level module (`embed`, `norm`, `lm_head`) — and
+a data-parallel group: experts (the `w` of a clone, the `w13` / `w2` of an expert FFN) over
+"expert_dp", every other weight over "world". Per unit and group of more than one rank, the
+pass inserts, before the unit's first use of a weight:
+
+    shards   get_attr of each parameter        at run time this rank's flat shard [m_i]
+    zero_gather(shards, shapes, group, …)      runtime/zero_ops.py: one all-gather → the
+                                               whole weights; backward: one reduce-scatter
+    getitem  one per weight                    replaces every use of that parameter
+
+A `get_attr` of a parameter is replaced by its gathered weight; a `call_module` of a module
+that owns gathered weights (a linear, the embedding, a router, a shared expert) becomes
+`module_call(module, names, weights, *args)`. Weights are freed after their last forward
+use and gathered again in backward (zero_ops.regather_in_backward). Groups of one rank keep
+their weights whole: nothing is inserted for them.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+from torch.fx import GraphModule, Node
+
+from echoc.spec import Spec
+from passes.manager import PassResult
+from runtime import contracts, zero_ops
+from runtime.contracts import CLONE_WEIGHTS, EXPERT_FFN, EXPERT_FFN_RECOMPUTE_CLONE
+from runtime.zero_ops import ZERO_GATHER
+
+
+@dataclass
+class ZeroUnit:
+    node: str                  # the zero_gather node's name
+    group: str                 # "world" or "expert_dp"
+    params: list[str]
+    numel: int                 # whole weights' elements gathered (per rank: numel / group size, padded)
+
+
+@dataclass
+class ZeroInfo:
+    level: int
+    units: list[ZeroUnit] = field(default_factory=list)
+    reason: str = ""
+
+
+def unit_of(name: str) -> str:
+    """`layers.3.attn.wq.weight` → `layers.3`; `lm_head.weight` → `lm_head`."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+
+
+def _expert_params(gm: GraphModule) -> set[str]:
+    """Parameters that are expert weights: what clones and expert FFNs take as weights."""
+    out = set()
+    for node in gm.graph.nodes:
+        c = contracts.of(node.target) if node.op == "call_function" else None
+        names = {CLONE_WEIGHTS: ("w",), EXPERT_FFN: ("w13", "w2"), EXPERT_FFN_RECOMPUTE_CLONE: ("w13", "w2")}.get(c, ())
+        for arg in (c.arg(node, n) for n in names):
+            if isinstance(arg, Node) and arg.op == "get_attr":
+                out.add(arg.target)
+    return out
+
+
+def _uses(gm: GraphModule) -> dict[str, list[Node]]:
+    """Parameter name → the get_attr / call_module nodes that read it, in graph order."""
+    params = dict(gm.named_parameters())
+    uses: dict[str, list[Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in params:
+            uses.setdefault(node.target, []).append(node)
+        elif node.op == "call_module":
+            for local, _ in gm.get_submodule(node.target).named_parameters():
+                uses.setdefault(f"{node.target}.{local}", []).append(node)
+    return uses
+
+
+def _units(gm: GraphModule, spec: Spec) -> dict[tuple[str, str], list[str]]:
+    """(unit, group) → its parameters, for groups of more than one rank, in first-use order."""
+    sizes = {"world": spec.cluster.world_size, "expert_dp": spec.parallel.dp}
+    experts, units = _expert_params(gm), {}
+    for name in _uses(gm):
+        group = "expert_dp" if name in experts else "world"
+        if sizes[group] > 1:
+            units.setdefault((unit_of(name), group), []).append(name)
+    return units
+
+
+def _gather(gm: GraphModule, unit: str, group: str, names: list[str], spec: Spec) -> dict[str, Node]:
+    """Insert shards · zero_gather · getitems before the unit's first use; name → weight node."""
+    g, uses = gm.graph, _uses(gm)
+    first = min((n for name in names for n in uses[name]), key=_order(g))
+    node_name = f"zero_{unit.replace('.', '_')}_{group}"
+    shapes = tuple(tuple(gm.get_parameter(name).shape) for name in names)
+    with g.inserting_before(first):
+        shards = [g.get_attr(name) for name in names]
+        gather = g.create_node("call_function", contracts.target(ZERO_GATHER),
+                               ZERO_GATHER.call_args(shards=shards, shapes=shapes, group=group,
+                                                     reduce_dtype=spec.train.grad_reduce_dtype, buf=node_name),
+                               name=node_name)
+        weights = {name: g.call_function(operator.getitem, (gather, i)) for i, name in enumerate(names)}
+    return weights
+
+
+def _order(graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return index.__getitem__
+
+
+def _rewrite_uses(gm: GraphModule, weights: dict[str, Node], skip: set[Node]) -> None:
+    """Every get_attr of a gathered parameter → its weight; every call_module owning one → module_call."""
+    g = gm.graph
+    for node in list(g.nodes):
+        if node in skip:
+            continue
+        if node.op == "get_attr" and node.target in weights:
+            node.replace_all_uses_with(weights[node.target])
+            g.erase_node(node)
+        elif node.op == "call_module":
+            owned = [local for local, _ in gm.get_submodule(node.target).named_parameters()
+                     if f"{node.target}.{local}" in weights]
+            if owned:
+                _module_call(g, node, owned, [weights[f"{node.target}.{local}"] for local in owned])
+
+
+def _module_call(g, node: Node, names: list[str], weights: list[Node]) -> None:
+    with g.inserting_before(node):
+        module = g.get_attr(node.target)
+        call = g.call_function(zero_ops.module_call, (module, tuple(names), weights) + tuple(node.args),
+                               dict(node.kwargs))
+    call.meta.update(node.meta)
+    node.replace_all_uses_with(call)
+    g.erase_node(node)
+
+
+def run(gm: GraphModule, spec: Spec) -> PassResult:
+    level = spec.parallel.zero
+    if level < 3:
+        return PassResult(gm, ZeroInfo(level, reason=f"parallel.zero is {level}: weights stay whole in the graph"))
+    info, weights, shard_nodes = ZeroInfo(level), {}, set()
+    for (unit, group), names in _units(gm, spec).items():
+        unit_weights = _gather(gm, unit, group, names, spec)
+        weights.update(unit_weights)
+        gather = next(iter(unit_weights.values())).args[0]
+        shard_nodes.update(ZERO_GATHER.arg(gather, "shards"))
+        numel = sum(gm.get_parameter(n).numel() for n in names)
+        info.units.append(ZeroUnit(gather.name, group, names, numel))
+    if not info.units:
+        info.reason = "every data-parallel group has one rank: nothing to shard"
+    _rewrite_uses(gm, weights, shard_nodes)
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult(gm, info)
