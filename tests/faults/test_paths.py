@@ -1,0 +1,101 @@
+"""Fail early, fail clearly: every output path and the data file are checked before any worker
+starts, bad launcher options are errors (never silently replaced), and every CLI error is one
+line on stderr, exit 2, no traceback."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import build_spec
+
+from echoc import preflight
+from echoc.errors import EchocError
+from echoc.run import RunRequest, check_launch
+from runtime.data import DataError, check_text_file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    return f
+
+
+def test_output_under_a_file_is_refused(a_file):
+    with pytest.raises(preflight.OutputPathError, match="--metrics's directory .* is a file"):
+        preflight.check_output_file(a_file / "m.jsonl", "--metrics")
+    with pytest.raises(preflight.OutputPathError, match="train.checkpoint.dir .* is a file, not a directory"):
+        preflight.check_output_dir(a_file, "train.checkpoint.dir")
+    with pytest.raises(preflight.OutputPathError, match="--record-routing .* is a directory"):
+        preflight.check_output_file(a_file.parent, "--record-routing")
+    spec = build_spec({"train.checkpoint.dir": str(a_file / "ck")})
+    with pytest.raises(preflight.OutputPathError, match="train.checkpoint.dir"):
+        preflight.check_outputs(spec, None, None, None)
+    with pytest.raises(preflight.OutputPathError, match="--tensorboard"):
+        preflight.check_outputs(build_spec(), None, None, str(a_file / "tb"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_directory_is_refused(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(preflight.OutputPathError, match="not writable"):
+        preflight.check_output_file(ro / "m.jsonl", "--metrics")
+
+
+def test_writable_outputs_pass_and_are_created(tmp_path):
+    spec = build_spec({"train.checkpoint.dir": str(tmp_path / "a" / "ck")})
+    preflight.check_outputs(spec, str(tmp_path / "b" / "m.jsonl"), str(tmp_path / "r.npz"), str(tmp_path / "tb"))
+    assert (tmp_path / "a" / "ck").is_dir() and (tmp_path / "b").is_dir() and not list((tmp_path / "b").iterdir())
+
+
+@pytest.mark.parametrize("content,why", [(None, "no such file"), ("dir", "not a regular file"),
+                                         (b"", "holds 0 bytes"), (b"x" * 65, "holds 65 bytes")])
+def test_unusable_data_file_is_refused(tmp_path, content, why):
+    p = tmp_path / "data.txt"
+    if content == "dir":
+        p.mkdir()
+    elif content is not None:
+        p.write_bytes(content)
+    with pytest.raises(DataError, match=why):
+        check_text_file(p, seq_len=64)
+    assert check_text_file(_bytes(tmp_path / "ok.txt", 66), seq_len=64) == 66
+
+
+def _bytes(p: Path, n: int) -> Path:
+    p.write_bytes(b"y" * n)
+    return p
+
+
+@pytest.mark.parametrize("launcher,msg", [({"nproc": 0}, "--nproc must be >= 1"), ({"nproc": -2}, "--nproc must be"),
+                                          ({"max_restarts": -1}, "--max-restarts must be >= 0")])
+def test_bad_launcher_options_are_errors(launcher, msg):
+    with pytest.raises(EchocError, match=msg):
+        check_launch(RunRequest(None, None, "m.jsonl", launcher=launcher))
+
+
+def echoc(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "echoc", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def one_line_error(proc, needle):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_line_before_any_worker(tmp_path, a_file):
+    tiny = str(ROOT / "specs/tiny.yaml")
+    one_line_error(echoc("run", tiny, "--nproc", "0"), "--nproc must be >= 1")
+    one_line_error(echoc("run", tiny, "--nproc", "two"), "Invalid value for '--nproc'")
+    one_line_error(echoc("run", tiny, "--metrics", str(a_file / "m.jsonl")), "is a file")
+    one_line_error(echoc("run", tiny, "--set", f"train.data.path={tmp_path}"), "is not a regular file")
+    one_line_error(echoc("run", tiny, "--resume"), "--resume needs train.checkpoint.dir")
+    one_line_error(echoc("run", tiny, "--resume-with-changes"), "needs --resume")
+    one_line_error(echoc("compile", tiny, "-o", str(a_file)), "is a file, not a directory")
+    assert not list(tmp_path.glob("**/*.distcp"))
