@@ -89,3 +89,11 @@ def test_zero_matches_reference(run_oracle, oracle_spec, zero, echo):
     if echo:
         assert sum(s["clones"] for s in res["steps"]) > 0, "no clone was planned: the test proves nothing"
     assert_matches(res)
+
+
+def test_bf16_zero3_with_bf16_gradient_reduction_matches_reference(run_oracle, oracle_spec):
+    """bf16 weights, fp32 masters, gradients reduce-scattered in bf16: within DESIGN's bf16 bound."""
+    spec = oracle_spec(ep=2, dp=2, capacity=2.0)
+    spec["model"]["dtype"], spec["backends"]["grouped_gemm"] = "bfloat16", "loop"
+    spec["parallel"]["zero"], spec["train"]["grad_reduce_dtype"] = 3, "bfloat16"
+    assert_matches(run_oracle(spec, steps=3), tol=1e-2)
