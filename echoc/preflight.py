@@ -89,5 +89,5 @@ def check_resume(spec: Spec, mode: str, allow_changes: bool) -> str | None:
         return None
     step, path, damaged = found
     check_spec(path, read_marker(path), spec, allow_changes)
-    check_steps(path, step, spec)
+    check_steps(path, step, spec.train.steps)
     return f"resuming from {path.name}" + (f" (newer but damaged: {'; '.join(damaged)})" if damaged else "")

@@ -226,8 +226,9 @@ def _load_with_hint(trainer, d: Path) -> int:
                               "move it out of the checkpoint directory to resume from an earlier one") from None
 
 
-def resume(trainer, ckpt_dir: str | Path, allow_changes: bool = False) -> int:
+def resume(trainer, ckpt_dir: str | Path, allow_changes: bool = False, steps: int | None = None) -> int:
     """Collective: load the newest verified checkpoint and return its step; 0 when there is none.
+    steps: the run's last step; a checkpoint at or past it is refused (nothing to train).
 
     A damaged one (missing file, wrong size or checksum) is reported, set aside (renamed
     `.damaged`) and the next older one is tried. A checkpoint of another spec is refused
@@ -243,7 +244,8 @@ def resume(trainer, ckpt_dir: str | Path, allow_changes: bool = False) -> int:
             continue
         marker = read_marker(d)
         changes = check_spec(d, marker, trainer.spec, allow_changes)
-        check_steps(d, step, trainer.spec)
+        if steps is not None:
+            check_steps(d, step, steps)
         if changes:
             _say(f"resuming {d.name} with changes: " + "; ".join(changes))
         return _load_with_hint(trainer, d)
@@ -301,7 +303,7 @@ class Checkpointer:
         if resume_mode == "no":
             check_fresh_dir(self.config.dir)
         else:
-            self.start = resume(trainer, self.config.dir, allow_changes)
+            self.start = resume(trainer, self.config.dir, allow_changes, trainer.spec.train.steps)
             if self.start == 0 and resume_mode == "must":
                 raise CheckpointError(f"--resume: no whole checkpoint in {self.config.dir}; "
                                       "use --resume-or-start to start from step 0 when there is none")

@@ -180,10 +180,10 @@ def check_spec(d: Path, marker: Marker, spec: Spec, allow_changes: bool) -> list
     return lines
 
 
-def check_steps(d: Path, step: int, spec: Spec) -> None:
-    """Resuming at `step` must leave something to train: the step labels stay the real steps."""
-    if step >= spec.train.steps:
-        raise CheckpointError(f"{d} is at step {step} and train.steps is {spec.train.steps}: nothing is left to "
+def check_steps(d: Path, step: int, steps: int) -> None:
+    """Resuming at `step` must leave something to train (of `steps`): the step labels stay real."""
+    if step >= steps:
+        raise CheckpointError(f"{d} is at step {step} and train.steps is {steps}: nothing is left to "
                               "train, so nothing is run or written; raise train.steps (with --resume-with-changes) "
                               "to train on")
 
