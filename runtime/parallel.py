@@ -49,21 +49,6 @@ def _flat_all_reduce(tensors: list[torch.Tensor], group) -> None:
             offset += t.numel()
 
 
-def reduce_gradients(model: nn.Module) -> None:
-    """Sum dense grads over the world and expert grads over expert-DP (see module docstring)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    experts = expert_param_names(model)
-    dense, expert = [], []
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        (expert if name in experts else dense).append(p.grad)
-    _flat_all_reduce(dense, comm.get_group("world"))
-    if comm.group_size("expert_dp") > 1:
-        _flat_all_reduce(expert, comm.get_group("expert_dp"))
-
-
 def all_reduce_load(model: nn.Module) -> dict[str, torch.Tensor]:
     """Each router's accumulated expert load, summed over all ranks (global token counts)."""
     loads = {name: moe.router.load for name, moe in moe_layers(model)}
