@@ -1,14 +1,15 @@
-"""Applying expert parallelism to a reference model, and reducing its gradients.
+"""Applying expert parallelism to a reference model from outside.
 
-The model code stays parallelism-free (runtime/model.py); these functions act on
-it from outside: keep this rank's slice of every stacked expert tensor, and after
-backward sum gradients over the right groups.
+The model code stays parallelism-free (runtime/model.py); these functions act on it:
+keep this rank's slice of every stacked expert tensor, name the expert tensors, and sum
+the routers' loads over all ranks.
 
-Loss scaling: each rank computes the mean loss over its own tokens and the
+Loss scaling (gradients are summed, and sharded by the ZeRO level, in
+runtime/train_state.py): each rank computes the mean loss over its own tokens and the
 runtime multiplies it by 1/world before backward. Then the global-mean gradient is
-  dense params:  all-reduce SUM over all ranks,
+  dense params:  SUM over all ranks,
   expert params: already summed over the EP group by the combine/dispatch
-                 backward; all-reduce SUM over expert-DP (ranks holding the same shard).
+                 backward; SUM over expert-DP (ranks holding the same shard).
 """
 from __future__ import annotations
 
