@@ -42,8 +42,9 @@ import torch.distributed.checkpoint as dcp
 
 from echoc.errors import EchocError
 from runtime import comm
+from runtime import checkpoint_files
 from runtime.checkpoint_files import (COMPLETE, CheckpointError, CheckpointMismatchError, check_spec,
-                                      check_steps, complete_steps, damage, file_digest, keep_last, latest,
+                                      check_steps, complete_steps, damage, file_digest, latest,
                                       marker_json, publish, read_marker, set_aside, step_dir)
 from runtime.parallel import expert_param_names
 
@@ -199,6 +200,11 @@ def load(trainer, path: str | Path) -> int:
     return step
 
 
+def keep_last(ckpt_dir: str | Path, n: int) -> list[Path]:
+    """Prune old checkpoints (runtime/checkpoint_files.keep_last) on rank 0 only; any rank may call it."""
+    return checkpoint_files.keep_last(ckpt_dir, n) if _rank() == 0 else []
+
+
 def _say(text: str) -> None:
     if _rank() == 0:
         print(f"echoc: {text}", file=sys.stderr, flush=True)
@@ -327,8 +333,7 @@ class Checkpointer:
         if not self.enabled:
             return
         save(self.trainer, done, self.config.dir)
-        if _rank() == 0:
-            keep_last(self.config.dir, self.keep)
+        keep_last(self.config.dir, self.keep)
 
 
 def check_fresh_dir(ckpt_dir: str | Path) -> None:
