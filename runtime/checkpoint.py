@@ -89,9 +89,9 @@ def _state(trainer, step: int) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- save
 
-def _layout() -> dict:
+def _layout(trainer) -> dict:
     return {"ep": comm.group_size("ep"), "dp": comm.group_size("expert_dp"),
-            "world": dist.get_world_size() if dist.is_initialized() else 1}
+            "world": dist.get_world_size() if dist.is_initialized() else 1, "zero": trainer.spec.parallel.zero}
 
 
 def _rank() -> int:
@@ -172,7 +172,7 @@ def save(trainer, step: int, ckpt_dir: str | Path) -> Path:
     _barrier()  # every rank's shard is on disk
     files = _digests(tmp)
     if _rank() == 0:
-        _publish(tmp, final, marker_json(step, trainer.spec, files, _layout()))
+        _publish(tmp, final, marker_json(step, trainer.spec, files, _layout(trainer)))
     _barrier()
     return final
 
@@ -193,6 +193,12 @@ def load(trainer, path: str | Path) -> int:
         raise CheckpointMismatchError(
             f"{path} was written with ep = {info['ep']} but this run has ep = {comm.group_size('ep')}; "
             "expert shards are stored per EP rank, so resume with the same parallel.ep")
+    zero, mine = info.get("zero", 0), trainer.spec.parallel.zero
+    if zero != mine or (zero >= 1 and info["world"] != _layout(trainer)["world"]):
+        raise CheckpointMismatchError(
+            f"{path} was written with parallel.zero = {zero} on {info['world']} ranks, this run has zero = {mine} "
+            f"on {_layout(trainer)['world']}: its optimizer shards do not fit; resume with the same zero level "
+            "and world size")
     state = _state(trainer, 0)   # the optimizer's state exists from the start: DCP loads into it
     dcp.load(state, checkpoint_id=str(path))
     step = int(state["meta.step"])
