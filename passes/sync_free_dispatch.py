@@ -34,8 +34,9 @@ from echoc.spec import Spec
 from passes.layer_builder import LayerBuilder
 from passes.manager import PassResult
 from runtime import grouped_gemm, ops  # noqa: F401  (the op modules bind the contracts used below)
-from runtime.backends import sync  # noqa: F401
-from runtime.contracts import (ALL_GATHER_COUNTS, COMBINE, COUNT, DISPATCH, EXPERT_FFN, LAYER_STATS, LAYOUT,
+from runtime.backends import base, deepep, symm_mem, sync  # noqa: F401
+from runtime.contracts import (ALL_GATHER_COUNTS, COMBINE, COUNT, DEEPEP_COMBINE, DEEPEP_DISPATCH, DEEPEP_LAYOUT,
+                               DISPATCH, EXPERT_FFN, LAYER_STATS, LAYOUT, SYMM_COMBINE, SYMM_DISPATCH, SYMM_LAYOUT,
                                SYNC_COMBINE, SYNC_DISPATCH, SYNC_LAYOUT, WEIGHTED_SUM)
 from runtime.model import MoE
 
@@ -59,17 +60,16 @@ class DispatchInfo:
 
 
 def check_backend(spec: Spec) -> None:
-    """Fail early, with what to install, for backends echoc cannot drive here."""
+    """Fail early, with what to do, for backends echoc cannot drive with this spec or install."""
     name = spec.backends.dispatch
-    if name == "deepep":
-        try:
-            import deep_ep  # noqa: F401
-        except ImportError:
-            raise MissingDependencyError("backends.dispatch 'deepep'", "pip install 'echoc[deepep]'  (deep-ep)") from None
-        raise EchocError("backends.dispatch 'deepep': DeepEP is installed but echoc does not drive it yet; "
-                         "use 'torch' (sync-free) or 'sync' (baseline)")
+    if name == "deepep" and base.installed("deepep") is None and not deepep.available():
+        raise MissingDependencyError("backends.dispatch 'deepep' (DeepEP HybridEP)", deepep.BUILD_HINT)
     if name == "symm_mem":
-        raise EchocError("backends.dispatch 'symm_mem' is not implemented yet; use 'torch' (sync-free) or 'sync'")
+        ep, slots = spec.parallel.ep, spec.experts_per_rank + (spec.echo.spare_slots_per_rank if spec.echo.enabled else 0)
+        if ep > symm_mem.MAX_RANKS or slots > symm_mem.MAX_SLOTS:
+            raise EchocError(f"backends.dispatch 'symm_mem': all_to_all_vdev_2d takes ≤ {symm_mem.MAX_RANKS} EP ranks "
+                             f"and ≤ {symm_mem.MAX_SLOTS} expert slots per rank; this spec has ep {ep} and {slots} "
+                             "slots per rank (home + spare): raise parallel.ep or use 'deepep' / 'torch'")
 
 
 def moe_nodes(gm: GraphModule) -> list[Node]:
@@ -85,17 +85,50 @@ def layer_index(module_path: str, ordinal: int) -> int:
 
 
 def _exchange(b: LayerBuilder, spec: Spec, x_flat: Node, slot: Node, counts: Node, counts_all: Node):
-    """layout + dispatch: (the layout's outputs by name, expert-sorted rows, the matching combine)."""
-    L, K, C = spec.experts_per_rank, spec.model.moe.top_k, spec.peer_chunk_rows
+    """The layout, then (the layout's outputs by name, dispatch(weight) → the rows the experts read,
+    finish(y, weight) → the routed output [T, H]: combine and weighted sum)."""
+    be, L, K, C, A = spec.backends.dispatch, spec.experts_per_rank, spec.model.moe.top_k, spec.peer_chunk_rows, \
+        spec.budgets.row_alignment
     common = dict(dest_slot=slot, counts=counts, counts_all=counts_all, slots_per_rank=L, group="ep")
-    if spec.backends.dispatch == "sync":
-        layout_c, dispatch_c, combine_c, lay = SYNC_LAYOUT, SYNC_DISPATCH, SYNC_COMBINE, {}
-    else:
-        layout_c, dispatch_c, combine_c, lay = LAYOUT, DISPATCH, COMBINE, dict(chunk_rows=C)
+    if be == "deepep":
+        return _deepep_exchange(b, spec, x_flat, common)
+    layout_c, dispatch_c, combine_c, lay, extra = {
+        "sync": (SYNC_LAYOUT, SYNC_DISPATCH, SYNC_COMBINE, {}, {}),
+        "symm_mem": (SYMM_LAYOUT, SYMM_DISPATCH, SYMM_COMBINE, dict(chunk_rows=C, major_align=A), dict(major_align=A)),
+    }.get(be, (LAYOUT, DISPATCH, COMBINE, dict(chunk_rows=C), {}))
     maps = dict(zip(layout_c.outputs, b.outputs(b.op("layout", layout_c, **common, **lay), layout_c)))
     moved = {n: maps[n] for n in dispatch_c.args if n in maps}     # the index maps (and the sync splits)
-    rows = b.op("dispatch", dispatch_c, x=x_flat, top_k=K, group="ep", **moved)
-    return maps, rows, lambda y: b.op("combine", combine_c, y=y, group="ep", **moved)
+
+    def dispatch(weight: Node) -> Node:
+        return b.op("dispatch", dispatch_c, x=x_flat, top_k=K, group="ep", **moved, **extra)
+
+    def finish(y: Node, weight: Node) -> Node:
+        copies = b.op("combine", combine_c, y=y, group="ep", **moved, **extra)
+        return b.op("routed", WEIGHTED_SUM, copies=copies, weights=weight)
+    return maps, dispatch, finish
+
+
+def _deepep_exchange(b: LayerBuilder, spec: Spec, x_flat: Node, common: dict):
+    """HybridEP: the router weights travel with the rows (one per permuted row), the expert
+    outputs are weighted on the expert side and combine sums each token's rows."""
+    P, C = spec.budgets.row_alignment, spec.peer_chunk_rows
+    lay = b.op("layout", DEEPEP_LAYOUT, **common, chunk_rows=C, pad_multiple=P)
+    maps = dict(zip(DEEPEP_LAYOUT.outputs, b.outputs(lay, DEEPEP_LAYOUT)))
+    moved = dict(routing_map=maps["routing_map"], kept_slot=maps["kept_slot"])
+    permuted = deepep.permuted_rows(spec.parallel.ep, C, common["slots_per_rank"], P)
+    holder = {}
+
+    def dispatch(weight: Node) -> Node:
+        node = b.op("dispatch", DEEPEP_DISPATCH, x=x_flat, weights=weight, permuted_rows=permuted, pad_multiple=P,
+                    group="ep", **moved)
+        holder["rows"], holder["row_weight"] = b.outputs(node, DEEPEP_DISPATCH)
+        return holder["rows"]
+
+    def finish(y: Node, weight: Node) -> Node:
+        scaled = b.fn("weigh_rows", deepep.weigh_rows, y, holder["row_weight"])
+        return b.op("routed", DEEPEP_COMBINE, y=scaled, handle=f"{b.block}_dispatch", tokens=spec.budgets.tokens,
+                    group="ep")
+    return maps, dispatch, finish
 
 
 def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec, layer: int) -> tuple[Node, Node, Node, LayerDispatch]:
@@ -107,17 +140,28 @@ def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec, layer: int) -> tuple
     counts = b.op("count", COUNT, dest_slot=slot, n_slots=moe_cfg.num_experts)
     b.method("load_add", "add_", b.attr("load", f"{moe_name}.router.load"), counts)
     counts_all = b.op("counts_all", ALL_GATHER_COUNTS, counts=counts, group="ep", group_size=ep)
-    maps, rows, combine = _exchange(b, spec, x_flat, slot, counts, counts_all)
-    y = b.op("expert_ffn", EXPERT_FFN, rows=rows, w13=b.attr("w13", f"{moe_name}.experts.w13"),
+    maps, dispatch, finish = _exchange(b, spec, x_flat, slot, counts, counts_all)
+    y = b.op("expert_ffn", EXPERT_FFN, rows=dispatch(weight), w13=b.attr("w13", f"{moe_name}.experts.w13"),
              w2=b.attr("w2", f"{moe_name}.experts.w2"), offs=maps["offs"], impl=spec.backends.grouped_gemm)
-    out = b.op("routed", WEIGHTED_SUM, copies=combine(y), weights=weight)
+    out = finish(y, weight)
     if gm.get_submodule(moe_name).shared is not None:
         out = b.fn("add_shared", operator.add, out, b.module("shared", f"{moe_name}.shared", x_flat))
     out = b.method("out", "view_as", out, x)
     stats = b.op("layer_stats", LAYER_STATS, stats=maps["stats"], spare_expert=None)
     info = LayerDispatch(moe_name, spec.budgets.tokens, moe_cfg.top_k, spec.experts_per_rank,
-                         spec.peer_chunk_rows, ep * spec.peer_chunk_rows)
+                         spec.peer_chunk_rows, receive_rows(spec))
     return out, stats, counts_all, info
+
+
+def receive_rows(spec: Spec) -> int:
+    """Rows of each rank's static receive buffer per layer under the spec's backend."""
+    ep, C, L, A = spec.parallel.ep, spec.peer_chunk_rows, spec.experts_per_rank, spec.budgets.row_alignment
+    L += spec.echo.spare_slots_per_rank if spec.echo.enabled else 0
+    if spec.backends.dispatch == "symm_mem":
+        return symm_mem.receive_rows(ep, C, L, A)
+    if spec.backends.dispatch == "deepep":
+        return deepep.permuted_rows(ep, C, L, A)
+    return ep * C
 
 
 def _append_outputs(gm: GraphModule, stats: list[Node], counts: list[Node]) -> None:

@@ -31,6 +31,9 @@ class Part:
     arena: bool = True                 # False: a kernel without out= allocates it (listed, not placed)
     saved: bool = False                # kept for the backward (live from the op's forward to its backward)
     call: OpContract | None = None     # an op the op calls with this key as `buf` (its keys nest here)
+    symmetric: bool = False            # in the backend's symmetric-memory pool (symm_mem / NVSHMEM), not the arena
+    exchange: bool = False             # used only when the op's group has several ranks (at one rank the
+                                       # exchange is the identity and the op gathers straight to its result)
 
 
 @dataclass(frozen=True)
@@ -151,16 +154,16 @@ class OpContract:
 
 
 def _parts(*names: str, allocated: tuple[str, ...] = (), saved: tuple[str, ...] = (),
-           calls: OpContract | None = None) -> tuple[Part, ...]:
-    return tuple(Part(n, arena=n not in allocated, saved=n in saved, call=calls) for n in names)
+           calls: OpContract | None = None, exchange: bool = False) -> tuple[Part, ...]:
+    return tuple(Part(n, arena=n not in allocated, saved=n in saved, call=calls, exchange=exchange) for n in names)
 
 
 _MAPS = ("send_copy", "copy_slot", "sorted_src", "recv_sorted")   # a layout's four index maps
 LAYOUT_OUTPUTS = _MAPS + ("offs", "stats")
 _MOVE = ("send", "recv", "bwd.send", "bwd.recv")
-_FFN_PARTS = ("h13", "gate_act", "act", "bwd.grad_act", "bwd.grad_h13")
+_FFN_PARTS = ("h13", "act", "bwd.grad_act", "bwd.grad_h13")
 _FFN_ALLOCATED = ("h13", "bwd.grad_act")                           # grouped_mm has no out= variant
-_FFN_SAVED = ("h13", "gate_act", "act")                            # the SwiGLU's backward reads them
+_FFN_SAVED = ("h13", "act")                                        # the backward reads them (silu(gate) is recomputed)
 
 # --- count / exchange / layout -----------------------------------------------------------------
 COUNT = OpContract("echo::count", ("dest_slot", "n_slots", "buf"), ("counts",), ("counts",))
@@ -171,11 +174,13 @@ LAYOUT = OpContract("echo::layout",
                     LAYOUT_OUTPUTS, ("index",) * 5 + ("stats",))
 
 # --- token movement ----------------------------------------------------------------------------
+# send → exchange → recv only across ranks; dispatch's backward sums each token's K copies as it
+# gathers them (no [T·K, H] buffer); combine's backward writes the experts' row gradient.
 DISPATCH = OpContract("echo::dispatch", ("x",) + _MAPS + ("top_k", "group", "buf"), ("rows",), ("activation",),
-                      saves=_MAPS, grads=("x",), parts=_parts(*_MOVE, "bwd.grad_copies"), moves_tokens=True)
+                      saves=_MAPS, grads=("x",), parts=_parts(*_MOVE, exchange=True), moves_tokens=True)
 COMBINE = OpContract("echo::combine", ("y",) + _MAPS + ("group", "buf"), ("copies",), ("activation",),
-                     saves=_MAPS, grads=("y",), parts=_parts(*_MOVE, "bwd.grad_in"), input_grad="bwd.grad_in",
-                     moves_tokens=True)
+                     saves=_MAPS, grads=("y",), parts=_parts(*_MOVE, exchange=True) + _parts("bwd.grad_in"),
+                     input_grad="bwd.grad_in", moves_tokens=True)
 
 # --- ECHO: plan, slots, clones -----------------------------------------------------------------
 PLAN = OpContract("echo::plan", ("counts_all", "experts_per_rank", "spares", "domain_size", "offer",
@@ -194,6 +199,36 @@ SYNC_DISPATCH = OpContract("echo::sync_dispatch", ("x",) + _MAPS + ("splits", "t
                            saves=_MAPS + ("splits",), grads=("x",), host_sync=True)
 SYNC_COMBINE = OpContract("echo::sync_combine", ("y",) + _MAPS + ("splits", "group"), ("copies",),
                           saves=_MAPS + ("splits",), grads=("y",), host_sync=True)
+
+# --- the real-row backends (runtime/backends/symm_mem.py, deepep.py) ----------------------------
+# Their exchange buffers live in the backend's symmetric pool (one per rank, shared by every
+# exchange): `buf.<part>` keys name them in the memory plan; the arena holds only their outputs.
+_SYMM_MAPS = ("send_copy", "copy_slot", "in_splits", "splits_offsets", "recv_row")
+_SYMM_POOL = tuple(Part(n, arena=False, symmetric=True)
+                  for n in ("inp", "out", "in_splits", "in_splits_offsets", "out_splits_offsets"))
+SYMM_LAYOUT = OpContract("echo::symm_layout", ("dest_slot", "counts", "counts_all", "slots_per_rank", "chunk_rows",
+                                               "major_align", "group", "buf"),
+                         _SYMM_MAPS + ("offs", "stats"), ("index",) * 6 + ("stats",))
+SYMM_DISPATCH = OpContract("echo::symm_dispatch", ("x",) + _SYMM_MAPS + ("major_align", "top_k", "group", "buf"),
+                           ("rows",),
+                           ("activation",), saves=_SYMM_MAPS, grads=("x",),
+                           parts=_SYMM_POOL + _parts("bwd.grad_copies"), moves_tokens=True)
+SYMM_COMBINE = OpContract("echo::symm_combine", ("y",) + _SYMM_MAPS + ("major_align", "group", "buf"), ("copies",),
+                          ("activation",),
+                          saves=_SYMM_MAPS, grads=("y",), parts=_SYMM_POOL + _parts("bwd.grad_in"),
+                          input_grad="bwd.grad_in", moves_tokens=True)
+_HYBRID_EP = (Part("hybrid_ep", arena=False, symmetric=True),)   # HybridEPBuffer's registered buffers
+DEEPEP_LAYOUT = OpContract("echo::deepep_layout", ("dest_slot", "counts", "counts_all", "slots_per_rank",
+                                                   "chunk_rows", "pad_multiple", "group", "buf"),
+                           ("routing_map", "kept_slot", "offs", "stats"), ("index",) * 3 + ("stats",))
+DEEPEP_DISPATCH = OpContract("echo::deepep_dispatch", ("x", "weights", "routing_map", "kept_slot", "permuted_rows",
+                                                       "pad_multiple", "group", "buf"), ("rows", "row_weight"),
+                             ("activation", "activation"), saves=("kept_slot",), grads=("x", "weights"),
+                             parts=_HYBRID_EP, moves_tokens=True)
+DEEPEP_COMBINE = OpContract("echo::deepep_combine", ("y", "handle", "tokens", "group", "buf"), ("out",), ("activation",),
+                            grads=("y",), parts=_HYBRID_EP, moves_tokens=True)
+TOKEN_LAYOUTS = (LAYOUT, SYMM_LAYOUT, DEEPEP_LAYOUT)          # the sync-free layouts ECHO rewires
+TOKEN_DISPATCHES = (DISPATCH, SYMM_DISPATCH, DEEPEP_DISPATCH)
 
 # --- graph-level autograd functions ------------------------------------------------------------
 EXPERT_FFN = OpContract("expert_ffn", ("rows", "w13", "w2", "offs", "impl", "buf"), ("y",), ("activation",),
