@@ -29,7 +29,7 @@ from passes.layer_builder import LayerBuilder, moe_block, moe_layer, output_node
 from passes.manager import PassResult
 from runtime import clone, contracts, grouped_gemm, ops  # noqa: F401  (the op modules bind the contracts)
 from runtime.contracts import (ALL_GATHER_COUNTS, ASSIGN_SLOTS, CLONE_WEIGHTS, COUNT, EXPERT_FFN,
-                               EXPERT_FFN_RECOMPUTE_CLONE, LAYER_STATS, LAYOUT, PLAN)
+                               EXPERT_FFN_RECOMPUTE_CLONE, LAYER_STATS, PLAN, TOKEN_LAYOUTS)
 
 
 @dataclass
@@ -47,7 +47,7 @@ class EchoInfo:
 def _plan_slots(b: LayerBuilder, layout: Node, ep: int, info: EchoInfo) -> tuple[Node, Node, Node, Node]:
     """plan → assign_slots → count → all_gather_counts, before the layout:
     (spare_expert, slots, slot counts, all ranks' slot counts)."""
-    lay = LAYOUT.values(layout)
+    lay = contracts.of(layout.target).values(layout)
     El, S, group = lay["slots_per_rank"], info.spare_slots_per_rank, lay["group"]
     plan = b.op("plan", PLAN, counts_all=lay["counts_all"], experts_per_rank=El, spares=S,
                 domain_size=info.domain_ranks, offer=info.offer, min_clone_rows=info.min_clone_rows)
@@ -76,14 +76,15 @@ def _clone_ffn_weights(b: LayerBuilder, ffn: Node, counts_all: Node, spare: Node
 
 def _rewrite(gm: GraphModule, layout: Node, spec: Spec, info: EchoInfo) -> None:
     b = LayerBuilder(gm.graph, moe_block(layout), moe_layer(layout))
-    counts_all = LAYOUT.arg(layout, "counts_all")
+    c = contracts.of(layout.target)              # the backend's layout (runtime/contracts.py TOKEN_LAYOUTS)
+    counts_all = c.arg(layout, "counts_all")
     with gm.graph.inserting_before(layout):
         spare, slots, s_counts, s_all = _plan_slots(b, layout, spec.parallel.ep, info)
-    L = LAYOUT.arg(layout, "slots_per_rank") + info.spare_slots_per_rank
-    LAYOUT.set_args(layout, dest_slot=slots, counts=s_counts, counts_all=s_all, slots_per_rank=L)
-    ffn = user_of(output_node(layout, LAYOUT, "offs"), EXPERT_FFN)
-    _clone_ffn_weights(b, ffn, counts_all, spare, info, LAYOUT.arg(layout, "group"))
-    LAYER_STATS.set_args(user_of(output_node(layout, LAYOUT, "stats"), LAYER_STATS), spare_expert=spare)
+    L = c.arg(layout, "slots_per_rank") + info.spare_slots_per_rank
+    c.set_args(layout, dest_slot=slots, counts=s_counts, counts_all=s_all, slots_per_rank=L)
+    ffn = user_of(output_node(layout, c, "offs"), EXPERT_FFN)
+    _clone_ffn_weights(b, ffn, counts_all, spare, info, c.arg(layout, "group"))
+    LAYER_STATS.set_args(user_of(output_node(layout, c, "stats"), LAYER_STATS), spare_expert=spare)
     info.layers.append(b.block)
 
 
@@ -91,12 +92,13 @@ def run(gm: GraphModule, spec: Spec) -> PassResult:
     e = spec.echo
     if not e.enabled:
         return PassResult(gm, EchoInfo(False, reason="echo.enabled is false"))
-    if spec.backends.dispatch != "torch":
-        raise EchocError(f"echo.enabled needs backends.dispatch 'torch' (got '{spec.backends.dispatch}')")
+    if spec.backends.dispatch == "sync":
+        raise EchocError("echo.enabled needs a sync-free backends.dispatch ('torch', 'symm_mem' or 'deepep'; "
+                         "got 'sync')")
     decision = clone_decision(spec)
     info = EchoInfo(True, e.spare_slots_per_rank, decision.domain_ranks, e.spare_slots_per_rank,
                     decision.min_clone_rows, e.recompute_clone_dispatch, reason=decision.explain)
-    layouts = [n for n in gm.graph.nodes if contracts.of(n.target) is LAYOUT]
+    layouts = [n for n in gm.graph.nodes if contracts.of(n.target) in TOKEN_LAYOUTS]
     for layout in layouts:
         _rewrite(gm, layout, spec, info)
     gm.graph.lint()

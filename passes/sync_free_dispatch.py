@@ -115,7 +115,7 @@ def _deepep_exchange(b: LayerBuilder, spec: Spec, x_flat: Node, common: dict):
     lay = b.op("layout", DEEPEP_LAYOUT, **common, chunk_rows=C, pad_multiple=P)
     maps = dict(zip(DEEPEP_LAYOUT.outputs, b.outputs(lay, DEEPEP_LAYOUT)))
     moved = dict(routing_map=maps["routing_map"], kept_slot=maps["kept_slot"])
-    permuted = deepep.permuted_rows(spec.parallel.ep, C, common["slots_per_rank"], P)
+    permuted = receive_rows(spec)                  # with ECHO's spare slots: the layout's L after echo_clone
     holder = {}
 
     def dispatch(weight: Node) -> Node:
