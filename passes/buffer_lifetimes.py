@@ -14,7 +14,8 @@ Rules:
     backward to the op's backward. It is in the arena when the one user's contract writes
     it (`input_grad`, e.g. combine's `bwd.grad_in`); else autograd or grouped_mm allocates it.
   * Op parts (send/recv, the FFN's SwiGLU, clone exchanges) live at their op's step, the
-    `bwd.` parts at its backward step; the FFN's h13, gate_act and act are saved (op → backward).
+    `bwd.` parts at its backward step; the FFN's h13 and act are saved (op → backward). At ep 1
+    a token movement has no exchange parts (one gather, straight into its result).
   * Clone weights: one buffer per layer (w13 and w2 back to back), saved until the FFN's
     backward; with recompute_clone_dispatch ONE `spare_weights` buffer for all layers, live
     only at each FFN's forward and backward step.
@@ -156,22 +157,21 @@ def _gradient(col: _Collector, op: Node, val: Node, tm, role: str, grad_users: l
 
 # --- op parts ----------------------------------------------------------------------------------
 
-def _exchange(col: _Collector, node: Node, c: OpContract, rows: int, h: int, dt, copies: int = 0) -> None:
+def _exchange(col: _Collector, node: Node, c: OpContract, rows: int, h: int, dt) -> None:
     """A token movement in sub-steps: gather into `send` (0), exchange `send` → `recv` (1),
-    gather `recv` into the result (2); the same in backward. `copies`: dispatch's backward
-    writes one gradient row per copy (`bwd.grad_copies`), then sums them per token."""
+    gather `recv` into the result (2); the same in backward. At ep 1 the exchange parts are
+    unused (the op gathers straight into its result) and not planned."""
     t, b, layer = col.fwd(node), col.bwd(node), moe_layer(node)
     for pre, at in (("", t), ("bwd.", b)):
-        col.add(c.key(node.name, pre + "send"), layer, "exchange", (rows, h), dt, [(at, at + 1)])
-        col.add(c.key(node.name, pre + "recv"), layer, "exchange", (rows, h), dt, [(at + 1, at + 2)])
-    if copies:
-        g = b + GATHER_SUB
-        col.add(c.key(node.name, "bwd.grad_copies"), layer, "gradient", (copies, h), dt, [(g, g + 1)])
+        for part, span in (("send", (at, at + 1)), ("recv", (at + 1, at + 2))):
+            if c.part(pre + part).exchange and col.spec.parallel.ep == 1:
+                continue
+            col.add(c.key(node.name, pre + part), layer, "exchange", (rows, h), dt, [span])
 
 
 def _dispatch(col: _Collector, node: Node) -> None:
-    x, send_copy, copy_slot = (_meta(DISPATCH.arg(node, n)) for n in ("x", "send_copy", "copy_slot"))
-    _exchange(col, node, DISPATCH, send_copy.shape[0], x.shape[1], x.dtype, copies=copy_slot.shape[0])
+    x, send_copy = (_meta(DISPATCH.arg(node, n)) for n in ("x", "send_copy"))
+    _exchange(col, node, DISPATCH, send_copy.shape[0], x.shape[1], x.dtype)
 
 
 def _combine(col: _Collector, node: Node) -> None:
@@ -181,13 +181,13 @@ def _combine(col: _Collector, node: Node) -> None:
 
 def _ffn(col: _Collector, node: Node) -> None:
     """grouped_mm (no out= variant) allocates h13, the output and grad_act; the SwiGLU writes
-    gate_act, act and grad_h13 into the arena. The `loop` fallback is not planned at all."""
+    act and grad_h13 into the arena. The `loop` fallback is not planned at all."""
     c = contracts.of(node.target)
     rows, w13 = _meta(c.arg(node, "rows")), _meta(c.arg(node, "w13"))
     r, f2, dt, layer = rows.shape[0], w13.shape[2], rows.dtype, moe_layer(node)
     t, b, e = col.fwd(node), col.bwd(node), col.bwd(node) + LAST_SUB
     swiglu_in_arena = grouped_gemm.resolved_impl(c.arg(node, "impl")) == "torch"
-    shapes = {"h13": (r, f2), "gate_act": (r, f2 // 2), "act": (r, f2 // 2),
+    shapes = {"h13": (r, f2), "act": (r, f2 // 2),
               "bwd.grad_act": (r, f2 // 2), "bwd.grad_h13": (r, f2)}
     for part, shape in shapes.items():   # saved parts live from the forward, the others in the backward
         role = "activation" if c.part(part).saved else "gradient"

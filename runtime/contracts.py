@@ -32,6 +32,8 @@ class Part:
     saved: bool = False                # kept for the backward (live from the op's forward to its backward)
     call: OpContract | None = None     # an op the op calls with this key as `buf` (its keys nest here)
     symmetric: bool = False            # in the backend's symmetric-memory pool (symm_mem / NVSHMEM), not the arena
+    exchange: bool = False             # used only when the op's group has several ranks (at one rank the
+                                       # exchange is the identity and the op gathers straight to its result)
 
 
 @dataclass(frozen=True)
@@ -152,16 +154,16 @@ class OpContract:
 
 
 def _parts(*names: str, allocated: tuple[str, ...] = (), saved: tuple[str, ...] = (),
-           calls: OpContract | None = None) -> tuple[Part, ...]:
-    return tuple(Part(n, arena=n not in allocated, saved=n in saved, call=calls) for n in names)
+           calls: OpContract | None = None, exchange: bool = False) -> tuple[Part, ...]:
+    return tuple(Part(n, arena=n not in allocated, saved=n in saved, call=calls, exchange=exchange) for n in names)
 
 
 _MAPS = ("send_copy", "copy_slot", "sorted_src", "recv_sorted")   # a layout's four index maps
 LAYOUT_OUTPUTS = _MAPS + ("offs", "stats")
 _MOVE = ("send", "recv", "bwd.send", "bwd.recv")
-_FFN_PARTS = ("h13", "gate_act", "act", "bwd.grad_act", "bwd.grad_h13")
+_FFN_PARTS = ("h13", "act", "bwd.grad_act", "bwd.grad_h13")
 _FFN_ALLOCATED = ("h13", "bwd.grad_act")                           # grouped_mm has no out= variant
-_FFN_SAVED = ("h13", "gate_act", "act")                            # the SwiGLU's backward reads them
+_FFN_SAVED = ("h13", "act")                                        # the backward reads them (silu(gate) is recomputed)
 
 # --- count / exchange / layout -----------------------------------------------------------------
 COUNT = OpContract("echo::count", ("dest_slot", "n_slots", "buf"), ("counts",), ("counts",))
@@ -172,11 +174,13 @@ LAYOUT = OpContract("echo::layout",
                     LAYOUT_OUTPUTS, ("index",) * 5 + ("stats",))
 
 # --- token movement ----------------------------------------------------------------------------
+# send → exchange → recv only across ranks; dispatch's backward sums each token's K copies as it
+# gathers them (no [T·K, H] buffer); combine's backward writes the experts' row gradient.
 DISPATCH = OpContract("echo::dispatch", ("x",) + _MAPS + ("top_k", "group", "buf"), ("rows",), ("activation",),
-                      saves=_MAPS, grads=("x",), parts=_parts(*_MOVE, "bwd.grad_copies"), moves_tokens=True)
+                      saves=_MAPS, grads=("x",), parts=_parts(*_MOVE, exchange=True), moves_tokens=True)
 COMBINE = OpContract("echo::combine", ("y",) + _MAPS + ("group", "buf"), ("copies",), ("activation",),
-                     saves=_MAPS, grads=("y",), parts=_parts(*_MOVE, "bwd.grad_in"), input_grad="bwd.grad_in",
-                     moves_tokens=True)
+                     saves=_MAPS, grads=("y",), parts=_parts(*_MOVE, exchange=True) + _parts("bwd.grad_in"),
+                     input_grad="bwd.grad_in", moves_tokens=True)
 
 # --- ECHO: plan, slots, clones -----------------------------------------------------------------
 PLAN = OpContract("echo::plan", ("counts_all", "experts_per_rank", "spares", "domain_size", "offer",

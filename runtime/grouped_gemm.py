@@ -18,6 +18,11 @@ from runtime import arena, clone, contracts
 from runtime.contracts import EXPERT_FFN, EXPERT_FFN_RECOMPUTE_CLONE
 from runtime.model import swiglu
 
+try:  # the fused SwiGLU needs triton; without it (CPU installs, CI) every device uses torch
+    from runtime import swiglu_triton
+except ImportError:
+    swiglu_triton = None
+
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -27,15 +32,17 @@ def _gmm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
 
 class _GroupedSwiGLU(torch.autograd.Function):
     """y = swiglu(rows · W13[slot]) · W2[slot] on expert-sorted rows, with the saved tensors
-    and the SwiGLU's outputs and gradient in planned buffers (runtime/arena.py):
+    and the SwiGLU's output and gradient in planned buffers (runtime/arena.py):
 
-      forward   h13 [R, 2F] (grouped_mm allocates it), `buf.gate_act` = silu(gate) [R, F],
-                `buf.act` = silu(gate)·up [R, F], y [R, H] (grouped_mm)
-      backward  grad_act [R, F] (grouped_mm), `buf.bwd.grad_h13` [R, 2F] (silu_backward and mul
-                write into its halves), d rows [R, H] and d weights (grouped_mm)
+      forward   h13 [R, 2F] (grouped_mm allocates it), `buf.act` = silu(gate)·up [R, F],
+                y [R, H] (grouped_mm)
+      backward  grad_act [R, F] (grouped_mm), `buf.bwd.grad_h13` [R, 2F] (the SwiGLU's backward,
+                silu(gate) recomputed from h13), d rows [R, H] and d weights (grouped_mm)
 
     grouped_mm has no out= variant, so its products come from the caching allocator. The
-    arithmetic is the one autograd would run (silu_backward, mul, the grouped_mm transposes).
+    arithmetic is the one autograd would run (silu, mul, silu_backward, the grouped_mm
+    transposes); on CUDA with triton the SwiGLU is one kernel each way over the real rows only
+    (runtime/swiglu_triton.py), rows past offs[-1] staying undefined like grouped_mm's.
     With `clone` (echo.recompute_clone_dispatch) the weights passed are the home experts:
     forward clones them into the spare slots (`buf.clone_w13`, `buf.clone_w2`) without saving
     the clones; backward fetches them again (`....recompute`) and sends the spare slots'
@@ -50,12 +57,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
         w13f, w2f = (_clone_pair(buf, "", w13, w2, counts_all, spare_expert, offer, ep_group)
                      if recompute else (w13, w2))
         h13 = _gmm(rows, w13f, offs)
-        f = h13.shape[1] // 2
-        gate, up = h13[:, :f], h13[:, f:]
-        gate_act = torch.ops.aten.silu.out(gate, out=arena.out_like(c.key(buf, "gate_act"), gate.shape, h13))
-        act = torch.mul(gate_act, up, out=arena.out_like(c.key(buf, "act"), gate.shape, h13))
+        act = swiglu_forward(h13, offs, arena.out_like(c.key(buf, "act"), (h13.shape[0], h13.shape[1] // 2), h13))
         kept = dict(rows=rows, w13=w13, w2=w2, offs=offs, counts_all=counts_all, spare_expert=spare_expert,
-                    h13=h13, gate_act=gate_act, act=act)
+                    h13=h13, act=act)
         ctx.save_for_backward(*(kept[n] for n in c.saves + c.saved_parts))
         return _gmm(act, w2f, offs)
 
@@ -63,7 +67,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
     def backward(ctx, dy):
         c = ctx.contract
         a = dict(zip(c.saves + c.saved_parts, ctx.saved_tensors))
-        h13, gate_act, act = a["h13"], a["gate_act"], a["act"]
+        h13, act = a["h13"], a["act"]
         dy, buf, offs = dy.contiguous(), ctx.buf, a["offs"]
         if ctx.clone_args:
             home = (a["w13"].detach().requires_grad_(True), a["w2"].detach().requires_grad_(True))
@@ -71,17 +75,35 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 w13f, w2f = _clone_pair(buf, ".recompute", *home, a["counts_all"], a["spare_expert"], *ctx.clone_args)
         else:
             w13f, w2f = a["w13"], a["w2"]
-        f = act.shape[1]
         grad_act = _gmm(dy, w2f.detach().transpose(-2, -1), offs)
         dw2 = _gmm(act.transpose(-2, -1), dy, offs)
-        grad_h13 = arena.out_like(c.key(buf, "bwd.grad_h13"), h13.shape, h13)
-        torch.mul(grad_act, gate_act, out=grad_h13[:, f:])
-        torch.ops.aten.silu_backward.grad_input(grad_act * h13[:, f:], h13[:, :f], grad_input=grad_h13[:, :f])
+        grad_h13 = swiglu_backward(grad_act, h13, offs, arena.out_like(c.key(buf, "bwd.grad_h13"), h13.shape, h13))
         dx = _gmm(grad_h13, w13f.detach().transpose(-2, -1), offs)
         dw13 = _gmm(a["rows"].transpose(-2, -1), grad_h13, offs)
         if ctx.clone_args:
             dw13, dw2 = torch.autograd.grad((w13f, w2f), home, (dw13, dw2))
         return (dx, dw13, dw2) + (None,) * 6    # apply's arguments: rows, w13, w2, then six without gradient
+
+
+def swiglu_forward(h13: Tensor, offs: Tensor, act: Tensor) -> Tensor:
+    """h13 [R, 2F] = (gate, up), offs [L] int32 → act [R, F] = silu(gate)·up, written into `act`
+    (the Triton path writes rows < offs[-1] only)."""
+    if swiglu_triton is not None and h13.is_cuda:
+        return swiglu_triton.forward(h13.contiguous(), offs, act)
+    f = act.shape[1]
+    return torch.mul(F.silu(h13[:, :f]), h13[:, f:], out=act)
+
+
+def swiglu_backward(grad_act: Tensor, h13: Tensor, offs: Tensor, grad_h13: Tensor) -> Tensor:
+    """grad_act [R, F], h13 [R, 2F] → grad_h13 [R, 2F] = (silu_backward(grad_act·up, gate),
+    grad_act·silu(gate)), written into `grad_h13` (the Triton path: rows < offs[-1] only)."""
+    if swiglu_triton is not None and h13.is_cuda:
+        return swiglu_triton.backward(grad_act.contiguous(), h13.contiguous(), offs, grad_h13)
+    f = grad_act.shape[1]
+    gate, up = h13[:, :f], h13[:, f:]
+    torch.mul(grad_act, F.silu(gate), out=grad_h13[:, f:])
+    torch.ops.aten.silu_backward.grad_input(grad_act * up, gate, grad_input=grad_h13[:, :f])
+    return grad_h13
 
 
 def _clone_pair(buf, tag, w13, w2, counts_all, spare_expert, offer, ep_group):

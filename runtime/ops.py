@@ -6,7 +6,8 @@ Groups are passed by name (see runtime/comm.py) together with their size, so the
 fake implementations know every shape without a process group.
 
 The `torch` backend lives here: token exchange is one all_to_all_single on
-[ep·C, H] buffers with equal splits, so no split size ever comes from the host.
+[ep·C, H] buffers with equal splits, so no split size ever comes from the host; at one
+rank there is no exchange, and each movement is one gather.
 """
 from __future__ import annotations
 
@@ -15,10 +16,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from runtime import arena, comm, contracts
+from runtime import arena, comm, contracts, rows
 from runtime.contracts import ALL_GATHER_COUNTS, COMBINE, COUNT, DISPATCH, LAYER_STATS, LAYOUT, WEIGHTED_SUM
-from runtime.layout import (equal_chunk_rows, gather_rows, kept_counts, recv_layout, send_layout,
-                            slot_counts)
+from runtime.layout import equal_chunk_rows, kept_counts, recv_layout, send_layout, slot_counts
 
 
 # --- count / exchange --------------------------------------------------------------------------
@@ -85,23 +85,28 @@ def _(dest_slot, counts, counts_all, slots_per_rank, chunk_rows, group, buf):
 
 
 # --- token movement ----------------------------------------------------------------------------
+# Across ranks a movement is gather into `send` · exchange into `recv` · gather into the result.
+# At one rank the exchange is the identity: the two gathers compose into one (x → sorted rows).
+# Only rows whose index is valid move (runtime/rows.py); padding is written only where someone
+# reads a whole buffer (combine's copies, summed per token by weighted_sum).
 
 class MoveKeys(NamedTuple):
     """The arena keys of one token movement: gather into `send`, exchange into `recv`,
-    gather the result into `out`."""
+    gather the result into `out` (None: the caller allocates it)."""
     send: str
     recv: str
-    out: str
+    out: str | None
 
 
 def move_keys(contract: contracts.OpContract, buf: str | None, backward: bool = False,
               out_part: str = "") -> MoveKeys | None:
     """The keys of `contract`'s forward (or backward) movement when called with `buf`; the
-    result goes to its output key, or to part `out_part`. None (no `buf`): not planned."""
+    result goes to its output key (forward), to part `out_part`, or nowhere planned (a backward
+    without `out_part`). None (no `buf`): not planned."""
     if buf is None:
         return None
     pre = "bwd." if backward else ""
-    out = contract.key(buf, out_part) if out_part else contract.output_key(buf)
+    out = contract.key(buf, out_part) if out_part else None if backward else contract.output_key(buf)
     return MoveKeys(contract.key(buf, pre + "send"), contract.key(buf, pre + "recv"), out)
 
 
@@ -110,22 +115,38 @@ def _moved(key: str | None, rows: int, like: Tensor) -> Tensor | None:
     return None if key is None else arena.out_like(key, (rows, like.shape[1]), like)
 
 
-def to_experts(src: Tensor, send_rows: Tensor, sorted_src: Tensor, exchange, keys: MoveKeys | None = None) -> Tensor:
-    """Rows of `src` picked by send_rows [S] → exchange(·) → regrouped by slot [R, H]."""
-    send = gather_rows(src, send_rows, out=_moved(keys and keys.send, send_rows.shape[0], src))
-    recv = exchange(send, _moved(keys and keys.recv, send.shape[0], src))
-    return gather_rows(recv, sorted_src, out=_moved(keys and keys.out, sorted_src.shape[0], src))
+def _exchanged(src: Tensor, send_rows: Tensor, exchange, keys: MoveKeys | None) -> Tensor:
+    """Rows of `src` picked by send_rows [S] (-1 rows: padding nobody reads) → exchange(·) [S, H]."""
+    send = rows.gather(src, send_rows, out=_moved(keys and keys.send, send_rows.shape[0], src), zero_missing=False)
+    return exchange(send, _moved(keys and keys.recv, send.shape[0], src))
 
 
-def to_sources(y: Tensor, recv_sorted: Tensor, copy_slot: Tensor, exchange, keys: MoveKeys | None = None) -> Tensor:
-    """Expert-sorted rows y [R, H] → exchange(·) back to their sources → one row per copy [N, H]."""
-    send = gather_rows(y, recv_sorted, out=_moved(keys and keys.send, recv_sorted.shape[0], y))
-    recv = exchange(send, _moved(keys and keys.recv, send.shape[0], y))
-    return gather_rows(recv, copy_slot, out=_moved(keys and keys.out, copy_slot.shape[0], y))
+def to_experts(src: Tensor, send_rows: Tensor, sorted_src: Tensor, exchange, keys: MoveKeys | None = None,
+               local: bool = False) -> Tensor:
+    """Rows of `src` picked by send_rows [S] → exchange(·) → regrouped by slot [R, H]; padding rows
+    (sorted_src -1) undefined. `local`: one rank, the exchange is the identity (one gather)."""
+    out = _moved(keys and keys.out, sorted_src.shape[0], src)
+    if local:
+        return rows.gather(src, rows.compose(sorted_src, send_rows), out=out, zero_missing=False)
+    return rows.gather(_exchanged(src, send_rows, exchange, keys), sorted_src, out=out, zero_missing=False)
+
+
+def to_sources(y: Tensor, recv_sorted: Tensor, copy_slot: Tensor, exchange, keys: MoveKeys | None = None,
+               local: bool = False) -> Tensor:
+    """Expert-sorted rows y [R, H] → exchange(·) back to their sources → one row per copy [N, H]
+    (dropped copies: zero). `local`: one rank, one gather."""
+    out = _moved(keys and keys.out, copy_slot.shape[0], y)
+    if local:
+        return rows.gather(y, rows.compose(copy_slot, recv_sorted), out=out)
+    return rows.gather(_exchanged(y, recv_sorted, exchange, keys), copy_slot, out=out)
 
 
 def _equal(group: str):
     return lambda t, out=None: comm.all_to_all_equal(t, group, out=out)
+
+
+def _local(group: str) -> bool:
+    return comm.group_size(group) == 1
 
 
 def token_of(send_copy: Tensor, top_k: int) -> Tensor:
@@ -135,8 +156,10 @@ def token_of(send_copy: Tensor, top_k: int) -> Tensor:
 @torch.library.custom_op("echo::dispatch", mutates_args=())
 def dispatch(x: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Tensor,
              recv_sorted: Tensor, top_k: int, group: str, buf: str) -> Tensor:
-    """x [T, H] → expert-sorted rows [R, H] on the ranks that own the slots (padding rows are zero)."""
-    return to_experts(x, token_of(send_copy, top_k), sorted_src, _equal(group), move_keys(DISPATCH, buf))
+    """x [T, H] → expert-sorted rows [R, H] on the ranks that own the slots (padding rows
+    undefined: no grouped GEMM reads past offs[-1])."""
+    return to_experts(x, token_of(send_copy, top_k), sorted_src, _equal(group), move_keys(DISPATCH, buf),
+                      local=_local(group))
 
 
 @dispatch.register_fake
@@ -145,12 +168,16 @@ def _(x, send_copy, copy_slot, sorted_src, recv_sorted, top_k, group, buf):
 
 
 def _dispatch_backward(ctx, grad):
-    """The transpose of dispatch: combine the rows' gradient back to one row per copy
-    (`buf.bwd.send/recv/grad_copies`), then sum each token's K copies."""
+    """The transpose of dispatch: the rows' gradient back to the sources (`buf.bwd.send/recv`),
+    each token's K copies summed as they are gathered: grad x [T, H]."""
     maps = DISPATCH.saved_by_name(ctx)
-    keys = move_keys(DISPATCH, ctx.buf, backward=True, out_part="bwd.grad_copies")
-    g = to_sources(grad.contiguous(), maps["recv_sorted"], maps["copy_slot"], _equal(ctx.group), keys)
-    return DISPATCH.input_grads(x=g.view(ctx.x_shape[0], ctx.top_k, -1).sum(1))
+    grad, copy_slot = grad.contiguous(), maps["copy_slot"]
+    if _local(ctx.group):
+        src, index = grad, rows.compose(copy_slot, maps["recv_sorted"])
+    else:
+        keys = move_keys(DISPATCH, ctx.buf, backward=True)
+        src, index = _exchanged(grad, maps["recv_sorted"], _equal(ctx.group), keys), copy_slot
+    return DISPATCH.input_grads(x=rows.gather_sum(src, index.view(ctx.x_shape[0], ctx.top_k)))
 
 
 dispatch.register_autograd(_dispatch_backward, setup_context=DISPATCH.setup_context("x", "top_k", "group", "buf"))
@@ -160,7 +187,7 @@ dispatch.register_autograd(_dispatch_backward, setup_context=DISPATCH.setup_cont
 def combine(y: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Tensor,
             recv_sorted: Tensor, group: str, buf: str) -> Tensor:
     """Expert outputs y [R, H] → one row per copy [N, H] at its source rank (dropped copies: zero)."""
-    return to_sources(y, recv_sorted, copy_slot, _equal(group), move_keys(COMBINE, buf))
+    return to_sources(y, recv_sorted, copy_slot, _equal(group), move_keys(COMBINE, buf), local=_local(group))
 
 
 @combine.register_fake
@@ -172,7 +199,8 @@ def _combine_backward(ctx, grad):
     """The transpose of combine: a dispatch of the copies' gradient, into `buf.bwd.grad_in` [R, H]."""
     maps = COMBINE.saved_by_name(ctx)
     keys = move_keys(COMBINE, ctx.buf, backward=True, out_part=COMBINE.input_grad)
-    g = to_experts(grad.contiguous(), maps["send_copy"], maps["sorted_src"], _equal(ctx.group), keys)
+    g = to_experts(grad.contiguous(), maps["send_copy"], maps["sorted_src"], _equal(ctx.group), keys,
+                   local=_local(ctx.group))
     return COMBINE.input_grads(y=g)
 
 
@@ -180,34 +208,29 @@ combine.register_autograd(_combine_backward, setup_context=COMBINE.setup_context
 
 
 class _WeightedSum(torch.autograd.Function):
-    """Σ_k w[t, k] · copies[t·K + k] as one bmm; backward writes the copies' gradient into
-    `buf.bwd.grad_in` [T·K, H] (the same two bmm's autograd would run)."""
+    """Σ_k w[t, k] · copies[t·K + k] (runtime/rows.py: one Triton kernel on CUDA, one bmm elsewhere);
+    backward writes the copies' gradient into `buf.bwd.grad_in` [T·K, H]."""
 
     @staticmethod
     def forward(ctx, copies, weights, buf):
-        t, k = weights.shape
-        w = weights.to(copies.dtype).unsqueeze(1)                    # [T, 1, K]
+        w = weights.to(copies.dtype)                                  # [T, K]
         ctx.save_for_backward(copies, w)                              # WEIGHTED_SUM.saves, w in the copies' dtype
         ctx.buf, ctx.weight_dtype = buf, weights.dtype
-        return torch.bmm(w, copies.view(t, k, -1)).squeeze(1)
+        return rows.weighted_sum(copies, w)
 
     @staticmethod
     def backward(ctx, grad):
         copies, w = ctx.saved_tensors
-        t, _, k = w.shape
-        g = grad.unsqueeze(1)                                         # [T, 1, H]
         key = None if ctx.buf is None else WEIGHTED_SUM.key(ctx.buf, WEIGHTED_SUM.input_grad)
-        out = arena.out_like(key, copies.shape, copies)
-        torch.bmm(w.transpose(1, 2), g, out=out.view(t, k, -1))       # [T, K, H]
-        grad_w = torch.bmm(g, copies.view(t, k, -1).transpose(1, 2))  # [T, 1, K]
-        return WEIGHTED_SUM.input_grads(copies=out, weights=grad_w.squeeze(1).to(ctx.weight_dtype))
+        grad_copies, grad_w = rows.weighted_sum_backward(grad, copies, w, arena.out_like(key, copies.shape, copies))
+        return WEIGHTED_SUM.input_grads(copies=grad_copies, weights=grad_w.to(ctx.weight_dtype))
 
 
 def weighted_sum(copies: Tensor, weights: Tensor, buf: str | None = None) -> Tensor:
     """copies [N, H] (N = T·K), weights [T, K] → Σ_k w[t, k] · copies[t·K + k], [T, H].
 
-    One batched GEMM ([T, 1, K] @ [T, K, H]): it accumulates in fp32 like the reference's
-    float32 sum, and saves the combine output in its own dtype (no fp32 copy).
+    Accumulates in fp32 like the reference's float32 sum, with the weights rounded to the copies'
+    dtype first, and saves the combine output in its own dtype (no fp32 copy).
     """
     return _WeightedSum.apply(copies, weights, buf)
 

@@ -245,7 +245,7 @@ def test_every_arena_key_is_declared_by_its_nodes_contract(planned):
             name = re.match(r"[^.\[]+", key).group(0)
             c = by_name[name]
             assert c is not None and c.owns(name, key), key
-    assert not contracts.COMBINE.owns("x", "x.bwd.grad_copies") and contracts.DISPATCH.owns("x", "x.bwd.grad_copies")
+    assert contracts.COMBINE.owns("x", "x.bwd.grad_in") and not contracts.DISPATCH.owns("x", "x.bwd.grad_in")
 
 
 @pytest.mark.parametrize("name,kwargs", [("plan_bf16_echo", dict(dtype="bfloat16")),

@@ -1,0 +1,136 @@
+"""Run by tests/runtime/test_kernels.py (and tests/gpu/test_layer_cuda.py on CUDA): the Triton
+kernels of runtime/rows_triton.py and runtime/swiglu_triton.py against the torch paths of
+runtime/rows.py and runtime/grouped_gemm.py, on random rows with -1 indices, dropped copies
+and padding. On CPU it needs TRITON_INTERPRET=1 in the environment before triton is imported.
+
+    python kernels_worker.py --device cpu|cuda
+
+Prints one JSON line: {"cases": n, "failures": [...], "results": [{"case", "dtype", "exact",
+"max_ulps", "norm_rel", "padding_kept"}]}; `failures` are the results outside the bounds of
+`failures()`. `max_ulps`: the largest difference in units of the dtype's last place at the
+values' magnitude; `norm_rel`: ||triton - torch|| / ||torch||;
+`exact`: bitwise equal where both paths write; `padding_kept`: the Triton path left the rows it
+must not write (NaN sentinels) as they were.
+"""
+import argparse
+import json
+
+import torch
+
+from runtime import grouped_gemm, rows, rows_triton, swiglu_triton
+
+
+def _ulps(a, b, dtype) -> float:
+    """max |a - b| in units of the dtype's last place at the larger magnitude."""
+    eps = torch.finfo(dtype).eps
+    d = (a.float() - b.float()).abs()
+    scale = torch.maximum(a.float().abs(), b.float().abs()).clamp(min=1e-30) * eps
+    return float((d / scale).max()) if d.numel() else 0.0
+
+
+def _norm_rel(a, b) -> float:
+    """||a - b|| / ||b|| (the oracle's measure)."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-300)) if a.numel() else 0.0
+
+
+def _res(case: str, got, want, padding_kept=True) -> dict:
+    return dict(case=case, exact=torch.equal(got, want), max_ulps=_ulps(got, want, want.dtype),
+                norm_rel=_norm_rel(got, want), padding_kept=padding_kept)
+
+
+def _index(n, m, g, drop=0.25):
+    i = torch.randint(0, m, (n,), generator=g)
+    return torch.where(torch.rand(n, generator=g) < drop, -1, i)
+
+
+def case_gather(dtype, dev, g):
+    src = torch.randn(37, 70, generator=g).to(dtype).to(dev)
+    idx = _index(53, 37, g).to(dev)
+    out = []
+    for zero in (True, False):
+        want = rows.gather(src.cpu(), idx.cpu(), zero_missing=True)
+        got = rows_triton.gather(src, idx, torch.full((53, 70), float("nan"), dtype=dtype, device=dev), zero)
+        got = got.cpu()
+        valid = idx.cpu() >= 0
+        exact = torch.equal(got[valid], want[valid]) and (not zero or torch.equal(got, want))
+        kept = zero or bool(got[~valid].isnan().all())
+        out.append(dict(case=f"gather zero={zero}", exact=exact, max_ulps=0.0 if exact else float("inf"),
+                        norm_rel=0.0 if exact else float("inf"), padding_kept=kept))
+    return out
+
+
+def case_gather_sum(dtype, dev, g):
+    T, K, H = 19, 4, 70
+    src = torch.randn(61, H, generator=g).to(dtype)
+    idx = _index(T * K, 61, g).view(T, K)
+    want = rows.gather_sum(src, idx)
+    got = rows_triton.gather_sum(src.to(dev), idx.to(dev), None, torch.empty(T, H, dtype=dtype, device=dev)).cpu()
+    return [_res("gather_sum", got, want)]
+
+
+def case_weighted_sum(dtype, dev, g):
+    T, K, H = 19, 4, 70
+    copies = torch.randn(T * K, H, generator=g).to(dtype)
+    w = torch.rand(T, K, generator=g).to(dtype)
+    gy = torch.randn(T, H, generator=g).to(dtype)
+    want = rows.weighted_sum(copies, w)
+    got = rows_triton.gather_sum(copies.to(dev), None, w.to(dev), torch.empty(T, H, dtype=dtype, device=dev)).cpu()
+    gc_want, gw_want = rows.weighted_sum_backward(gy, copies, w, torch.empty_like(copies))
+    gc, gw = rows_triton.weighted_sum_backward(gy.to(dev), copies.to(dev), w.to(dev),
+                                               torch.empty(T * K, H, dtype=dtype, device=dev))
+    gc, gw = gc.cpu(), gw.cpu()
+    return [_res("weighted_sum", got, want), _res("weighted_sum grad_copies", gc, gc_want),
+            _res("weighted_sum grad_weights", gw, gw_want)]
+
+
+def case_swiglu(dtype, dev, g):
+    R, F = 45, 40
+    offs = torch.tensor([9, 9, 30, 33], dtype=torch.int32)        # 33 real rows of 45, one empty slot
+    h13 = (2 * torch.randn(R, 2 * F, generator=g)).to(dtype)
+    grad_act = torch.randn(R, F, generator=g).to(dtype)
+    real = slice(0, int(offs[-1]))
+    act_want = grouped_gemm.swiglu_forward(h13, offs, torch.empty(R, F, dtype=dtype))
+    gh_want = grouped_gemm.swiglu_backward(grad_act, h13, offs, torch.empty(R, 2 * F, dtype=dtype))
+    nan = dict(dtype=dtype, device=dev)
+    act = swiglu_triton.forward(h13.to(dev), offs.to(dev), torch.full((R, F), float("nan"), **nan)).cpu()
+    gh = swiglu_triton.backward(grad_act.to(dev), h13.to(dev), offs.to(dev),
+                                torch.full((R, 2 * F), float("nan"), **nan)).cpu()
+    out = []
+    for name, got, want in (("swiglu forward", act, act_want), ("swiglu backward", gh, gh_want)):
+        out.append(_res(name, got[real], want[real], bool(got[real.stop:].isnan().all())))
+    return out
+
+
+def failures(results: list[dict]) -> list[dict]:
+    """Gathers bitwise; sums and the SwiGLU to rounding: fp32 normwise ≤ 1e-6, bf16 within 2 units
+    in the last place (one intermediate rounding may flip); no write past the real rows."""
+    bad = []
+    for r in results:
+        if r["case"].startswith("gather "):
+            ok = r["exact"]
+        elif r["dtype"] == "float32":
+            ok = r["norm_rel"] <= 1e-6
+        else:
+            ok = r["max_ulps"] <= 2.0
+        if not (ok and r["padding_kept"]):
+            bad.append(r)
+    return bad
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for case in (case_gather, case_gather_sum, case_weighted_sum, case_swiglu):
+            for r in case(dtype, dev, g):
+                results.append(dict(r, dtype=str(dtype).removeprefix("torch.")))
+    print(json.dumps({"cases": len(results), "failures": failures(results), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
