@@ -47,7 +47,7 @@ from echoc.compile import MoELeafTracer
 from echoc.spec_io import spec_from_dict
 from passes import echo_clone, sync_free_dispatch
 from peers import torchtitan_moe
-from runtime import comm
+from runtime import comm, flops as model_flops_lib
 from runtime.model import MoE
 from runtime.parallel import shard_experts
 
@@ -408,14 +408,16 @@ def model_flops(rows: int, hidden: int, ffn: int) -> float:
 
 
 def report(args, world, times, flops, notes):
-    """One table: ms, × floor, × the fastest torchtitan variant, model TFLOP/s."""
+    """One table: ms, × floor, × the fastest torchtitan variant, model TFLOP/s, MFU (against the
+    bf16 peak measured in this run, notes["bf16_peak_tflops"])."""
+    peak = notes.get("bf16_peak_tflops")
     peers = {k: v for k, v in times.items() if k.startswith("torchtitan")}
     peer = min(peers, key=peers.get) if peers else None
     floor = times.get("floor")
     print(f"\nMoE layer fwd+bwd: {world} GPU(s), EP {world}, {args.tokens} tokens/rank, H {args.hidden}, "
           f"{args.experts} experts top-{args.top_k}, F {args.ffn}, 1 shared expert (F {args.ffn}), "
           f"capacity {args.capacity}, bf16")
-    print(f"{'variant':<20}{'ms/layer':>10}{'× floor':>10}{'× ' + (peer or 'peer'):>24}{'TFLOP/s':>10}")
+    print(f"{'variant':<20}{'ms/layer':>10}{'× floor':>10}{'× ' + (peer or 'peer'):>24}{'TFLOP/s':>10}{'MFU':>8}")
     rows = {}
     for k in [v for v in VARIANTS if v in times] + [k for k in times if k not in VARIANTS]:
         ms = times[k]
@@ -426,7 +428,9 @@ def report(args, world, times, flops, notes):
                               else flops) / ms / 1e9}
         xf = f"{rows[k]['x_floor']:.2f}" if floor else "-"
         xp = f"{rows[k]['x_peer']:.2f}" if peer else "-"
-        print(f"{k:<20}{ms:>10.3f}{xf:>10}{xp:>24}{rows[k]['tflops']:>10.1f}")
+        rows[k]["mfu"] = rows[k]["tflops"] / peak if peak else None
+        mfu = f"{rows[k]['mfu']:.1%}" if peak else "-"
+        print(f"{k:<20}{ms:>10.3f}{xf:>10}{xp:>24}{rows[k]['tflops']:>10.1f}{mfu:>8}")
     for k, v in notes.items():
         print(f"note {k}: {v}")
     return peer, rows
@@ -457,6 +461,7 @@ def main():
     comm.init_groups(world, 1)
     rank = dist.get_rank()
     checks, times, notes = {}, {}, {}
+    notes["bf16_peak_tflops"] = model_flops_lib.measure_bf16_peak_tflops(device)   # None on CPU
 
     def save():  # after every stage, so a run cut short still leaves its numbers
         if rank == 0:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from echoc.errors import EchocError
-from runtime import comm, contracts
+from runtime import comm, contracts, flops
 from runtime.checkpoint import Checkpointer, latest
 from runtime.contracts import PLAN
 from runtime.cuda_graph import AsyncMetrics, StepRunner
@@ -90,6 +90,7 @@ class _Loop:
         self.ckpt = Checkpointer(trainer, options.resume, options.resume_with_changes)
         self.logs = _logs(options, t, self.ckpt.start) if self.rank == 0 else []
         self.pending, self.history, self.routing = AsyncMetrics(), [], []
+        self.throughput = flops.throughput(spec.model, spec.budgets.seq_len, device)   # before any capture
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = local_rows(self.source.global_batch(step, self.world * self.mb), self.rank, self.mb)
@@ -142,6 +143,7 @@ class _Loop:
         m.update(step=step, step_ms=seconds * 1e3, skipped=int(skipped.reshape(-1)[0]),
                  nonfinite=int(nonfinite.reshape(-1)[0]), rerun=0, overflow_before_rerun=0,
                  tokens_per_s=self.world * self.mb * self.spec.budgets.seq_len / max(seconds, 1e-9))
+        m.update(self.throughput.metrics(m["tokens_per_s"] / self.world))   # tflops_per_gpu, mfu
         return m
 
     def redo(self, step: int, first: dict) -> dict:

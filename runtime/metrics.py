@@ -90,6 +90,9 @@ class ProgressLog:
         self.skipped += m.get("skipped", 0)
         info = (f"loss {m['loss']:.4f} · {m['tokens_per_s']:,.0f} tok/s · overflow {m['overflow']} · "
                 f"straggler {m['token_straggler']:.3f}")
+        if "tflops_per_gpu" in m:   # model TFLOP/s per GPU; MFU against the measured bf16 peak (GPU only)
+            info += f" · {m['tflops_per_gpu']:.1f} TFLOP/s/GPU"
+            info += f" · MFU {m['mfu']:.1%}" if m.get("mfu") is not None else ""
         info += f" · reruns {self.reruns}" if self.reruns else ""
         info += f" · skipped {self.skipped}" if self.skipped else ""
         self.bar.update(self.task, advance=1, info=info)
