@@ -26,6 +26,7 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from echoc.spec import Spec
+from passes.backend_buffers import has_token_layouts, symmetric_buffers
 from passes.buffer_alloc import allocate, arena_bytes, interfering_pairs, lower_bound
 from passes.buffer_json import arena_layout, plan_to_json
 from passes.buffer_lifetimes import collect, has_moe_layers
@@ -57,13 +58,13 @@ def _placed_plan(spec: Spec, buffers: list[Buffer], timeline) -> MemoryPlan:
 
 def plan_buffers(gm: GraphModule, spec: Spec) -> MemoryPlan:
     """The memory plan of `gm` (after the passes and propagate_shapes)."""
-    if spec.backends.dispatch != "torch":
-        return MemoryPlan(False, f"backends.dispatch '{spec.backends.dispatch}' has data-dependent "
-                                 "shapes: only the 'torch' backend's static buffers are planned")
-    if not has_moe_layers(gm):
+    if spec.backends.dispatch == "sync":
+        return MemoryPlan(False, "backends.dispatch 'sync' has data-dependent shapes: only the sync-free "
+                                 "backends' static buffers are planned")
+    if not (has_moe_layers(gm) or has_token_layouts(gm)):
         return MemoryPlan(False, "no MoE layers in the graph")
     buffers, timeline = collect(gm, spec)
-    return _placed_plan(spec, buffers, timeline)
+    return _placed_plan(spec, buffers + symmetric_buffers(gm, spec), timeline)
 
 
 def run(gm: GraphModule, spec: Spec) -> PassResult:

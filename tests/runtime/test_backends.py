@@ -136,3 +136,23 @@ def test_validate_refuses_the_backends_on_cpu(make_spec, backend):
     from echoc.errors import EchocError
     with pytest.raises(EchocError, match=rf"'{backend}' needs cluster.device 'cuda'"):
         make_spec({"parallel.ep": 2, "backends.dispatch": backend})
+
+
+@pytest.mark.parametrize("backend,names", [("symm_mem", {"symm_mem.rows", "symm_mem.splits"}),
+                                           ("deepep", {"hybrid_ep"})])
+def test_memory_plan_lists_the_symmetric_buffers(make_spec, backend, names):
+    from backend_standins import install_all
+    from echoc.compile import compile_build
+    from passes.buffer_json import plan_to_json
+    from runtime.backends import base
+    spec = make_spec({"parallel.ep": 2})
+    spec = spec.model_copy(update={"backends": spec.backends.model_copy(update={"dispatch": backend})})
+    install_all()      # deepep's compile-time check accepts the stand-in in place of the package
+    try:
+        plan = plan_to_json(compile_build(spec).memory_plan)
+    finally:
+        base.uninstall("symm_mem")
+        base.uninstall("deepep")
+    symmetric = {b["name"] for b in plan["buffers"] if b["placement"] == "symmetric"}
+    assert plan["planned"] and symmetric == names
+    assert all(b["bytes"] > 0 for b in plan["buffers"] if b["name"] in names)

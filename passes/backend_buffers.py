@@ -1,0 +1,82 @@
+"""The real-row backends' own buffers in the memory plan (placement 'symmetric').
+
+`symm_mem` exchanges through one symmetric pool per rank (runtime/backends/symm_mem.py),
+shared by every dispatch and combine, forward and backward: rows `inp`/`out` [M, H] with
+M = max(N, R), and the int64 splits/offsets. `deepep` exchanges through HybridEPBuffer's
+registered buffers; their exact size is the library's, so the plan lists the least they
+must hold: every EP rank's tokens [ep·T, H] (dispatch stages whole tokens) and the permuted
+rows [Rp, H]. Symmetric buffers are allocated once by the backend, outside the arena: they
+are listed with placement 'symmetric' in plan.json and counted in the total, not placed.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from echoc.spec import Spec
+from passes.buffer_lifetimes import LAST_SUB, SUB_STEPS
+from passes.memory_plan import Buffer, composite
+from runtime import contracts
+from runtime.contracts import DEEPEP_COMBINE, DEEPEP_DISPATCH, SYMM_COMBINE, SYMM_DISPATCH, SYMM_LAYOUT
+
+SYMMETRIC = "symmetric"
+
+
+def _live(gm: GraphModule, ops) -> tuple[list, list]:
+    """(the nodes calling `ops`, the closed step spans of their forward and backward)."""
+    nodes = list(gm.graph.nodes)
+    n, spans, users = len(nodes), [], []
+    for i, node in enumerate(nodes):
+        if contracts.of(node.target) in ops:
+            users.append(node)
+            spans += [(SUB_STEPS * i, SUB_STEPS * i + LAST_SUB),
+                      (SUB_STEPS * (2 * n - 1 - i), SUB_STEPS * (2 * n - 1 - i) + LAST_SUB)]
+    return users, sorted(spans)
+
+
+def _meta(node):
+    return node.meta["tensor_meta"]
+
+
+def _symm_mem(gm: GraphModule) -> list[Buffer]:
+    users, live = _live(gm, (SYMM_DISPATCH, SYMM_COMBINE))
+    if not users:
+        return []
+    d = next(u for u in users if contracts.of(u.target) is SYMM_DISPATCH)
+    x, send, recv = (_meta(SYMM_DISPATCH.arg(d, a)) for a in ("x", "send_copy", "recv_row"))
+    n_splits = _meta(SYMM_DISPATCH.arg(d, "in_splits")).shape[0]
+    m, h = max(send.shape[0], recv.shape[0]), x.shape[1]
+    keys = {p: tuple(contracts.of(u.target).key(u.name, p) for u in users)
+            for p in ("inp", "out", "in_splits", "in_splits_offsets", "out_splits_offsets")}
+    rows = composite("symm_mem.rows", None, "exchange", [(p, (m, h), keys[p]) for p in ("inp", "out")],
+                     x.dtype, live, SYMMETRIC)
+    splits = composite("symm_mem.splits", None, "exchange",
+                       [("in_splits", (n_splits,), keys["in_splits"]),
+                        ("in_splits_offsets", (2, n_splits), keys["in_splits_offsets"]),
+                        ("out_splits_offsets", (2, n_splits), keys["out_splits_offsets"])], torch.int64, live,
+                       SYMMETRIC)
+    return [rows, splits]
+
+
+def _deepep(gm: GraphModule, spec: Spec) -> list[Buffer]:
+    users, live = _live(gm, (DEEPEP_DISPATCH, DEEPEP_COMBINE))
+    if not users:
+        return []
+    d = next(u for u in users if contracts.of(u.target) is DEEPEP_DISPATCH)
+    x = _meta(DEEPEP_DISPATCH.arg(d, "x"))
+    rp, h, ep = DEEPEP_DISPATCH.arg(d, "permuted_rows"), x.shape[1], spec.parallel.ep
+    keys = tuple(contracts.of(u.target).key(u.name, "hybrid_ep") for u in users)
+    return [composite("hybrid_ep", None, "exchange", [("tokens", (ep * x.shape[0], h), keys),
+                                                      ("permuted", (rp, h), ())], x.dtype, live, SYMMETRIC)]
+
+
+def symmetric_buffers(gm: GraphModule, spec: Spec) -> list[Buffer]:
+    """The backend's symmetric buffers of `gm` (shape-propagated); none under `torch`."""
+    return _symm_mem(gm) + _deepep(gm, spec)
+
+
+def has_token_layouts(gm: GraphModule) -> bool:
+    return any(contracts.of(n.target) in contracts.TOKEN_LAYOUTS for n in gm.graph.nodes)
+
+
+assert SYMM_LAYOUT in contracts.TOKEN_LAYOUTS
