@@ -147,8 +147,13 @@ def _echo_decision(spec: Spec) -> dict:
     d = cost_model.clone_decision(spec)
     predicted = cost_model.recommend_spare_slots(spec)
     best = min(predicted, key=predicted.get)
+    by_backend = cost_model.moe_ms_by_backend(spec)
+    moved = ", ".join(f"{b} {ms:.3f}" for b, ms in by_backend.items())
     return {"clone_domain_ranks": d.domain_ranks, "link_gbps": d.link_gbps, "min_clone_rows": d.min_clone_rows,
             "predicted_moe_ms_by_spare_slots": predicted, "recommended_spare_slots": best,
+            "predicted_moe_ms_by_backend": by_backend,
             "spec_spare_slots": spec.echo.spare_slots_per_rank, "enabled": spec.echo.enabled,
             "explain": d.explain + f" Under zipf(1.2) routing {best} spare slot(s) per rank minimise the "
-                       f"predicted MoE time ({predicted[best]:.3f} ms/layer vs {predicted[0]:.3f} without cloning)."}
+                       f"predicted MoE time ({predicted[best]:.3f} ms/layer vs {predicted[0]:.3f} without cloning). "
+                       f"Predicted MoE ms/layer by backend (no cloning; torch moves padded chunks, symm_mem and "
+                       f"deepep only real rows): {moved}."}
