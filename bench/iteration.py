@@ -30,6 +30,8 @@ from runtime.data import TokenSource, local_rows
 from echoc.compile import compile_build
 from runtime.trainer import Trainer, init_distributed
 
+from real_rows import skip_reason
+
 
 def spec_dict(args, world, dispatch="torch", graph=True, echo=False, recompute=False, buffers=None) -> dict:
     return {
@@ -65,6 +67,8 @@ VARIANTS = {
     "echo_recompute_graph": dict(dispatch="torch", graph=True, echo=True, recompute=True),
     "echo_recompute_graph_allocator": dict(dispatch="torch", graph=True, echo=True, recompute=True,
                                            buffers="allocator"),
+    "symm_mem_graph": dict(dispatch="symm_mem", graph=True),      # real rows only (skip below 2 GPUs)
+    "deepep_graph": dict(dispatch="deepep", graph=True),
 }
 
 
@@ -123,6 +127,9 @@ def main():
     device = init_distributed(base)
     results = {}
     for name in args.variants.split(","):
+        if why := skip_reason(VARIANTS[name]["dispatch"], dist.get_world_size()):
+            results[name] = {"skipped": why}
+            continue
         try:
             torch.cuda.reset_peak_memory_stats()
             results[name] = run_variant(args, name, device)
@@ -138,8 +145,8 @@ def main():
               f"{'straggler':>10}{'overflow':>9}{'clones':>8}{'peak GiB':>9}{'arena GiB':>10}")
         sync_ms = results.get("sync", {}).get("ms_median")
         for name, r in results.items():
-            if "error" in r:
-                print(f"{name:<22} FAILED: {r['error'][:150]}")
+            if "error" in r or "skipped" in r:
+                print(f"{name:<22} " + (r["skipped"] if "skipped" in r else f"FAILED: {r['error'][:150]}"))
                 continue
             dl = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref)) if ref else float("nan")
             r["max_rel_loss_diff_vs_eager"] = dl

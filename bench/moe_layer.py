@@ -47,6 +47,7 @@ from echoc.compile import MoELeafTracer
 from echoc.spec_io import spec_from_dict
 from passes import echo_clone, sync_free_dispatch
 from peers import torchtitan_moe
+from real_rows import REAL_ROW_BACKENDS, skip_reason
 from runtime import comm, flops as model_flops_lib
 from runtime.model import MoE
 from runtime.parallel import shard_experts
@@ -351,6 +352,28 @@ def echoc_variants(args, device, checks, times):
     return ref, (x0, g0, y_t, gx_t), rows_per_expert
 
 
+def real_row_variants(args, device, eager, checks, times, notes):
+    """symm_mem and deepep: eager output and input gradient vs the torch backend's, then one CUDA
+    graph replayed with new routing (vs eager), timed. Skipped with the reason below 2 GPUs."""
+    x0, g0, y_t, gx_t = eager
+    for backend in REAL_ROW_BACKENDS:
+        if why := skip_reason(backend, dist.get_world_size(), device.type):
+            notes[backend] = why
+            continue
+        _, _, model, gm = build(args, backend, device)
+        y, gx, _, _ = fwd_bwd(gm, model, x0, g0)
+        checks[f"{backend}_vs_torch_y"], checks[f"{backend}_vs_torch_dx"] = rel(y, y_t), rel(gx, gx_t)
+        cap = Captured(echoc_layer(gm), model, x0, g0)
+        x1, g1 = inputs(args, device, 1)
+        y_c, gx_c = (t.clone() for t in cap.replay(x1, g1)[:2])
+        y_r, gx_r, _, _ = fwd_bwd(gm, model, x1, g1)
+        checks[f"{backend}_graph_vs_eager"] = max(rel(y_c, y_r), rel(gx_c, gx_r))
+        cap.replay(x0, g0)
+        times[f"{backend}_graph"] = time_ms(cap.graph.replay, args.iters, device)
+        times[f"{backend}_eager"] = time_ms(lambda: fwd_bwd(gm, model, x0, g0), args.iters, device)
+        del cap, gm, model
+
+
 def peer_eager(args, device, ref, eager, checks, times, notes):
     """torchtitan's layer with the reference's weights, eager, checked against echoc's output."""
     why = torchtitan_moe.available()
@@ -480,6 +503,8 @@ def main():
         save()
     else:
         notes["echo"] = "cloned-layer part skipped: it needs EP >= 2 and a GPU"
+    real_row_variants(args, device, eager, checks, times, notes)
+    save()
     if peer and device.type == "cuda":
         peer_graph(args, device, peer, eager, checks, times, notes)
         save()
