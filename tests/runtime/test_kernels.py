@@ -97,7 +97,8 @@ def test_one_rank_movement_equals_the_exchange_path():
 
 def run_worker(device: str, env: dict | None = None) -> dict:
     """kernels_worker.py on `device`: {"cases", "failures", "results"}."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
     out = subprocess.run([sys.executable, str(WORKER), "--device", device], capture_output=True, text=True,
                          timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
