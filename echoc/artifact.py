@@ -25,6 +25,7 @@ from echoc.errors import EchocError
 from echoc.spec_io import spec_from_dict, spec_hash
 from passes.buffer_plan import plan_to_json
 from runtime.arena import ArenaLayout, View
+from runtime.recompute import Recompute
 
 HASHED = ("graph.txt", "graph.py", "plan.json", "spec.json")
 
@@ -51,15 +52,19 @@ def _fmt_target(node) -> str:
     return str(t)
 
 
-def graph_listing(gm: torch.fx.GraphModule) -> str:
-    """One node a line: name, op, target, args, and the output shape and dtype."""
+def graph_listing(gm: torch.fx.GraphModule, indent: str = "") -> str:
+    """One node a line: name, op, target, args, and the output shape and dtype. A recomputed
+    region (passes/recompute.py) is followed by its body's nodes, indented."""
     lines = []
     for n in gm.graph.nodes:
         flat = list(n.args) + list(n.kwargs.values())
         args = ", ".join(a.name if isinstance(a, torch.fx.Node) else repr(a)
                          for a in flat if not isinstance(a, (list, tuple)))
         shape = _fmt_meta(n.meta.get("tensor_meta"))
-        lines.append(f"{n.name:<40} {n.op:<13} {_fmt_target(n):<36} {shape:<28} ({args})")
+        lines.append(f"{indent}{n.name:<40} {n.op:<13} {_fmt_target(n):<36} {shape:<28} ({args})")
+        region = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(region, Recompute):
+            lines.append(graph_listing(region.body, indent + "    ").rstrip("\n"))
     return "\n".join(lines) + "\n"
 
 

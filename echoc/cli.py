@@ -109,13 +109,18 @@ def inspect(build_dir: str, graph: bool = typer.Option(False, "--graph", help="P
             buffers: bool = typer.Option(False, "--buffers", help="The static buffers and their arena offsets."),
             sort: str = typer.Option("size", "--sort", help="With --buffers: size or layer."),
             limit: Optional[int] = typer.Option(None, "--limit", help="With --buffers: first N rows."),
-            timeline: Optional[str] = typer.Option(None, "--timeline", help="Write a PNG of arena occupancy here.")):
+            timeline: Optional[str] = typer.Option(None, "--timeline", help="Write a PNG of arena occupancy here."),
+            memory: bool = typer.Option(False, "--memory", help="Where a rank's memory goes: the predicted peak "
+                                                                 "by category and phase.")):
     """Show what `echoc compile` wrote."""
     d = Path(build_dir)
     if not (d / "summary.json").exists():
         raise EchocError(f"{d}: no summary.json here; run `echoc compile SPEC -o {d}` first")
     if sort not in ("size", "layer"):
         raise EchocError(f"--sort must be 'size' or 'layer', not {sort!r}")
+    if memory:
+        views.memory_table(json.loads((d / "summary.json").read_text()), console=console)
+        return
     if graph:
         text = views.graph_listing(d / "graph.txt", layer=layer, op=op)
         for line in text.splitlines():

@@ -21,7 +21,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 import echoc
-from echoc import accounting
+from echoc import accounting, memory_model
+from echoc.memory_census import layer_census
 from echoc.spec import Spec
 from echoc.spec_io import spec_hash
 from passes import buffer_plan, cost_model, recompute
@@ -93,7 +94,7 @@ def compile_build(spec: Spec) -> Build:
     t0 = time.perf_counter()
     model = meta_transformer(spec.model, torch_dtype(spec.model.dtype))
     params = accounting.count_parameters(model)
-    memory = accounting.memory_per_rank(spec, model)
+    groups, census = accounting.param_groups(spec, model), layer_census(spec)
     shard_experts(model, 0, spec.parallel.ep)
     gm, records = compile_graph(model, spec)
     propagate_shapes(gm, spec)
@@ -101,12 +102,13 @@ def compile_build(spec: Spec) -> Build:
     plan = buffer_plan.run(gm, spec).info
     records.append(PassRecord("buffer_plan", (time.perf_counter() - t_plan) * 1e3, None))
     layout = buffer_plan.arena_layout(plan) if spec.backends.uses_arena and plan.planned else None
-    policy = spec.train.recompute if spec.train.recompute != "auto" else "none"
+    memory = memory_model.choose(spec, groups, census, plan)     # resolves train.recompute: auto
+    memory_model.check_budget(spec, memory)
     t_rc = time.perf_counter()
-    records.append(PassRecord("recompute", 0.0, recompute.apply(gm, policy).info))
+    records.append(PassRecord("recompute", 0.0, recompute.apply(gm, memory.recompute).info))
     records[-1].ms = (time.perf_counter() - t_rc) * 1e3
     program = Program(spec, model, gm, layout)
-    summary = _summary(spec, params, memory, records, buffer_plan.plan_to_json(plan))
+    summary = _summary(spec, params, memory_model.to_json(memory), records, buffer_plan.plan_to_json(plan))
     summary["compile_seconds"] = round(time.perf_counter() - t0, 3)
     summary["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return Build(spec, program, records, plan, summary)
@@ -128,7 +130,8 @@ def _summary(spec: Spec, params: dict, memory: dict, records: list[PassRecord], 
         "parallel": {"ep": spec.parallel.ep, "dp": spec.parallel.dp},
         "parameters": params,
         "active_parameters_per_token": accounting.active_parameters_per_token(spec, params),
-        "memory_per_rank_bytes": memory,
+        "memory_per_rank_bytes": dict(memory["by_category"], total=memory["peak_bytes"]),
+        "memory": memory,
         "dispatch": {"backend": spec.backends.dispatch, "tokens_per_rank": spec.budgets.tokens,
                      "peer_chunk_rows": spec.peer_chunk_rows, "receive_rows": spec.receive_rows},
         "echo": _echo_decision(spec),

@@ -154,3 +154,31 @@ def graph_listing(graph_txt: str | Path, layer: int | str | None = None, op: str
             continue
         out.append(line)
     return "\n".join(out) + ("\n" if out else "")
+
+
+def memory_table(summary: dict, console: Console | None = None) -> Table:
+    """The predicted peak of one rank (summary.json's `memory`): bytes by category at the peak
+    phase, then every phase's total. Prints to `console` when given; returns the table."""
+    mem = summary.get("memory")
+    if not mem:
+        raise EchocError("this build has no memory prediction; recompile it with `echoc compile`")
+    budget = mem.get("budget_bytes")
+    t = Table(title=f"{summary.get('name', '')}: predicted peak {human_bytes(mem['peak_bytes'])} per rank at "
+                    f"{mem['peak_phase']} (recompute {mem['recompute']}, zero {mem['zero']}"
+                    + (f", budget {human_bytes(budget)}" if budget else "") + ")")
+    t.add_column("at the peak / phase")
+    t.add_column("bytes", justify="right")
+    t.add_column("share", justify="right")
+    for name, n in sorted(mem["by_category"].items(), key=lambda kv: -kv[1]):
+        t.add_row(name, human_bytes(n), f"{n / mem['peak_bytes']:.1%}")
+    t.add_section()
+    backward = {k: v for k, v in mem["phases"].items() if k.startswith("backward")}
+    worst = max(backward, key=backward.get, default=None)      # one row for the layers' backward
+    for name, n in mem["phases"].items():
+        if name in backward and name != worst:
+            continue
+        mark = " [bold](peak)[/bold]" if name == mem["peak_phase"] else ""
+        t.add_row(f"phase: {escape(name)}{mark}", human_bytes(n), f"{n / mem['peak_bytes']:.1%}")
+    if console is not None:
+        console.print(t)
+    return t

@@ -56,14 +56,29 @@ def _state_update(node: Node) -> bool:
             and isinstance(node.args[0], Node) and node.args[0].op == "get_attr")
 
 
+def _region_of(gm: GraphModule, policy: str) -> dict[Node, str]:
+    """Node → region name. Nodes a pass inserted without a module (ZeRO 3's weight gathers and
+    their getitems) join the region of all their users when they have one, so a recomputed
+    region gathers its weights again instead of keeping them from forward to backward."""
+    key = moe_block if policy == "moe" else block_of
+    skip = ("placeholder", "output", "get_attr")
+    of = {n: key(n) for n in gm.graph.nodes if n.op not in skip and not _state_update(n) and key(n) is not None}
+    for n in reversed(gm.graph.nodes):
+        if n in of or n.op in skip or _state_update(n) or not n.users:
+            continue
+        owners = {of.get(u) for u in n.users}
+        if len(owners) == 1 and None not in owners:
+            of[n] = owners.pop()
+    return of
+
+
 def _regions(gm: GraphModule, policy: str) -> dict[str, list[Node]]:
     """Region name → its nodes in graph order (get_attr nodes and state updates left out)."""
-    key = moe_block if policy == "moe" else block_of
+    of = _region_of(gm, policy)
     regions: dict[str, list[Node]] = {}
     for n in gm.graph.nodes:
-        name = key(n) if n.op not in ("placeholder", "output", "get_attr") else None
-        if name is not None and not _state_update(n):
-            regions.setdefault(name, []).append(n)
+        if n in of:
+            regions.setdefault(of[n], []).append(n)
     return regions
 
 

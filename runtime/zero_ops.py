@@ -157,13 +157,18 @@ def module_call(module: nn.Module, names: tuple[str, ...], weights, *args):
     return torch.func.functional_call(module, dict(zip(names, weights)), args)
 
 
-def gathered_params(gm) -> dict[str, str]:
-    """{parameter name: group} of every parameter a zero_gather node of `gm` gathers."""
-    out = {}
+def gathered_params(gm, inputs: dict | None = None) -> dict[str, str]:
+    """{parameter name: group} of every parameter a zero_gather node of `gm` gathers, also inside
+    recomputed regions (runtime/recompute.py: a body whose placeholders are the call's `inputs`)."""
+    out, inputs = {}, inputs or {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and contracts.of(node.target) is ZERO_GATHER:
+        body = getattr(gm.get_submodule(node.target), "body", None) if node.op == "call_module" else None
+        if body is not None:
+            places = [p for p in body.graph.nodes if p.op == "placeholder"]
+            out |= gathered_params(body, {p: inputs.get(a, a) for p, a in zip(places, node.args)})
+        elif node.op == "call_function" and contracts.of(node.target) is ZERO_GATHER:
             group = ZERO_GATHER.arg(node, "group")
-            for shard in ZERO_GATHER.arg(node, "shards"):
+            for shard in (inputs.get(s, s) for s in ZERO_GATHER.arg(node, "shards")):
                 assert shard.op == "get_attr", f"{node.name}: shard {shard.name} is not a parameter"
                 out[shard.target] = group
     return out

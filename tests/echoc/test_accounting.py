@@ -75,42 +75,15 @@ def test_counts_cover_every_parameter_once():
                       "router": 2 * 8 * 32, "norms": 7 * 32, "lm_head": 64 * 32}
 
 
-def test_memory_per_rank_shards_routed_experts_over_ep(glm5):
-    spec = spec_for(GLM5, ep=64, dp=4)
-    mem = accounting.memory_per_rank(spec, glm5)
+def test_param_groups_shard_routed_experts_over_ep(glm5):
     counts = accounting.count_parameters(glm5)
-    local = sum(counts.values()) - counts["routed_experts"] + counts["routed_experts"] // 64
-    assert mem["weights"] == mem["grads"] == 2 * local                    # bf16
-    assert mem["optimizer"] == 12 * local                                  # 2 × fp32 moments + fp32 master
-    assert mem["by_category"]["routed_experts"] == counts["routed_experts"] // 64 * 16
-    assert mem["by_category"]["attention"] == counts["attention"] * 16      # replicated
-    assert mem["spare_slots"] == 0
-    assert mem["total"] == sum(v for k, v in mem.items() if k not in ("total", "by_category"))
-    assert sum(mem["by_category"].values()) == mem["weights"] + mem["grads"] + mem["optimizer"]
-    more_ep = accounting.memory_per_rank(spec_for(GLM5, ep=128, dp=2), glm5)
-    assert more_ep["weights"] < mem["weights"]
-
-
-def test_spare_slots_once_with_recompute_else_per_layer(glm5):
-    one_expert = 3 * 6144 * 2048 * 2
-    echo = {"enabled": True, "spare_slots_per_rank": 2}
-    shared = accounting.memory_per_rank(spec_for(GLM5, echo={**echo, "recompute_clone_dispatch": True}), glm5)
-    per_layer = accounting.memory_per_rank(spec_for(GLM5, echo=echo), glm5)
-    assert shared["spare_slots"] == 2 * one_expert
-    assert per_layer["spare_slots"] == 75 * 2 * one_expert
-
-
-def test_fp32_has_no_master_copy():
-    model = meta_model(TINY, torch.float32)
-    spec = spec_for(TINY, ep=2, dp=1, gpus=2, seq_len=64, device="cpu")
-    mem = accounting.memory_per_rank(spec, model)
-    assert mem["optimizer"] == 2 * mem["weights"]                          # 8 bytes vs 4 per param
-
-
-def test_activation_estimate_scales_with_tokens_and_capacity():
-    small = accounting.activation_bytes(spec_for(GLM5, seq_len=2048))
-    big = accounting.activation_bytes(spec_for(GLM5, seq_len=4096))
-    assert 1.9 < big / small < 2.1
-    # at 4096 tokens GLM-5 keeps ~1-4 GiB per layer without recomputation (order of magnitude check)
-    per_layer = big / 78 / 2**30
-    assert 1 < per_layer < 4, per_layer
+    g = accounting.param_groups(spec_for(GLM5, ep=64, dp=4), glm5)
+    assert g.expert == counts["routed_experts"] // 64
+    assert g.dense == sum(counts.values()) - counts["routed_experts"]
+    assert len(g.layers) == 78 and sum(g.layers) + g.outside_layers == g.dense + g.expert
+    assert g.outside_layers == counts["embedding"] + counts["lm_head"] + 6144      # + the final norm
+    H, F = 6144, 2048
+    assert g.layers[3] == g.layers[77] and g.layers[0] == g.layers[2]             # alike within a kind
+    assert g.layers[3] == g.layers[0] - 3 * H * 12288 + 4 * 3 * H * F + 3 * H * F + 256 * H
+    more_ep = accounting.param_groups(spec_for(GLM5, ep=128, dp=2), glm5)
+    assert more_ep.expert * 2 == g.expert and more_ep.dense == g.dense

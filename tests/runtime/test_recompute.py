@@ -20,11 +20,14 @@ def _oracle(tmp_path, torchrun, spec, steps=3):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("recompute,echo", [("none", None), ("moe", None), ("full", None), ("moe", ECHO),
-                                            ("full", ECHO)])
-def test_recompute_matches_reference(tmp_path, torchrun, oracle_spec, recompute, echo):
+@pytest.mark.parametrize("recompute,echo,zero", [
+    ("none", None, 0), ("moe", None, 0), ("full", None, 0), ("moe", ECHO, 0), ("full", ECHO, 0),
+    ("full", None, 1), ("full", None, 2), ("full", ECHO, 3), ("moe", None, 3)])
+def test_recompute_matches_reference(tmp_path, torchrun, oracle_spec, recompute, echo, zero):
+    """At ZeRO 3 a recomputed region gathers its layer's weights again (the gathers are inside it)."""
     spec = oracle_spec(ep=2, dp=2, echo=echo)
     spec["train"]["recompute"] = recompute
+    spec["parallel"]["zero"] = zero
     res = _oracle(tmp_path, torchrun, spec)
     for s in res["steps"]:
         assert s["dropped"] == 0, s

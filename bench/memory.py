@@ -1,0 +1,153 @@
+"""The memory model against the GPU: predicted peak per rank vs torch.cuda.max_memory_allocated.
+
+    python bench/memory.py [--steps 6] [--out bench/results/memory.json]
+
+One GPU, a glm5-mini-shaped model (MLA, hidden 2048, 4 layers of which 1 dense, 32 experts
+top-8, expert FFN 1024, one shared expert, vocab 32 000, 4096 tokens, bf16, capacity 1.25),
+for every train.recompute setting, with and without the arena (backends.buffers). Each variant
+runs in its own process (a captured graph's memory pool would otherwise stay allocated): the
+compile's prediction (summary.json's `memory`), then `steps` iterations through
+runtime.cuda_graph.StepRunner (3 eager warm-up steps, one capture, replays), and the peak
+allocated bytes from process start. At world 1 every ZeRO level holds the same bytes (a shard of
+one rank is the whole tensor), so zero is not varied here. ms per iteration: the median replay.
+Prints one table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+VARIANTS = [(r, b) for b in ("arena", "allocator") for r in ("none", "moe", "full")]
+
+
+def spec_dict(recompute: str, buffers: str) -> dict:
+    return {
+        "model": {"name": "glm5-mini-1gpu", "vocab_size": 32000, "hidden_size": 2048, "num_layers": 4,
+                  "first_dense_layers": 1, "dense_intermediate_size": 8192, "dtype": "bfloat16",
+                  "attention": {"kind": "mla", "num_heads": 16, "q_lora_rank": 768, "kv_lora_rank": 256,
+                                "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64},
+                  "moe": {"num_experts": 32, "top_k": 8, "expert_intermediate_size": 1024, "shared_experts": 1,
+                          "router": {"score_fn": "sigmoid", "routed_scaling_factor": 2.5}}},
+        "cluster": {"device": "cuda", "nodes": 1, "gpus_per_node": 1},
+        "parallel": {"ep": 1, "dp": 1},
+        "budgets": {"seq_len": 4096, "micro_batch": 1, "received_token_capacity": 1.25},
+        "backends": {"dispatch": "torch", "grouped_gemm": "torch", "cuda_graph": "full_iteration",
+                     "buffers": buffers},
+        "train": {"steps": 100, "seed": 0, "recompute": recompute, "optimizer": {"lr": 3e-4}},
+    }
+
+
+def run_one(recompute: str, buffers: str, steps: int) -> dict:
+    """In this process: compile, predict, run `steps` captured iterations, measure."""
+    from echoc.compile import compile_build
+    from echoc.spec_io import spec_from_dict
+    from runtime.cuda_graph import StepRunner
+    from runtime.data import TokenSource, local_rows
+    from runtime.trainer import Trainer, init_distributed
+
+    spec = spec_from_dict(spec_dict(recompute, buffers))
+    device = init_distributed(spec)
+    build = compile_build(spec)
+    mem = build.summary["memory"]
+    trainer = Trainer(build.program, device)
+    source = TokenSource("synthetic", spec.model.vocab_size, spec.budgets.seq_len, 0)
+    fwd_bwd = _forward_backward_peak(trainer, source, device)
+    torch.cuda.reset_peak_memory_stats()
+    runner = StepRunner(trainer, graph=True)
+    times = []
+    for step in range(steps):
+        tokens, labels = (x.to(device) for x in local_rows(source.global_batch(step, 1), 0, 1))
+        trainer.set_lr(step)
+        t0 = time.perf_counter()
+        runner.run(tokens, labels)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    measured = torch.cuda.max_memory_allocated()
+    predicted_fb = max(v for k, v in mem["phases"].items() if k == "loss" or k.startswith("backward"))
+    return {"recompute": recompute, "buffers": buffers, "predicted_bytes": mem["peak_bytes"],
+            "predicted_fwd_bwd_bytes": predicted_fb, "measured_fwd_bwd_bytes": fwd_bwd,
+            "fwd_bwd_ratio": fwd_bwd / predicted_fb,
+            "predicted_phase": mem["peak_phase"], "predicted_by_category": mem["by_category"],
+            "predicted_phases": mem["phases"], "measured_bytes": measured,
+            "ratio": measured / mem["peak_bytes"], "ms_per_iteration": statistics.median(times[4:] or times),
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+
+def _forward_backward_peak(trainer, source, device) -> int:
+    """Peak allocated bytes of one eager forward + loss + backward, before the gradient
+    reduction (the phases where activations and recompute matter), from the trained state."""
+    from runtime import arena
+    from runtime.data import local_rows
+    from runtime.model import lm_loss
+
+    tokens, labels = (x.to(device) for x in local_rows(source.global_batch(0, 1), 0, 1))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with arena.active(trainer.arena):
+        out = trainer.gm(tokens)
+        lm_loss(out[0] if isinstance(out, tuple) else out, labels).backward()
+    del out
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    trainer.zero_grad()
+    return peak
+
+
+def run_all(steps: int) -> list[dict]:
+    rows = []
+    for recompute, buffers in VARIANTS:
+        out = Path(f"/tmp/echoc_memory_{recompute}_{buffers}.json")
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        proc = subprocess.run([sys.executable, __file__, "--one", recompute, buffers, "--steps", str(steps),
+                               "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            rows.append({"recompute": recompute, "buffers": buffers, "error": proc.stderr[-1500:]})
+            continue
+        rows.append(json.loads(out.read_text()))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    base = {r["buffers"]: r.get("ms_per_iteration") for r in rows if r["recompute"] == "none"}
+    print(f"{'recompute':<10} {'buffers':<10} {'predicted GiB':>14} {'measured GiB':>13} {'measured/pred':>14} "
+          f"{'ms/iter':>8} {'vs none':>8} {'fwd+bwd pred':>13} {'fwd+bwd meas':>13} {'ratio':>6}  peak phase")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['recompute']:<10} {r['buffers']:<10} error: {r['error'].splitlines()[-1:]}")
+            continue
+        ref = base.get(r["buffers"])
+        print(f"{r['recompute']:<10} {r['buffers']:<10} {r['predicted_bytes'] / GIB:>14.2f} "
+              f"{r['measured_bytes'] / GIB:>13.2f} {r['ratio']:>14.3f} {r['ms_per_iteration']:>8.2f} "
+              f"{r['ms_per_iteration'] / ref if ref else float('nan'):>8.3f} "
+              f"{r['predicted_fwd_bwd_bytes'] / GIB:>13.2f} {r['measured_fwd_bwd_bytes'] / GIB:>13.2f} "
+              f"{r['fwd_bwd_ratio']:>6.3f}  {r['predicted_phase']}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
+    ap.add_argument("--one", nargs=2, metavar=("RECOMPUTE", "BUFFERS"))
+    args = ap.parse_args()
+    if args.one:
+        Path(args.out).write_text(json.dumps(run_one(*args.one, args.steps)))
+        return
+    rows = run_all(args.steps)
+    print_table(rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "variants": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""One memory model for the whole rank: what one rank holds at each phase of an iteration.
+
+    static        weights, fp32 master weights, AdamW moments (by parallel.zero), the arena
+    forward end   + every layer's kept activations (after train.recompute) + logits and loss
+    backward      + recomputed layer's activations + gradients so far + MoE buffers' peak
+    grad reduce   + every gradient (model dtype) + the reduction's flat buffers
+    optimizer     + the fp32 gradients the update reads
+
+The peak is the largest phase; `MemoryPrediction` holds it by category and names the phase.
+Parameter groups and ZeRO follow runtime/train_state.py: dense parameters are sharded over all
+ranks, expert parameters (after EP) over expert-DP; at zero ≥ 1 the fp32 master and both moments
+are sharded (a float32 model's unsharded weight is its own master); gradients are the model's
+dtype until the reduction, which concatenates them in train.grad_reduce_dtype and hands the
+optimizer fp32 copies (this rank's shard at zero ≥ 1); at zero 3 weights and gradients are
+shards, and a layer's weights are gathered just before use (two layers' worth: the current one
+and the prefetched next).
+
+Activations per layer: the dense parts from echoc/memory_census.py (autograd's saved tensors,
+counted on the meta device), the MoE machinery from the buffer plan (passes/buffer_plan.py):
+buffers live from forward into backward are saved activations, the rest the plan's transient
+peak. Under recompute a layer keeps its input [T, H] and the routing decisions, and in backward
+one layer at a time holds its whole activations again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from echoc.errors import EchocError
+from echoc.memory_census import LayerCensus
+from echoc.spec import Spec
+from passes.memory_plan import ALLOCATOR, MemoryPlan
+
+FP32 = 4
+INT64 = 8
+GIB = 2**30
+POLICIES = ("none", "moe", "full")
+
+
+@dataclass(frozen=True)
+class ParamGroups:
+    """Parameters this rank computes with (experts after EP), by data-parallel group."""
+    dense: int
+    expert: int
+    layers: tuple[int, ...]      # each transformer layer's local parameters, in order
+    outside_layers: int          # embedding, final norm, lm_head
+
+
+@dataclass
+class MemoryPrediction:
+    """The predicted peak of one rank (bytes), where it falls, and every phase's total."""
+    recompute: str
+    zero: int
+    peak_bytes: int
+    peak_phase: str
+    by_category: dict[str, int]                      # at the peak phase
+    phases: dict[str, int] = field(default_factory=dict)
+    budget_bytes: int | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.budget_bytes is None or self.peak_bytes <= self.budget_bytes
+
+
+def zero_level(spec: Spec) -> int:
+    return getattr(spec.parallel, "zero", 0)
+
+
+def _shards(spec: Spec) -> tuple[int, int]:
+    """(ranks a dense tensor is sharded over, ranks an expert tensor is sharded over)."""
+    return spec.parallel.ep * spec.parallel.dp, spec.parallel.dp
+
+
+def static_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
+    """Weights, fp32 masters and moments held all the time (train_state.py's layout)."""
+    b, z = spec.model.dtype_bytes, zero_level(spec)
+    nd, ne = _shards(spec)
+    out = {"weights": 0, "master_weights": 0, "optimizer_moments": 0}
+    for n_params, n in ((p.dense, nd), (p.expert, ne)):
+        shard = n if z >= 1 else 1
+        out["weights"] += b * n_params // (n if z == 3 else 1)
+        own = b == FP32 and (shard == 1 or z == 3)
+        out["master_weights"] += 0 if own else FP32 * n_params // shard
+        out["optimizer_moments"] += 2 * FP32 * n_params // shard
+    return out
+
+
+def gradient_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
+    """model_grads: every .grad after backward (model dtype); reduce_transient: what the
+    reduction holds on top of them at its peak (casts, the flat buffer, the fp32 shard);
+    fp32_grads: the gradients the optimizer reads (fp32, this rank's shard at zero >= 1)."""
+    b, z = spec.model.dtype_bytes, zero_level(spec)
+    r = FP32 if getattr(spec.train, "grad_reduce_dtype", "float32") == "float32" else 2
+    nd, ne = _shards(spec)
+    out = {"model_grads": 0, "reduce_transient": 0, "fp32_grads": 0}
+    for n_params, n in ((p.dense, nd), (p.expert, ne)):
+        shard = n if z >= 1 else 1
+        fp32 = FP32 * n_params // shard
+        out["fp32_grads"] += fp32
+        if z == 3:
+            out["model_grads"] += b * n_params // n
+            out["reduce_transient"] += fp32
+            continue
+        out["model_grads"] += b * n_params
+        flat = r * n_params
+        if z == 2:       # one reduce-scatter input [n, m] and its output shard, then the fp32 copy
+            out["reduce_transient"] += flat + r * n_params // n + (fp32 if r != FP32 else 0)
+            continue
+        casts = flat if r != b else 0                # every gradient cast before the concat
+        copies = fp32 if (shard > 1 or r != FP32) else 0
+        out["reduce_transient"] += max(casts + flat, flat + copies)
+    return out
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """Bytes one layer holds between its forward and its backward, and what recompute adds back."""
+    kept: int          # held from the layer's forward to its backward
+    working: int       # recomputed in backward, on top of `kept` (0 without recompute)
+
+
+def _moe_saved(plan: MemoryPlan, placements: tuple[str, ...]) -> dict[int, int]:
+    """Per MoE layer, bytes of plan buffers live across the forward/backward boundary (saved for
+    backward), of the given placements."""
+    out: dict[int, int] = {}
+    if not plan.planned:
+        return out
+    fwd_end = plan.timeline.forward[1]
+    for buf in plan.buffers:
+        if buf.layer is not None and buf.placement in placements and buf.first <= fwd_end < buf.last:
+            out[buf.layer] = out.get(buf.layer, 0) + buf.nbytes
+    return out
+
+
+def layer_activations(spec: Spec, census: LayerCensus, plan: MemoryPlan, policy: str) -> list[LayerActivations]:
+    """Every layer's activations under `policy` (one of POLICIES)."""
+    m, T = spec.model, spec.budgets.tokens
+    arena = spec.backends.uses_arena and plan.planned
+    moe = _moe_saved(plan, (ALLOCATOR,) if arena else ("arena", ALLOCATOR))
+    x_in = T * m.hidden_size * m.dtype_bytes
+    routing = T * m.moe.top_k * (FP32 + INT64)                  # the saved top-k (values, indices)
+    out = []
+    for layer in range(m.num_layers):
+        dense = layer < m.first_dense_layers
+        mlp = census.dense_mlp if dense else census.router + census.shared + moe.get(layer, 0)
+        saved = census.attention + mlp
+        keep = {"none": saved, "moe": saved if dense else census.attention + x_in + routing,
+                "full": x_in + (0 if dense else routing)}[policy]
+        working = 0 if policy == "none" else saved - (keep - x_in - (0 if dense else routing))
+        out.append(LayerActivations(keep, working))
+    return out
+
+
+def moe_buffer_bytes(spec: Spec, plan: MemoryPlan) -> tuple[int, int]:
+    """(the arena, held all the time when the runtime uses one; the MoE buffers' peak beyond
+    the arena and the saved activations: exchange buffers, GEMM products)."""
+    if not plan.planned:
+        return 0, 0
+    if spec.backends.uses_arena:
+        saved = sum(_moe_saved(plan, (ALLOCATOR,)).values())
+        return plan.arena_bytes, max(0, plan.allocator_lower_bound_bytes - saved)
+    return 0, max(0, plan.total_lower_bound_bytes - sum(_moe_saved(plan, ("arena", ALLOCATOR)).values()))
+
+
+def head_bytes(spec: Spec, census: LayerCensus) -> dict[str, int]:
+    """The output head: logits [T, V] (held until the step ends), the loss's fp32 working set at
+    its peak (log-softmax output, the NLL gradient and the log-softmax gradient, and the fp32
+    copy of bf16 logits), and what the final norm and lm_head save."""
+    m, T = spec.model, spec.budgets.tokens
+    tv = T * m.vocab_size
+    return {"logits": tv * m.dtype_bytes, "loss": 3 * FP32 * tv, "head_saved": census.head}
+
+
+def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: dict, grads: dict,
+            head: dict, moe: tuple[int, int]) -> dict[str, dict[str, int]]:
+    """Every phase's bytes by category."""
+    b = spec.model.dtype_bytes
+    z3 = zero_level(spec) == 3
+    gathered = 2 * b * max(p.layers, default=0) if z3 else 0
+    base = dict(static, moe_arena=moe[0])
+    kept = sum(a.kept for a in acts)
+    phases = {"loss": dict(base, activations=kept, gathered_weights=gathered, **head)}
+    share = grads["model_grads"] / max(1, p.dense + p.expert)    # gradient bytes per local parameter
+    done = p.outside_layers
+    for layer in reversed(range(len(acts))):
+        a = acts[layer]
+        phases[f"backward layer {layer}"] = dict(
+            base, activations=sum(x.kept for x in acts[:layer + 1]) + a.working, moe_transient=moe[1],
+            gathered_weights=gathered, logits=head["logits"], model_grads=int(share * (done + p.layers[layer])))
+        done += p.layers[layer]
+    phases["gradient reduction"] = dict(base, model_grads=grads["model_grads"], logits=head["logits"],
+                                        reduce_transient=grads["reduce_transient"])
+    phases["optimizer"] = dict(base, fp32_grads=grads["fp32_grads"])
+    return phases
+
+
+def predict(spec: Spec, p: ParamGroups, census: LayerCensus, plan: MemoryPlan, policy: str) -> MemoryPrediction:
+    """The predicted peak of one rank under recompute `policy` (one of POLICIES)."""
+    assert policy in POLICIES, policy
+    phases = _phases(spec, p, layer_activations(spec, census, plan, policy), static_bytes(spec, p),
+                     gradient_bytes(spec, p), head_bytes(spec, census), moe_buffer_bytes(spec, plan))
+    totals = {name: sum(c.values()) for name, c in phases.items()}
+    worst = max(totals, key=totals.get)
+    budget = spec.budgets.memory_gib
+    return MemoryPrediction(policy, zero_level(spec), totals[worst], worst,
+                            {k: v for k, v in phases[worst].items() if v}, totals,
+                            None if budget is None else int(budget * GIB))
+
+
+def choose(spec: Spec, p: ParamGroups, census: LayerCensus, plan: MemoryPlan) -> MemoryPrediction:
+    """spec.train.recompute, or for 'auto' the cheapest policy (none, moe, full) that fits the
+    budget (the last one, not fitting, when none does; 'none' when no budget is set)."""
+    if spec.train.recompute != "auto":
+        return predict(spec, p, census, plan, spec.train.recompute)
+    for policy in POLICIES:
+        pred = predict(spec, p, census, plan, policy)
+        if pred.fits:
+            return pred
+    return pred
+
+
+class MemoryBudgetError(EchocError):
+    """The predicted peak of a rank is over budgets.memory_gib."""
+
+
+HELPFUL_FIELDS = ("parallel.zero", "train.recompute", "parallel.ep", "budgets.received_token_capacity")
+
+
+def check_budget(spec: Spec, pred: MemoryPrediction) -> None:
+    """Raise MemoryBudgetError (one line: the three largest categories, the fields that help)."""
+    if pred.fits:
+        return
+    top = sorted(pred.by_category.items(), key=lambda kv: -kv[1])[:3]
+    now = {"parallel.zero": zero_level(spec), "train.recompute": spec.train.recompute,
+           "parallel.ep": spec.parallel.ep, "budgets.received_token_capacity": spec.budgets.received_token_capacity}
+    raise MemoryBudgetError(
+        f"predicted peak {pred.peak_bytes / GIB:.2f} GiB per rank is over budgets.memory_gib "
+        f"{spec.budgets.memory_gib:g} (at {pred.peak_phase}, recompute {pred.recompute}; largest: "
+        + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in top)
+        + "); raise " + ", ".join(f"{f} (now {now[f]})" if f != "budgets.received_token_capacity"
+                                  else f"or lower {f} (now {now[f]})" for f in HELPFUL_FIELDS))
+
+
+def to_json(pred: MemoryPrediction) -> dict:
+    """The prediction as summary.json stores it (bytes)."""
+    return {"recompute": pred.recompute, "zero": pred.zero, "peak_bytes": pred.peak_bytes,
+            "peak_phase": pred.peak_phase, "by_category": pred.by_category, "phases": pred.phases,
+            "budget_bytes": pred.budget_bytes, "fits": pred.fits}

@@ -1,0 +1,140 @@
+"""The whole-rank memory model (echoc/memory_model.py, echoc/memory_census.py) and the budget check."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from echoc import memory_model as mm
+from echoc import views
+from echoc.compile import compile_build
+from echoc.errors import EchocError
+from echoc.memory_census import layer_census
+from echoc.spec_io import load_spec
+from runtime.model import MLP, Router
+from runtime.recompute import Recompute
+from support import ROOT
+
+GIB = 2**30
+GROUPS = mm.ParamGroups(dense=1000, expert=800, layers=(400, 600), outside_layers=800)
+
+
+def _mini(make_spec, **over):
+    """A bf16 CUDA-shaped spec compiled on the CPU (nothing runs): 2 MoE layers, ep 2 × dp 2."""
+    base = {"parallel.ep": 2, "parallel.dp": 2, "cluster.device": "cuda", "model.dtype": "bfloat16",
+            "budgets.seq_len": 256, "backends.buffers": "allocator"}
+    return make_spec(base | over)
+
+
+@pytest.mark.parametrize("zero,weights,master,moments", [
+    (0, 2 * 1800, 4 * 1800, 8 * 1800),
+    (1, 2 * 1800, 4 * (1000 // 4 + 800 // 2), 8 * (1000 // 4 + 800 // 2)),
+    (2, 2 * 1800, 4 * (1000 // 4 + 800 // 2), 8 * (1000 // 4 + 800 // 2)),
+    (3, 2 * (1000 // 4 + 800 // 2), 4 * (1000 // 4 + 800 // 2), 8 * (1000 // 4 + 800 // 2)),
+])
+def test_static_bytes_by_zero_level(make_spec, zero, weights, master, moments):
+    """bf16 weights; fp32 master and both moments sharded at zero >= 1 (dense over all 4 ranks,
+    experts over their 2 expert-DP ranks); weights sharded at zero 3."""
+    spec = _mini(make_spec, **{"parallel.zero": zero})
+    assert mm.static_bytes(spec, GROUPS) == {"weights": weights, "master_weights": master,
+                                             "optimizer_moments": moments}
+
+
+def test_fp32_model_whole_weight_is_its_own_master(make_spec):
+    spec = make_spec({"parallel.ep": 2, "parallel.dp": 2})
+    assert spec.model.dtype == "float32"
+    assert mm.static_bytes(spec, GROUPS)["master_weights"] == 0
+
+
+def test_gradients_by_zero_level(make_spec):
+    """The optimizer reads fp32 gradients (this rank's shard at zero >= 1); at zero 3 even the
+    model-dtype gradients are shards; zero 2's reduce-scatter needs no whole fp32 copy."""
+    g = {z: mm.gradient_bytes(_mini(make_spec, **{"parallel.zero": z}), GROUPS) for z in range(4)}
+    assert g[0]["model_grads"] == g[1]["model_grads"] == g[2]["model_grads"] == 2 * 1800
+    assert g[3]["model_grads"] == 2 * (250 + 400)
+    assert g[0]["fp32_grads"] == 4 * 1800 and g[1]["fp32_grads"] == g[3]["fp32_grads"] == 4 * 650
+    assert g[0]["reduce_transient"] == (4 + 4) * 1800          # the fp32 casts and the flat buffer
+    assert g[2]["reduce_transient"] < g[1]["reduce_transient"]
+
+
+def test_census_counts_what_autograd_saves_on_a_real_device(make_spec):
+    """The meta-device census equals the bytes a real CPU forward saves (distinct storages,
+    parameters excluded) for the dense FFN and the router."""
+    spec = make_spec({"budgets.seq_len": 64})
+    census, m = layer_census(spec), spec.model
+
+    def saved(module, x):
+        params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        seen = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in params:
+                seen[s.data_ptr()] = (s.nbytes(), t)
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x.requires_grad_(True))
+        return sum(n for n, _ in seen.values())
+
+    x = torch.randn(spec.budgets.micro_batch, spec.budgets.seq_len, m.hidden_size)
+    assert census.dense_mlp == saved(MLP(m.hidden_size, m.dense_intermediate_size), x.clone())
+    assert census.router == saved(Router(m), x.reshape(-1, m.hidden_size).clone())
+    assert census.dense_mlp > 0 and census.router > 0
+
+
+def test_recompute_lowers_the_activation_phases(make_spec):
+    """Kept activations: none > moe > full; each policy's loss phase is lower than the last."""
+    spec = _mini(make_spec)
+    build = compile_build(spec)
+    census, plan = layer_census(spec), build.memory_plan
+    groups = mm.ParamGroups(0, 0, (0,) * spec.model.num_layers, 0)
+    kept = {p: sum(a.kept for a in mm.layer_activations(spec, census, plan, p)) for p in mm.POLICIES}
+    assert kept["none"] > kept["moe"] > kept["full"] > 0
+    loss = {p: mm.predict(spec, groups, census, plan, p).phases["loss"] for p in mm.POLICIES}
+    assert loss["none"] - loss["moe"] == kept["none"] - kept["moe"]
+    work = mm.layer_activations(spec, census, plan, "full")
+    assert all(a.working > 0 for a in work)
+
+
+def test_auto_picks_the_cheapest_policy_that_fits(make_spec):
+    peaks = {p: compile_build(_mini(make_spec, **{"train.recompute": p})).summary["memory"] for p in mm.POLICIES}
+    assert peaks["none"]["peak_bytes"] >= peaks["moe"]["peak_bytes"] >= peaks["full"]["peak_bytes"]
+    between = (peaks["moe"]["peak_bytes"] + 1) / GIB
+    build = compile_build(_mini(make_spec, **{"train.recompute": "auto", "budgets.memory_gib": between}))
+    chosen = build.summary["memory"]["recompute"]
+    assert chosen == "moe" or (chosen == "none" and peaks["none"]["peak_bytes"] <= between * GIB)
+    regions = [m for m in build.program.gm.modules() if isinstance(m, Recompute)]
+    assert len(regions) == (spec_moe_layers := build.spec.model.num_moe_layers) and spec_moe_layers > 0
+    none = compile_build(_mini(make_spec, **{"train.recompute": "auto"}))       # no budget: nothing to meet
+    assert none.summary["memory"]["recompute"] == "none"
+
+
+def test_over_budget_is_one_actionable_line(make_spec):
+    spec = _mini(make_spec, **{"budgets.memory_gib": 0.001})
+    with pytest.raises(mm.MemoryBudgetError) as info:
+        compile_build(spec)
+    msg = str(info.value)
+    assert isinstance(info.value, EchocError) and "\n" not in msg
+    assert "over budgets.memory_gib 0.001" in msg
+    for field in mm.HELPFUL_FIELDS:
+        assert field in msg, field
+    assert msg.count(" GiB,") + msg.count(" GiB)") >= 3          # the three largest categories, sized
+
+
+@pytest.mark.parametrize("name,limit_gib", [("glm5", 120), ("glm5-h100", 72)])
+def test_flagship_specs_fit_their_gpus(name, limit_gib):
+    spec = load_spec(ROOT / "specs" / f"{name}.yaml")
+    mem = compile_build(spec).summary["memory"]
+    assert mem["fits"] and mem["peak_bytes"] <= limit_gib * GIB, mem["peak_bytes"] / GIB
+    assert mem["budget_bytes"] == int(spec.budgets.memory_gib * GIB)
+
+
+def test_inspect_memory_view_lists_categories_and_the_peak_phase(make_spec):
+    summary = compile_build(_mini(make_spec, **{"train.recompute": "full"})).summary
+    table = views.memory_table(summary)
+    rows = table.columns[0]._cells
+    mem = summary["memory"]
+    assert set(mem["by_category"]) <= set(rows)
+    assert any(r.startswith(f"phase: {mem['peak_phase']}") and "(peak)" in r for r in rows)
+    assert sum(r.startswith("phase: backward") for r in rows) == 1     # the worst layer only
+    with pytest.raises(EchocError, match="no memory prediction"):
+        views.memory_table({"name": "old"})
