@@ -77,21 +77,23 @@ def _uses(gm: GraphModule) -> dict[str, list[Node]]:
     return uses
 
 
-def _units(gm: GraphModule, spec: Spec) -> dict[tuple[str, str], list[str]]:
+def _units(gm: GraphModule, spec: Spec, uses: dict[str, list[Node]]) -> dict[tuple[str, str], list[str]]:
     """(unit, group) → its parameters, for groups of more than one rank, in first-use order."""
     sizes = {"world": spec.cluster.world_size, "expert_dp": spec.parallel.dp}
     experts, units = _expert_params(gm), {}
-    for name in _uses(gm):
+    for name in uses:
         group = "expert_dp" if name in experts else "world"
         if sizes[group] > 1:
             units.setdefault((unit_of(name), group), []).append(name)
     return units
 
 
-def _gather(gm: GraphModule, unit: str, group: str, names: list[str], spec: Spec) -> dict[str, Node]:
-    """Insert shards · zero_gather · getitems before the unit's first use; name → weight node."""
-    g, uses = gm.graph, _uses(gm)
-    first = min((n for name in names for n in uses[name]), key=_order(g))
+def _gather(gm: GraphModule, unit: str, group: str, names: list[str], spec: Spec,
+            uses: dict[str, list[Node]], order) -> dict[str, Node]:
+    """Insert shards · zero_gather · getitems before the unit's first use; name → weight node.
+    `uses` and `order` are of the graph before any insertion (insertions keep the others' order)."""
+    g = gm.graph
+    first = min((n for name in names for n in uses[name]), key=order)
     node_name = f"zero_{unit.replace('.', '_')}_{group}"
     shapes = tuple(tuple(gm.get_parameter(name).shape) for name in names)
     with g.inserting_before(first):
@@ -140,8 +142,9 @@ def run(gm: GraphModule, spec: Spec) -> PassResult:
     if level < 3:
         return PassResult(gm, ZeroInfo(level, reason=f"parallel.zero is {level}: weights stay whole in the graph"))
     info, weights, shard_nodes = ZeroInfo(level), {}, set()
-    for (unit, group), names in _units(gm, spec).items():
-        unit_weights = _gather(gm, unit, group, names, spec)
+    uses, order = _uses(gm), _order(gm.graph)
+    for (unit, group), names in _units(gm, spec, uses).items():
+        unit_weights = _gather(gm, unit, group, names, spec, uses, order)
         weights.update(unit_weights)
         gather = next(iter(unit_weights.values())).args[0]
         shard_nodes.update(ZERO_GATHER.arg(gather, "shards"))
