@@ -8,6 +8,7 @@ collective: the 744B-parameter spec compiles on a laptop.
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import resource
 import time
@@ -19,6 +20,11 @@ from torch.fx import GraphModule
 from torch.fx.passes.shape_prop import ShapeProp
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+try:  # torch ≥ 2.2; a private switch, so without it everything still works, only slower
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+except ImportError:  # pragma: no cover
+    _use_lazy_graph_module = None
 
 import echoc
 from echoc import accounting, memory_model
@@ -33,6 +39,10 @@ from runtime.dtypes import torch_dtype
 from runtime.model import MoE, meta_transformer
 from runtime.parallel import shard_experts
 from runtime.program import Program
+
+
+def _lazy_graph_modules():
+    return _use_lazy_graph_module(True) if _use_lazy_graph_module else contextlib.nullcontext()
 
 
 class MoELeafTracer(torch.fx.Tracer):
@@ -90,7 +100,14 @@ class Build:
 
 
 def compile_build(spec: Spec) -> Build:
-    """Plan rank 0 on the meta device (every rank has the same shapes under the sync-free backends)."""
+    """Plan rank 0 on the meta device (every rank has the same shapes under the sync-free backends).
+    Graph modules are lazy while the passes run: each pass's recompile only marks the code stale,
+    and the Python code is generated once, when first read or run (saves ~1.5 s on glm5)."""
+    with _lazy_graph_modules():
+        return _compile_build(spec)
+
+
+def _compile_build(spec: Spec) -> Build:
     t0 = time.perf_counter()
     model = meta_transformer(spec.model, torch_dtype(spec.model.dtype))
     params = accounting.count_parameters(model)
