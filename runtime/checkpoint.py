@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from echoc.errors import EchocError
 from runtime import comm
@@ -92,6 +91,13 @@ def _state(trainer, step: int) -> dict[str, torch.Tensor]:
 def _layout(trainer) -> dict:
     return {"ep": comm.group_size("ep"), "dp": comm.group_size("expert_dp"),
             "world": dist.get_world_size() if dist.is_initialized() else 1, "zero": trainer.spec.parallel.zero}
+
+
+def _dcp():
+    """torch.distributed.checkpoint, imported when a checkpoint is first saved or loaded: it costs
+    ~0.75 s, which every `echoc` command (validate, compile) would otherwise pay."""
+    import torch.distributed.checkpoint as dcp
+    return dcp
 
 
 def _rank() -> int:
@@ -164,6 +170,7 @@ def save(trainer, step: int, ckpt_dir: str | Path) -> Path:
         tmp.mkdir(parents=True)
     _barrier()
     try:
+        dcp = _dcp()
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)))
     except Exception as e:  # DCP's own errors carry no hint about what to do
         raise CheckpointError(f"saving step {step} into {tmp} failed in torch.distributed.checkpoint "
@@ -200,7 +207,7 @@ def load(trainer, path: str | Path) -> int:
             f"on {_layout(trainer)['world']}: its optimizer shards do not fit; resume with the same zero level "
             "and world size")
     state = _state(trainer, 0)   # the optimizer's state exists from the start: DCP loads into it
-    dcp.load(state, checkpoint_id=str(path))
+    _dcp().load(state, checkpoint_id=str(path))
     step = int(state["meta.step"])
     assert step == info["step"], f"{path}: COMPLETE says step {info['step']}, the state says {step}"
     return step
