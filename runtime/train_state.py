@@ -26,12 +26,12 @@ from torch import Tensor, nn
 
 from echoc.spec import Spec
 from runtime import comm
+from runtime.dtypes import torch_dtype
 from runtime.optim import AdamWConfig, MasterAdamW
 from runtime.parallel import expert_param_names
 from runtime.shards import (ShardSpec, gather_full, reduce_scatter_full, shard_spec, split_rows,
                             take_shard)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -54,7 +54,7 @@ class TrainState:
 
     def __init__(self, model: nn.Module, spec: Spec, device: torch.device, gathered: dict[str, str]):
         self.level, self.model = spec.parallel.zero, model
-        self.reduce_dtype = _DTYPES[spec.train.grad_reduce_dtype]
+        self.reduce_dtype = torch_dtype(spec.train.grad_reduce_dtype)
         experts = expert_param_names(model)
         self.params = [self._param_state(name, p, "expert_dp" if name in experts else "world", gathered)
                        for name, p in model.named_parameters()]

@@ -32,13 +32,13 @@ from torch import Tensor, nn
 
 from runtime import contracts
 from runtime.contracts import OpContract
+from runtime.dtypes import torch_dtype
 from runtime.shards import ShardSpec, gather_full, reduce_scatter_full, shard_spec, split_rows
 
 # no role: the MoE buffer plan does not place its output (the allocator does); `weights` is a tuple
 ZERO_GATHER = OpContract("zero_gather", ("shards", "shapes", "group", "reduce_dtype", "buf"), ("weights",),
                          grads=("shards",), output_in_arena=False)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 REGATHERS = [0]   # units gathered again in backward since the process started (tests read it)
 
 
@@ -123,7 +123,7 @@ class _ZeroGather(torch.autograd.Function):
         unit = _Unit(shards, [shard_spec(math.prod(s), group) for s in shapes], shapes)
         fulls = unit.gather()
         _track(unit, fulls)
-        ctx.unit, ctx.reduce_dtype = unit, _DTYPES[reduce_dtype]
+        ctx.unit, ctx.reduce_dtype = unit, torch_dtype(reduce_dtype)
         return tuple(fulls)
 
     @staticmethod
