@@ -73,3 +73,23 @@ def run_torchrun(script: Path, cfg: dict, nproc: int, workdir: Path, *torchrun_a
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+ORACLE_TOL = 1e-5   # fp32 on CPU: loss and every gradient equal to the reference up to rounding
+
+
+def run_json_worker(script: Path, cfg: dict, workdir: Path) -> dict | list:
+    """Run a worker script on ep × dp processes of cfg["spec"]; it writes its JSON result to cfg["out"]."""
+    out = workdir / "out.json"
+    spec = cfg["spec"]
+    run_torchrun(script, dict(cfg, out=str(out)), spec["parallel"]["ep"] * spec["parallel"]["dp"], workdir)
+    return json.loads(out.read_text())
+
+
+def assert_oracle_matches(result: dict, tol: float = ORACLE_TOL) -> None:
+    """Every step's loss and worst gradient (and every rank's worst gradient) within tol of the reference."""
+    for s in result["steps"]:
+        assert s["loss_rel_err"] <= tol, s
+        name, err = s["worst_grad"]
+        assert err <= tol, f"step {s['step']}: gradient of {name} off by {err:.2e}"
+    assert max(result["worst_grad_by_rank"]) <= tol

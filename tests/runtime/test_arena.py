@@ -1,6 +1,5 @@
 """The planned arena (runtime/arena.py): views at planned offsets, and a run with the arena
 equal to a run without it, bitwise (gloo, CPU, fp32; torchrun workers in arena_worker.py)."""
-import json
 from pathlib import Path
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 
 from runtime import arena, ops  # noqa: F401  (ops registers echo::count)
 from runtime.arena import Arena, ArenaLayout, View
+from support import run_json_worker
 
 WORKER = Path(__file__).with_name("arena_worker.py")
 
@@ -59,12 +59,9 @@ def test_a_custom_op_accepts_arena_views_of_shared_bytes():
 
 
 @pytest.fixture
-def run_arena_worker(tmp_path, torchrun):
+def run_arena_worker(tmp_path):
     def run(spec, steps=2, graph=False):
-        out = tmp_path / "out.json"
-        cfg = {"spec": spec, "steps": steps, "graph": graph, "out": str(out)}
-        torchrun(WORKER, cfg, spec["parallel"]["ep"] * spec["parallel"]["dp"], tmp_path)
-        return json.loads(out.read_text())
+        return run_json_worker(WORKER, {"spec": spec, "steps": steps, "graph": graph}, tmp_path)
     return run
 
 

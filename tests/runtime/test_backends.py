@@ -2,36 +2,24 @@
 hand-computed cases, and the oracle (loss and every gradient ≤ 1e-5 vs the single-process
 reference) with each backend's device collective replaced by a gloo stand-in that follows
 the library call's contract (tests/runtime/backend_standins.py)."""
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from runtime.backends import deepep, symm_mem
+from support import assert_oracle_matches, run_json_worker
 
 WORKER = Path(__file__).with_name("backend_worker.py")
-TOL = 1e-5
 BACKENDS = ["symm_mem", "deepep"]
 
 
 @pytest.fixture
-def run_backend(tmp_path, torchrun):
+def run_backend(tmp_path):
     def run(spec, backend, steps=3, reference_drops=False):
-        out = tmp_path / "out.json"
-        cfg = {"spec": spec, "backend": backend, "steps": steps, "reference_drops": reference_drops,
-               "out": str(out)}
-        torchrun(WORKER, cfg, spec["parallel"]["ep"] * spec["parallel"]["dp"], tmp_path)
-        return json.loads(out.read_text())
+        cfg = {"spec": spec, "backend": backend, "steps": steps, "reference_drops": reference_drops}
+        return run_json_worker(WORKER, cfg, tmp_path)
     return run
-
-
-def assert_matches(result, tol=TOL):
-    for s in result["steps"]:
-        assert s["loss_rel_err"] <= tol, s
-        name, err = s["worst_grad"]
-        assert err <= tol, f"step {s['step']}: gradient of {name} off by {err:.2e}"
-    assert max(result["worst_grad_by_rank"]) <= tol
 
 
 # --- the oracle over the stand-ins (slow: torchrun/gloo) ---------------------------------------
@@ -42,7 +30,7 @@ def assert_matches(result, tol=TOL):
 def test_matches_reference(run_backend, oracle_spec, backend, ep):
     res = run_backend(oracle_spec(ep=ep, capacity=float(ep)), backend)
     assert all(s["dropped"] == 0 for s in res["steps"])
-    assert_matches(res)
+    assert_oracle_matches(res)
 
 
 @pytest.mark.slow
@@ -52,7 +40,7 @@ def test_echo_cloning_matches_reference(run_backend, oracle_spec, backend):
                        echo={"enabled": True, "spare_slots_per_rank": 2, "clone_domain": "cluster"})
     res = run_backend(spec, backend)
     assert sum(s["clones"] for s in res["steps"]) > 0, "no clone was planned: the test proves nothing"
-    assert_matches(res)
+    assert_oracle_matches(res)
 
 
 @pytest.mark.slow
@@ -64,7 +52,7 @@ def test_overflow_drops_exactly_the_rows_the_torch_backend_drops(run_backend, or
     spec["budgets"]["row_alignment"] = 4
     res = run_backend(spec, backend, steps=2, reference_drops=True)
     assert sum(s["dropped"] for s in res["steps"]) > 0, "the test needs overflow to mean anything"
-    assert_matches(res)
+    assert_oracle_matches(res)
 
 
 # --- pure index arithmetic (no processes) ------------------------------------------------------

@@ -3,33 +3,22 @@
 Each case launches real torchrun processes running tests/runtime/dist_worker.py,
 which compares loss and every gradient after each of several optimizer steps.
 """
-import json
 from pathlib import Path
 
 import pytest
 
+from support import assert_oracle_matches, run_json_worker
+
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-TOL = 1e-5
 
 
 @pytest.fixture
-def run_oracle(tmp_path, torchrun):
+def run_oracle(tmp_path):
     def run(spec, steps=3, reference_drops=False):
-        out = tmp_path / "out.json"
-        cfg = {"spec": spec, "steps": steps, "reference_drops": reference_drops, "out": str(out)}
-        torchrun(WORKER, cfg, spec["parallel"]["ep"] * spec["parallel"]["dp"], tmp_path)
-        return json.loads(out.read_text())
+        return run_json_worker(WORKER, {"spec": spec, "steps": steps, "reference_drops": reference_drops}, tmp_path)
     return run
-
-
-def assert_matches(result, tol=TOL):
-    for s in result["steps"]:
-        assert s["loss_rel_err"] <= tol, s
-        name, err = s["worst_grad"]
-        assert err <= tol, f"step {s['step']}: gradient of {name} off by {err:.2e}"
-    assert max(result["worst_grad_by_rank"]) <= tol
 
 
 @pytest.mark.parametrize("ep,dp,backend", [(2, 1, "torch"), (4, 1, "torch"), (2, 2, "torch"),
@@ -38,14 +27,14 @@ def test_matches_reference(run_oracle, oracle_spec, ep, dp, backend):
     # capacity = ep makes every per-peer chunk hold all of a rank's copies: no overflow possible
     res = run_oracle(oracle_spec(ep=ep, dp=dp, backend=backend, capacity=float(ep)))
     assert all(s["dropped"] == 0 for s in res["steps"])
-    assert_matches(res)
+    assert_oracle_matches(res)
 
 
 def test_mla_softmax_grouped_router_matches_reference(run_oracle, oracle_spec):
     spec = oracle_spec(ep=2, attention={"kind": "mla", "num_heads": 2, "q_lora_rank": 16, "kv_lora_rank": 16,
                                       "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8})
     spec["model"]["moe"]["router"].update(score_fn="softmax", num_groups=4, topk_groups=2)
-    assert_matches(run_oracle(spec, steps=2))
+    assert_oracle_matches(run_oracle(spec, steps=2))
 
 
 def test_tight_capacity_drops_exactly_the_counted_rows(run_oracle, oracle_spec):
@@ -53,7 +42,7 @@ def test_tight_capacity_drops_exactly_the_counted_rows(run_oracle, oracle_spec):
     spec = oracle_spec(ep=2, capacity=1.0, experts=4, top_k=2)
     res = run_oracle(spec, steps=2, reference_drops=True)
     assert sum(s["dropped"] for s in res["steps"]) > 0, "the test needs overflow to mean anything"
-    assert_matches(res)
+    assert_oracle_matches(res)
 
 
 def test_tight_capacity_without_the_mask_differs(run_oracle, oracle_spec):
@@ -74,7 +63,7 @@ def test_echo_cloning_matches_reference(run_oracle, oracle_spec, ep, dp, recompu
     res = run_oracle(spec, steps=3)
     assert sum(s["clones"] for s in res["steps"]) > 0, "no clone was planned: the test proves nothing"
     assert all(s["dropped"] == 0 for s in res["steps"])
-    assert_matches(res)
+    assert_oracle_matches(res)
 
 
 @pytest.mark.parametrize("zero,echo", [(1, False), (2, True), (3, False), (3, True)])
@@ -88,7 +77,7 @@ def test_zero_matches_reference(run_oracle, oracle_spec, zero, echo):
     assert all(s["dropped"] == 0 for s in res["steps"])
     if echo:
         assert sum(s["clones"] for s in res["steps"]) > 0, "no clone was planned: the test proves nothing"
-    assert_matches(res)
+    assert_oracle_matches(res)
 
 
 def test_bf16_zero3_with_bf16_gradient_reduction_matches_reference(run_oracle, oracle_spec):
@@ -96,4 +85,4 @@ def test_bf16_zero3_with_bf16_gradient_reduction_matches_reference(run_oracle, o
     spec = oracle_spec(ep=2, dp=2, capacity=2.0)
     spec["model"]["dtype"], spec["backends"]["grouped_gemm"] = "bfloat16", "loop"
     spec["parallel"]["zero"], spec["train"]["grad_reduce_dtype"] = 3, "bfloat16"
-    assert_matches(run_oracle(spec, steps=3), tol=1e-2)
+    assert_oracle_matches(run_oracle(spec, steps=3), tol=1e-2)
