@@ -23,7 +23,8 @@ def _bits(n: int) -> int:
 class PlanMeta:
     """Compile-time sizes of one plan: g ranks per domain, el experts per rank, s spare slots,
     offer offered experts per rank (≤ el), qc quota columns; *b padded blocks; lb, fb, nb, rb
-    the index bits of the in-rank, flat hot-order, piece and room sort keys."""
+    the index bits of the in-rank, flat hot-order, piece and room sort keys; srcb source
+    ranks of counts summed per load."""
     g: int
     el: int
     s: int
@@ -41,6 +42,7 @@ class PlanMeta:
     fb: int
     nb: int
     rb: int
+    srcb: int
     num_warps: int
 
 
@@ -55,7 +57,7 @@ def plan_meta(ep: int, E: int, experts_per_rank: int, spares: int, domain_size: 
     return PlanMeta(g=g, el=el, s=spares, offer=min(offer, el), min_rows=max(min_clone_rows, 1),
                     rounds=rounds, qc=1 + ep * spares, gb=gb, elb=elb, ob=ob, sb=_pow2(spares),
                     deb=deb, cb=max(1, 4096 // deb), lb=_bits(elb), fb=_bits(deb),
-                    nb=_bits(gb * ob), rb=_bits(gb),
+                    nb=_bits(gb * ob), rb=_bits(gb), srcb=1,  # wide count loads measured slower on H200
                     num_warps=4 if pairs <= 2048 else (8 if pairs <= 8192 else 16))
 
 
@@ -63,7 +65,8 @@ def plan_meta(ep: int, E: int, experts_per_rank: int, spares: int, domain_size: 
 class AssignMeta:
     """Compile-time sizes of assign_slots for n copies: blk copies per program (ib index
     bits), blocks programs, eb histogram bins (E experts + 1 padding bin), qc quota columns
-    (qcb padded, rch quota rows per cumsum step), qsteps the binary search's top bit."""
+    (qcb padded, rch quota rows per cumsum program), qsteps the binary search's top bit;
+    bch histogram rows and srcb count rows summed per load."""
     n: int
     blk: int
     ib: int
@@ -73,11 +76,15 @@ class AssignMeta:
     qcb: int
     rch: int
     qsteps: int
+    bch: int
+    srcb: int
 
 
 def assign_meta(n: int, E: int, qc: int, blk: int = 1024) -> AssignMeta:
     """The kernels' sizes for n copies over E experts and a quota of qc columns."""
     blk = min(blk, _pow2(n))
     qcb = _pow2(qc)
-    return AssignMeta(n=n, blk=blk, ib=_bits(blk), blocks=-(-n // blk), eb=_pow2(E + 1), qc=qc,
-                      qcb=qcb, rch=max(1, 4096 // qcb), qsteps=_bits(qcb))
+    eb = _pow2(E + 1)
+    return AssignMeta(n=n, blk=blk, ib=_bits(blk), blocks=-(-n // blk), eb=eb, qc=qc,
+                      qcb=qcb, rch=max(2, 2048 // qcb), qsteps=_bits(qcb),
+                      bch=max(2, 4096 // eb), srcb=max(2, 4096 // eb))

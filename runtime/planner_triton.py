@@ -36,16 +36,19 @@ def _inverse(perm, BITS):
 
 
 @triton.jit
-def _domain_loads(counts_ptr, d, ep, E, G, EL, GB: tl.constexpr,
-                  ELB: tl.constexpr):
-    """counts [ep, E] → loads [GB, ELB] of domain d's experts (rank-local layout, padding 0)."""
-    r = tl.arange(0, GB)[:, None]
-    l = tl.arange(0, ELB)[None, :]
+def _domain_loads(counts_ptr, d, ep, E, G, EL, GB: tl.constexpr, ELB: tl.constexpr,
+                  SRCB: tl.constexpr):
+    """counts [ep, E] → loads [GB, ELB] of domain d's experts (rank-local layout, padding 0);
+    SRCB source ranks per load, so the loads are few and wide rather than ep serial ones."""
+    src = tl.arange(0, SRCB)[:, None, None]
+    r = tl.arange(0, GB)[None, :, None]
+    l = tl.arange(0, ELB)[None, None, :]
     mask = (r < G) & (l < EL)
     col = (d * G + r) * EL + l
     acc = tl.zeros([GB, ELB], tl.int64)
-    for src in range(ep):
-        acc += tl.load(counts_ptr + src * E + col, mask=mask, other=0).to(tl.int64)
+    for s0 in range(0, ep, SRCB):
+        tile = tl.load(counts_ptr + (s0 + src) * E + col, mask=mask & (s0 + src < ep), other=0)
+        acc += tl.sum(tile.to(tl.int64), 0)
     return acc
 
 
@@ -147,11 +150,11 @@ _PLAN_ARGS = ["ep", "E", "G", "EL", "S", "OFFER", "MIN_ROWS", "ROUNDS", "QC"]
 def _plan_kernel(counts_ptr, spare_ptr, quota_ptr, ep, E, G, EL, S, OFFER, MIN_ROWS, ROUNDS, QC,
                  GB: tl.constexpr, ELB: tl.constexpr, OB: tl.constexpr, SB: tl.constexpr,
                  DEB: tl.constexpr, CB: tl.constexpr, LB: tl.constexpr, FB: tl.constexpr,
-                 NB: tl.constexpr, RB: tl.constexpr):
+                 NB: tl.constexpr, RB: tl.constexpr, SRCB: tl.constexpr):
     """One clone domain per program: all rounds of the water-filling overlay (see module doc).
     Only block sizes are compile-time, so one compiled kernel serves many plan shapes."""
     d = tl.program_id(0)
-    tile = _domain_loads(counts_ptr, d, ep, E, G, EL, GB, ELB)
+    tile = _domain_loads(counts_ptr, d, ep, E, G, EL, GB, ELB, SRCB)
     _init_outputs(tile, spare_ptr, quota_ptr, d, G, EL, S, QC, GB, ELB, SB, DEB, CB)
     ev, hv = _offered(tile, EL, ELB, OB, LB)
     r = tl.arange(0, GB)
@@ -192,55 +195,67 @@ def plan_fused(counts: Tensor, experts_per_rank: int, spares: int, domain_size: 
     quota = torch.empty(E, m.qc, dtype=torch.int64, device=counts.device)
     _plan_kernel[(ep // domain_size,)](
         counts.contiguous(), spare, quota, ep, E, m.g, m.el, m.s, m.offer, m.min_rows, m.rounds,
-        m.qc, m.gb, m.elb, m.ob, m.sb, m.deb, m.cb, m.lb, m.fb, m.nb, m.rb,
+        m.qc, m.gb, m.elb, m.ob, m.sb, m.deb, m.cb, m.lb, m.fb, m.nb, m.rb, m.srcb,
         num_warps=m.num_warps)
     return spare, quota
 
 
-@triton.jit(do_not_specialize=["n", "E"])
-def _hist_kernel(idx_ptr, hist_ptr, n, E, BLK: tl.constexpr, EB: tl.constexpr):
-    """Experts of block b's copies → hist [blocks, EB] (bin E counts the padding)."""
-    b = tl.program_id(0)
-    i = b * BLK + tl.arange(0, BLK)
-    e = tl.load(idx_ptr + i, mask=i < n, other=E).to(tl.int32)
-    tl.store(hist_ptr + b * EB + tl.arange(0, EB), tl.histogram(e, EB))
-
-
-@triton.jit(do_not_specialize=["rank", "E", "blocks", "QC"])
-def _base_kernel(counts_ptr, hist_ptr, quota_ptr, base_ptr, qcum_ptr, rank, E, blocks,
-                 EB: tl.constexpr, QC, QCB: tl.constexpr, RCH: tl.constexpr):
-    """base [blocks, EB]: the position, among all copies of expert e in (source rank, copy)
-    order, of block b's first copy of e minus its rank among block b's sorted copies.
-    qcum [E, QC]: the quota's cumulative sum along its columns."""
-    e = tl.arange(0, EB)
-    em = e < E
-    mine = tl.load(counts_ptr + rank * E + e, mask=em, other=0).to(tl.int64)
-    before_me = tl.zeros([EB], tl.int64)
-    for src in range(rank):
-        before_me += tl.load(counts_ptr + src * E + e, mask=em, other=0).to(tl.int64)
-    total = tl.zeros([EB], tl.int64)
-    for b in range(blocks):
-        total += tl.load(hist_ptr + b * EB + e).to(tl.int64)
-    base = before_me - (tl.cumsum(mine, 0) - mine) + (tl.cumsum(total, 0) - total)
-    for b in range(blocks):
-        h = tl.load(hist_ptr + b * EB + e).to(tl.int64)
-        tl.store(base_ptr + b * EB + e, base - (tl.cumsum(h, 0) - h))
-        base += h
-    c = tl.arange(0, QCB)[None, :]
-    for r0 in range(0, E, RCH):
-        rows = r0 + tl.arange(0, RCH)[:, None]
+@triton.jit(do_not_specialize=["n", "E", "rank", "blocks", "qprogs", "QC"])
+def _prep_kernel(idx_ptr, counts_ptr, quota_ptr, hist_ptr, qcum_ptr, rankbase_ptr, n, E, rank, blocks,
+                 qprogs, QC, BLK: tl.constexpr, EB: tl.constexpr, QCB: tl.constexpr,
+                 RCH: tl.constexpr, SRCB: tl.constexpr):
+    """Programs [0, blocks): hist [blocks, EB] of each block's experts (bin E counts the padding).
+    Next qprogs programs: qcum [E, QC], the quota's cumulative sum along its columns.
+    Last program: rankbase [EB] = copies of e on lower ranks − copies of lower experts here."""
+    pid = tl.program_id(0)
+    if pid < blocks:
+        i = pid * BLK + tl.arange(0, BLK)
+        e = tl.load(idx_ptr + i, mask=i < n, other=E).to(tl.int32)
+        tl.store(hist_ptr + pid * EB + tl.arange(0, EB), tl.histogram(e, EB))
+    elif pid < blocks + qprogs:
+        rows = (pid - blocks) * RCH + tl.arange(0, RCH)[:, None]
+        c = tl.arange(0, QCB)[None, :]
         m = (rows < E) & (c < QC)
         q = tl.load(quota_ptr + rows * QC + c, mask=m, other=0)
         tl.store(qcum_ptr + rows * QC + c, tl.cumsum(q, 1), mask=m)
+    else:
+        e = tl.arange(0, EB)
+        mine = tl.load(counts_ptr + rank * E + e, mask=e < E, other=0).to(tl.int64)
+        before = tl.zeros([EB], tl.int64)
+        for r0 in range(0, rank, SRCB):
+            r = r0 + tl.arange(0, SRCB)[:, None]
+            tile = tl.load(counts_ptr + r * E + e[None, :], mask=(r < rank) & (e[None, :] < E), other=0)
+            before += tl.sum(tile.to(tl.int64), 0)
+        tl.store(rankbase_ptr + e, before - (tl.cumsum(mine, 0) - mine))
 
 
-@triton.jit(do_not_specialize=["n", "E", "EL", "S", "QC"])
-def _assign_kernel(idx_ptr, base_ptr, qcum_ptr, out_ptr, n, E, EL, S,
-                   BLK: tl.constexpr, IB: tl.constexpr, EB: tl.constexpr, QC,
+@triton.jit
+def _block_base(hist_ptr, rankbase_ptr, b, blocks, EB: tl.constexpr, BCH: tl.constexpr):
+    """[EB]: position among all copies of e (source rank, copy order) of block b's first copy
+    of e, minus its rank among block b's copies sorted by expert."""
+    e = tl.arange(0, EB)
+    total = tl.zeros([EB], tl.int64)
+    prefix = tl.zeros([EB], tl.int64)
+    mine = tl.zeros([EB], tl.int64)
+    for b0 in range(0, blocks, BCH):
+        bb = b0 + tl.arange(0, BCH)[:, None]
+        h = tl.load(hist_ptr + bb * EB + e[None, :], mask=bb < blocks, other=0).to(tl.int64)
+        total += tl.sum(h, 0)
+        prefix += tl.sum(tl.where(bb < b, h, 0), 0)
+        mine += tl.sum(tl.where(bb == b, h, 0), 0)
+    lower = (tl.cumsum(total, 0) - total) - (tl.cumsum(mine, 0) - mine)
+    return tl.load(rankbase_ptr + e) + lower + prefix
+
+
+@triton.jit(do_not_specialize=["n", "E", "blocks", "EL", "S", "QC"])
+def _assign_kernel(idx_ptr, hist_ptr, rankbase_ptr, base_ptr, qcum_ptr, out_ptr, n, E, blocks, EL, S,
+                   QC, BLK: tl.constexpr, IB: tl.constexpr, EB: tl.constexpr, BCH: tl.constexpr,
                    QSTEPS: tl.constexpr):
     """Block b's copies → global slots: position among e's copies, then the replica whose
     cumulative quota first exceeds it (binary search), as runtime.planner.assign_slots."""
     b = tl.program_id(0)
+    tl.store(base_ptr + b * EB + tl.arange(0, EB), _block_base(hist_ptr, rankbase_ptr, b, blocks, EB, BCH))
+    tl.debug_barrier()  # the per-expert base goes through memory to be read back per copy
     i = tl.arange(0, BLK)
     e = tl.load(idx_ptr + b * BLK + i, mask=b * BLK + i < n, other=E).to(tl.int64)
     key = tl.sort((e << IB) | i)
@@ -264,7 +279,7 @@ def _assign_kernel(idx_ptr, base_ptr, qcum_ptr, out_ptr, n, E, EL, S,
 def assign_slots_fused(topk_idx: Tensor, counts: Tensor, quota: Tensor, rank: int,
                        experts_per_rank: int, spares: int) -> Tensor:
     """topk_idx [T, K] → global slots [T·K] int64, equal to runtime.planner's torch path.
-    counts [ep, E]; quota [E, 1 + ep·S] (non-negative, as plan makes it)."""
+    counts [ep, E]; quota [E, 1 + ep·S] (non-negative, as plan makes it). Two launches."""
     e = topk_idx.reshape(-1).contiguous()
     E, qc = quota.shape
     out = torch.empty(e.numel(), dtype=torch.int64, device=e.device)
@@ -272,11 +287,13 @@ def assign_slots_fused(topk_idx: Tensor, counts: Tensor, quota: Tensor, rank: in
         return out
     m = assign_meta(e.numel(), E, qc)
     hist = torch.empty(m.blocks, m.eb, dtype=torch.int32, device=e.device)
+    rankbase = torch.empty(m.eb, dtype=torch.int64, device=e.device)
     base = torch.empty(m.blocks, m.eb, dtype=torch.int64, device=e.device)
     qcum = torch.empty(E, qc, dtype=torch.int64, device=e.device)
-    _hist_kernel[(m.blocks,)](e, hist, m.n, E, m.blk, m.eb)
-    _base_kernel[(1,)](counts.contiguous(), hist, quota.contiguous(), base, qcum, rank, E, m.blocks,
-                       m.eb, qc, m.qcb, m.rch)
-    _assign_kernel[(m.blocks,)](e, base, qcum, out, m.n, E, experts_per_rank, spares, m.blk, m.ib,
-                                m.eb, qc, m.qsteps)
+    qprogs = -(-E // m.rch)
+    _prep_kernel[(m.blocks + qprogs + 1,)](e, counts.contiguous(), quota.contiguous(), hist, qcum, rankbase,
+                                           m.n, E, rank, m.blocks, qprogs, qc, m.blk, m.eb, m.qcb, m.rch,
+                                           m.srcb)
+    _assign_kernel[(m.blocks,)](e, hist, rankbase, base, qcum, out, m.n, E, m.blocks, experts_per_rank,
+                                spares, qc, m.blk, m.ib, m.eb, m.bch, m.qsteps)
     return out
