@@ -27,14 +27,15 @@ import re
 import statistics
 import zlib
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import moe_layer as ml
+import layer_setup as ml
+from peers import torchtitan_moe
 from runtime import comm
 
 NODE = "node:"
@@ -352,10 +353,10 @@ def floor_profile(args, gm, x, device) -> dict:
 
 def peer_profile(args, model, x, gy, device) -> dict:
     """torchtitan's layer (same weights), eager, kernels labelled by submodule and op."""
-    why = ml.torchtitan_moe.available()
+    why = torchtitan_moe.available()
     if why:
         return {"skipped": why}
-    tt = ml.torchtitan_moe.build(model.mlp)
+    tt = torchtitan_moe.build(model.mlp)
     steps, wall = profile_eager(None, None, x, gy, device, args.steps, peer=tt)
     return {"eager_wall_ms": wall, "kernel_sum_ms": sum(k.us for s in steps for k in s) / 1e3 / len(steps),
             "kernels_per_step": len(steps[0]), "top": top_kernels(steps, args.top), "nodes": per_node(steps)}
@@ -363,12 +364,7 @@ def peer_profile(args, model, x, gy, device) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--ffn", type=int, default=1024)
-    ap.add_argument("--capacity", type=float, default=1.5)
+    ml.add_shape_args(ap)
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (eager) and replays (graph)")
     ap.add_argument("--iters", type=int, default=30, help="timed graph replays")
     ap.add_argument("--top", type=int, default=20)
