@@ -17,9 +17,6 @@ from dataclasses import asdict, dataclass, is_dataclass
 import torch
 import torch.fx
 from torch.fx import GraphModule
-from torch.fx.passes.shape_prop import ShapeProp
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 try:  # torch ≥ 2.2; a private switch, so without it everything still works, only slower
     from torch.fx._lazy_graph_module import _use_lazy_graph_module
@@ -29,12 +26,12 @@ except ImportError:  # pragma: no cover
 import echoc
 from echoc import accounting, memory_model
 from echoc.memory_census import layer_census
+from echoc.shapes import example_tokens, propagate_shapes  # noqa: F401  (part of the driver's API)
 from echoc.spec import Spec
 from echoc.spec_io import spec_hash
 from passes import buffer_plan, cost_model, recompute
-from passes.manager import PassRecord
+from passes.manager import PassRecord, graph_module
 from passes.pipeline import default_pipeline
-from runtime import grouped_gemm
 from runtime.dtypes import torch_dtype
 from runtime.model import MoE, meta_transformer
 from runtime.parallel import shard_experts
@@ -46,47 +43,53 @@ def _lazy_graph_modules():
 
 
 class MoELeafTracer(torch.fx.Tracer):
-    """Keeps each MoE block as one call_module node (the passes rewrite it)."""
+    """Keeps each MoE block as one call_module node (the passes rewrite it). Parameters and
+    buffers are found by identity in a dict: fx's own lookup scans every parameter of the
+    model on each attribute read, quadratic in the model's size (~1 s of glm5's trace)."""
+
+    def __init__(self):
+        super().__init__()
+        self._names: tuple[dict[int, str], dict[int, str]] | None = None  # id → first name: params, buffers
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         return isinstance(m, MoE) or super().is_leaf_module(m, qualname)
 
+    def _name(self, t: torch.Tensor, kind: int) -> str | None:
+        if self._names is None:
+            self._names = ({}, {})
+            for names, items in zip(self._names, (self.root.named_parameters(), self.root.named_buffers())):
+                for n, v in items:
+                    names.setdefault(id(v), n)
+        return self._names[kind].get(id(t))
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        name = None
+        if isinstance(attr_val, torch.nn.Parameter):
+            name = self._name(attr_val, 0)
+        if name is None and self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor):
+            name = self._name(attr_val, 1)
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+    def create_arg(self, a):
+        if isinstance(a, torch.Tensor):
+            name = self._name(a, 0 if isinstance(a, torch.nn.Parameter) else 1)
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
 
 def trace(model: torch.nn.Module) -> GraphModule:
     graph = MoELeafTracer().trace(model)
-    return GraphModule(model, graph, class_name=type(model).__name__)
+    return graph_module(model, graph, type(model).__name__)
 
 
 def compile_graph(model: torch.nn.Module, spec: Spec) -> tuple[GraphModule, list[PassRecord]]:
     """Trace `model` (meta or real) and run the pass pipeline. Pure: no collectives, no allocation."""
     return default_pipeline().run(trace(model), spec)
-
-
-def example_tokens(spec: Spec, device="meta") -> torch.Tensor:
-    b = spec.budgets
-    return torch.zeros((b.micro_batch, b.seq_len), dtype=torch.int64, device=device)
-
-
-class _PlanShapes(ShapeProp):
-    """ShapeProp that takes the expert FFN's output shape from its contract ([R, H] like its
-    input rows) instead of running the grouped GEMM, whose meta kernel insists on the CUDA
-    dtype rules even for a CPU float32 plan."""
-
-    def call_function(self, target, args, kwargs):
-        if target in (grouped_gemm.expert_ffn, grouped_gemm.expert_ffn_recompute_clone):
-            rows = args[0] if args else next(iter(kwargs.values()))
-            return torch.empty_like(rows)
-        return super().call_function(target, args, kwargs)
-
-
-def propagate_shapes(gm: GraphModule, spec: Spec) -> None:
-    """Fill node.meta['tensor_meta'] without real memory: meta tensors (fast), or fake tensors
-    with a shape environment when the `sync` backend makes shapes data-dependent."""
-    if spec.backends.dispatch != "sync":
-        _PlanShapes(gm).propagate(example_tokens(spec))
-        return
-    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True, static_shapes=True)
-    _PlanShapes(gm, fake_mode=mode).propagate(example_tokens(spec))
 
 
 @dataclass

@@ -11,9 +11,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
 
 from echoc.spec import Spec
+
+try:  # torch ≥ 2.2; private, so without it graph modules are simply generated eagerly
+    from torch.fx._lazy_graph_module import _make_graph_module
+except ImportError:  # pragma: no cover
+    _make_graph_module = GraphModule
+
+
+def graph_module(root, graph: Graph, class_name: str) -> GraphModule:
+    """A GraphModule that is lazy under the compile driver's lazy mode: its Python code is
+    generated when first read or run, not at every pass's recompile."""
+    return _make_graph_module(root, graph, class_name=class_name)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from echoc.spec import Spec
 from passes.layer_builder import moe_block, moe_layer
-from passes.manager import PassResult
+from passes.manager import PassResult, graph_module
 from runtime.model import Block
 from runtime.recompute import Recompute, saved_ops
 
@@ -117,7 +117,7 @@ def _body(gm: GraphModule, nodes: list[Node], inputs: list[Node], outputs: list[
     for n in nodes:
         env[n] = graph.node_copy(n, lambda a: env[a])
     graph.output(tuple(env[o] for o in outputs))
-    return GraphModule(gm, graph, class_name="RecomputedRegion")
+    return graph_module(gm, graph, "RecomputedRegion")
 
 
 def _extract(gm: GraphModule, name: str, nodes: list[Node]) -> str:

@@ -27,7 +27,7 @@ class GQAAttention(nn.Module):
         _init_linear_children(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, S, _ = x.shape
+        B, S = x.shape[0], x.shape[1]          # indexed, not unpacked: unpacking an fx proxy is slow
         q = self.rope(self.wq(x).view(B, S, self.num_heads, self.head_dim))
         k = self.rope(self.wk(x).view(B, S, self.num_kv_heads, self.head_dim))
         v = self.wv(x).view(B, S, self.num_kv_heads, self.head_dim)
@@ -69,17 +69,18 @@ class MLAAttention(nn.Module):
         _init_linear_children(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, S, _ = x.shape
-        h = self.num_heads
+        B, S = x.shape[0], x.shape[1]          # parts are indexed, not unpacked: unpacking an fx
+        h = self.num_heads                     # proxy disassembles the caller (slow to trace)
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
-        q_nope, q_pe = q.view(B, S, h, self.nope + self.rope_dim).split([self.nope, self.rope_dim], dim=-1)
-        q = torch.cat([q_nope, self.rope(q_pe)], dim=-1)
+        q_parts = q.view(B, S, h, self.nope + self.rope_dim).split([self.nope, self.rope_dim], dim=-1)
+        q = torch.cat([q_parts[0], self.rope(q_parts[1])], dim=-1)
 
-        latent, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_a = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_pe = kv_a[0], kv_a[1]
         k_pe = self.rope(k_pe.view(B, S, 1, self.rope_dim)).expand(B, S, h, self.rope_dim)
-        kv = self.wkv_b(self.kv_norm(latent)).view(B, S, h, self.nope + self.v_dim)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe], dim=-1)
+        kv = self.wkv_b(self.kv_norm(latent)).view(B, S, h, self.nope + self.v_dim).split(
+            [self.nope, self.v_dim], dim=-1)
+        k, v = torch.cat([kv[0], k_pe], dim=-1), kv[1]
 
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True)

@@ -59,8 +59,8 @@ class RMSNorm(nn.Module):
 
 def swiglu(h: Tensor) -> Tensor:
     """[.., 2F] (gate, up) → [.., F]: silu(gate) · up."""
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    halves = h.chunk(2, dim=-1)            # indexed, not unpacked (fx proxies unpack slowly)
+    return F.silu(halves[0]) * halves[1]
 
 
 class MLP(nn.Module):
@@ -99,6 +99,7 @@ class RotaryEmbedding(_FP32Buffers):
         angles = torch.outer(pos, self.inv_freq)                 # [S, dim/2]
         cos = angles.cos()[None, :, None, :]
         sin = angles.sin()[None, :, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
+        halves = x.float().chunk(2, dim=-1)    # indexed, not unpacked (fx proxies unpack slowly)
+        x1, x2 = halves[0], halves[1]
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         return out.to(x.dtype)

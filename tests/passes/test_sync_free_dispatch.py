@@ -5,7 +5,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from echoc.compile import MoELeafTracer, _PlanShapes
+from echoc.compile import MoELeafTracer
+from echoc.shapes import _PlanShapes
 from passes import echo_clone, sync_free_dispatch
 from passes.layer_builder import MOE_BLOCK, MOE_LAYER
 from runtime import contracts, grouped_gemm
