@@ -85,13 +85,15 @@ def static_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
 
 
 def gradient_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
-    """model_grads: every .grad after backward (model dtype); reduce_transient: what the
-    reduction holds on top of them at its peak (casts, the flat buffer, the fp32 shard);
+    """model_grads: every .grad after backward (model dtype; at zero 2 the reduced shards the
+    graph's backward accumulates); reduce_transient: what the reduction holds on top of them at
+    its peak (casts, the flat buffer, the fp32 shard; at zero 2 one layer's whole gradients);
     fp32_grads: the gradients the optimizer reads (fp32, this rank's shard at zero >= 1)."""
     b, z = spec.model.dtype_bytes, zero_level(spec)
     r = FP32 if getattr(spec.train, "grad_reduce_dtype", "float32") == "float32" else 2
     nd, ne = _shards(spec)
     out = {"model_grads": 0, "reduce_transient": 0, "fp32_grads": 0}
+    in_graph = False
     for n_params, n in ((p.dense, nd), (p.expert, ne)):
         shard = n if z >= 1 else 1
         fp32 = FP32 * n_params // shard
@@ -99,6 +101,10 @@ def gradient_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
         if z == 3:
             out["model_grads"] += b * n_params // n
             out["reduce_transient"] += fp32
+            continue
+        if z == 2 and n > 1:      # zero_reduce: each layer's gradients reduce-scattered in its backward
+            out["model_grads"] += 0 if r == FP32 else r * n_params // n   # the shards (fp32: the same tensors)
+            in_graph = True
             continue
         out["model_grads"] += b * n_params
         flat = r * n_params
@@ -108,6 +114,8 @@ def gradient_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
         casts = flat if r != b else 0                # every gradient cast before the concat
         copies = fp32 if (shard > 1 or r != FP32) else 0
         out["reduce_transient"] += max(casts + flat, flat + copies)
+    if in_graph:   # one layer's whole gradients and its reduce-scatter buffer, at a time
+        out["reduce_transient"] += (b + r) * max(p.layers + (p.outside_layers,))
     return out
 
 

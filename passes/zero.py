@@ -1,4 +1,5 @@
 """ZeRO 3: weights stay sharded; each layer's weights are all-gathered just before use.
+ZeRO 2: weights stay whole; each layer's gradients are reduce-scattered as its backward ends.
 
 With `parallel.zero: 3` every parameter the graph reads is owned by a *unit* — a
 transformer layer (`layers.<i>`), or a top-level module (`embed`, `norm`, `lm_head`) — and
@@ -16,6 +17,17 @@ that owns gathered weights (a linear, the embedding, a router, a shared expert) 
 `module_call(module, names, weights, *args)`. Weights are freed after their last forward
 use and gathered again in backward (zero_ops.regather_in_backward). Groups of one rank keep
 their weights whole: nothing is inserted for them.
+
+With `parallel.zero: 2` the same units get, before their first use,
+
+    weights  get_attr of each (whole) parameter
+    zero_reduce(weights, names, group, …)      runtime/zero_ops.py: forward passes the
+                                               weights through; backward reduce-scatters
+                                               their gradients into this rank's shards
+    getitem  one per weight                    replaces every use of that parameter
+
+so no whole gradient outlives its layer's backward (levels 0 and 1 keep them all until the
+step, and reduce after backward).
 """
 from __future__ import annotations
 
@@ -28,12 +40,12 @@ from echoc.spec import Spec
 from passes.manager import PassResult
 from runtime import contracts, zero_ops
 from runtime.contracts import CLONE_WEIGHTS, EXPERT_FFN, EXPERT_FFN_RECOMPUTE_CLONE
-from runtime.zero_ops import ZERO_GATHER
+from runtime.zero_ops import ZERO_GATHER, ZERO_REDUCE
 
 
 @dataclass
 class ZeroUnit:
-    node: str                  # the zero_gather node's name
+    node: str                  # the zero_gather (level 3) or zero_reduce (level 2) node's name
     group: str                 # "world" or "expert_dp"
     params: list[str]
     numel: int                 # whole weights' elements gathered (per rank: numel / group size, padded)
@@ -88,22 +100,26 @@ def _units(gm: GraphModule, spec: Spec, uses: dict[str, list[Node]]) -> dict[tup
     return units
 
 
-def _gather(gm: GraphModule, unit: str, group: str, names: list[str], spec: Spec,
-            uses: dict[str, list[Node]], order) -> dict[str, Node]:
-    """Insert shards · zero_gather · getitems before the unit's first use; name → weight node.
+def _insert(gm: GraphModule, unit: str, group: str, names: list[str], spec: Spec,
+            uses: dict[str, list[Node]], order) -> tuple[Node, dict[str, Node]]:
+    """Insert get_attrs · zero_gather (level 3: the shards) or zero_reduce (level 2: the whole
+    weights) · getitems before the unit's first use; → (the op node, name → weight node).
     `uses` and `order` are of the graph before any insertion (insertions keep the others' order)."""
-    g = gm.graph
+    g, gather = gm.graph, spec.parallel.zero == 3
     first = min((n for name in names for n in uses[name]), key=order)
     node_name = f"zero_{unit.replace('.', '_')}_{group}"
-    shapes = tuple(tuple(gm.get_parameter(name).shape) for name in names)
     with g.inserting_before(first):
-        shards = [g.get_attr(name) for name in names]
-        gather = g.create_node("call_function", contracts.target(ZERO_GATHER),
-                               ZERO_GATHER.call_args(shards=shards, shapes=shapes, group=group,
-                                                     reduce_dtype=spec.train.grad_reduce_dtype, buf=node_name),
-                               name=node_name)
-        weights = {name: g.call_function(operator.getitem, (gather, i)) for i, name in enumerate(names)}
-    return weights
+        params = [g.get_attr(name) for name in names]
+        common = dict(group=group, reduce_dtype=spec.train.grad_reduce_dtype, buf=node_name)
+        if gather:
+            shapes = tuple(tuple(gm.get_parameter(name).shape) for name in names)
+            args = ZERO_GATHER.call_args(shards=params, shapes=shapes, **common)
+        else:
+            args = ZERO_REDUCE.call_args(weights=params, names=tuple(names), **common)
+        op = g.create_node("call_function", contracts.target(ZERO_GATHER if gather else ZERO_REDUCE), args,
+                           name=node_name)
+        weights = {name: g.call_function(operator.getitem, (op, i)) for i, name in enumerate(names)}
+    return op, weights
 
 
 def _order(graph):
@@ -139,20 +155,21 @@ def _module_call(g, node: Node, names: list[str], weights: list[Node]) -> None:
 
 def run(gm: GraphModule, spec: Spec) -> PassResult:
     level = spec.parallel.zero
-    if level < 3:
-        return PassResult(gm, ZeroInfo(level, reason=f"parallel.zero is {level}: weights stay whole in the graph"))
-    info, weights, shard_nodes = ZeroInfo(level), {}, set()
+    if level < 2:
+        return PassResult(gm, ZeroInfo(level, reason=f"parallel.zero is {level}: weights and gradients "
+                                                      "stay whole in the graph"))
+    info, weights, param_nodes = ZeroInfo(level), {}, set()
     uses, order = _uses(gm), _order(gm.graph)
+    contract, arg = (ZERO_GATHER, "shards") if level == 3 else (ZERO_REDUCE, "weights")
     for (unit, group), names in _units(gm, spec, uses).items():
-        unit_weights = _gather(gm, unit, group, names, spec, uses, order)
+        op, unit_weights = _insert(gm, unit, group, names, spec, uses, order)
         weights.update(unit_weights)
-        gather = next(iter(unit_weights.values())).args[0]
-        shard_nodes.update(ZERO_GATHER.arg(gather, "shards"))
+        param_nodes.update(contract.arg(op, arg))
         numel = sum(gm.get_parameter(n).numel() for n in names)
-        info.units.append(ZeroUnit(gather.name, group, names, numel))
+        info.units.append(ZeroUnit(op.name, group, names, numel))
     if not info.units:
         info.reason = "every data-parallel group has one rank: nothing to shard"
-    _rewrite_uses(gm, weights, shard_nodes)
+    _rewrite_uses(gm, weights, param_nodes)
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, info)

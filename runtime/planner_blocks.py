@@ -23,8 +23,7 @@ def _bits(n: int) -> int:
 class PlanMeta:
     """Compile-time sizes of one plan: g ranks per domain, el experts per rank, s spare slots,
     offer offered experts per rank (≤ el), qc quota columns; *b padded blocks; lb, fb, nb, rb
-    the index bits of the in-rank, flat hot-order, piece and room sort keys; srcb source
-    ranks of counts summed per load."""
+    the index bits of the in-rank, flat hot-order, piece and room sort keys."""
     g: int
     el: int
     s: int
@@ -42,7 +41,6 @@ class PlanMeta:
     fb: int
     nb: int
     rb: int
-    srcb: int
     num_warps: int
 
 
@@ -57,7 +55,7 @@ def plan_meta(ep: int, E: int, experts_per_rank: int, spares: int, domain_size: 
     return PlanMeta(g=g, el=el, s=spares, offer=min(offer, el), min_rows=max(min_clone_rows, 1),
                     rounds=rounds, qc=1 + ep * spares, gb=gb, elb=elb, ob=ob, sb=_pow2(spares),
                     deb=deb, cb=max(1, 4096 // deb), lb=_bits(elb), fb=_bits(deb),
-                    nb=_bits(gb * ob), rb=_bits(gb), srcb=1,  # wide count loads measured slower on H200
+                    nb=_bits(gb * ob), rb=_bits(gb),
                     num_warps=4 if pairs <= 2048 else (8 if pairs <= 8192 else 16))
 
 

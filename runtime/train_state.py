@@ -7,7 +7,9 @@ the same EP shard). Under `parallel.zero` (runtime/shards.py says how a tensor i
     level  weights (model dtype)     gradients                          fp32 master + moments
     0      whole                     all-reduced, whole                 whole (fp32 model: the weight)
     1      whole                     all-reduced, whole                 this rank's shard
-    2      whole                     reduce-scattered into the shard    this rank's shard
+    2      whole                     reduce-scattered by the graph,     this rank's shard
+                                     layer by layer, into the shard
+                                     (passes/zero.py's zero_reduce)
     3      the shard (`param.data`)  reduce-scattered by the graph      this rank's shard
                                      (passes/zero.py's gather backward)
 
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 
 from echoc.spec import Spec
 from runtime import comm
+from runtime.zero_ops import SHARD_GRADS
 from runtime.dtypes import torch_dtype
 from runtime.optim import AdamWConfig, MasterAdamW
 from runtime.parallel import expert_param_names
@@ -50,10 +53,13 @@ class TrainState:
     """Master weights, the optimizer and gradient reduction for `model` at `spec.parallel.zero`.
 
     `gathered`: names of the parameters the compiled graph all-gathers before use (ZeRO 3,
-    passes/zero.py); their `param.data` becomes this rank's shard here."""
+    passes/zero.py); their `param.data` becomes this rank's shard here. `reduced`: names of
+    the parameters whose gradients the graph's backward reduce-scatters (ZeRO 2)."""
 
-    def __init__(self, model: nn.Module, spec: Spec, device: torch.device, gathered: dict[str, str]):
+    def __init__(self, model: nn.Module, spec: Spec, device: torch.device, gathered: dict[str, str],
+                 reduced: dict[str, str] | None = None):
         self.level, self.model = spec.parallel.zero, model
+        self.reduced = set(reduced or ())
         self.reduce_dtype = torch_dtype(spec.train.grad_reduce_dtype)
         experts = expert_param_names(model)
         self.params = [self._param_state(name, p, "expert_dp" if name in experts else "world", gathered)
@@ -91,12 +97,18 @@ class TrainState:
     def reduce_grads(self) -> None:
         """Sum gradients over each parameter's group into `ParamState.grad` (fp32, master-shaped).
         `param.grad` then holds the summed gradient (levels 0, 1), nothing (level 2: only the
-        shard is kept) or the summed shard (level 3, reduced by the graph's gather backward)."""
+        shard is kept, reduced by the graph's zero_reduce backward or here) or the summed shard
+        (level 3, reduced by the graph's gather backward)."""
         for s in self.params:
-            if s.param.grad is None:
+            if s.name in self.reduced:
+                shard = SHARD_GRADS.take(s.name)
+                s.grad = torch.zeros_like(s.master) if shard is None else shard.float().view_as(s.master)
+            elif s.param.grad is None:
                 s.param.grad = torch.zeros_like(s.param)
         for group, states in self.by_group(sharded=False).items():
-            (self._reduce_scatter if self.level >= 2 else self._all_reduce)(group, states)
+            states = [s for s in states if s.name not in self.reduced]
+            if states:
+                (self._reduce_scatter if self.level >= 2 else self._all_reduce)(group, states)
         for s in self.params:
             if s.weight_sharded:
                 s.grad = s.param.grad.float()
@@ -140,6 +152,7 @@ class TrainState:
     def zero_grad(self) -> None:
         for s in self.params:
             s.param.grad, s.grad = None, None
+        SHARD_GRADS.clear()
 
     # --- whole tensors (oracle, tests) --------------------------------------------------------
     @torch.no_grad()

@@ -95,7 +95,8 @@ class Trainer:
         self.spec, self.device, self.program = spec, device, program
         self.model = materialize(program, rank_init(spec, device, reference), device)
         self.gm = program.gm
-        self.state = TrainState(self.model, spec, device, zero_ops.gathered_params(program.gm))
+        self.state = TrainState(self.model, spec, device, zero_ops.gathered_params(program.gm),
+                                zero_ops.reduced_params(program.gm))
         self.lr = self.state.lr
         self.world = dist.get_world_size()
         self.moe_names = [n for n, _ in moe_layers(self.model)]

@@ -1,4 +1,5 @@
-"""ZeRO 3 in the graph: gather a layer's sharded weights just before use, free them after.
+"""ZeRO in the graph. Level 3: gather a layer's sharded weights just before use, free them
+after. Level 2: reduce-scatter a layer's gradients as soon as its backward has made them.
 
 `zero_gather(shards, shapes, group, reduce_dtype, buf)` is the node passes/zero.py inserts
 per layer and group ("world" for dense weights, "expert_dp" for the EP-sharded experts):
@@ -19,6 +20,15 @@ gradient's reduce-scatter.
 `module_call(module, names, weights, *args)` runs a submodule with some parameters
 replaced by gathered weights (torch.func.functional_call): how the pass rewrites a
 `call_module` whose weights are sharded.
+
+`zero_reduce(weights, names, group, reduce_dtype, buf)` is level 2's node, per layer and group:
+
+    forward   the whole weights, passed through (views)
+    backward  the weights' gradients → one reduce-scatter → this rank's shards, added to
+              SHARD_GRADS[name]; the whole gradients are dropped (no `param.grad`)
+
+so a layer's whole gradients live only from its backward to its reduce-scatter, and the
+optimizer (runtime/train_state.py) reads the shards.
 """
 from __future__ import annotations
 
@@ -38,6 +48,9 @@ from runtime.shards import ShardSpec, gather_full, reduce_scatter_full, shard_sp
 # no role: the MoE buffer plan does not place its output (the allocator does); `weights` is a tuple
 ZERO_GATHER = OpContract("zero_gather", ("shards", "shapes", "group", "reduce_dtype", "buf"), ("weights",),
                          grads=("shards",), output_in_arena=False)
+
+ZERO_REDUCE = OpContract("zero_reduce", ("weights", "names", "group", "reduce_dtype", "buf"), ("weights",),
+                         output_in_arena=False)
 
 REGATHERS = [0]   # units gathered again in backward since the process started (tests read it)
 
@@ -157,21 +170,84 @@ def module_call(module: nn.Module, names: tuple[str, ...], weights, *args):
     return torch.func.functional_call(module, dict(zip(names, weights)), args)
 
 
-def gathered_params(gm, inputs: dict | None = None) -> dict[str, str]:
-    """{parameter name: group} of every parameter a zero_gather node of `gm` gathers, also inside
-    recomputed regions (runtime/recompute.py: a body whose placeholders are the call's `inputs`)."""
+class ShardGrads:
+    """ZeRO 2's reduced gradient shards by parameter name ([m], the reduce dtype): zero_reduce's
+    backward adds to them (micro-batches accumulate), TrainState takes them after backward."""
+
+    def __init__(self):
+        self.by_name: dict[str, Tensor] = {}
+
+    def add(self, name: str, shard: Tensor) -> None:
+        if name in self.by_name:
+            self.by_name[name].add_(shard)
+        else:
+            self.by_name[name] = shard
+
+    def take(self, name: str) -> Tensor | None:
+        return self.by_name.pop(name, None)
+
+    def clear(self) -> None:
+        self.by_name.clear()
+
+
+SHARD_GRADS = ShardGrads()
+
+
+class _ZeroReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, names, group, reduce_dtype, *weights):
+        ctx.names, ctx.reduce_dtype = names, torch_dtype(reduce_dtype)
+        ctx.specs = [shard_spec(w.numel(), group) for w in weights]
+        ctx.like = [(w.shape, w.dtype, w.device) for w in weights]
+        return tuple(w.view_as(w) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = [g if g is not None else torch.zeros(shape, dtype=dt, device=dev)
+                 for g, (shape, dt, dev) in zip(grads, ctx.like)]
+        flat = reduce_scatter_full(grads, ctx.specs, ctx.reduce_dtype)
+        for name, shard in zip(ctx.names, split_rows(flat, ctx.specs)):
+            SHARD_GRADS.add(name, shard)
+        return (None, None, None) + (None,) * len(grads)
+
+
+def zero_reduce(weights, names, group, reduce_dtype, buf):
+    """weights: whole parameters → the same weights; their gradients are reduce-scattered into
+    SHARD_GRADS in backward instead of reaching `param.grad`. On the meta device: the weights."""
+    weights = tuple(weights)
+    if weights[0].is_meta:
+        return weights
+    return _ZeroReduce.apply(tuple(names), group, reduce_dtype, *weights)
+
+
+def graph_params(gm, contract: OpContract = ZERO_GATHER, inputs: dict | None = None) -> dict[str, str]:
+    """{parameter name: group} of every parameter a zero_gather (or zero_reduce) node of `gm`
+    takes, also inside recomputed regions (runtime/recompute.py: a body whose placeholders are
+    the call's `inputs`)."""
+    arg = "shards" if contract is ZERO_GATHER else "weights"
     out, inputs = {}, inputs or {}
     for node in gm.graph.nodes:
         body = getattr(gm.get_submodule(node.target), "body", None) if node.op == "call_module" else None
         if body is not None:
             places = [p for p in body.graph.nodes if p.op == "placeholder"]
-            out |= gathered_params(body, {p: inputs.get(a, a) for p, a in zip(places, node.args)})
-        elif node.op == "call_function" and contracts.of(node.target) is ZERO_GATHER:
-            group = ZERO_GATHER.arg(node, "group")
-            for shard in (inputs.get(s, s) for s in ZERO_GATHER.arg(node, "shards")):
-                assert shard.op == "get_attr", f"{node.name}: shard {shard.name} is not a parameter"
-                out[shard.target] = group
+            out |= graph_params(body, contract, {p: inputs.get(a, a) for p, a in zip(places, node.args)})
+        elif node.op == "call_function" and contracts.of(node.target) is contract:
+            group = contract.arg(node, "group")
+            for param in (inputs.get(s, s) for s in contract.arg(node, arg)):
+                assert param.op == "get_attr", f"{node.name}: {param.name} is not a parameter"
+                out[param.target] = group
     return out
 
 
+def gathered_params(gm) -> dict[str, str]:
+    """{parameter name: group} of every parameter ZeRO 3 gathers in `gm`."""
+    return graph_params(gm, ZERO_GATHER)
+
+
+def reduced_params(gm) -> dict[str, str]:
+    """{parameter name: group} of every parameter whose gradient ZeRO 2 reduces in `gm`'s backward."""
+    return graph_params(gm, ZERO_REDUCE)
+
+
 contracts.bind(ZERO_GATHER, zero_gather)
+contracts.bind(ZERO_REDUCE, zero_reduce)

@@ -12,8 +12,8 @@ import pytest
 
 from echoc.compile import compile_build
 from passes import zero
-from runtime import contracts
-from runtime.zero_ops import ZERO_GATHER
+from runtime import contracts, zero_ops
+from runtime.zero_ops import ZERO_GATHER, ZERO_REDUCE
 
 WORKER = Path(__file__).with_name("zero_worker.py")
 
@@ -47,9 +47,24 @@ def test_pass_gathers_each_layer_once_per_group(make_spec):
     assert sum(contracts.of(n.target) is ZERO_GATHER for n in gm.graph.nodes) == len(info.units)
 
 
+def test_pass_reduces_each_layers_gradients_once_per_group_at_zero_2(make_spec):
+    spec = make_spec({"parallel.ep": 2, "parallel.dp": 2, "parallel.zero": 2, "echo.enabled": True})
+    build = compile_build(spec)
+    info = next(r.info for r in build.records if r.name == "zero")
+    units = {(u.node, u.group) for u in info.units}
+    assert ("zero_layers_1_expert_dp", "expert_dp") in units and ("zero_layers_0_world", "world") in units
+    gm = build.program.gm
+    reduced = zero_ops.reduced_params(gm)
+    assert set(reduced) == {n for n, _ in build.program.model.named_parameters()}, "a gradient is reduced late"
+    assert not zero_ops.gathered_params(gm)
+    assert sum(contracts.of(n.target) is ZERO_REDUCE for n in gm.graph.nodes) == len(info.units)
+    assert not any(n.op == "call_module" and list(gm.get_submodule(n.target).parameters()) for n in gm.graph.nodes)
+
+
 def test_pass_leaves_single_rank_groups_and_lower_levels_alone(make_spec):
-    for overrides in ({"parallel.zero": 2, "parallel.dp": 2}, {"parallel.zero": 3, "parallel.ep": 1,
-                                                               "cluster.gpus_per_node": 1}):
+    for overrides in ({"parallel.zero": 1, "parallel.dp": 2}, {"parallel.zero": 3, "parallel.ep": 1,
+                                                               "cluster.gpus_per_node": 1},
+                      {"parallel.zero": 2, "parallel.ep": 1, "cluster.gpus_per_node": 1}):
         build = compile_build(make_spec(overrides))
         info = next(r.info for r in build.records if r.name == "zero")
         assert info.units == [] and info.reason
@@ -90,6 +105,19 @@ def test_zero3_frees_gathered_weights_and_gathers_again_in_backward(run_zero, or
         assert r["regathered"] == r["units"] - 1 > 0
         for name, (held, numel, sharded) in r["held"].items():
             assert sharded and held == -(-numel // (2 if ".experts." in name else 4)), name
+
+
+@pytest.mark.slow
+def test_zero2_reduces_each_layer_in_backward_and_keeps_no_whole_gradient(run_zero, oracle_spec):
+    ranks = run_zero(_zero_spec(oracle_spec, 2, ep=2, dp=2), "reduce")
+    for r in ranks:
+        assert r["reduced"] == r["params"], "a gradient is left to the reduction after backward"
+        assert len(r["calls"]) == len(r["units"]) > 2, "one reduce-scatter per unit and group, in backward"
+        # each call finds the earlier units' shards and no whole gradient anywhere
+        assert [c[0] for c in r["calls"]] == sorted(c[0] for c in r["calls"]) and r["calls"][0][0] == 0
+        assert all(whole == 0 for _, whole in r["calls"]) and r["whole_grads"] == []
+        assert set(r["shards"]) == set(r["params"])
+        assert all(n == rows for n, rows in r["shards"].values())
 
 
 @pytest.mark.slow

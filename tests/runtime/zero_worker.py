@@ -10,6 +10,9 @@ argv: CONFIG_JSON with the spec (a dict), `mode`, `out` and the mode's settings:
            third loads that checkpoint and runs the rest: both loss sequences.
   memory   ZeRO 3: after a forward, how many gathered weights are still alive; units gathered
            again in backward; the size of every parameter this rank holds.
+  reduce   ZeRO 2: one forward + backward; each reduce-scatter the graph's backward runs (its
+           unit's first parameter, and how many whole `.grad`s exist at that moment), then
+           the whole gradients and the shards left after backward.
 """
 import json
 import sys
@@ -96,11 +99,34 @@ def memory(cfg, spec, device):
             "gathered_params": units, "units": sum(1 for n in trainer.gm.graph.nodes if contracts.of(n.target) is zero_ops.ZERO_GATHER)}
 
 
+def reduce(cfg, spec, device):
+    trainer = Trainer(compile_build(spec).program, device)
+    tokens, labels = batch(spec, 0, device)
+    calls, inner = [], zero_ops.reduce_scatter_full
+    params = dict(trainer.model.named_parameters())
+
+    def counting(fulls, specs, dtype):
+        calls.append([len(zero_ops.SHARD_GRADS.by_name), sum(p.grad is not None for p in params.values())])
+        return inner(fulls, specs, dtype)
+
+    zero_ops.reduce_scatter_full = counting
+    trainer.zero_grad()
+    out = trainer.gm(tokens)
+    (lm_loss(out[0], labels) / dist.get_world_size()).backward()
+    zero_ops.reduce_scatter_full = inner
+    reduced = zero_ops.reduced_params(trainer.gm)
+    shards = {n: [zero_ops.SHARD_GRADS.by_name[n].numel(), s.shard.rows]
+              for s in trainer.state.params for n in [s.name] if n in zero_ops.SHARD_GRADS.by_name}
+    units = [n.name for n in trainer.gm.graph.nodes if contracts.of(n.target) is zero_ops.ZERO_REDUCE]
+    return {"calls": calls, "units": units, "reduced": sorted(reduced), "params": sorted(params),
+            "whole_grads": [n for n, p in params.items() if p.grad is not None], "shards": shards}
+
+
 def main():
     cfg = json.load(open(sys.argv[1]))
     spec = spec_from_dict(cfg["spec"])
     device = init_distributed(spec)
-    result = {"guard": guard, "resume": resume, "memory": memory}[cfg["mode"]](cfg, spec, device)
+    result = {"guard": guard, "resume": resume, "memory": memory, "reduce": reduce}[cfg["mode"]](cfg, spec, device)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, result)
     if dist.get_rank() == 0:
