@@ -200,6 +200,9 @@ class BackendsConfig(_Section):
     """Where the MoE ops' buffers live: 'arena' = one arena per rank allocated once, each op writing
     into the view the buffer plan gave it; 'allocator' = PyTorch's caching allocator. The arena needs
     static shapes, so with dispatch 'sync' (left at its default) the allocator is used."""
+    shared_expert_overlap: bool = True
+    """Run each MoE layer's shared expert on a second CUDA stream, overlapped with routing and token
+    movement (forward and backward). No effect on CPU, nor at parallel.zero 3."""
 
     @model_validator(mode="after")
     def _buffers(self):

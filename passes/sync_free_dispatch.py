@@ -16,6 +16,10 @@ After (torch backend), per layer, every buffer sized by the capacity budget:
     routed   [T, H]          weighted_sum                  (router weights)
     + shared expert, reshape back
 
+The shared expert is queued right after x_flat, on a side CUDA stream (runtime/streams.py,
+`backends.shared_expert_overlap`), and joined before the add, so its GEMMs overlap the
+routed path's small kernels.
+
 Every inserted node carries its layer in `node.meta` (passes/layer_builder.py).
 The graph's output becomes (logits, moe_stats [num_moe_layers, 4], moe_counts
 [num_moe_layers, ep, E]): per layer (dropped copies, rows received, rows sent,
@@ -33,7 +37,7 @@ from echoc.errors import EchocError, MissingDependencyError
 from echoc.spec import Spec
 from passes.layer_builder import LayerBuilder
 from passes.manager import PassResult
-from runtime import grouped_gemm, ops  # noqa: F401  (the op modules bind the contracts used below)
+from runtime import grouped_gemm, ops, streams  # noqa: F401  (the op modules bind the contracts used below)
 from runtime.backends import base, deepep, symm_mem, sync  # noqa: F401
 from runtime.contracts import (ALL_GATHER_COUNTS, COMBINE, COUNT, DEEPEP_COMBINE, DEEPEP_DISPATCH, DEEPEP_LAYOUT,
                                DISPATCH, EXPERT_FFN, LAYER_STATS, LAYOUT, SYMM_COMBINE, SYMM_DISPATCH, SYMM_LAYOUT,
@@ -136,6 +140,7 @@ def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec, layer: int) -> tuple
     moe_cfg, ep = spec.model.moe, spec.parallel.ep
     b = LayerBuilder(gm.graph, moe_name.replace(".", "_"), layer)
     x_flat = b.method("x_flat", "reshape", x, (-1, spec.model.hidden_size))
+    shared = _shared_expert(gm, b, spec, moe_name, x_flat)
     slot, weight = b.items(b.module("route", f"{moe_name}.router", x_flat), ["slot", "weight"])
     counts = b.op("count", COUNT, dest_slot=slot, n_slots=moe_cfg.num_experts)
     b.method("load_add", "add_", b.attr("load", f"{moe_name}.router.load"), counts)
@@ -144,13 +149,33 @@ def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec, layer: int) -> tuple
     y = b.op("expert_ffn", EXPERT_FFN, rows=dispatch(weight), w13=b.attr("w13", f"{moe_name}.experts.w13"),
              w2=b.attr("w2", f"{moe_name}.experts.w2"), offs=maps["offs"], impl=spec.backends.grouped_gemm)
     out = finish(y, weight)
-    if gm.get_submodule(moe_name).shared is not None:
-        out = b.fn("add_shared", operator.add, out, b.module("shared", f"{moe_name}.shared", x_flat))
+    if shared is not None:
+        if overlap_shared(spec):
+            shared = b.fn("shared_join", streams.side_join, shared)
+        out = b.fn("add_shared", operator.add, out, shared)
     out = b.method("out", "view_as", out, x)
     stats = b.op("layer_stats", LAYER_STATS, stats=maps["stats"], spare_expert=None)
     info = LayerDispatch(moe_name, spec.budgets.tokens, moe_cfg.top_k, spec.experts_per_rank,
                          spec.peer_chunk_rows, receive_rows(spec))
     return out, stats, counts_all, info
+
+
+def overlap_shared(spec: Spec) -> bool:
+    """Whether the shared expert runs on a side stream (runtime/streams.py). Not at ZeRO 3: its
+    weights are gathered (and in backward gathered again) by collectives, which must stay on
+    the main stream, in one order on every rank."""
+    return spec.backends.shared_expert_overlap and spec.parallel.zero < 3
+
+
+def _shared_expert(gm: GraphModule, b: LayerBuilder, spec: Spec, moe_name: str, x_flat: Node) -> Node | None:
+    """The shared expert's output [T, H] (None without one), queued first: on a side stream
+    when overlap_shared, so the routed path's small kernels run beside its GEMMs."""
+    if gm.get_submodule(moe_name).shared is None:
+        return None
+    if not overlap_shared(spec):
+        return b.module("shared", f"{moe_name}.shared", x_flat)
+    y = b.module("shared", f"{moe_name}.shared", b.fn("shared_begin", streams.side_begin, x_flat))
+    return b.fn("shared_end", streams.side_end, y)
 
 
 def receive_rows(spec: Spec) -> int:

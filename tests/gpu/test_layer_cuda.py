@@ -15,7 +15,7 @@ import torch.distributed as dist
 from echoc.compile import MoELeafTracer
 from echoc.spec_io import spec_from_dict
 from passes import sync_free_dispatch
-from runtime import comm, grouped_gemm, rows
+from runtime import comm, grouped_gemm, rows, streams
 from runtime.model import MoE
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -65,7 +65,7 @@ def layer():
         model = OneLayer(spec.model).to(torch.bfloat16)
     model.load_state_dict(ref.state_dict())
     gm = torch.fx.GraphModule(model, MoELeafTracer().trace(model))
-    return ref, model, sync_free_dispatch.run(gm, spec).gm
+    return ref, model, sync_free_dispatch.run(gm, spec).gm, spec
 
 
 def _inputs(step):
@@ -88,7 +88,7 @@ def _rel(a, b):
 
 
 def test_layer_with_kernels_equals_torch_path_and_reference(layer, monkeypatch):
-    ref, model, gm = layer
+    ref, model, gm, _ = layer
     params = list(model.parameters())
     x, gy = _inputs(0)
     fused = _step(lambda v: gm(v)[0], params, x, gy)
@@ -102,7 +102,7 @@ def test_layer_with_kernels_equals_torch_path_and_reference(layer, monkeypatch):
 
 
 def test_captured_layer_replays_new_routing_like_eager(layer):
-    _, model, gm = layer
+    _, model, gm, _ = layer
     params = list(model.parameters())
     x0, g0 = _inputs(0)
     sx, sg = x0.clone().requires_grad_(True), g0.clone()
@@ -127,3 +127,39 @@ def test_captured_layer_replays_new_routing_like_eager(layer):
         got = [y.clone(), sx.grad.clone()] + [g.clone() for g in grads]
         eager = _step(lambda v: gm(v)[0], params, x, gy)
         assert max(_rel(a, b) for a, b in zip(got, eager)) < 1e-2
+
+
+def test_shared_expert_on_a_side_stream_changes_no_number(layer):
+    """backends.shared_expert_overlap (runtime/streams.py) moves kernels to a second stream; the
+    same kernels run on the same data, so outputs and every gradient are bitwise equal, eager
+    and replayed in a CUDA graph."""
+    _, model, gm, spec = layer
+    assert any(n.target is streams.side_begin for n in gm.graph.nodes), "the layer has no side stream"
+    off_spec = spec.model_copy(update={"backends": spec.backends.model_copy(update={"shared_expert_overlap": False})})
+    off = sync_free_dispatch.run(torch.fx.GraphModule(model, MoELeafTracer().trace(model)), off_spec).gm
+    assert not any(n.target is streams.side_begin for n in off.graph.nodes)
+    params = list(model.parameters())
+    for step in (0, 1):
+        x, gy = _inputs(step)
+        on, plain = _step(lambda v: gm(v)[0], params, x, gy), _step(lambda v: off(v)[0], params, x, gy)
+        assert all(torch.equal(a, b) for a, b in zip(on, plain)), step
+    sx, sg = _inputs(0)[0].clone().requires_grad_(True), _inputs(0)[1].clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        gm(sx)[0].backward(sg)
+    torch.cuda.current_stream().wait_stream(s)
+    for p in params + [sx]:
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gm(sx)[0]
+        y.backward(sg)
+    grads = [p.grad for p in params]
+    x, gy = _inputs(5)
+    sx.data.copy_(x)
+    sg.copy_(gy)
+    graph.replay()
+    got = [y.clone(), sx.grad.clone()] + [g.clone() for g in grads]
+    want = _step(lambda v: off(v)[0], params, x, gy)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
