@@ -37,7 +37,8 @@ class OneLayer(nn.Module):
         return self.mlp(x)
 
 
-def layer_spec(args, backend: str, world: int, echo: bool = False, device: str = "cuda") -> dict:
+def layer_spec(args, backend: str, world: int, echo: bool = False, device: str = "cuda",
+               overlap: bool = True) -> dict:
     return {
         "model": {"name": "moe-layer", "vocab_size": 1024, "hidden_size": args.hidden, "num_layers": 1,
                   "first_dense_layers": 0, "dense_intermediate_size": 4 * args.hidden, "dtype": "bfloat16",
@@ -50,13 +51,13 @@ def layer_spec(args, backend: str, world: int, echo: bool = False, device: str =
         "budgets": {"seq_len": args.tokens, "micro_batch": 1, "received_token_capacity": args.capacity,
                     "row_alignment": 16},
         "echo": {"enabled": echo, "spare_slots_per_rank": 2 if echo else 0, "clone_domain": "node"},
-        "backends": {"dispatch": backend,
+        "backends": {"dispatch": backend, "shared_expert_overlap": overlap,
                      "cuda_graph": "full_iteration" if backend == "torch" and device == "cuda" else "none"},
     }
 
 
-def build(args, backend, device, seed=0, echo=False):
-    spec = spec_from_dict(layer_spec(args, backend, dist.get_world_size(), echo, device.type))
+def build(args, backend, device, seed=0, echo=False, overlap=True):
+    spec = spec_from_dict(layer_spec(args, backend, dist.get_world_size(), echo, device.type, overlap))
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the device: seconds less per build at GLM-5 widths
         ref = OneLayer(spec.model).to(dtype=torch.bfloat16)

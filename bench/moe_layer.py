@@ -46,7 +46,7 @@ from peers import torchtitan_moe
 from real_rows import REAL_ROW_BACKENDS, skip_reason
 from runtime import comm, flops as model_flops_lib
 
-VARIANTS = ["torch_graph", "torch_eager", "sync_eager", "torchtitan_eager", "torchtitan_graph",
+VARIANTS = ["torch_graph", "torch_graph_one_stream", "torch_eager", "sync_eager", "torchtitan_eager", "torchtitan_graph",
             "torchtitan_compile", "floor_routed", "floor"]
 
 
@@ -117,10 +117,17 @@ def echoc_variants(args, device, checks, times):
         cap.replay(x0, g0)  # time on x0's routing, the floor's rows
         times["torch_graph"] = time_ms(cap.graph.replay, args.iters, device)
         del cap
+        _, _, model_1, gm_1 = build(args, "torch", device, overlap=False)   # the shared expert on one stream
+        y_1, gx_1, _, _ = fwd_bwd(gm_1, model_1, x0, g0)
+        checks["one_stream_vs_two_y_equal"] = bool(torch.equal(y_1, y_e))
+        checks["one_stream_vs_two_dx_equal"] = bool(torch.equal(gx_1, gx_e))
+        cap = Captured(echoc_layer(gm_1), model_1, x0, g0)
+        times["torch_graph_one_stream"] = time_ms(cap.graph.replay, args.iters, device)
+        del cap, gm_1, model_1
     times["torch_eager"] = time_ms(lambda: fwd_bwd(gm, model, x0, g0), args.iters, device)
     y_t, gx_t, _, _ = fwd_bwd(gm, model, x0, g0)
     del gm, model
-    _, _, model_s, gm_s = build(args, "sync", device)
+    _, _, model_s, gm_s = build(args, "sync", device, overlap=False)    # the classic baseline: one stream
     y_s, gx_s, _, _ = fwd_bwd(gm_s, model_s, x0, g0)
     checks["sync_vs_torch_y"] = rel(y_s, y_t)
     checks["sync_vs_torch_dx"] = rel(gx_s, gx_t)
