@@ -20,6 +20,11 @@ from runtime import arena, comm, contracts, rows
 from runtime.contracts import ALL_GATHER_COUNTS, COMBINE, COUNT, DISPATCH, LAYER_STATS, LAYOUT, WEIGHTED_SUM
 from runtime.layout import equal_chunk_rows, kept_counts, recv_layout, send_layout, slot_counts
 
+try:  # the fused layout needs triton; without it (CPU installs, CI) every device uses torch
+    from runtime import layout_triton as _layout_fused
+except ImportError:
+    _layout_fused = None
+
 
 # --- count / exchange --------------------------------------------------------------------------
 # Every op takes `buf`, its node's name: the key of its output (and `buf.send`, `buf.recv`, ...
@@ -64,6 +69,11 @@ def layout(dest_slot: Tensor, counts: Tensor, counts_all: Tensor, slots_per_rank
     """
     ep, C, L = counts_all.shape[0], chunk_rows, slots_per_rank
     rank = comm.group_rank(group)
+    if _layout_fused is not None and dest_slot.is_cuda:
+        maps = tuple(arena.out(key, t.shape, t.dtype, t.device) for key, t in
+                     zip(LAYOUT.output_keys(buf), _layout_shapes(dest_slot, counts_all, L, C)))
+        _layout_fused.layout(dest_slot.reshape(-1), counts, counts_all, rank, L, C, *maps)
+        return maps
     snd = send_layout(dest_slot.reshape(-1), counts, ep, L, C)
     kept = kept_counts(counts_all, L, C)
     src, j = equal_chunk_rows(ep, C, dest_slot.device)
@@ -74,14 +84,19 @@ def layout(dest_slot: Tensor, counts: Tensor, counts_all: Tensor, slots_per_rank
     return tuple(arena.place(key, t) for key, t in zip(LAYOUT.output_keys(buf), maps))
 
 
-@layout.register_fake
-def _(dest_slot, counts, counts_all, slots_per_rank, chunk_rows, group, buf):
+def _layout_shapes(dest_slot: Tensor, counts_all: Tensor, slots_per_rank: int, chunk_rows: int):
+    """Empty tensors shaped like layout's six outputs."""
     ep, n = counts_all.shape[0], dest_slot.numel()
     i64 = dict(dtype=torch.int64)
     m = ep * chunk_rows
     return (dest_slot.new_empty(m, **i64), dest_slot.new_empty(n, **i64),
             dest_slot.new_empty(m, **i64), dest_slot.new_empty(m, **i64),
             dest_slot.new_empty(slots_per_rank, dtype=torch.int32), dest_slot.new_empty(3, **i64))
+
+
+@layout.register_fake
+def _(dest_slot, counts, counts_all, slots_per_rank, chunk_rows, group, buf):
+    return _layout_shapes(dest_slot, counts_all, slots_per_rank, chunk_rows)
 
 
 # --- token movement ----------------------------------------------------------------------------

@@ -17,7 +17,12 @@ import json
 
 import torch
 
-from runtime import grouped_gemm, rows, rows_triton, swiglu_triton
+from runtime import grouped_gemm, layout, rows, rows_triton, swiglu_triton
+
+try:
+    from runtime import layout_triton
+except ImportError:   # the worker's caller skips without triton; keep the import error readable
+    layout_triton = None
 
 
 def _ulps(a, b, dtype) -> float:
@@ -102,12 +107,44 @@ def case_swiglu(dtype, dev, g):
     return out
 
 
+def _torch_layout(dest, counts, counts_all, rank, L, C):
+    ep = counts_all.shape[0]
+    snd = layout.send_layout(dest, counts, ep, L, C)
+    kept = layout.kept_counts(counts_all, L, C)
+    src, j = layout.equal_chunk_rows(ep, C, dest.device)
+    rcv = layout.recv_layout(kept[:, rank, :], src, j, ep * C)
+    stats = torch.stack([snd.dropped, rcv.received, kept[rank].sum()])
+    return snd.send_copy, snd.copy_slot, rcv.sorted_src, rcv.recv_sorted, rcv.offs, stats
+
+
+def case_layout(dev, g):
+    """The fused layout (runtime/layout_triton.py) against runtime/layout.py: every map exact.
+    (ep, L, C, N): skewed slots so that some chunks overflow (dropped copies), one rank
+    receiving more than its chunks hold, several blocks of copies, and N not a block multiple."""
+    out = []
+    for ep, L, C, n in ((1, 8, 300, 256), (4, 3, 20, 2500), (8, 6, 70, 1500), (2, 5, 600, 1000)):
+        S, rank = ep * L, ep - 1
+        w = torch.rand(S, generator=g) ** 3 + 0.01
+        dest = torch.multinomial(w, n, replacement=True, generator=g)
+        counts = layout.slot_counts(dest, S)
+        counts_all = torch.randint(0, 2 * C // max(L, 1) + 3, (ep, S), generator=g)
+        counts_all[rank] = counts
+        want = _torch_layout(dest, counts, counts_all, rank, L, C)
+        got = [torch.full_like(t, 7).to(dev) for t in want]
+        layout_triton.layout(dest.to(dev), counts.to(dev), counts_all.to(dev), rank, L, C, *got)
+        exact = all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+        out.append(dict(case=f"layout ep={ep} L={L} C={C} N={n} dropped={int(want[5][0])}", exact=exact,
+                        max_ulps=0.0 if exact else float("inf"), norm_rel=0.0 if exact else float("inf"),
+                        padding_kept=True, dtype="int64"))
+    return out
+
+
 def failures(results: list[dict]) -> list[dict]:
     """Gathers bitwise; sums and the SwiGLU to rounding: fp32 normwise ≤ 1e-6, bf16 within 2 units
     in the last place (one intermediate rounding may flip); no write past the real rows."""
     bad = []
     for r in results:
-        if r["case"].startswith("gather "):
+        if r["case"].startswith(("gather ", "layout ")):
             ok = r["exact"]
         elif r["dtype"] == "float32":
             ok = r["norm_rel"] <= 1e-6
@@ -129,6 +166,7 @@ def main():
         for case in (case_gather, case_gather_sum, case_weighted_sum, case_swiglu):
             for r in case(dtype, dev, g):
                 results.append(dict(r, dtype=str(dtype).removeprefix("torch.")))
+    results += case_layout(dev, g)
     print(json.dumps({"cases": len(results), "failures": failures(results), "results": results}))
 
 
