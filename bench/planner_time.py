@@ -1,7 +1,9 @@
 """ECHO planner time per layer on one GPU, captured in a CUDA graph: the torch reference path
 (old) against the fused Triton path (new), for plan, assign_slots, and both.
 
-    python bench/planner_time.py [--out bench/results/planner_time.json]
+    python bench/planner_time.py [--out bench/results/planner_time.json] [--warps 4,8,16,32]
+
+--warps: also time the fused plan kernel at each of these num_warps (outputs checked equal).
 
 Counts [ep, 256] drawn from zipf(1.2) (4096 tokens × top-8 per rank), 2 spare slots per rank,
 clone domain = the whole EP group; assign_slots for rank 0's 4096 × 8 copies. Each time is the
@@ -10,6 +12,7 @@ median over 50 replays of a graph that runs the step 10 times (one layer = one s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from runtime import planner_triton
 from runtime.planner import assign_slots, assign_slots_reference, plan, plan_reference, rank_rows
 
 STEPS_PER_GRAPH = 10
@@ -75,12 +79,37 @@ def measure(ep, g):
     return row
 
 
+def warps_sweep(ep, warps, g):
+    """ms of the fused plan at each num_warps (the planner's own choice is the default row)."""
+    E, S, El = 256, 2, 256 // ep
+    counts, _ = zipf_counts(ep, E, 4096 * 8, 1.2, g, "cuda")
+    want = plan_reference(counts, El, S, ep)
+    meta, out = planner_triton.plan_meta, {}
+    try:
+        for w in warps:
+            planner_triton.plan_meta = lambda *a, w=w: dataclasses.replace(meta(*a), num_warps=w)
+            got = plan(counts, El, S, ep)
+            same = torch.equal(got.quota, want.quota) and torch.equal(got.spare_expert, want.spare_expert)
+            out[w] = (graph_ms(lambda: plan(counts, El, S, ep, S, 1)), same)
+    finally:
+        planner_triton.plan_meta = meta
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "planner_time.json"))
+    ap.add_argument("--warps", default="", help="comma-separated num_warps to time the plan kernel at")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     rows = [measure(ep, g) for ep in (8, 16, 64)]
+    sweep = {}
+    if args.warps:
+        warps = [int(w) for w in args.warps.split(",")]
+        for ep in (8, 16, 64):
+            sweep[ep] = warps_sweep(ep, warps, g)
+            print(f"plan kernel at ep {ep}: " + ", ".join(f"{w} warps {ms:.3f} ms{'' if ok else ' DIFFERENT'}"
+                                                         for w, (ms, ok) in sweep[ep].items()))
     print(f"{'ep':>4}{'old plan':>10}{'new plan':>10}{'old assign':>12}{'new assign':>12}"
           f"{'old both':>10}{'new both':>10}{'ratio':>8}{'same':>6}{'strag none':>12}{'echo':>7}   (ms per layer, graph)")
     for r in rows:
@@ -92,7 +121,8 @@ def main():
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "steps_per_graph": STEPS_PER_GRAPH}
     with open(args.out, "w") as f:
-        json.dump({**meta, "rows": rows}, f, indent=2)
+        json.dump({**meta, "rows": rows, "warps_sweep": {str(k): {str(w): v for w, v in d.items()}
+                                                            for k, d in sweep.items()}}, f, indent=2)
 
 
 if __name__ == "__main__":
