@@ -149,9 +149,9 @@ def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec, layer: int) -> tuple
     y = b.op("expert_ffn", EXPERT_FFN, rows=dispatch(weight), w13=b.attr("w13", f"{moe_name}.experts.w13"),
              w2=b.attr("w2", f"{moe_name}.experts.w2"), offs=maps["offs"], impl=spec.backends.grouped_gemm)
     out = finish(y, weight)
-    if shared is not None:
-        if overlap_shared(spec):
-            shared = b.fn("shared_join", streams.side_join, shared)
+    if gm.get_submodule(moe_name).shared is not None:
+        shared = b.fn("shared_join", streams.side_join, shared) if overlap_shared(spec) else \
+            b.module("shared", f"{moe_name}.shared", x_flat)
         out = b.fn("add_shared", operator.add, out, shared)
     out = b.method("out", "view_as", out, x)
     stats = b.op("layer_stats", LAYER_STATS, stats=maps["stats"], spare_expert=None)
@@ -161,19 +161,19 @@ def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec, layer: int) -> tuple
 
 
 def overlap_shared(spec: Spec) -> bool:
-    """Whether the shared expert runs on a side stream (runtime/streams.py). Not at ZeRO 3: its
-    weights are gathered (and in backward gathered again) by collectives, which must stay on
-    the main stream, in one order on every rank."""
-    return spec.backends.shared_expert_overlap and spec.parallel.zero < 3
+    """Whether the shared expert runs on a side stream (runtime/streams.py): on CUDA only (a CPU
+    graph keeps the reference's op order, so its rounding is unchanged), and not at ZeRO 3 (its
+    weights are gathered, and in backward gathered again, by collectives, which must stay on
+    the main stream in one order on every rank)."""
+    return spec.backends.shared_expert_overlap and spec.cluster.device == "cuda" and spec.parallel.zero < 3
 
 
 def _shared_expert(gm: GraphModule, b: LayerBuilder, spec: Spec, moe_name: str, x_flat: Node) -> Node | None:
-    """The shared expert's output [T, H] (None without one), queued first: on a side stream
-    when overlap_shared, so the routed path's small kernels run beside its GEMMs."""
-    if gm.get_submodule(moe_name).shared is None:
+    """With overlap_shared, the shared expert's output [T, H], queued first on a side stream so
+    the routed path's small kernels run beside its GEMMs; else None (it runs after the routed
+    path, in the reference's order)."""
+    if gm.get_submodule(moe_name).shared is None or not overlap_shared(spec):
         return None
-    if not overlap_shared(spec):
-        return b.module("shared", f"{moe_name}.shared", x_flat)
     y = b.module("shared", f"{moe_name}.shared", b.fn("shared_begin", streams.side_begin, x_flat))
     return b.fn("shared_end", streams.side_end, y)
 

@@ -8,9 +8,13 @@ a data-parallel group: experts (the `w` of a clone, the `w13` / `w2` of an exper
 pass inserts, before the unit's first use of a weight:
 
     shards   get_attr of each parameter        at run time this rank's flat shard [m_i]
-    zero_gather(shards, shapes, group, …)      runtime/zero_ops.py: one all-gather → the
-                                               whole weights; backward: one reduce-scatter
+    zero_gather(shards, shapes, group, …)      runtime/zero_ops.py: issues one all-gather →
+                                               the whole weights; backward: one reduce-scatter
+    zero_wait(weights, buf)                    waits for it (the weights are ready)
     getitem  one per weight                    replaces every use of that parameter
+
+and then moves each unit's gather up to right after the previous unit's wait (per group):
+the next layer's weights are gathered while this layer computes (prefetch, one layer ahead).
 
 A `get_attr` of a parameter is replaced by its gathered weight; a `call_module` of a module
 that owns gathered weights (a linear, the embedding, a router, a shared expert) becomes
@@ -40,7 +44,7 @@ from echoc.spec import Spec
 from passes.manager import PassResult
 from runtime import contracts, zero_ops
 from runtime.contracts import CLONE_WEIGHTS, EXPERT_FFN, EXPERT_FFN_RECOMPUTE_CLONE
-from runtime.zero_ops import ZERO_GATHER, ZERO_REDUCE
+from runtime.zero_ops import ZERO_GATHER, ZERO_REDUCE, ZERO_WAIT
 
 
 @dataclass
@@ -122,6 +126,28 @@ def _insert(gm: GraphModule, unit: str, group: str, names: list[str], spec: Spec
     return op, weights
 
 
+def _prefetch(gm: GraphModule, gathers: list[Node]) -> None:
+    """A zero_wait right after each gather reads its weights (the getitems now read the wait);
+    then, per group, each gather (with its shard get_attrs) moves to right after the previous
+    unit's wait: a layer's all-gather is in flight while the layer before it computes. Under
+    recompute a moved gather joins its own layer's region again (passes/recompute.py)."""
+    g, last_wait = gm.graph, {}
+    for gather in gathers:                                  # graph order
+        group = ZERO_GATHER.arg(gather, "group")
+        items = list(gather.users)
+        with g.inserting_after(gather):
+            wait = g.create_node("call_function", contracts.target(ZERO_WAIT),
+                                 ZERO_WAIT.call_args(weights=gather, buf=gather.name), name=f"{gather.name}_wait")
+        for item in items:
+            item.replace_input_with(gather, wait)
+        if group in last_wait:
+            anchor = last_wait[group]
+            for n in list(ZERO_GATHER.arg(gather, "shards")) + [gather]:
+                anchor.append(n)
+                anchor = n
+        last_wait[group] = wait
+
+
 def _order(graph):
     index = {n: i for i, n in enumerate(graph.nodes)}
     return index.__getitem__
@@ -170,6 +196,8 @@ def run(gm: GraphModule, spec: Spec) -> PassResult:
     if not info.units:
         info.reason = "every data-parallel group has one rank: nothing to shard"
     _rewrite_uses(gm, weights, param_nodes)
+    if level == 3:
+        _prefetch(gm, [n for n in gm.graph.nodes if contracts.of(n.target) is ZERO_GATHER])
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, info)

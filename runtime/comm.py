@@ -106,6 +106,18 @@ def all_gather_rows(x: torch.Tensor, group: str, out: torch.Tensor | None = None
     return out
 
 
+def all_gather_rows_async(x: torch.Tensor, group: str) -> tuple[torch.Tensor, object | None]:
+    """all_gather_rows issued without waiting: (out, work); `out` is ready after work.wait()
+    (on NCCL the current stream then waits on the collective's stream; nothing blocks the host).
+    A group of one rank copies at once and returns no work."""
+    n = group_size(group)
+    out = torch.empty((n,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    if n == 1:
+        return out.copy_(x.unsqueeze(0)), None
+    work = _ALL_GATHER_FLAT(out.view(-1), x.contiguous().view(-1), group=get_group(group), async_op=True)
+    return out, work
+
+
 def all_to_all_equal(x: torch.Tensor, group: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """Exchange equal chunks: x [n·C, ...] → [n·C, ...]; chunk p goes to rank p. No host-sized splits."""
     out = torch.empty_like(x) if out is None else out

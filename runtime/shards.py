@@ -84,20 +84,40 @@ def _offsets(specs: list[ShardSpec]) -> list[int]:
     return out + [at]
 
 
-def gather_full(shards: list[Tensor], specs: list[ShardSpec], fulls: list[Tensor]) -> None:
-    """One all-gather over the specs' (common) group: every fulls[i] ← the whole tensor whose
-    shard on each rank is shards[i] ([m_i], cast to fulls[i]'s dtype)."""
-    if not specs:
-        return
+@dataclass
+class PendingGather:
+    """An all-gather of shards in flight: `finish()` waits for it and fills the whole tensors."""
+    recv: Tensor                 # [n, Σm]
+    work: object | None
+    specs: list[ShardSpec]
+    fulls: list[Tensor]
+
+    def finish(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        off = _offsets(self.specs)
+        for s, full, a, b in zip(self.specs, self.fulls, off, off[1:]):
+            from_rows(self.recv[:, a:b], s, full)
+
+
+def gather_full_start(shards: list[Tensor], specs: list[ShardSpec], fulls: list[Tensor]) -> PendingGather:
+    """Issue one all-gather over the specs' (common) group; fulls[i] (the whole tensor whose shard
+    on each rank is shards[i], cast to fulls[i]'s dtype) is filled by the result's `finish()`."""
     group, off = specs[0].group, _offsets(specs)
     assert all(s.group == group for s in specs)
     dtype = fulls[0].dtype
     send = torch.empty(off[-1], dtype=dtype, device=fulls[0].device)
     for shard, a, b in zip(shards, off, off[1:]):
         send[a:b].copy_(shard)
-    recv = comm.all_gather_rows(send, group)                          # [n, Σm]
-    for s, full, a, b in zip(specs, fulls, off, off[1:]):
-        from_rows(recv[:, a:b], s, full)
+    recv, work = comm.all_gather_rows_async(send, group)             # [n, Σm]
+    return PendingGather(recv, work, list(specs), list(fulls))
+
+
+def gather_full(shards: list[Tensor], specs: list[ShardSpec], fulls: list[Tensor]) -> None:
+    """One all-gather over the specs' (common) group: every fulls[i] ← the whole tensor whose
+    shard on each rank is shards[i] ([m_i], cast to fulls[i]'s dtype)."""
+    if specs:
+        gather_full_start(shards, specs, fulls).finish()
 
 
 def reduce_scatter_full(fulls: list[Tensor], specs: list[ShardSpec], dtype: torch.dtype) -> Tensor:

@@ -43,12 +43,14 @@ from torch import Tensor, nn
 from runtime import contracts
 from runtime.contracts import OpContract
 from runtime.dtypes import torch_dtype
-from runtime.shards import ShardSpec, gather_full, reduce_scatter_full, shard_spec, split_rows
+from runtime.shards import (PendingGather, ShardSpec, gather_full, gather_full_start, reduce_scatter_full,
+                            shard_spec, split_rows)
 
 # no role: the MoE buffer plan does not place its output (the allocator does); `weights` is a tuple
 ZERO_GATHER = OpContract("zero_gather", ("shards", "shapes", "group", "reduce_dtype", "buf"), ("weights",),
                          grads=("shards",), output_in_arena=False)
 
+ZERO_WAIT = OpContract("zero_wait", ("weights", "buf"), ("weights",), output_in_arena=False)
 ZERO_REDUCE = OpContract("zero_reduce", ("weights", "names", "group", "reduce_dtype", "buf"), ("weights",),
                          output_in_arena=False)
 
@@ -130,11 +132,16 @@ def regather_in_backward():
         yield
 
 
+_PENDING: dict[str, PendingGather] = {}     # zero_gather's buf → its all-gather in flight
+
+
 class _ZeroGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shapes, group, reduce_dtype, *shards):
+    def forward(ctx, shapes, group, reduce_dtype, buf, *shards):
         unit = _Unit(shards, [shard_spec(math.prod(s), group) for s in shapes], shapes)
-        fulls = unit.gather()
+        s0 = shards[0]
+        fulls = [torch.empty(shape, dtype=s0.dtype, device=s0.device) for shape in shapes]
+        _PENDING[buf] = gather_full_start(list(shards), unit.specs, fulls)
         _track(unit, fulls)
         ctx.unit, ctx.reduce_dtype = unit, torch_dtype(reduce_dtype)
         return tuple(fulls)
@@ -147,16 +154,28 @@ class _ZeroGather(torch.autograd.Function):
                  for g, shape in zip(grads, unit.shapes)]
         flat = reduce_scatter_full(grads, unit.specs, ctx.reduce_dtype)
         shard_grads = [g.to(s.dtype).view_as(s) for g, s in zip(split_rows(flat, unit.specs), unit.shards)]
-        return (None, None, None) + tuple(shard_grads)
+        return (None, None, None, None) + tuple(shard_grads)
 
 
 def zero_gather(shards, shapes, group, reduce_dtype, buf):
-    """shards: this rank's flat shards [m_i]; → the whole weights (a tuple), shaped shapes[i].
-    On the meta device (compile time: the meta model's weights are whole) only the shapes."""
+    """shards: this rank's flat shards [m_i]; → the whole weights (a tuple), shaped shapes[i],
+    filled once `zero_wait(·, buf)` has run: the all-gather is only issued here, so the graph
+    can issue it a layer early (prefetch). On the meta device only the shapes."""
     shards = tuple(shards)
     if shards[0].is_meta:
         return tuple(torch.empty(s, dtype=shards[0].dtype, device="meta") for s in shapes)
-    return _ZeroGather.apply(tuple(tuple(s) for s in shapes), group, reduce_dtype, *shards)
+    return _ZeroGather.apply(tuple(tuple(s) for s in shapes), group, reduce_dtype, buf, *shards)
+
+
+def zero_wait(weights, buf):
+    """The weights of zero_gather `buf`, ready: waits for its all-gather (on NCCL the current
+    stream waits; the host does not) and fills them. Returns the same tensors."""
+    weights = tuple(weights)
+    pending = _PENDING.pop(buf, None)
+    if pending is not None:
+        with torch.no_grad():
+            pending.finish()
+    return weights
 
 
 def live_gathered() -> int:
@@ -250,4 +269,5 @@ def reduced_params(gm) -> dict[str, str]:
 
 
 contracts.bind(ZERO_GATHER, zero_gather)
+contracts.bind(ZERO_WAIT, zero_wait)
 contracts.bind(ZERO_REDUCE, zero_reduce)

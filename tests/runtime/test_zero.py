@@ -13,7 +13,7 @@ import pytest
 from echoc.compile import compile_build
 from passes import zero
 from runtime import contracts, zero_ops
-from runtime.zero_ops import ZERO_GATHER, ZERO_REDUCE
+from runtime.zero_ops import ZERO_GATHER, ZERO_REDUCE, ZERO_WAIT
 
 WORKER = Path(__file__).with_name("zero_worker.py")
 
@@ -45,6 +45,16 @@ def test_pass_gathers_each_layer_once_per_group(make_spec):
     gm = build.program.gm
     assert not any(n.op == "call_module" and list(gm.get_submodule(n.target).parameters()) for n in gm.graph.nodes)
     assert sum(contracts.of(n.target) is ZERO_GATHER for n in gm.graph.nodes) == len(info.units)
+    # prefetch: each group's next gather is issued right after this unit's wait, before its weights are used
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for group in ("world", "expert_dp"):
+        gathers = [n for n in gm.graph.nodes if contracts.of(n.target) is ZERO_GATHER
+                   and ZERO_GATHER.arg(n, "group") == group]
+        waits = [next(u for u in g.users if contracts.of(u.target) is ZERO_WAIT) for g in gathers]
+        assert len(gathers) >= 2
+        for k in range(len(gathers) - 1):
+            uses_k = min(order[u] for u in waits[k].users)
+            assert order[waits[k]] < order[gathers[k + 1]] < uses_k, (group, k)
 
 
 def test_pass_reduces_each_layers_gradients_once_per_group_at_zero_2(make_spec):
