@@ -150,8 +150,10 @@ def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec, layer: int) -> tuple
              w2=b.attr("w2", f"{moe_name}.experts.w2"), offs=maps["offs"], impl=spec.backends.grouped_gemm)
     out = finish(y, weight)
     if gm.get_submodule(moe_name).shared is not None:
-        shared = b.fn("shared_join", streams.side_join, shared) if overlap_shared(spec) else \
-            b.module("shared", f"{moe_name}.shared", x_flat)
+        if shared is None:
+            shared = b.module("shared", f"{moe_name}.shared", x_flat)
+        elif overlap_shared(spec):
+            shared = b.fn("shared_join", streams.side_join, shared)
         out = b.fn("add_shared", operator.add, out, shared)
     out = b.method("out", "view_as", out, x)
     stats = b.op("layer_stats", LAYER_STATS, stats=maps["stats"], spare_expert=None)
@@ -169,11 +171,14 @@ def overlap_shared(spec: Spec) -> bool:
 
 
 def _shared_expert(gm: GraphModule, b: LayerBuilder, spec: Spec, moe_name: str, x_flat: Node) -> Node | None:
-    """With overlap_shared, the shared expert's output [T, H], queued first on a side stream so
-    the routed path's small kernels run beside its GEMMs; else None (it runs after the routed
-    path, in the reference's order)."""
-    if gm.get_submodule(moe_name).shared is None or not overlap_shared(spec):
+    """On CUDA the shared expert's output [T, H], queued first (on a side stream when
+    overlap_shared, so the routed path's small kernels run beside its GEMMs; queued first on
+    one stream too, so both settings give the same numbers); on CPU None: it runs after the
+    routed path, in the reference's order (the same rounding as the oracle)."""
+    if gm.get_submodule(moe_name).shared is None or spec.cluster.device != "cuda":
         return None
+    if not overlap_shared(spec):
+        return b.module("shared", f"{moe_name}.shared", x_flat)
     y = b.module("shared", f"{moe_name}.shared", b.fn("shared_begin", streams.side_begin, x_flat))
     return b.fn("shared_end", streams.side_end, y)
 
