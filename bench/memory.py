@@ -93,10 +93,14 @@ def _forward_backward_peak(trainer, source, device) -> int:
     tokens, labels = (x.to(device) for x in local_rows(source.global_batch(0, 1), 0, 1))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    if trainer.arena is not None:
+        trainer.arena.allocate()
     with arena.active(trainer.arena):
         out = trainer.gm(tokens)
         lm_loss(out[0] if isinstance(out, tuple) else out, labels).backward()
     del out
+    if trainer.arena is not None:
+        trainer.arena.release()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     trainer.zero_grad()

@@ -1,6 +1,7 @@
 """One memory model for the whole rank: what one rank holds at each phase of an iteration.
 
-    static        weights, fp32 master weights, AdamW moments (by parallel.zero), the arena
+    static        weights, fp32 master weights, AdamW moments (by parallel.zero)
+    (arena)       + the MoE arena, held from each forward to the end of its backward
     forward end   + every layer's kept activations (after train.recompute) + logits and loss
     backward      + recomputed layer's activations + gradients so far + MoE buffers' peak
     grad reduce   + every gradient (model dtype) + the reduction's flat buffers
@@ -159,8 +160,9 @@ def layer_activations(spec: Spec, census: LayerCensus, plan: MemoryPlan, policy:
 
 
 def moe_buffer_bytes(spec: Spec, plan: MemoryPlan) -> tuple[int, int]:
-    """(the arena, held all the time when the runtime uses one; the MoE buffers' peak beyond
-    the arena and the saved activations: exchange buffers, GEMM products)."""
+    """(the arena, held from each forward to the end of its backward when the runtime uses one;
+    the MoE buffers' peak beyond the arena and the saved activations: exchange buffers, GEMM
+    products)."""
     if not plan.planned:
         return 0, 0
     if spec.backends.uses_arena:
@@ -195,9 +197,10 @@ def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: di
             base, activations=sum(x.kept for x in acts[:layer + 1]) + a.working, moe_transient=moe[1],
             gathered_weights=gathered, logits=head["logits"], model_grads=int(share * (done + p.layers[layer])))
         done += p.layers[layer]
-    phases["gradient reduction"] = dict(base, model_grads=grads["model_grads"], logits=head["logits"],
+    after = dict(static)          # the Trainer releases the arena after backward
+    phases["gradient reduction"] = dict(after, model_grads=grads["model_grads"], logits=head["logits"],
                                         reduce_transient=grads["reduce_transient"])
-    phases["optimizer"] = dict(base, fp32_grads=grads["fp32_grads"])
+    phases["optimizer"] = dict(after, fp32_grads=grads["fp32_grads"])
     return phases
 
 

@@ -2,8 +2,9 @@
 
 The memory plan (passes/buffer_plan.py) gives every MoE buffer that an echo op writes
 itself a byte offset in one arena; buffers whose lifetimes overlap never share bytes.
-At run time the arena is allocated once (before any CUDA-graph capture, so its
-addresses are the same in every replay) and each op asks for its output by key:
+At run time the arena's bytes are held from each iteration's forward to the end of its
+backward (inside a CUDA graph: from the graph's pool, at one address in every replay) and
+each op asks for its output by key:
 
     out = arena.out("layers_1_mlp_dispatch", (R, H), torch.bfloat16, x.device)
 
@@ -46,20 +47,42 @@ class ArenaLayout:
 
 
 class Arena:
-    """One uint8 buffer of `layout.nbytes` on `device`, and the planned views into it."""
+    """One uint8 buffer of `layout.nbytes` on `device`, and the planned views into it.
 
-    def __init__(self, layout: ArenaLayout, device: torch.device):
-        self.layout = layout
-        self.base = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
-        self._alias: dict[str, Tensor] = {}
+    The Trainer allocates the bytes at the start of each iteration's forward and releases
+    them after its backward, so the gradient reduction and the optimizer (where the rank's
+    peak often falls) reuse them instead of finding them held. Inside a captured CUDA graph
+    the allocation comes from the graph's pool at one address in every replay."""
+
+    def __init__(self, layout: ArenaLayout, device: torch.device, allocate: bool = True):
+        self.layout, self.device = layout, device
         for key, v in layout.views.items():
             assert v.offset_bytes % v.dtype.itemsize == 0 and v.offset_bytes + v.nbytes <= layout.nbytes, (key, v)
+        self.base: Tensor | None = None
+        self._alias: dict[str, Tensor] = {}
+        self.taken: set[str] = set()
+        if allocate:
+            self.allocate()
+
+    def allocate(self) -> None:
+        """Allocate the bytes (no-op when held)."""
+        if self.base is not None:
+            return
+        self.base = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device)
+        for key, v in self.layout.views.items():
             flat = self.base[v.offset_bytes:v.offset_bytes + v.nbytes].view(v.dtype)
             self._alias[key] = torch.from_dlpack(flat)  # same bytes, a storage of its own
-        self.taken: set[str] = set()
+
+    def release(self) -> None:
+        """Give the bytes back to the allocator (views taken earlier keep theirs alive)."""
+        self.base, self._alias = None, {}
+
+    @property
+    def held(self) -> bool:
+        return self.base is not None
 
     def __contains__(self, key: str) -> bool:
-        return key in self._alias
+        return key in self.layout.views
 
     def take(self, key: str, shape, dtype: torch.dtype) -> Tensor:
         """A fresh tensor (own autograd metadata) over the planned bytes of `key`."""
@@ -67,12 +90,14 @@ class Arena:
         shape = tuple(int(s) for s in shape)
         assert v.shape == shape and v.dtype == dtype, (
             f"arena view {key!r} was planned as {v.dtype}{list(v.shape)}, the op asks for {dtype}{list(shape)}")
+        assert self.base is not None, "the arena's bytes are released: allocate() first"
         alias = self._alias[key]
         self.taken.add(key)
         return torch.empty(0, dtype=dtype, device=alias.device).set_(alias.untyped_storage(), 0, shape)
 
     def address(self, key: str) -> int:
         """Device address of `key`'s planned bytes (tests check that ops really wrote there)."""
+        self.allocate()
         return self.base.data_ptr() + self.layout.views[key].offset_bytes
 
 

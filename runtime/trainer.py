@@ -115,6 +115,8 @@ class Trainer:
 
     def forward_backward(self, tokens: torch.Tensor, labels: torch.Tensor) -> StepOut:
         """Forward, backward, gradient reduction and the guard (sets found_inf / skipped / nonfinite)."""
+        if self.arena is not None:
+            self.arena.allocate()
         with arena.active(self.arena), zero_ops.regather_in_backward():
             out = self.gm(tokens)
             if isinstance(out, tuple):
@@ -124,6 +126,8 @@ class Trainer:
             loss = lm_loss(logits, labels)
             (loss / self.world).backward()
         self._check_arena_use()
+        if self.arena is not None:
+            self.arena.release()      # the reduction and the optimizer reuse the MoE buffers' bytes
         self.state.reduce_grads()
         step_out = StepOut(loss.detach(), stats, counts)
         self._guard(step_out)

@@ -42,6 +42,7 @@ def collapsed(layout: ArenaLayout) -> ArenaLayout:
 def output_addresses(trainer: Trainer, tokens: torch.Tensor) -> dict[str, tuple[int, int]]:
     """key → (address of the node's output, planned address), for the planned node outputs."""
     a, found = trainer.arena, {}
+    a.allocate()
 
     class Recorder(Interpreter):
         def run_node(self, n):

@@ -81,3 +81,35 @@ def test_arena_run_equals_allocator_run_bitwise(run_arena_worker, oracle_spec, r
         assert r["addresses"] and all(got == want for got, want in r["addresses"].values()), r["addresses"]
         # the collapsed arena (overlapping live buffers share bytes) is caught
         assert any(s["collapsed_vs_allocator"] for s in r["steps"]), "a wrong plan went unnoticed"
+
+
+def test_released_arena_holds_no_bytes_and_refuses_views_until_allocated():
+    """The Trainer holds the arena's bytes from forward to the end of backward only."""
+    ar = Arena(small_layout(), torch.device("cpu"))
+    assert ar.held and "a" in ar
+    ar.release()
+    assert not ar.held and ar.base is None and "a" in ar          # the plan stays, the bytes go
+    with pytest.raises(AssertionError, match="released"):
+        ar.take("a", (4, 8), torch.float32)
+    ar.allocate()
+    assert ar.held and ar.take("a", (4, 8), torch.float32).data_ptr() == ar.address("a")
+
+
+def test_trainer_releases_the_arena_after_backward(make_spec, tmp_path):
+    """One CPU step with the arena: after it the bytes are released, and the next step allocates
+    them again (the loss of two steps equals a trainer without an arena: see the oracle tests)."""
+    import torch.distributed as dist
+    from echoc.compile import compile_build
+    from runtime import comm
+    from runtime.trainer import Trainer
+    spec = make_spec({"parallel.ep": 1, "cluster.gpus_per_node": 1, "backends.buffers": "arena"})
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    comm.init_groups(1, 1)
+    trainer = Trainer(compile_build(spec).program, torch.device("cpu"))
+    assert trainer.arena is not None
+    tokens = torch.randint(0, spec.model.vocab_size, (spec.budgets.micro_batch, spec.budgets.seq_len))
+    for _ in range(2):
+        trainer.zero_grad()
+        trainer.step(tokens, tokens)
+        assert not trainer.arena.held and trainer.arena.taken
