@@ -107,9 +107,9 @@ def _forward_backward_peak(trainer, source, device) -> int:
     return peak
 
 
-def run_all(steps: int) -> list[dict]:
+def run_all(steps: int, variants=VARIANTS) -> list[dict]:
     rows = []
-    for recompute, buffers in VARIANTS:
+    for recompute, buffers in variants:
         out = Path(f"/tmp/echoc_memory_{recompute}_{buffers}.json")
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         proc = subprocess.run([sys.executable, __file__, "--one", recompute, buffers, "--steps", str(steps),
@@ -142,11 +142,13 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
     ap.add_argument("--one", nargs=2, metavar=("RECOMPUTE", "BUFFERS"))
+    ap.add_argument("--variants", default="", help="e.g. none:arena,none:allocator (default: all six)")
     args = ap.parse_args()
     if args.one:
         Path(args.out).write_text(json.dumps(run_one(*args.one, args.steps)))
         return
-    rows = run_all(args.steps)
+    rows = run_all(args.steps, [tuple(v.split(":")) for v in args.variants.split(",")] if args.variants
+                   else VARIANTS)
     print_table(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "variants": rows}, indent=1))
