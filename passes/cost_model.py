@@ -60,12 +60,8 @@ def row_compute_s(spec: Spec) -> float:
 
 
 def clone_domain_ranks(spec: Spec) -> int:
-    """EP ranks per clone domain: one node's worth (consecutive EP ranks) or the whole EP group."""
-    ep = spec.parallel.ep
-    if spec.echo.clone_domain == "cluster":
-        return ep
-    d = min(spec.cluster.gpus_per_node, ep)
-    return d if ep % d == 0 else ep
+    """EP ranks per clone domain (Spec.clone_domain_ranks: the one definition)."""
+    return spec.clone_domain_ranks
 
 
 def link_gbps(spec: Spec, domain_ranks: int) -> float:
