@@ -36,7 +36,7 @@ class Part:
                                        # exchange is the identity and the op gathers straight to its result)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)     # one object per op: compared and hashed by identity (fast)
 class OpContract:
     """What an op takes, returns, keeps for its backward and writes into the arena."""
     name: str
