@@ -101,30 +101,41 @@ def test_layer_with_kernels_equals_torch_path_and_reference(layer, monkeypatch):
     assert max(_rel(a, b) for a, b in zip(fused[:2], want[:2])) < 1e-2
 
 
+class _Captured:
+    """gm's forward + backward captured in one CUDA graph (after `warmup` eager steps on a side
+    stream); replay(x, gy) → [y, x.grad, *param grads] of that replay, cloned."""
+
+    def __init__(self, gm, params, warmup: int):
+        x0, g0 = _inputs(0)
+        self.sx, self.sg = x0.clone().requires_grad_(True), g0.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(warmup):
+                gm(self.sx)[0].backward(self.sg)
+        torch.cuda.current_stream().wait_stream(s)
+        for p in params + [self.sx]:
+            p.grad = None
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.y = gm(self.sx)[0]
+            self.y.backward(self.sg)
+        self.grads = [p.grad for p in params]   # the graph's own buffers (eager steps replace p.grad)
+
+    def replay(self, x, gy):
+        self.sx.data.copy_(x)
+        self.sg.copy_(gy)
+        self.graph.replay()
+        return [self.y.clone(), self.sx.grad.clone()] + [g.clone() for g in self.grads]
+
+
 def test_captured_layer_replays_new_routing_like_eager(layer):
     _, model, gm, _ = layer
     params = list(model.parameters())
-    x0, g0 = _inputs(0)
-    sx, sg = x0.clone().requires_grad_(True), g0.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            gm(sx)[0].backward(sg)
-    torch.cuda.current_stream().wait_stream(s)
-    for p in params + [sx]:
-        p.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = gm(sx)[0]
-        y.backward(sg)
-    grads = [p.grad for p in params]          # the graph's own buffers (eager steps below replace p.grad)
+    cap = _Captured(gm, params, warmup=2)
     for step in (1, 2, 3):
         x, gy = _inputs(step)
-        sx.data.copy_(x)
-        sg.copy_(gy)
-        graph.replay()
-        got = [y.clone(), sx.grad.clone()] + [g.clone() for g in grads]
+        got = cap.replay(x, gy)
         eager = _step(lambda v: gm(v)[0], params, x, gy)
         assert max(_rel(a, b) for a, b in zip(got, eager)) < 1e-2
 
@@ -143,23 +154,7 @@ def test_shared_expert_on_a_side_stream_changes_no_number(layer):
         x, gy = _inputs(step)
         on, plain = _step(lambda v: gm(v)[0], params, x, gy), _step(lambda v: off(v)[0], params, x, gy)
         assert all(torch.equal(a, b) for a, b in zip(on, plain)), step
-    sx, sg = _inputs(0)[0].clone().requires_grad_(True), _inputs(0)[1].clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        gm(sx)[0].backward(sg)
-    torch.cuda.current_stream().wait_stream(s)
-    for p in params + [sx]:
-        p.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = gm(sx)[0]
-        y.backward(sg)
-    grads = [p.grad for p in params]
     x, gy = _inputs(5)
-    sx.data.copy_(x)
-    sg.copy_(gy)
-    graph.replay()
-    got = [y.clone(), sx.grad.clone()] + [g.clone() for g in grads]
+    got = _Captured(gm, params, warmup=1).replay(x, gy)
     want = _step(lambda v: off(v)[0], params, x, gy)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
