@@ -19,15 +19,11 @@ def _bits(n: int) -> int:
     return max(1, (n - 1).bit_length())
 
 
-COUNT_MAX = 256   # pieces up to which the plan ranks by counting ([n, n] in registers) instead of sorting
-
-
 @dataclass(frozen=True)
 class PlanMeta:
     """Compile-time sizes of one plan: g ranks per domain, el experts per rank, s spare slots,
     offer offered experts per rank (≤ el), qc quota columns; *b padded blocks; lb, fb, nb, rb
-    the index bits of the in-rank, flat hot-order, piece and room sort keys; count: order the
-    pieces and rooms by counting (small domains) rather than by bitonic sorts."""
+    the index bits of the in-rank, flat hot-order, piece and room sort keys."""
     g: int
     el: int
     s: int
@@ -45,7 +41,6 @@ class PlanMeta:
     fb: int
     nb: int
     rb: int
-    count: bool
     num_warps: int
 
 
@@ -59,7 +54,7 @@ def plan_meta(ep: int, E: int, experts_per_rank: int, spares: int, domain_size: 
     return PlanMeta(g=g, el=el, s=spares, offer=min(offer, el), min_rows=max(min_clone_rows, 1),
                     rounds=rounds, qc=1 + ep * spares, gb=gb, elb=elb, ob=ob, sb=_pow2(spares),
                     deb=deb, cb=max(1, 4096 // deb), lb=_bits(elb), fb=_bits(deb),
-                    nb=_bits(gb * ob), rb=_bits(gb), count=gb * ob <= COUNT_MAX,
+                    nb=_bits(gb * ob), rb=_bits(gb),
                     num_warps=16)   # measured fastest at EP 8, 16 and 64 (bench/planner_time.py --warps)
 
 

@@ -28,20 +28,11 @@ from runtime.planner_blocks import AssignMeta, PlanMeta, assign_meta, plan_meta
 
 
 @triton.jit
-def _order_desc(key, BITS: tl.constexpr, COUNT: tl.constexpr):
-    """key [2**BITS] unique, natural index in its low BITS bits → (the keys sorted descending,
-    pos [2**BITS]: the sorted position of natural index i). COUNT: rank by counting, a
-    [n, n] comparison (a few register passes) instead of two bitonic sorts (log²n stages each,
-    most of the plan's time at EP 64); the order is the same, as the keys are unique."""
+def _inverse(perm, BITS):
+    """perm [2**BITS] a permutation (natural index at each sorted position) → its inverse."""
     n: tl.constexpr = 1 << BITS
-    if COUNT:
-        pos = tl.sum((key[None, :] > key[:, None]).to(tl.int32), axis=1)
-        at = pos[:, None] == tl.arange(0, n)[None, :]
-        key_s = tl.sum(tl.where(at, key[:, None], 0), axis=0)
-    else:
-        key_s = tl.sort(key, descending=True)
-        pos = tl.sort(((key_s & (n - 1)) << BITS) | tl.arange(0, n), descending=False) & (n - 1)
-    return key_s, pos
+    key = tl.sort((perm.to(tl.int64) << BITS) | tl.arange(0, n), descending=False)
+    return key & (n - 1)
 
 
 @triton.jit
@@ -69,11 +60,9 @@ def _offered(load, EL, ELB: tl.constexpr, OB: tl.constexpr, LB: tl.constexpr):
 
 @triton.jit
 def _pieces(hv, ev, excess, ovalid, EL, ELB: tl.constexpr, GB: tl.constexpr,
-            OB: tl.constexpr, LB: tl.constexpr, FB: tl.constexpr, NB: tl.constexpr,
-            COUNT: tl.constexpr):
+            OB: tl.constexpr, LB: tl.constexpr, FB: tl.constexpr, NB: tl.constexpr):
     """Each rank's excess taken from its hottest offered experts → pieces sorted as the torch
-    overlay lays them out (size desc, then rank, then hot order), their natural index, and
-    each natural piece's sorted position."""
+    overlay lays them out (size desc, then rank, then hot order), with their natural index."""
     hk = tl.where(ovalid, (hv << LB) | (ELB - 1 - ev), -1)
     ahead = hk[:, None, :] > hk[:, :, None]                       # [GB, o, o']: o' before o
     before = tl.sum(tl.where(ahead, hv[:, None, :], 0), axis=2)
@@ -83,17 +72,15 @@ def _pieces(hv, ev, excess, ovalid, EL, ELB: tl.constexpr, GB: tl.constexpr,
     nat = r * OB + tl.arange(0, OB)[None, :]
     flat = r * EL + pos
     key = tl.where(piece > 0, (piece << (FB + NB)) | ((((1 << FB) - 1) - flat) << NB) | nat, nat)
-    key, pos = _order_desc(tl.reshape(key, [GB * OB]), NB, COUNT)
-    return key >> (FB + NB), key & (GB * OB - 1), pos
+    key = tl.sort(tl.reshape(key, [GB * OB]), descending=True)
+    return key >> (FB + NB), key & (GB * OB - 1)
 
 
 @triton.jit
-def _rooms(room, GB: tl.constexpr, RB: tl.constexpr, COUNT: tl.constexpr):
-    """room [GB] → rooms sorted descending (ties by rank), their receiving ranks, and each
-    rank's sorted position."""
-    # ranks in reverse, so that array index j (rank GB-1-j) is the key's tie-break bits
-    key, pos = _order_desc((tl.flip(room, 0) << RB) | tl.arange(0, GB), RB, COUNT)
-    return key >> RB, GB - 1 - (key & (GB - 1)), tl.flip(pos, 0)
+def _rooms(room, GB: tl.constexpr, RB: tl.constexpr):
+    """room [GB] → rooms sorted descending (ties by rank) and their receiving ranks."""
+    key = tl.sort((room << RB) | (GB - 1 - tl.arange(0, GB)), descending=True)
+    return key >> RB, GB - 1 - (key & (GB - 1))
 
 
 @triton.jit
@@ -156,7 +143,7 @@ _PLAN_ARGS = ["ep", "E", "G", "EL", "S", "OFFER", "MIN_ROWS", "ROUNDS", "QC"]
 def _plan_kernel(load_ptr, spare_ptr, quota_ptr, ep, E, G, EL, S, OFFER, MIN_ROWS, ROUNDS, QC,
                  GB: tl.constexpr, ELB: tl.constexpr, OB: tl.constexpr, SB: tl.constexpr,
                  DEB: tl.constexpr, CB: tl.constexpr, LB: tl.constexpr, FB: tl.constexpr,
-                 NB: tl.constexpr, RB: tl.constexpr, COUNT: tl.constexpr):
+                 NB: tl.constexpr, RB: tl.constexpr):
     """One clone domain per program: all rounds of the water-filling overlay (see module doc).
     Only block sizes are compile-time, so one compiled kernel serves many plan shapes."""
     d = tl.program_id(0)
@@ -174,14 +161,15 @@ def _plan_kernel(load_ptr, spare_ptr, quota_ptr, ep, E, G, EL, S, OFFER, MIN_ROW
     for _ in range(ROUNDS):
         excess = tl.where(rvalid, tl.maximum(load - level, 0), 0)
         room = tl.where(rvalid & (used < S), tl.maximum(level - load, 0), 0)
-        piece_s, nat_s, pos_p = _pieces(hv, ev, excess, ovalid, EL, ELB, GB, OB, LB, FB, NB, COUNT)
-        room_s, recv_s, inv_r = _rooms(room, GB, RB, COUNT)
+        piece_s, nat_s = _pieces(hv, ev, excess, ovalid, EL, ELB, GB, OB, LB, FB, NB)
+        room_s, recv_s = _rooms(room, GB, RB)
         used_s = tl.gather(used, recv_s, 0)
         rows, k = _overlay(piece_s, room_s, used_s, S, MIN_ROWS)
         expert_s = (nat_s // OB) * EL + tl.gather(tl.reshape(ev, [GB * OB]), nat_s, 0)
         _store_clones(spare_ptr, quota_ptr, rows, used_s[None, :] + k, recv_s, expert_s, d, G,
                       EL, S, QC)
-        taken = tl.reshape(tl.gather(tl.sum(rows, 1), pos_p, 0), [GB, OB])
+        taken = tl.reshape(tl.gather(tl.sum(rows, 1), _inverse(nat_s, NB), 0), [GB, OB])
+        inv_r = _inverse(recv_s, RB)
         hv -= taken
         load += tl.gather(tl.sum(rows, 0), inv_r, 0) - tl.sum(taken, 1)
         used += tl.gather(tl.sum((rows > 0).to(tl.int64), 0), inv_r, 0)
@@ -201,7 +189,7 @@ def plan_fused(counts: Tensor, experts_per_rank: int, spares: int, domain_size: 
     load = counts.sum(0, dtype=torch.int64)
     _plan_kernel[(ep // domain_size,)](
         load, spare, quota, ep, E, m.g, m.el, m.s, m.offer, m.min_rows, m.rounds,
-        m.qc, m.gb, m.elb, m.ob, m.sb, m.deb, m.cb, m.lb, m.fb, m.nb, m.rb, m.count,
+        m.qc, m.gb, m.elb, m.ob, m.sb, m.deb, m.cb, m.lb, m.fb, m.nb, m.rb,
         num_warps=m.num_warps)
     return spare, quota
 

@@ -17,15 +17,13 @@ pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a 
 WORKER = Path(__file__).parents[1] / "runtime" / "planner_fused_worker.py"
 
 
-@pytest.mark.parametrize("seed,order", [(0, []), (1, ["--count-max", "0"])], ids=["auto", "sorts"])
-def test_fused_equals_reference_on_random_counts(seed, order):
-    """40 random cases (each new block shape compiles a kernel: most of the time); "sorts" forces
-    the bitonic-sort ordering that large clone domains use, at the small sizes too."""
-    out = subprocess.run([sys.executable, str(WORKER), "--device", "cuda", "--cases", "40",
-                          "--seed", str(seed), *order], capture_output=True, text=True, timeout=400)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fused_equals_reference_on_random_counts(seed):
+    out = subprocess.run([sys.executable, str(WORKER), "--device", "cuda", "--cases", "100",
+                          "--seed", str(seed)], capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["cases"] == 40 and result["mismatches"] == [], result["mismatches"][:5]
+    assert result["cases"] == 100 and result["mismatches"] == [], result["mismatches"][:5]
 
 
 def zipf_counts(ep, E, copies, g):

@@ -1,8 +1,7 @@
 """Compare the fused planner (runtime/planner_triton.py) with the torch reference on many count
 matrices; print one JSON line {"cases": n, "mismatches": [...]} (a script, run in a subprocess).
 
-    TRITON_INTERPRET=1 python tests/runtime/planner_fused_worker.py --device cpu --cases 16 --small \
-        [--count-max 0]
+    TRITON_INTERPRET=1 python tests/runtime/planner_fused_worker.py --device cpu --cases 16 --small
     python tests/runtime/planner_fused_worker.py --device cuda --cases 400
 
 The interpreter must be chosen before triton is imported, hence a process of its own.
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from runtime import planner_blocks, planner_triton  # noqa: E402
+from runtime import planner_triton  # noqa: E402
 from runtime.planner import assign_slots_reference, plan_reference  # noqa: E402
 
 KINDS = ("zipf", "uniform", "tiny", "zeros", "one_expert", "random")
@@ -85,11 +84,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--small", action="store_true", help="EP ≤ 8 and ≤ 300 copies per rank")
-    ap.add_argument("--count-max", type=int, default=None,
-                    help="pieces up to which the plan ranks by counting (0: always the sorts)")
     args = ap.parse_args()
-    if args.count_max is not None:
-        planner_blocks.COUNT_MAX = args.count_max
     rng, g = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     mismatches = []
     for i in range(args.cases):
