@@ -73,12 +73,13 @@ def run_one(recompute: str, buffers: str, steps: int) -> dict:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     measured = torch.cuda.max_memory_allocated()
+    reserved = torch.cuda.max_memory_reserved()
     predicted_fb = max(v for k, v in mem["phases"].items() if k == "loss" or k.startswith("backward"))
     return {"recompute": recompute, "buffers": buffers, "predicted_bytes": mem["peak_bytes"],
             "predicted_fwd_bwd_bytes": predicted_fb, "measured_fwd_bwd_bytes": fwd_bwd,
             "fwd_bwd_ratio": fwd_bwd / predicted_fb,
             "predicted_phase": mem["peak_phase"], "predicted_by_category": mem["by_category"],
-            "predicted_phases": mem["phases"], "measured_bytes": measured,
+            "predicted_phases": mem["phases"], "measured_bytes": measured, "reserved_bytes": reserved,
             "ratio": measured / mem["peak_bytes"], "ms_per_iteration": statistics.median(times[4:] or times),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
@@ -97,8 +98,9 @@ def _forward_backward_peak(trainer, source, device) -> int:
         trainer.arena.allocate()
     with arena.active(trainer.arena):
         out = trainer.gm(tokens)
-        lm_loss(out[0] if isinstance(out, tuple) else out, labels).backward()
-    del out
+        loss = lm_loss(out[0] if isinstance(out, tuple) else out, labels)
+        del out                      # as the Trainer: the logits are not needed by backward
+        loss.backward()
     if trainer.arena is not None:
         trainer.arena.release()
     torch.cuda.synchronize()
@@ -124,14 +126,15 @@ def run_all(steps: int, variants=VARIANTS) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     base = {r["buffers"]: r.get("ms_per_iteration") for r in rows if r["recompute"] == "none"}
     print(f"{'recompute':<10} {'buffers':<10} {'predicted GiB':>14} {'measured GiB':>13} {'measured/pred':>14} "
-          f"{'ms/iter':>8} {'vs none':>8} {'fwd+bwd pred':>13} {'fwd+bwd meas':>13} {'ratio':>6}  peak phase")
+          f"{'reserved':>9} {'ms/iter':>8} {'vs none':>8} {'fwd+bwd pred':>13} {'fwd+bwd meas':>13} {'ratio':>6}  peak phase")
     for r in rows:
         if "error" in r:
             print(f"{r['recompute']:<10} {r['buffers']:<10} error: {r['error'].splitlines()[-1:]}")
             continue
         ref = base.get(r["buffers"])
         print(f"{r['recompute']:<10} {r['buffers']:<10} {r['predicted_bytes'] / GIB:>14.2f} "
-              f"{r['measured_bytes'] / GIB:>13.2f} {r['ratio']:>14.3f} {r['ms_per_iteration']:>8.2f} "
+              f"{r['measured_bytes'] / GIB:>13.2f} {r['ratio']:>14.3f} {r.get('reserved_bytes', 0) / GIB:>9.2f} "
+              f"{r['ms_per_iteration']:>8.2f} "
               f"{r['ms_per_iteration'] / ref if ref else float('nan'):>8.3f} "
               f"{r['predicted_fwd_bwd_bytes'] / GIB:>13.2f} {r['measured_fwd_bwd_bytes'] / GIB:>13.2f} "
               f"{r['fwd_bwd_ratio']:>6.3f}  {r['predicted_phase']}")

@@ -90,4 +90,6 @@ def param_groups(spec: Spec, model: nn.Module) -> ParamGroups:
 
     layers = [sum(local(layer)) for layer in model.layers]
     dense, expert = local(model)
-    return ParamGroups(dense, expert, tuple(layers), dense + expert - sum(layers))
+    largest = max((p.numel() // (ep if isinstance(m, GroupedExperts) else 1)
+                   for m in model.modules() for p in m.parameters(recurse=False)), default=0)
+    return ParamGroups(dense, expert, tuple(layers), dense + expert - sum(layers), largest)

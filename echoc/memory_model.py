@@ -3,6 +3,7 @@
     static        weights, fp32 master weights, AdamW moments (by parallel.zero)
     (arena)       + the MoE arena, held from each forward to the end of its backward
     forward end   + every layer's kept activations (after train.recompute) + logits and loss
+                    (the logits are dropped before backward)
     backward      + recomputed layer's activations + gradients so far + MoE buffers' peak
     grad reduce   + every gradient (model dtype) + the reduction's flat buffers
     optimizer     + the fp32 gradients the update reads
@@ -30,6 +31,7 @@ from echoc.errors import EchocError
 from echoc.memory_census import LayerCensus
 from echoc.spec import Spec
 from passes.memory_plan import ALLOCATOR, MemoryPlan
+from runtime.train_state import REDUCE_BUCKET_BYTES
 
 FP32 = 4
 INT64 = 8
@@ -44,6 +46,7 @@ class ParamGroups:
     expert: int
     layers: tuple[int, ...]      # each transformer layer's local parameters, in order
     outside_layers: int          # embedding, final norm, lm_head
+    largest: int = 0             # the largest local parameter (a reduction bucket holds at least it)
 
 
 @dataclass
@@ -88,13 +91,14 @@ def static_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
 def gradient_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
     """model_grads: every .grad after backward (model dtype; at zero 2 the reduced shards the
     graph's backward accumulates); reduce_transient: what the reduction holds on top of them at
-    its peak (casts, the flat buffer, the fp32 shard; at zero 2 one layer's whole gradients);
-    fp32_grads: the gradients the optimizer reads (fp32, this rank's shard at zero >= 1)."""
+    its peak (`_bucketed_reduction`; at zero 3 the fp32 copies; at zero 2 one layer's whole
+    gradients and its reduce-scatter buffer); fp32_grads: the gradients the optimizer reads
+    (fp32, this rank's shard at zero >= 1)."""
     b, z = spec.model.dtype_bytes, zero_level(spec)
     r = FP32 if getattr(spec.train, "grad_reduce_dtype", "float32") == "float32" else 2
     nd, ne = _shards(spec)
     out = {"model_grads": 0, "reduce_transient": 0, "fp32_grads": 0}
-    in_graph = False
+    in_graph, host_reduced = False, []
     for n_params, n in ((p.dense, nd), (p.expert, ne)):
         shard = n if z >= 1 else 1
         fp32 = FP32 * n_params // shard
@@ -108,16 +112,38 @@ def gradient_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
             in_graph = True
             continue
         out["model_grads"] += b * n_params
-        flat = r * n_params
-        if z == 2:       # one reduce-scatter input [n, m] and its output shard, then the fp32 copy
-            out["reduce_transient"] += flat + r * n_params // n + (fp32 if r != FP32 else 0)
-            continue
-        casts = flat if r != b else 0                # every gradient cast before the concat
-        copies = fp32 if (shard > 1 or r != FP32) else 0
-        out["reduce_transient"] += max(casts + flat, flat + copies)
+        host_reduced.append((n_params, n, shard))
+    out["reduce_transient"] += _bucketed_reduction(host_reduced, b, r, z, p.largest)
     if in_graph:   # one layer's whole gradients and its reduce-scatter buffer, at a time
         out["reduce_transient"] += (b + r) * max(p.layers + (p.outside_layers,))
     return out
+
+
+def _bucketed_reduction(groups: list[tuple[int, int, int]], b: int, r: int, z: int, largest: int) -> int:
+    """Bytes above the model-dtype gradients at the peak of TrainState.reduce_grads, which walks
+    the groups [(params, group size, shard)] in order, one bucket at a time: a flat buffer in
+    the reduce dtype r (a reduce-scatter's also its output shard), the fp32 gradients the
+    optimizer reads (views of the flat buffer when it is fp32 and whole), each bucket's model-
+    dtype gradients dropped. Buckets of REDUCE_BUCKET_BYTES, or the largest tensor alone."""
+    cur = peak = 0
+    for n_params, n, shard in groups:
+        size = min(n_params, max(REDUCE_BUCKET_BYTES // r, largest))
+        for start in range(0, n_params, max(size, 1)):
+            m = min(size, n_params - start)
+            if z == 2:        # reduce_scatter_full: [n, m/n] buffer and the [m/n] result, then fp32 copies
+                peak = max(peak, cur + r * m + r * m // n)
+                cur += r * m // n + (FP32 * m // n if r != FP32 else 0)
+                peak = max(peak, cur)
+                cur -= b * m
+                continue
+            cur += r * m                                  # the flat buffer (the cast is in its copy)
+            peak = max(peak, cur)
+            cur -= b * m
+            if shard > 1 or r != FP32:                    # fp32 copies (this rank's shard), flat freed
+                cur += FP32 * m // shard
+                peak = max(peak, cur)
+                cur -= r * m
+    return peak
 
 
 @dataclass(frozen=True)
@@ -172,7 +198,8 @@ def moe_buffer_bytes(spec: Spec, plan: MemoryPlan) -> tuple[int, int]:
 
 
 def head_bytes(spec: Spec, census: LayerCensus) -> dict[str, int]:
-    """The output head: logits [T, V] (held until the step ends), the loss's fp32 working set at
+    """The output head: logits [T, V] (held until the loss is computed: the Trainer drops them
+    before backward, as autograd saves none), the loss's fp32 working set at
     its peak (log-softmax output, the NLL gradient and the log-softmax gradient, and the fp32
     copy of bf16 logits), and what the final norm and lm_head save."""
     m, T = spec.model, spec.budgets.tokens
@@ -195,10 +222,10 @@ def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: di
         a = acts[layer]
         phases[f"backward layer {layer}"] = dict(
             base, activations=sum(x.kept for x in acts[:layer + 1]) + a.working, moe_transient=moe[1],
-            gathered_weights=gathered, logits=head["logits"], model_grads=int(share * (done + p.layers[layer])))
+            gathered_weights=gathered, model_grads=int(share * (done + p.layers[layer])))
         done += p.layers[layer]
     after = dict(static)          # the Trainer releases the arena after backward
-    phases["gradient reduction"] = dict(after, model_grads=grads["model_grads"], logits=head["logits"],
+    phases["gradient reduction"] = dict(after, model_grads=grads["model_grads"],
                                         reduce_transient=grads["reduce_transient"])
     phases["optimizer"] = dict(after, fp32_grads=grads["fp32_grads"])
     return phases

@@ -51,6 +51,9 @@ class StepRunner:
         torch.cuda.synchronize()
         self.tokens, self.labels = tokens.clone(), labels.clone()
         self.trainer.zero_grad()
+        # the warm-up's cached blocks back to the driver: the graph's private pool cannot reuse
+        # them, and keeping them would hold the eager peak and the graph's memory at once
+        torch.cuda.empty_cache()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = self.trainer.step(self.tokens, self.labels)

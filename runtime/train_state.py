@@ -35,6 +35,22 @@ from runtime.parallel import expert_param_names
 from runtime.shards import (ShardSpec, gather_full, reduce_scatter_full, shard_spec, split_rows,
                             take_shard)
 
+REDUCE_BUCKET_BYTES = 1 << 27    # gradients cast and reduced per collective (a larger tensor: alone)
+
+
+def reduce_buckets(states: list[ParamState], dtype: torch.dtype) -> list[list[ParamState]]:
+    """states in order, cut into runs of at most REDUCE_BUCKET_BYTES of `dtype` elements."""
+    item = torch.empty((), dtype=dtype).element_size()
+    out: list[list[ParamState]] = []
+    size = REDUCE_BUCKET_BYTES
+    for s in states:
+        n = s.param.numel() * item
+        if size + n > REDUCE_BUCKET_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(s)
+        size += n
+    return out
 
 
 @dataclass
@@ -95,10 +111,11 @@ class TrainState:
     # --- after backward ---------------------------------------------------------------------
     @torch.no_grad()
     def reduce_grads(self) -> None:
-        """Sum gradients over each parameter's group into `ParamState.grad` (fp32, master-shaped).
-        `param.grad` then holds the summed gradient (levels 0, 1), nothing (level 2: only the
-        shard is kept, reduced by the graph's zero_reduce backward or here) or the summed shard
-        (level 3, reduced by the graph's gather backward)."""
+        """Sum gradients over each parameter's group into `ParamState.grad` (fp32, master-shaped),
+        one bucket of REDUCE_BUCKET_BYTES at a time, dropping each `param.grad` as its bucket is
+        cast (levels 0–2): the reduction holds the model-dtype gradients not yet reduced, the fp32
+        ones done, and one bucket. At level 3 `param.grad` is the summed shard (reduced by the
+        graph's gather backward) and stays."""
         for s in self.params:
             if s.name in self.reduced:
                 shard = SHARD_GRADS.take(s.name)
@@ -114,22 +131,27 @@ class TrainState:
                 s.grad = s.param.grad.float()
 
     def _all_reduce(self, group: str, states: list[ParamState]) -> None:
-        flat = torch.cat([s.param.grad.reshape(-1).to(self.reduce_dtype) for s in states])
-        if comm.group_size(group) > 1:
-            dist.all_reduce(flat, group=comm.get_group(group))
-        for s, g in zip(states, flat.split([s.param.numel() for s in states])):
-            s.param.grad = g.view_as(s.param).to(s.param.dtype)
-            if s.shard.n == 1:
-                s.grad = g.view_as(s.param).float()
-            else:
-                s.grad = take_shard(g, s.shard, torch.empty_like(s.master))
+        for bucket in reduce_buckets(states, self.reduce_dtype):
+            sizes = [s.param.numel() for s in bucket]
+            flat = torch.empty(sum(sizes), dtype=self.reduce_dtype, device=bucket[0].param.device)
+            for s, g in zip(bucket, flat.split(sizes)):
+                g.copy_(s.param.grad.reshape(-1))        # the cast happens in the copy: no other copy
+                s.param.grad = None
+            if comm.group_size(group) > 1:
+                dist.all_reduce(flat, group=comm.get_group(group))
+            for s, g in zip(bucket, flat.split(sizes)):
+                if s.shard.n == 1:
+                    s.grad = g.view_as(s.param).float()
+                else:
+                    s.grad = take_shard(g, s.shard, torch.empty_like(s.master))
 
     def _reduce_scatter(self, group: str, states: list[ParamState]) -> None:
-        specs = [s.shard for s in states]
-        flat = reduce_scatter_full([s.param.grad for s in states], specs, self.reduce_dtype)
-        for s, g in zip(states, split_rows(flat, specs)):
-            s.grad = g.float().view_as(s.master)
-            s.param.grad = None
+        for bucket in reduce_buckets(states, self.reduce_dtype):
+            specs = [s.shard for s in bucket]
+            flat = reduce_scatter_full([s.param.grad for s in bucket], specs, self.reduce_dtype)
+            for s, g in zip(bucket, split_rows(flat, specs)):
+                s.grad = g.float().view_as(s.master)
+                s.param.grad = None
 
     def grad_sq_sum(self) -> Tensor:
         """[] float32: Σ of squared gradient elements this rank holds (non-finite iff any is)."""

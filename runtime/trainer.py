@@ -124,6 +124,7 @@ class Trainer:
             else:  # no MoE layer
                 logits, stats, counts = out, tokens.new_zeros(0, 4), tokens.new_zeros(0, 1, 1)
             loss = lm_loss(logits, labels)
+            del out, logits     # autograd saves none of them: backward and the reduction reuse the bytes
             (loss / self.world).backward()
         self._check_arena_use()
         if self.arena is not None:

@@ -48,13 +48,17 @@ def test_fp32_model_whole_weight_is_its_own_master(make_spec):
 def test_gradients_by_zero_level(make_spec):
     """The optimizer reads fp32 gradients (this rank's shard at zero >= 1); at zero 3 even the
     model-dtype gradients are shards; at zero 2 the graph reduce-scatters each layer's gradients
-    in its backward, so only one layer's whole gradients exist at a time."""
+    in its backward, so only one layer's whole gradients exist at a time; at zero 0 and 1 the
+    reduction walks buckets, each model-dtype gradient dropped as its bucket is cast."""
     g = {z: mm.gradient_bytes(_mini(make_spec, **{"parallel.zero": z}), GROUPS) for z in range(4)}
     assert g[0]["model_grads"] == g[1]["model_grads"] == 2 * 1800
     assert g[3]["model_grads"] == 2 * (250 + 400)
     assert g[2]["model_grads"] == 0                              # fp32 reduction: the shards are the fp32 grads
     assert g[0]["fp32_grads"] == 4 * 1800 and g[1]["fp32_grads"] == g[2]["fp32_grads"] == g[3]["fp32_grads"] == 4 * 650
-    assert g[0]["reduce_transient"] == (4 + 4) * 1800          # the fp32 casts and the flat buffer
+    # zero 0, buckets one group each: the experts' flat fp32 buffer (4·800) beside the dense
+    # fp32 gradients (views of their flat buffer, 4·1000) and the experts' bf16 ones (2·800)
+    assert g[0]["reduce_transient"] == 4 * 1000 + 2 * 800 + 4 * 800 - 2 * 1800
+    assert g[1]["reduce_transient"] == 4 * 1000                 # the first flat buffer, beside every bf16 gradient
     assert g[2]["reduce_transient"] == (2 + 4) * 800           # the largest unit (embedding + head) whole
     bf16 = mm.gradient_bytes(_mini(make_spec, **{"parallel.zero": 2, "train.grad_reduce_dtype": "bfloat16"}),
                              GROUPS)

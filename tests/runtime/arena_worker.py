@@ -61,10 +61,10 @@ def output_addresses(trainer: Trainer, tokens: torch.Tensor) -> dict[str, tuple[
 
 def diff(x: Trainer, y: Trainer, loss_x, loss_y) -> list[str]:
     bad = [] if torch.equal(loss_x, loss_y) else [f"loss {float(loss_x)} vs {float(loss_y)}"]
-    py = dict(y.model.named_parameters())
-    for name, p in x.model.named_parameters():
-        if not torch.equal(p.grad, py[name].grad):
-            bad.append(f"grad {name}: max |Δ| {float((p.grad - py[name].grad).abs().max()):.3e}")
+    gy = {s.name: s.grad for s in y.state.params}      # the reduced fp32 gradients
+    for s in x.state.params:
+        if not torch.equal(s.grad, gy[s.name]):
+            bad.append(f"grad {s.name}: max |Δ| {float((s.grad - gy[s.name]).abs().max()):.3e}")
     return bad[:6]
 
 

@@ -26,7 +26,7 @@ def one_step(spec, device, reference, tokens, labels):
     out = trainer.forward_backward(tokens, labels)
     regions = sum(isinstance(m, Recompute) for m in program.gm.modules())
     loads = {n: m.router.load.clone() for n, m in moe_layers(trainer.model)}
-    grads = {n: p.grad.clone() if p.grad is not None else None for n, p in trainer.model.named_parameters()}
+    grads = {s.name: s.grad.clone() for s in trainer.state.params}     # the reduced fp32 gradients
     return out, loads, grads, regions
 
 
