@@ -161,4 +161,5 @@ def arena_layout_from_json(plan: dict) -> ArenaLayout:
             for key in p.get("keys", [p["name"]]):
                 assert key not in views, f"arena key {key!r} planned twice"
                 views[key] = View(b["offset"] + p["offset_bytes"], tuple(p["shape"]), dtype)
-    return ArenaLayout(plan["totals"]["arena_bytes"], views)
+    totals = plan["totals"]
+    return ArenaLayout(totals["arena_bytes"], views, totals.get("held_bytes", totals["arena_bytes"]))

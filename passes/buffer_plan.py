@@ -11,7 +11,8 @@ rank. The `sync` backend's shapes depend on the data: not planned.
     passes/memory_plan.py        the data: Buffer, Part, Timeline, MemoryPlan
 
 Placement: ARENA buffers are written by the op itself into views of one arena per rank
-(runtime/arena.py), looked up by their contract keys; ALLOCATOR buffers come out of kernels
+(runtime/arena.py), looked up by their contract keys, in two regions: the buffers saved across
+the forward/backward boundary, then the rest (freed by the runtime around the loss); ALLOCATOR buffers come out of kernels
 without an output argument (grouped_mm's products, the graph's torch.stack outputs): listed
 and bounded, not placed.
 
@@ -27,7 +28,7 @@ from torch.fx import GraphModule
 
 from echoc.spec import Spec
 from passes.backend_buffers import has_token_layouts, symmetric_buffers
-from passes.buffer_alloc import allocate, arena_bytes, interfering_pairs, lower_bound
+from passes.buffer_alloc import allocate, arena_bytes, interference_graph, interfering_pairs, lower_bound
 from passes.buffer_json import arena_layout, plan_to_json
 from passes.buffer_lifetimes import collect, has_moe_layers
 from passes.manager import PassResult
@@ -43,13 +44,30 @@ def _note(spec: Spec) -> str:
             f"buffer shapes (equal [ep·C] chunks, {spec.experts_per_rank} home + {spares} spare slots)")
 
 
+def _place_in_two_regions(placed: list[Buffer], timeline) -> int:
+    """Offsets: buffers live across the forward/backward boundary (saved for backward) first,
+    then the others above them, so the runtime can free the second region between forward and
+    backward, where the loss's working set peaks. Returns the first region's size."""
+    fwd_end = timeline.forward[1]
+    held = [b for b in placed if b.live_at(fwd_end) and b.live_at(fwd_end + 1)]
+    rest = [b for b in placed if not (b.live_at(fwd_end) and b.live_at(fwd_end + 1))]
+    allocate(held)
+    held_bytes = arena_bytes(held)
+    allocate(rest)
+    for b in rest:
+        b.offset += held_bytes
+    return held_bytes
+
+
 def _placed_plan(spec: Spec, buffers: list[Buffer], timeline) -> MemoryPlan:
     placed = [b for b in buffers if b.placement == ARENA]
-    g = allocate(placed)
+    held_bytes = _place_in_two_regions(placed, timeline)
+    g = interference_graph(placed)
     lb, peak = lower_bound(placed)
     return MemoryPlan(
         True, "", "all", _note(spec), ALIGN_BYTES, spec.echo.enabled and spec.echo.recompute_clone_dispatch,
-        timeline, buffers, arena_bytes=arena_bytes(placed), naive_bytes=sum(aligned(b.nbytes) for b in placed),
+        timeline, buffers, arena_bytes=arena_bytes(placed), held_bytes=held_bytes,
+        naive_bytes=sum(aligned(b.nbytes) for b in placed),
         lower_bound_bytes=lb, peak_step=peak, lifetimes=g.number_of_nodes(),
         interference_edges=g.number_of_edges(), interfering_pairs=interfering_pairs(g),
         allocator_lower_bound_bytes=lower_bound([b for b in buffers if b.placement == ALLOCATOR])[0],

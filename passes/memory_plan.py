@@ -61,6 +61,9 @@ class Buffer:
     def last(self) -> int:
         return self.live[-1][1]
 
+    def live_at(self, step: int) -> bool:
+        return any(s <= step <= e for s, e in self.live)
+
 
 def composite(name: str, layer: int | None, role: str, tensors, dt: torch.dtype, live,
               placement: str = ARENA) -> Buffer:
@@ -98,6 +101,8 @@ class MemoryPlan:
     timeline: Timeline | None = None
     buffers: list[Buffer] = field(default_factory=list)
     arena_bytes: int = 0
+    held_bytes: int = 0    # the arena's first region: buffers live across the forward/backward
+                           # boundary; the rest is a block the runtime frees in between
     naive_bytes: int = 0
     lower_bound_bytes: int = 0
     peak_step: int = 0

@@ -119,6 +119,8 @@ class Trainer:
             self.arena.allocate()
         with arena.active(self.arena), zero_ops.regather_in_backward():
             out = self.gm(tokens)
+            if self.arena is not None:
+                self.arena.release_transient()   # the loss reuses the forward's transient MoE buffers
             if isinstance(out, tuple):
                 logits, stats, counts = out
             else:  # no MoE layer

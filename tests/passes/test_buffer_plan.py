@@ -306,3 +306,23 @@ def test_graph_listing_filters_by_layer_and_op():
     assert views.graph_listing(text, op="echo.dispatch").count("\n") == 2
     assert views.graph_listing(text, layer=1, op="call_module").startswith("layers_1_mlp_route")
     assert views.graph_listing(text, layer=5) == ""
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(recompute=True)])
+def test_buffers_saved_across_the_boundary_sit_below_the_held_size(planned, kwargs):
+    """The held region [0, held_bytes) holds exactly the arena buffers live at the last forward
+    step and the first backward step; every other arena buffer sits above it, so the runtime
+    can give that region back while the loss runs. Both regions are placed without overlaps."""
+    _, plan = planned(**kwargs)
+    fwd_end = plan.timeline.forward[1]
+    placed = [b for b in plan.buffers if b.placement == ARENA and b.nbytes]
+    saved = [b for b in placed if b.live_at(fwd_end) and b.live_at(fwd_end + 1)]
+    others = [b for b in placed if b not in saved]
+    assert saved and others
+    assert 0 < plan.held_bytes < plan.arena_bytes
+    assert all(b.offset + b.nbytes <= plan.held_bytes for b in saved)
+    assert all(b.offset >= plan.held_bytes for b in others)
+    for i, a in enumerate(placed):
+        for c in placed[i + 1:]:
+            if _overlap(a, c):
+                assert a.offset + a.nbytes <= c.offset or c.offset + c.nbytes <= a.offset, (a.name, c.name)

@@ -113,3 +113,28 @@ def test_trainer_releases_the_arena_after_backward(make_spec, tmp_path):
         trainer.zero_grad()
         trainer.step(tokens, tokens)
         assert not trainer.arena.held and trainer.arena.taken
+
+
+def test_transient_region_is_its_own_block_taken_on_demand_and_given_back():
+    """Views above held_bytes come from a second block, allocated when an op first asks for one
+    and released by release_transient (the held block and its views stay)."""
+    layout = ArenaLayout(3072, {"saved": View(0, (64,), torch.float32), "tmp": View(1024, (8, 8), torch.float32),
+                                "tmp2": View(2048, (16,), torch.int64)}, held_bytes=1024)
+    ar = Arena(layout, torch.device("cpu"))
+    assert ar.base.numel() == 1024 and ar.transient is None
+    saved = ar.take("saved", (64,), torch.float32).fill_(3.0)
+    tmp = ar.take("tmp", (8, 8), torch.float32)
+    assert ar.transient is not None and ar.transient.numel() == 2048
+    assert tmp.data_ptr() == ar.transient.data_ptr() == ar.address("tmp")
+    assert ar.address("tmp2") == ar.transient.data_ptr() + 1024
+    del tmp
+    ar.release_transient()
+    assert ar.transient is None and ar.held and torch.equal(saved, torch.full((64,), 3.0))
+    assert ar.take("tmp2", (16,), torch.int64).data_ptr() == ar.transient.data_ptr() + 1024
+    ar.release()
+    assert ar.base is None and ar.transient is None
+
+
+def test_a_view_may_not_straddle_the_two_regions():
+    with pytest.raises(AssertionError):
+        Arena(ArenaLayout(2048, {"x": View(512, (256,), torch.float32)}, held_bytes=1024), torch.device("cpu"))
