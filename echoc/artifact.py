@@ -162,4 +162,5 @@ def arena_layout_from_json(plan: dict) -> ArenaLayout:
                 assert key not in views, f"arena key {key!r} planned twice"
                 views[key] = View(b["offset"] + p["offset_bytes"], tuple(p["shape"]), dtype)
     totals = plan["totals"]
-    return ArenaLayout(totals["arena_bytes"], views, totals.get("held_bytes", totals["arena_bytes"]))
+    bounds = tuple(r["lo"] for r in totals.get("held_regions", [])) + (totals.get("held_bytes", 0),)
+    return ArenaLayout(totals["arena_bytes"], views, bounds)

@@ -1,8 +1,8 @@
 """One memory model for the whole rank: what one rank holds at each phase of an iteration.
 
     static        weights, fp32 master weights, AdamW moments (by parallel.zero)
-    (arena)       + the MoE arena, held from each forward to the end of its backward (its
-                    transient region given back between forward and backward)
+    (arena)       + the MoE arena: each layer's saved region from its forward to its backward,
+                    the transient region during each pass (given back around the loss)
     forward end   + every layer's kept activations (after train.recompute) + logits and loss
                     (the logits are dropped before backward)
     backward      + recomputed layer's activations + gradients so far + MoE buffers' peak
@@ -186,16 +186,31 @@ def layer_activations(spec: Spec, census: LayerCensus, plan: MemoryPlan, policy:
     return out
 
 
-def moe_buffer_bytes(spec: Spec, plan: MemoryPlan) -> tuple[int, int, int]:
-    """(the arena in backward, the arena at the loss — its held region: the transient one is
-    given back between forward and backward — when the runtime uses one; the MoE buffers' peak
-    beyond the arena and the saved activations: exchange buffers, GEMM products)."""
+@dataclass(frozen=True)
+class MoEBuffers:
+    """The MoE buffers beyond what layer_activations counts: the arena's regions when the runtime
+    uses one (each layer's saved region, held from its forward to its backward; the transient
+    region, held during each pass), and the peak of those the allocator provides (exchange
+    buffers, GEMM products)."""
+    held: dict[int | None, int] = field(default_factory=dict)   # layer (None: no layer) → bytes
+    transient_region: int = 0
+    allocator_transient: int = 0
+
+    def held_through(self, layer: int) -> int:
+        """Saved regions still held in `layer`'s backward: its own, earlier layers', and shared."""
+        return sum(v for k, v in self.held.items() if k is None or k <= layer)
+
+
+def moe_buffer_bytes(spec: Spec, plan: MemoryPlan) -> MoEBuffers:
     if not plan.planned:
-        return 0, 0, 0
+        return MoEBuffers()
     if spec.backends.uses_arena:
         saved = sum(_moe_saved(plan, (ALLOCATOR,)).values())
-        return plan.arena_bytes, plan.held_bytes, max(0, plan.allocator_lower_bound_bytes - saved)
-    return 0, 0, max(0, plan.total_lower_bound_bytes - sum(_moe_saved(plan, ("arena", ALLOCATOR)).values()))
+        held = {layer: hi - lo for layer, lo, hi in plan.held_regions}
+        return MoEBuffers(held, plan.arena_bytes - plan.held_bytes,
+                          max(0, plan.allocator_lower_bound_bytes - saved))
+    return MoEBuffers(allocator_transient=max(0, plan.total_lower_bound_bytes
+                                              - sum(_moe_saved(plan, ("arena", ALLOCATOR)).values())))
 
 
 def head_bytes(spec: Spec, census: LayerCensus) -> dict[str, int]:
@@ -209,20 +224,21 @@ def head_bytes(spec: Spec, census: LayerCensus) -> dict[str, int]:
 
 
 def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: dict, grads: dict,
-            head: dict, moe: tuple[int, int, int]) -> dict[str, dict[str, int]]:
+            head: dict, moe: MoEBuffers) -> dict[str, dict[str, int]]:
     """Every phase's bytes by category."""
     b = spec.model.dtype_bytes
     z3 = zero_level(spec) == 3
     gathered = 2 * b * max(p.layers, default=0) if z3 else 0
-    base = dict(static, moe_arena=moe[0])
     kept = sum(a.kept for a in acts)
-    phases = {"loss": dict(static, moe_arena=moe[1], activations=kept, gathered_weights=gathered, **head)}
+    phases = {"loss": dict(static, moe_arena=sum(moe.held.values()), activations=kept, gathered_weights=gathered,
+                           **head)}
     share = grads["model_grads"] / max(1, p.dense + p.expert)    # gradient bytes per local parameter
     done = p.outside_layers
     for layer in reversed(range(len(acts))):
         a = acts[layer]
         phases[f"backward layer {layer}"] = dict(
-            base, activations=sum(x.kept for x in acts[:layer + 1]) + a.working, moe_transient=moe[2],
+            static, moe_arena=moe.held_through(layer) + moe.transient_region,
+            activations=sum(x.kept for x in acts[:layer + 1]) + a.working, moe_transient=moe.allocator_transient,
             gathered_weights=gathered, model_grads=int(share * (done + p.layers[layer])))
         done += p.layers[layer]
     after = dict(static)          # the Trainer releases the arena after backward

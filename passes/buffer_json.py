@@ -21,6 +21,7 @@ def plan_to_json(plan: MemoryPlan) -> dict:
     out["totals"] = {"buffers": len(plan.buffers), "arena_buffers": placed,
                      "allocator_buffers": len(plan.buffers) - placed, "arena_bytes": plan.arena_bytes,
                      "held_bytes": plan.held_bytes,
+                     "held_regions": [{"layer": layer, "lo": lo, "hi": hi} for layer, lo, hi in plan.held_regions],
                      "lower_bound_bytes": plan.lower_bound_bytes, "naive_bytes": plan.naive_bytes,
                      "arena_over_lower_bound": round(plan.arena_bytes / max(plan.lower_bound_bytes, 1), 4),
                      "allocator_lower_bound_bytes": plan.allocator_lower_bound_bytes,
@@ -56,4 +57,4 @@ def arena_layout(plan: MemoryPlan) -> ArenaLayout:
             for key in p.keys:
                 assert key not in views, f"arena key {key!r} planned twice"
                 views[key] = View(b.offset + p.offset_bytes, p.shape, dt)
-    return ArenaLayout(plan.arena_bytes, views, plan.held_bytes)
+    return ArenaLayout(plan.arena_bytes, views, tuple(lo for _, lo, _ in plan.held_regions) + (plan.held_bytes,))

@@ -11,8 +11,8 @@ rank. The `sync` backend's shapes depend on the data: not planned.
     passes/memory_plan.py        the data: Buffer, Part, Timeline, MemoryPlan
 
 Placement: ARENA buffers are written by the op itself into views of one arena per rank
-(runtime/arena.py), looked up by their contract keys, in two regions: the buffers saved across
-the forward/backward boundary, then the rest (freed by the runtime around the loss); ALLOCATOR buffers come out of kernels
+(runtime/arena.py), looked up by their contract keys, in regions: the buffers saved across the
+forward/backward boundary, one region per layer, then the rest (freed around the loss); ALLOCATOR buffers come out of kernels
 without an output argument (grouped_mm's products, the graph's torch.stack outputs): listed
 and bounded, not placed.
 
@@ -44,29 +44,44 @@ def _note(spec: Spec) -> str:
             f"buffer shapes (equal [ep·C] chunks, {spec.experts_per_rank} home + {spares} spare slots)")
 
 
-def _place_in_two_regions(placed: list[Buffer], timeline) -> int:
-    """Offsets: buffers live across the forward/backward boundary (saved for backward) first,
-    then the others above them, so the runtime can free the second region between forward and
-    backward, where the loss's working set peaks. Returns the first region's size."""
+def _place_in_regions(placed: list[Buffer], timeline) -> list[tuple[int | None, int, int]]:
+    """Offsets. Buffers live across the forward/backward boundary (saved for backward) come
+    first, one region per layer (buffers of no layer first), so that each region can be freed
+    once its layer's backward no longer holds it; the others above them, one transient region
+    the runtime frees between forward and backward, where the loss's working set peaks.
+    Returns the held regions [(layer, lo, hi)]."""
     fwd_end = timeline.forward[1]
-    held = [b for b in placed if b.live_at(fwd_end) and b.live_at(fwd_end + 1)]
-    rest = [b for b in placed if not (b.live_at(fwd_end) and b.live_at(fwd_end + 1))]
-    allocate(held)
-    held_bytes = arena_bytes(held)
+    by_layer: dict[int | None, list[Buffer]] = {}
+    rest = []
+    for b in placed:
+        if b.live_at(fwd_end) and b.live_at(fwd_end + 1):
+            by_layer.setdefault(b.layer, []).append(b)
+        else:
+            rest.append(b)
+    regions, at = [], 0
+    for layer in sorted(by_layer, key=lambda k: -1 if k is None else k):
+        group = by_layer[layer]
+        allocate(group)
+        for b in group:
+            b.offset += at
+        regions.append((layer, at, max(at, arena_bytes(group))))
+        at = regions[-1][2]
     allocate(rest)
     for b in rest:
-        b.offset += held_bytes
-    return held_bytes
+        b.offset += at
+    return regions
 
 
 def _placed_plan(spec: Spec, buffers: list[Buffer], timeline) -> MemoryPlan:
     placed = [b for b in buffers if b.placement == ARENA]
-    held_bytes = _place_in_two_regions(placed, timeline)
+    regions = _place_in_regions(placed, timeline)
+    held_bytes = regions[-1][2] if regions else 0
     g = interference_graph(placed)
     lb, peak = lower_bound(placed)
     return MemoryPlan(
         True, "", "all", _note(spec), ALIGN_BYTES, spec.echo.enabled and spec.echo.recompute_clone_dispatch,
-        timeline, buffers, arena_bytes=arena_bytes(placed), held_bytes=held_bytes,
+        timeline, buffers, arena_bytes=max(arena_bytes(placed), held_bytes), held_bytes=held_bytes,
+        held_regions=regions,
         naive_bytes=sum(aligned(b.nbytes) for b in placed),
         lower_bound_bytes=lb, peak_step=peak, lifetimes=g.number_of_nodes(),
         interference_edges=g.number_of_edges(), interfering_pairs=interfering_pairs(g),

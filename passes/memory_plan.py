@@ -101,8 +101,9 @@ class MemoryPlan:
     timeline: Timeline | None = None
     buffers: list[Buffer] = field(default_factory=list)
     arena_bytes: int = 0
-    held_bytes: int = 0    # the arena's first region: buffers live across the forward/backward
-                           # boundary; the rest is a block the runtime frees in between
+    held_bytes: int = 0    # below: buffers live across the forward/backward boundary (saved for
+                           # backward), one region per layer; above: the transient block
+    held_regions: list[tuple[int | None, int, int]] = field(default_factory=list)  # (layer, lo, hi)
     naive_bytes: int = 0
     lower_bound_bytes: int = 0
     peak_step: int = 0

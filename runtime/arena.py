@@ -2,10 +2,10 @@
 
 The memory plan (passes/buffer_plan.py) gives every MoE buffer that an echo op writes
 itself a byte offset in one arena; buffers whose lifetimes overlap never share bytes.
-At run time the arena's bytes are held from each iteration's forward to the end of its
-backward, except the transient region (buffers not saved for backward), which is given back
-between forward and backward (inside a CUDA graph: from the graph's pool, at one address in
-every replay), and each op asks for its output by key:
+At run time each region of the arena is one allocation, taken at its first use in a
+forward: a layer's saved buffers live until its backward frees them, the transient region
+(buffers of one pass) is given back between forward and backward (inside a CUDA graph: from
+the graph's pool, at one address in every replay); each op asks for its output by key:
 
     out = arena.out("layers_1_mlp_dispatch", (R, H), torch.bfloat16, x.device)
 
@@ -21,6 +21,7 @@ autograd and to the custom-op aliasing check; only the plan says they may not co
 """
 from __future__ import annotations
 
+import bisect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,74 +43,78 @@ class View:
 
 @dataclass
 class ArenaLayout:
-    """What the runtime needs of a buffer plan: the arena size and where each key lives.
-    Views below `held_bytes` are saved across the forward/backward boundary; those above it
-    live within a forward or within a backward (None: all held)."""
+    """What the runtime needs of a buffer plan: the arena size, where each key lives, and its
+    regions. `bounds` (0, …, held_bytes): the held regions [bounds[i], bounds[i+1]) hold
+    buffers saved across the forward/backward boundary (one region per layer); above
+    held_bytes the transient region holds buffers that live within one pass. None: one region."""
     nbytes: int
     views: dict[str, View] = field(default_factory=dict)
-    held_bytes: int | None = None
+    bounds: tuple[int, ...] | None = None
 
     @property
-    def split(self) -> int:
-        return self.nbytes if self.held_bytes is None else self.held_bytes
+    def edges(self) -> tuple[int, ...]:
+        """Every region's start, then the end: (0, …, held_bytes, nbytes)."""
+        if self.bounds is None:
+            return (0, self.nbytes)
+        return tuple(self.bounds) + (() if self.bounds[-1] == self.nbytes else (self.nbytes,))
 
 
 class Arena:
-    """The planned views of `layout` on `device`, in two blocks: the held region (buffers saved
-    for backward) and the transient one (buffers that live within one pass).
+    """The planned views of `layout` on `device`, one block per region, each taken from the
+    allocator when an op first asks for one of its views.
 
-    The Trainer allocates the held block at the start of each iteration's forward and releases
-    both after its backward, so the gradient reduction and the optimizer (where the rank's peak
-    often falls) reuse the bytes. The transient block is allocated when an op first asks for one
-    of its views and released after the forward, so the loss's working set reuses it; backward
-    takes it again. Inside a captured CUDA graph both come from the graph's pool, at the same
-    addresses in every replay."""
+    The Trainer opens the arena at each forward (`allocate`) and calls `end_forward` after it:
+    the arena then drops its own references, so the transient block goes back to the allocator
+    (the loss's working set reuses it) and each layer's held block lives exactly as long as
+    autograd keeps that layer's saved views, freed as backward passes it. Backward takes a
+    fresh transient block. `release` closes the arena after backward. Inside a captured CUDA
+    graph every block comes from the graph's pool, at the same address in every replay."""
 
     def __init__(self, layout: ArenaLayout, device: torch.device, allocate: bool = True):
         self.layout, self.device = layout, device
-        split = layout.split
+        edges = layout.edges
+        assert list(edges) == sorted(edges) and edges[0] == 0, edges
+        self._region: dict[str, int] = {}
         for key, v in layout.views.items():
-            assert v.offset_bytes % v.dtype.itemsize == 0 and v.offset_bytes + v.nbytes <= layout.nbytes, (key, v)
-            assert v.offset_bytes + v.nbytes <= split or v.offset_bytes >= split, (key, v, split)
-        self.base: Tensor | None = None          # the held block
-        self.transient: Tensor | None = None     # the transient block
+            k = min(bisect.bisect_right(edges, v.offset_bytes) - 1, len(edges) - 2)
+            assert v.offset_bytes % v.dtype.itemsize == 0 and v.offset_bytes + v.nbytes <= edges[k + 1], (key, v, edges)
+            self._region[key] = k
+        self.blocks: dict[int, Tensor] = {}
         self._alias: dict[str, Tensor] = {}
         self.taken: set[str] = set()
+        self.open = False
         if allocate:
             self.allocate()
 
-    def _block(self, lo: int, hi: int) -> Tensor:
-        """Bytes [lo, hi) of the layout as one allocation, with an alias per view inside."""
-        block = torch.empty(hi - lo, dtype=torch.uint8, device=self.device)
-        for key, v in self.layout.views.items():
-            if lo <= v.offset_bytes < hi or (v.nbytes == 0 and v.offset_bytes == lo == hi):
-                flat = block[v.offset_bytes - lo:v.offset_bytes - lo + v.nbytes].view(v.dtype)
-                self._alias[key] = torch.from_dlpack(flat)  # same bytes, a storage of its own
-        return block
+    def _block(self, k: int) -> Tensor:
+        """Region k's bytes, allocated on first use, with an alias per view inside."""
+        if k not in self.blocks:
+            lo, hi = self.layout.edges[k], self.layout.edges[k + 1]
+            block = self.blocks[k] = torch.empty(hi - lo, dtype=torch.uint8, device=self.device)
+            for key, r in self._region.items():
+                if r == k:
+                    v = self.layout.views[key]
+                    flat = block[v.offset_bytes - lo:v.offset_bytes - lo + v.nbytes].view(v.dtype)
+                    self._alias[key] = torch.from_dlpack(flat)  # same bytes, a storage of its own
+        return self.blocks[k]
 
     def allocate(self) -> None:
-        """Allocate the held block (no-op when held)."""
-        if self.base is None:
-            self.base = self._block(0, self.layout.split)
+        """Open the arena: ops may take views (each block is allocated on first use)."""
+        self.open = True
 
-    def _allocate_transient(self) -> None:
-        if self.transient is None:
-            self.transient = self._block(self.layout.split, self.layout.nbytes)
-
-    def release_transient(self) -> None:
-        """Give the transient block back (after the forward: no view of it is in use)."""
-        if self.transient is not None:
-            split = self.layout.split
-            self._alias = {k: a for k, a in self._alias.items() if self.layout.views[k].offset_bytes < split}
-            self.transient = None
+    def end_forward(self) -> None:
+        """Drop the arena's references to every block: views in use (autograd's saved ones) keep
+        their block; the rest goes back to the allocator. Later takes allocate afresh."""
+        self.blocks, self._alias = {}, {}
 
     def release(self) -> None:
-        """Give both blocks back to the allocator (views taken earlier keep theirs alive)."""
-        self.base, self.transient, self._alias = None, None, {}
+        """Close the arena (after backward) and drop its blocks."""
+        self.end_forward()
+        self.open = False
 
     @property
     def held(self) -> bool:
-        return self.base is not None
+        return self.open
 
     def __contains__(self, key: str) -> bool:
         return key in self.layout.views
@@ -120,9 +125,8 @@ class Arena:
         shape = tuple(int(s) for s in shape)
         assert v.shape == shape and v.dtype == dtype, (
             f"arena view {key!r} was planned as {v.dtype}{list(v.shape)}, the op asks for {dtype}{list(shape)}")
-        assert self.base is not None, "the arena's bytes are released: allocate() first"
-        if key not in self._alias:
-            self._allocate_transient()
+        assert self.open, "the arena's bytes are released: allocate() first"
+        self._block(self._region[key])
         alias = self._alias[key]
         self.taken.add(key)
         return torch.empty(0, dtype=dtype, device=alias.device).set_(alias.untyped_storage(), 0, shape)
@@ -130,11 +134,8 @@ class Arena:
     def address(self, key: str) -> int:
         """Device address of `key`'s planned bytes (tests check that ops really wrote there)."""
         self.allocate()
-        v, split = self.layout.views[key], self.layout.split
-        if v.offset_bytes < split:
-            return self.base.data_ptr() + v.offset_bytes
-        self._allocate_transient()
-        return self.transient.data_ptr() + v.offset_bytes - split
+        k = self._region[key]
+        return self._block(k).data_ptr() + self.layout.views[key].offset_bytes - self.layout.edges[k]
 
 
 _ACTIVE: Arena | None = None   # module-global, not thread-local: autograd runs CUDA backward on its own thread

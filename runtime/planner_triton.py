@@ -150,7 +150,8 @@ def _inverses(nat_s, recv_s, scratch, INV_MEM: tl.constexpr, NP: tl.constexpr, G
         tl.store(scratch + nat_s, tl.arange(0, NP))
         tl.store(scratch + NP + recv_s, tl.arange(0, GB))
         tl.debug_barrier()
-        return tl.load(scratch + tl.arange(0, NP)), tl.load(scratch + NP + tl.arange(0, GB))
+        inv_p = tl.load(scratch + tl.arange(0, NP)).to(tl.int64)
+        return inv_p, tl.load(scratch + NP + tl.arange(0, GB)).to(tl.int64)
     return _inverse(nat_s, NB), _inverse(recv_s, RB)
 
 

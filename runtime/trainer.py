@@ -120,7 +120,7 @@ class Trainer:
         with arena.active(self.arena), zero_ops.regather_in_backward():
             out = self.gm(tokens)
             if self.arena is not None:
-                self.arena.release_transient()   # the loss reuses the forward's transient MoE buffers
+                self.arena.end_forward()   # the loss reuses the transient MoE block; saved views keep theirs
             if isinstance(out, tuple):
                 logits, stats, counts = out
             else:  # no MoE layer

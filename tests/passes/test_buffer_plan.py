@@ -309,18 +309,24 @@ def test_graph_listing_filters_by_layer_and_op():
 
 
 @pytest.mark.parametrize("kwargs", [{}, dict(recompute=True)])
-def test_buffers_saved_across_the_boundary_sit_below_the_held_size(planned, kwargs):
-    """The held region [0, held_bytes) holds exactly the arena buffers live at the last forward
-    step and the first backward step; every other arena buffer sits above it, so the runtime
-    can give that region back while the loss runs. Both regions are placed without overlaps."""
+def test_buffers_saved_across_the_boundary_sit_in_their_layers_held_region(planned, kwargs):
+    """Below held_bytes: exactly the arena buffers live at the last forward step and the first
+    backward step, each inside the held region of its own layer (regions in layer order, back
+    to back); every other arena buffer sits above, in the transient region the runtime gives
+    back while the loss runs. No two interfering buffers overlap."""
     _, plan = planned(**kwargs)
     fwd_end = plan.timeline.forward[1]
     placed = [b for b in plan.buffers if b.placement == ARENA and b.nbytes]
     saved = [b for b in placed if b.live_at(fwd_end) and b.live_at(fwd_end + 1)]
     others = [b for b in placed if b not in saved]
     assert saved and others
-    assert 0 < plan.held_bytes < plan.arena_bytes
-    assert all(b.offset + b.nbytes <= plan.held_bytes for b in saved)
+    regions = {layer: (lo, hi) for layer, lo, hi in plan.held_regions}
+    assert len(regions) == len(plan.held_regions) > 1
+    assert [lo for _, lo, _ in plan.held_regions] == [0] + [hi for _, _, hi in plan.held_regions[:-1]]
+    assert plan.held_regions[-1][2] == plan.held_bytes < plan.arena_bytes
+    for b in saved:
+        lo, hi = regions[b.layer]
+        assert lo <= b.offset and b.offset + b.nbytes <= hi, b.name
     assert all(b.offset >= plan.held_bytes for b in others)
     for i, a in enumerate(placed):
         for c in placed[i + 1:]:

@@ -21,14 +21,14 @@ def test_views_sit_at_their_offsets_with_storages_and_versions_of_their_own():
     ar = Arena(small_layout(), torch.device("cpu"))
     a, b, again = ar.take("a", (4, 8), torch.float32), ar.take("b", (16,), torch.int64), \
         ar.take("a_again", (32,), torch.float32)
-    assert a.data_ptr() == ar.base.data_ptr() == ar.address("a") and b.data_ptr() == ar.address("b")
+    assert a.data_ptr() == ar.blocks[0].data_ptr() == ar.address("a") and b.data_ptr() == ar.address("b")
     assert again.data_ptr() == a.data_ptr()                           # the plan may reuse bytes ...
     assert a.untyped_storage()._cdata != again.untyped_storage()._cdata  # ... as different tensors
     before = again._version
     a.fill_(1.5)
     assert again[0] == 1.5 and again._version == before              # same bytes, own version counter
     b.fill_(7)
-    assert torch.equal(ar.base[512:520], torch.tensor([7, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8))
+    assert torch.equal(ar.blocks[0][512:520], torch.tensor([7, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8))
     assert ar.taken == {"a", "b", "a_again"}
 
 
@@ -38,7 +38,7 @@ def test_out_and_place_use_the_arena_only_while_active_and_only_for_planned_keys
     assert fresh.data_ptr() != ar.address("a")
     with arena.active(ar):
         assert arena.out("a", (4, 8), torch.float32, "cpu").data_ptr() == ar.address("a")
-        assert arena.out("not_planned", (3,), torch.float32, "cpu").data_ptr() != ar.base.data_ptr()
+        assert arena.out("not_planned", (3,), torch.float32, "cpu").data_ptr() != ar.blocks[0].data_ptr()
         t = torch.arange(16)
         placed = arena.place("b", t)
         assert placed.data_ptr() == ar.address("b") and torch.equal(placed, t)
@@ -88,7 +88,7 @@ def test_released_arena_holds_no_bytes_and_refuses_views_until_allocated():
     ar = Arena(small_layout(), torch.device("cpu"))
     assert ar.held and "a" in ar
     ar.release()
-    assert not ar.held and ar.base is None and "a" in ar          # the plan stays, the bytes go
+    assert not ar.held and not ar.blocks and "a" in ar           # the plan stays, the bytes go
     with pytest.raises(AssertionError, match="released"):
         ar.take("a", (4, 8), torch.float32)
     ar.allocate()
@@ -115,26 +115,34 @@ def test_trainer_releases_the_arena_after_backward(make_spec, tmp_path):
         assert not trainer.arena.held and trainer.arena.taken
 
 
-def test_transient_region_is_its_own_block_taken_on_demand_and_given_back():
-    """Views above held_bytes come from a second block, allocated when an op first asks for one
-    and released by release_transient (the held block and its views stay)."""
-    layout = ArenaLayout(3072, {"saved": View(0, (64,), torch.float32), "tmp": View(1024, (8, 8), torch.float32),
-                                "tmp2": View(2048, (16,), torch.int64)}, held_bytes=1024)
+def test_each_region_is_a_block_taken_on_demand_and_end_forward_drops_the_arenas_references():
+    """Held regions (one per layer) and the transient region are separate allocations, taken
+    when an op first asks for one of their views. After end_forward the arena holds nothing:
+    a saved view keeps its own block (with its data), the transient block is freed, and a later
+    take allocates a fresh one."""
+    import weakref
+    layout = ArenaLayout(3072, {"l0": View(0, (64,), torch.float32), "l1": View(512, (16,), torch.float32),
+                                "tmp": View(1024, (8, 8), torch.float32), "tmp2": View(2048, (16,), torch.int64)},
+                         bounds=(0, 512, 1024))
     ar = Arena(layout, torch.device("cpu"))
-    assert ar.base.numel() == 1024 and ar.transient is None
-    saved = ar.take("saved", (64,), torch.float32).fill_(3.0)
+    assert ar.held and not ar.blocks
+    saved = ar.take("l0", (64,), torch.float32).fill_(3.0)
+    assert set(ar.blocks) == {0} and ar.blocks[0].numel() == 512
     tmp = ar.take("tmp", (8, 8), torch.float32)
-    assert ar.transient is not None and ar.transient.numel() == 2048
-    assert tmp.data_ptr() == ar.transient.data_ptr() == ar.address("tmp")
-    assert ar.address("tmp2") == ar.transient.data_ptr() + 1024
+    assert set(ar.blocks) == {0, 2} and ar.blocks[2].numel() == 2048
+    assert tmp.data_ptr() == ar.blocks[2].data_ptr() == ar.address("tmp")
+    assert ar.address("tmp2") == ar.blocks[2].data_ptr() + 1024 and ar.address("l1") == ar.blocks[1].data_ptr()
+    gone = weakref.ref(ar.blocks[2])
     del tmp
-    ar.release_transient()
-    assert ar.transient is None and ar.held and torch.equal(saved, torch.full((64,), 3.0))
-    assert ar.take("tmp2", (16,), torch.int64).data_ptr() == ar.transient.data_ptr() + 1024
+    ar.end_forward()
+    assert not ar.blocks and ar.held and gone() is None            # nothing references the transient block
+    assert torch.equal(saved, torch.full((64,), 3.0))               # the saved view kept its bytes
+    again = ar.take("tmp2", (16,), torch.int64)
+    assert again.data_ptr() == ar.blocks[2].data_ptr() + 1024
     ar.release()
-    assert ar.base is None and ar.transient is None
+    assert not ar.blocks and not ar.held
 
 
-def test_a_view_may_not_straddle_the_two_regions():
+def test_a_view_may_not_straddle_two_regions():
     with pytest.raises(AssertionError):
-        Arena(ArenaLayout(2048, {"x": View(512, (256,), torch.float32)}, held_bytes=1024), torch.device("cpu"))
+        Arena(ArenaLayout(2048, {"x": View(512, (256,), torch.float32)}, bounds=(0, 1024)), torch.device("cpu"))
