@@ -3,9 +3,7 @@
 
     python bench/planner_time.py [--out bench/results/planner_time.json] [--warps 4,8,16,32]
 
-The fused plan kernel is also timed with its inverse permutations through a global scratch and by
-bitonic sorts, and
-(--warps) at each of these num_warps; outputs are checked equal in every variant.
+--warps: also time the fused plan kernel at each of these num_warps (outputs checked equal).
 
 Counts [ep, 256] drawn from zipf(1.2) (4096 tokens × top-8 per rank), 2 spare slots per rank,
 clone domain = the whole EP group; assign_slots for rank 0's 4096 × 8 copies. Each time is the
@@ -81,18 +79,18 @@ def measure(ep, g):
     return row
 
 
-def meta_sweep(ep, variants, g):
-    """ms of the fused plan under each variant {name: PlanMeta overrides} (outputs checked equal)."""
+def warps_sweep(ep, warps, g):
+    """ms of the fused plan at each num_warps (the planner's own choice is the default row)."""
     E, S, El = 256, 2, 256 // ep
     counts, _ = zipf_counts(ep, E, 4096 * 8, 1.2, g, "cuda")
     want = plan_reference(counts, El, S, ep)
     meta, out = planner_triton.plan_meta, {}
     try:
-        for name, over in variants.items():
-            planner_triton.plan_meta = lambda *a, over=over: dataclasses.replace(meta(*a), **over)
+        for w in warps:
+            planner_triton.plan_meta = lambda *a, w=w: dataclasses.replace(meta(*a), num_warps=w)
             got = plan(counts, El, S, ep)
             same = torch.equal(got.quota, want.quota) and torch.equal(got.spare_expert, want.spare_expert)
-            out[name] = (graph_ms(lambda: plan(counts, El, S, ep, S, 1)), same)
+            out[w] = (graph_ms(lambda: plan(counts, El, S, ep, S, 1)), same)
     finally:
         planner_triton.plan_meta = meta
     return out
@@ -106,12 +104,12 @@ def main():
     g = torch.Generator().manual_seed(0)
     rows = [measure(ep, g) for ep in (8, 16, 64)]
     sweep = {}
-    variants = {"inverses via scratch": {"inv_mem": True}, "inverses by sorts": {"inv_mem": False}}
-    variants.update({f"{w} warps": {"num_warps": int(w)} for w in args.warps.split(",") if w})
-    for ep in (8, 16, 64):
-        sweep[ep] = meta_sweep(ep, variants, g)
-        print(f"plan kernel at ep {ep}: " + ", ".join(f"{name} {ms:.3f} ms{'' if ok else ' DIFFERENT'}"
-                                                     for name, (ms, ok) in sweep[ep].items()))
+    if args.warps:
+        warps = [int(w) for w in args.warps.split(",")]
+        for ep in (8, 16, 64):
+            sweep[ep] = warps_sweep(ep, warps, g)
+            print(f"plan kernel at ep {ep}: " + ", ".join(f"{w} warps {ms:.3f} ms{'' if ok else ' DIFFERENT'}"
+                                                         for w, (ms, ok) in sweep[ep].items()))
     print(f"{'ep':>4}{'old plan':>10}{'new plan':>10}{'old assign':>12}{'new assign':>12}"
           f"{'old both':>10}{'new both':>10}{'ratio':>8}{'same':>6}{'strag none':>12}{'echo':>7}   (ms per layer, graph)")
     for r in rows:
@@ -123,7 +121,7 @@ def main():
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "steps_per_graph": STEPS_PER_GRAPH}
     with open(args.out, "w") as f:
-        json.dump({**meta, "rows": rows, "plan_variants": {str(k): {str(w): v for w, v in d.items()}
+        json.dump({**meta, "rows": rows, "warps_sweep": {str(k): {str(w): v for w, v in d.items()}
                                                             for k, d in sweep.items()}}, f, indent=2)
 
 

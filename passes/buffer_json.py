@@ -57,4 +57,5 @@ def arena_layout(plan: MemoryPlan) -> ArenaLayout:
             for key in p.keys:
                 assert key not in views, f"arena key {key!r} planned twice"
                 views[key] = View(b.offset + p.offset_bytes, p.shape, dt)
-    return ArenaLayout(plan.arena_bytes, views, tuple(lo for _, lo, _ in plan.held_regions) + (plan.held_bytes,))
+    return ArenaLayout(plan.arena_bytes, views, tuple(lo for _, lo, _ in plan.held_regions) + (plan.held_bytes,),
+                       bool(plan.held_regions) and plan.held_regions[0][0] is None)

@@ -50,6 +50,7 @@ class ArenaLayout:
     nbytes: int
     views: dict[str, View] = field(default_factory=dict)
     bounds: tuple[int, ...] | None = None
+    shared_first: bool = False      # region 0 holds buffers of no layer (kept until release)
 
     @property
     def edges(self) -> tuple[int, ...]:
@@ -66,8 +67,10 @@ class Arena:
     The Trainer opens the arena at each forward (`allocate`) and calls `end_forward` after it:
     the arena then drops its own references, so the transient block goes back to the allocator
     (the loss's working set reuses it) and each layer's held block lives exactly as long as
-    autograd keeps that layer's saved views, freed as backward passes it. Backward takes a
-    fresh transient block. `release` closes the arena after backward. Inside a captured CUDA
+    autograd keeps that layer's saved views, freed as backward passes it. Taking a layer's
+    region also drops the arena's reference to the previous layer's (layers run one at a time;
+    a recomputing backward takes each layer's region afresh). Backward takes a fresh
+    transient block. `release` closes the arena after backward. Inside a captured CUDA
     graph every block comes from the graph's pool, at the same address in every replay."""
 
     def __init__(self, layout: ArenaLayout, device: torch.device, allocate: bool = True):
@@ -89,6 +92,10 @@ class Arena:
     def _block(self, k: int) -> Tensor:
         """Region k's bytes, allocated on first use, with an alias per view inside."""
         if k not in self.blocks:
+            if self._per_layer(k):   # layers run one at a time: the last layer's saved views keep its block
+                for j in [j for j in self.blocks if self._per_layer(j)]:
+                    del self.blocks[j]
+                    self._alias = {key: a for key, a in self._alias.items() if self._region[key] != j}
             lo, hi = self.layout.edges[k], self.layout.edges[k + 1]
             block = self.blocks[k] = torch.empty(hi - lo, dtype=torch.uint8, device=self.device)
             for key, r in self._region.items():
@@ -97,6 +104,12 @@ class Arena:
                     flat = block[v.offset_bytes - lo:v.offset_bytes - lo + v.nbytes].view(v.dtype)
                     self._alias[key] = torch.from_dlpack(flat)  # same bytes, a storage of its own
         return self.blocks[k]
+
+    def _per_layer(self, k: int) -> bool:
+        """Region k holds one layer's saved buffers (not the shared region, not the transient one)."""
+        if self.layout.bounds is None:
+            return False
+        return k < len(self.layout.bounds) - 1 and not (k == 0 and self.layout.shared_first)
 
     def allocate(self) -> None:
         """Open the arena: ops may take views (each block is allocated on first use)."""

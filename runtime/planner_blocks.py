@@ -42,7 +42,6 @@ class PlanMeta:
     nb: int
     rb: int
     num_warps: int
-    inv_mem: bool = True     # inverse permutations through a global scratch, not bitonic sorts
 
 
 def plan_meta(ep: int, E: int, experts_per_rank: int, spares: int, domain_size: int, offer: int,

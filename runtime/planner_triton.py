@@ -3,8 +3,7 @@
 The torch planner (runtime/planner.py) is a few hundred tiny kernels (3 rounds of sorts,
 cumsums, searchsorted, gathers and scatters); inside a CUDA graph each costs a launch. Here:
 
-- `plan_fused`: one program per clone domain runs all rounds in registers (each round's two
-  inverse permutations go through a small global scratch: a scatter, a barrier, a load). A domain holds
+- `plan_fused`: one program per clone domain runs all rounds in registers. A domain holds
   g ranks of El home experts; only each rank's `offer` offered experts can give rows, so a
   round works on g·offer pieces against g rooms. Stable sorts become sorts of unique packed
   int64 keys (value, tie-break index, payload); the interval overlay becomes a
@@ -140,26 +139,11 @@ def _next_level(load, used, mean, rvalid, S):
 _PLAN_ARGS = ["ep", "E", "G", "EL", "S", "OFFER", "MIN_ROWS", "ROUNDS", "QC"]
 
 
-@triton.jit
-def _inverses(nat_s, recv_s, scratch, INV_MEM: tl.constexpr, NP: tl.constexpr, GB: tl.constexpr,
-              NB: tl.constexpr, RB: tl.constexpr):
-    """The inverse permutations of the sorted pieces' and rooms' natural indices. INV_MEM: scatter
-    through this round's global scratch [NP + GB] and read back after a barrier (one CTA),
-    instead of two more bitonic sorts."""
-    if INV_MEM:
-        tl.store(scratch + nat_s, tl.arange(0, NP))
-        tl.store(scratch + NP + recv_s, tl.arange(0, GB))
-        tl.debug_barrier()
-        inv_p = tl.load(scratch + tl.arange(0, NP)).to(tl.int64)
-        return inv_p, tl.load(scratch + NP + tl.arange(0, GB)).to(tl.int64)
-    return _inverse(nat_s, NB), _inverse(recv_s, RB)
-
-
 @triton.jit(do_not_specialize=_PLAN_ARGS)
-def _plan_kernel(load_ptr, spare_ptr, quota_ptr, scratch_ptr, ep, E, G, EL, S, OFFER, MIN_ROWS, ROUNDS,
-                 QC, GB: tl.constexpr, ELB: tl.constexpr, OB: tl.constexpr, SB: tl.constexpr,
+def _plan_kernel(load_ptr, spare_ptr, quota_ptr, ep, E, G, EL, S, OFFER, MIN_ROWS, ROUNDS, QC,
+                 GB: tl.constexpr, ELB: tl.constexpr, OB: tl.constexpr, SB: tl.constexpr,
                  DEB: tl.constexpr, CB: tl.constexpr, LB: tl.constexpr, FB: tl.constexpr,
-                 NB: tl.constexpr, RB: tl.constexpr, INV_MEM: tl.constexpr):
+                 NB: tl.constexpr, RB: tl.constexpr):
     """One clone domain per program: all rounds of the water-filling overlay (see module doc).
     Only block sizes are compile-time, so one compiled kernel serves many plan shapes."""
     d = tl.program_id(0)
@@ -174,7 +158,7 @@ def _plan_kernel(load_ptr, spare_ptr, quota_ptr, scratch_ptr, ep, E, G, EL, S, O
     level = mean
     used = tl.zeros([GB], tl.int64)
     tl.debug_barrier()  # the clones below overwrite cells the init above wrote
-    for rnd in range(ROUNDS):
+    for _ in range(ROUNDS):
         excess = tl.where(rvalid, tl.maximum(load - level, 0), 0)
         room = tl.where(rvalid & (used < S), tl.maximum(level - load, 0), 0)
         piece_s, nat_s = _pieces(hv, ev, excess, ovalid, EL, ELB, GB, OB, LB, FB, NB)
@@ -184,9 +168,8 @@ def _plan_kernel(load_ptr, spare_ptr, quota_ptr, scratch_ptr, ep, E, G, EL, S, O
         expert_s = (nat_s // OB) * EL + tl.gather(tl.reshape(ev, [GB * OB]), nat_s, 0)
         _store_clones(spare_ptr, quota_ptr, rows, used_s[None, :] + k, recv_s, expert_s, d, G,
                       EL, S, QC)
-        inv_p, inv_r = _inverses(nat_s, recv_s, scratch_ptr + (d * ROUNDS + rnd) * (GB * OB + GB),
-                                 INV_MEM, GB * OB, GB, NB, RB)
-        taken = tl.reshape(tl.gather(tl.sum(rows, 1), inv_p, 0), [GB, OB])
+        taken = tl.reshape(tl.gather(tl.sum(rows, 1), _inverse(nat_s, NB), 0), [GB, OB])
+        inv_r = _inverse(recv_s, RB)
         hv -= taken
         load += tl.gather(tl.sum(rows, 0), inv_r, 0) - tl.sum(taken, 1)
         used += tl.gather(tl.sum((rows > 0).to(tl.int64), 0), inv_r, 0)
@@ -204,12 +187,9 @@ def plan_fused(counts: Tensor, experts_per_rank: int, spares: int, domain_size: 
     spare = torch.empty(ep, spares, dtype=torch.int64, device=counts.device)
     quota = torch.empty(E, m.qc, dtype=torch.int64, device=counts.device)
     load = counts.sum(0, dtype=torch.int64)
-    n_dom = ep // domain_size
-    scratch = torch.empty(n_dom * m.rounds * (m.gb * m.ob + m.gb) if m.inv_mem else 1, dtype=torch.int32,
-                          device=counts.device)
-    _plan_kernel[(n_dom,)](
-        load, spare, quota, scratch, ep, E, m.g, m.el, m.s, m.offer, m.min_rows, m.rounds,
-        m.qc, m.gb, m.elb, m.ob, m.sb, m.deb, m.cb, m.lb, m.fb, m.nb, m.rb, m.inv_mem,
+    _plan_kernel[(ep // domain_size,)](
+        load, spare, quota, ep, E, m.g, m.el, m.s, m.offer, m.min_rows, m.rounds,
+        m.qc, m.gb, m.elb, m.ob, m.sb, m.deb, m.cb, m.lb, m.fb, m.nb, m.rb,
         num_warps=m.num_warps)
     return spare, quota
 

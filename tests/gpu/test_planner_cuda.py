@@ -17,12 +17,11 @@ pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a 
 WORKER = Path(__file__).parents[1] / "runtime" / "planner_fused_worker.py"
 
 
-@pytest.mark.parametrize("seed,variant", [(0, []), (1, ["--inverse-sorts"])], ids=["scratch", "sorts"])
-def test_fused_equals_reference_on_random_counts(seed, variant):
-    """40 random cases (each new block shape compiles a kernel: most of the time), with the plan
-    kernel's inverse permutations through its scratch (the default) and by bitonic sorts."""
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fused_equals_reference_on_random_counts(seed):
+    """40 random cases per seed: each new block shape compiles a kernel, most of the time."""
     out = subprocess.run([sys.executable, str(WORKER), "--device", "cuda", "--cases", "40",
-                          "--seed", str(seed), *variant], capture_output=True, text=True, timeout=400)
+                          "--seed", str(seed)], capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["cases"] == 40 and result["mismatches"] == [], result["mismatches"][:5]

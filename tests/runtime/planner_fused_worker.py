@@ -1,8 +1,7 @@
 """Compare the fused planner (runtime/planner_triton.py) with the torch reference on many count
 matrices; print one JSON line {"cases": n, "mismatches": [...]} (a script, run in a subprocess).
 
-    TRITON_INTERPRET=1 python tests/runtime/planner_fused_worker.py --device cpu --cases 16 --small \
-        [--inverse-sorts]
+    TRITON_INTERPRET=1 python tests/runtime/planner_fused_worker.py --device cpu --cases 16 --small
     python tests/runtime/planner_fused_worker.py --device cuda --cases 400
 
 The interpreter must be chosen before triton is imported, hence a process of its own.
@@ -13,7 +12,6 @@ clone domains, offer 1..El+1, min_clone_rows 1..5.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import sys
@@ -86,12 +84,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--small", action="store_true", help="EP ≤ 8 and ≤ 300 copies per rank")
-    ap.add_argument("--inverse-sorts", action="store_true",
-                    help="the plan kernel's inverse permutations by bitonic sorts (not the scratch)")
     args = ap.parse_args()
-    if args.inverse_sorts:
-        meta = planner_triton.plan_meta
-        planner_triton.plan_meta = lambda *a: dataclasses.replace(meta(*a), inv_mem=False)
     rng, g = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     mismatches = []
     for i in range(args.cases):

@@ -117,7 +117,8 @@ def test_trainer_releases_the_arena_after_backward(make_spec, tmp_path):
 
 def test_each_region_is_a_block_taken_on_demand_and_end_forward_drops_the_arenas_references():
     """Held regions (one per layer) and the transient region are separate allocations, taken
-    when an op first asks for one of their views. After end_forward the arena holds nothing:
+    when an op first asks for one of their views; taking a layer's region lets go of the previous
+    layer's (its views keep it). After end_forward the arena holds nothing:
     a saved view keeps its own block (with its data), the transient block is freed, and a later
     take allocates a fresh one."""
     import weakref
@@ -131,7 +132,10 @@ def test_each_region_is_a_block_taken_on_demand_and_end_forward_drops_the_arenas
     tmp = ar.take("tmp", (8, 8), torch.float32)
     assert set(ar.blocks) == {0, 2} and ar.blocks[2].numel() == 2048
     assert tmp.data_ptr() == ar.blocks[2].data_ptr() == ar.address("tmp")
-    assert ar.address("tmp2") == ar.blocks[2].data_ptr() + 1024 and ar.address("l1") == ar.blocks[1].data_ptr()
+    assert ar.address("tmp2") == ar.blocks[2].data_ptr() + 1024
+    assert ar.address("l1") == ar.blocks[1].data_ptr()
+    assert set(ar.blocks) == {1, 2}                                  # the next layer's region: the arena lets
+    assert torch.equal(saved, torch.full((64,), 3.0))               # go of layer 0's, its saved view keeps it
     gone = weakref.ref(ar.blocks[2])
     del tmp
     ar.end_forward()
