@@ -9,7 +9,9 @@ optimizer. A token movement uses the sub-steps: gather into `send` (0), exchange
 
 Rules:
   * A node output lives from its node's forward step to its last forward user; to that
-    user's backward when the user's contract saves it; to the end when it is a graph output.
+    user's backward when the user's contract saves it; to the end when it is a graph output;
+    a routing decision (count, counts all-gather, plan, slots, layout) at least to its own
+    backward, where a recomputed region replays it.
   * A float output with a differentiable user has a gradient twin, live from the user's
     backward to the op's backward. It is in the arena when the one user's contract writes
     it (`input_grad`, e.g. combine's `bwd.grad_in`); else autograd or grouped_mm allocates it.
@@ -36,6 +38,7 @@ from passes.sync_free_dispatch import MOE_COUNTS, MOE_STATS
 from runtime import contracts, grouped_gemm
 from runtime.contracts import (CLONE_WEIGHTS, COMBINE, DISPATCH, EXPERT_FFN, EXPERT_FFN_RECOMPUTE_CLONE, LAYOUT,
                                OpContract)
+from runtime.recompute import ROUTING_CONTRACTS
 
 SUB_STEPS = 4              # steps per node and pass: a token movement is gather · exchange · gather
 LAST_SUB = SUB_STEPS - 1
@@ -133,6 +136,11 @@ def _value(col: _Collector, op: Node, val: Node, tm, role: str, placement: str, 
             last = col.end
         elif _saves(u, val):
             last = max(last, col.bwd(u) + LAST_SUB)
+    if contracts.of(op.target) in ROUTING_CONTRACTS:
+        # a recomputed region keeps the routing decisions from its forward and replays them in
+        # its backward (runtime/recompute.py): live until the op's own backward step, whatever
+        # train.recompute resolves to (the plan is made before `auto` picks a policy)
+        last = max(last, col.bwd(op) + LAST_SUB)
     first = col.fwd(op) + (GATHER_SUB if _moves(op) else 0)
     col.add(val.name, moe_layer(op), role, tm.shape, tm.dtype, [(first, last)], placement, key)
     grad_users = [u for u in users if _differentiates(u, val)]

@@ -65,12 +65,11 @@ class Arena:
     allocator when an op first asks for one of its views.
 
     The Trainer opens the arena at each forward (`allocate`) and calls `end_forward` after it:
-    the arena then drops its own references, so the transient block goes back to the allocator
-    (the loss's working set reuses it) and each layer's held block lives exactly as long as
-    autograd keeps that layer's saved views, freed as backward passes it. Taking a layer's
-    region also drops the arena's reference to the previous layer's (layers run one at a time;
-    a recomputing backward takes each layer's region afresh). Backward takes a fresh
-    transient block. `release` closes the arena after backward. Inside a captured CUDA
+    the arena then forgets every block no view uses, so the transient block goes back to the
+    allocator (the loss's working set reuses it); the layers' blocks that autograd's saved views
+    (or, under recompute, the kept routing decisions) still use stay. In backward, moving to
+    another layer's region forgets the last one's, so each lives as long as its views, and backward
+    takes a fresh transient block. `release` closes the arena after backward. Inside a captured CUDA
     graph every block comes from the graph's pool, at the same address in every replay."""
 
     def __init__(self, layout: ArenaLayout, device: torch.device, allocate: bool = True):
@@ -85,17 +84,21 @@ class Arena:
         self.blocks: dict[int, Tensor] = {}
         self._alias: dict[str, Tensor] = {}
         self.taken: set[str] = set()
-        self.open = False
+        self.open, self._backward, self._layer_region = False, False, None
+        probe = torch.empty(1, dtype=torch.uint8)
+        self._unused_owners = _owners(torch.from_dlpack(probe[0:1]))
         if allocate:
             self.allocate()
 
     def _block(self, k: int) -> Tensor:
-        """Region k's bytes, allocated on first use, with an alias per view inside."""
+        """Region k's bytes, allocated on first use, with an alias per view inside. In backward,
+        moving to another layer's region lets go of the last one's (its backward is over)."""
+        last = self._layer_region
+        if self._backward and self._per_layer(k) and last is not None and k != last and last in self.blocks:
+            self._drop(last)
+        if self._per_layer(k):
+            self._layer_region = k
         if k not in self.blocks:
-            if self._per_layer(k):   # layers run one at a time: the last layer's saved views keep its block
-                for j in [j for j in self.blocks if self._per_layer(j)]:
-                    del self.blocks[j]
-                    self._alias = {key: a for key, a in self._alias.items() if self._region[key] != j}
             lo, hi = self.layout.edges[k], self.layout.edges[k + 1]
             block = self.blocks[k] = torch.empty(hi - lo, dtype=torch.uint8, device=self.device)
             for key, r in self._region.items():
@@ -105,6 +108,16 @@ class Arena:
                     self._alias[key] = torch.from_dlpack(flat)  # same bytes, a storage of its own
         return self.blocks[k]
 
+    def _drop(self, k: int) -> None:
+        """Forget block k (views still in use keep its bytes alive)."""
+        del self.blocks[k]
+        self._alias = {key: a for key, a in self._alias.items() if self._region[key] != k}
+
+    def in_use(self, k: int) -> bool:
+        """Whether a view of block k handed out earlier is still alive (its alias's storage has
+        more owners than an unused alias)."""
+        return any(self._region[key] == k and _owners(a) > self._unused_owners for key, a in self._alias.items())
+
     def _per_layer(self, k: int) -> bool:
         """Region k holds one layer's saved buffers (not the shared region, not the transient one)."""
         if self.layout.bounds is None:
@@ -112,18 +125,22 @@ class Arena:
         return k < len(self.layout.bounds) - 1 and not (k == 0 and self.layout.shared_first)
 
     def allocate(self) -> None:
-        """Open the arena: ops may take views (each block is allocated on first use)."""
-        self.open = True
+        """Open the arena for a forward: ops may take views (each block allocated on first use)."""
+        self.open, self._backward, self._layer_region = True, False, None
 
     def end_forward(self) -> None:
-        """Drop the arena's references to every block: views in use (autograd's saved ones) keep
-        their block; the rest goes back to the allocator. Later takes allocate afresh."""
-        self.blocks, self._alias = {}, {}
+        """Between forward and backward: forget every block no view uses any more (the transient
+        one, and under recompute the layers' regions whose saved views are gone) so the loss
+        reuses their bytes. Blocks still in use are kept, and a recomputing backward writes into
+        the same bytes (the plan keeps the live views and the rewritten buffers apart)."""
+        for k in [k for k in self.blocks if not self.in_use(k)]:
+            self._drop(k)
+        self._backward = True
 
     def release(self) -> None:
         """Close the arena (after backward) and drop its blocks."""
-        self.end_forward()
-        self.open = False
+        self.blocks, self._alias = {}, {}
+        self.open, self._backward = False, False
 
     @property
     def held(self) -> bool:
@@ -149,6 +166,11 @@ class Arena:
         self.allocate()
         k = self._region[key]
         return self._block(k).data_ptr() + self.layout.views[key].offset_bytes - self.layout.edges[k]
+
+
+def _owners(t: Tensor) -> int:
+    """How many references hold t's storage."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
 _ACTIVE: Arena | None = None   # module-global, not thread-local: autograd runs CUDA backward on its own thread

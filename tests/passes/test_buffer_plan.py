@@ -332,3 +332,14 @@ def test_buffers_saved_across_the_boundary_sit_in_their_layers_held_region(plann
         for c in placed[i + 1:]:
             if _overlap(a, c):
                 assert a.offset + a.nbytes <= c.offset or c.offset + c.nbytes <= a.offset, (a.name, c.name)
+
+
+def test_routing_decisions_live_until_their_own_backward(planned):
+    """A recomputed region keeps count, the counts all-gather and the layout maps from its forward
+    and replays them in backward, so their bytes are planned live until their op's backward
+    step (past the boundary), whatever recompute policy the compile later picks."""
+    _, plan = planned()
+    fwd_end = plan.timeline.forward[1]
+    b = _by_name(plan)
+    for name in ("layers_1_mlp_count", "layers_1_mlp_counts_all"):
+        assert b[name].live_at(fwd_end) and b[name].live_at(fwd_end + 1), name

@@ -66,11 +66,14 @@ def run_arena_worker(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recompute", [False, True])
-def test_arena_run_equals_allocator_run_bitwise(run_arena_worker, oracle_spec, recompute):
+@pytest.mark.parametrize("recompute,policy", [(False, "none"), (True, "none"), (False, "full")])
+def test_arena_run_equals_allocator_run_bitwise(run_arena_worker, oracle_spec, recompute, policy):
+    """recompute: echo.recompute_clone_dispatch; policy: train.recompute (a recomputed region
+    replays routing decisions kept from its forward, in arena views of their own)."""
     spec = oracle_spec(ep=2, capacity=2.0, experts=8,
                      echo={"enabled": True, "spare_slots_per_rank": 2, "clone_domain": "cluster",
                            "recompute_clone_dispatch": recompute})
+    spec["train"]["recompute"] = policy
     ranks = run_arena_worker(spec, steps=3)
     assert sum(s["clones"] for s in ranks[0]["steps"]) > 0, "no clone planned: the clone buffers went untested"
     for rank, r in enumerate(ranks):
@@ -115,34 +118,35 @@ def test_trainer_releases_the_arena_after_backward(make_spec, tmp_path):
         assert not trainer.arena.held and trainer.arena.taken
 
 
-def test_each_region_is_a_block_taken_on_demand_and_end_forward_drops_the_arenas_references():
+def test_each_region_is_a_block_taken_on_demand_and_blocks_no_view_uses_are_given_back():
     """Held regions (one per layer) and the transient region are separate allocations, taken
-    when an op first asks for one of their views; taking a layer's region lets go of the previous
-    layer's (its views keep it). After end_forward the arena holds nothing:
-    a saved view keeps its own block (with its data), the transient block is freed, and a later
-    take allocates a fresh one."""
+    when an op first asks for one of their views. end_forward forgets the blocks no view uses
+    (the transient one here) and keeps those in use, whose bytes a recomputing backward writes
+    again; in backward, moving to another layer's region forgets the last one's."""
     import weakref
     layout = ArenaLayout(3072, {"l0": View(0, (64,), torch.float32), "l1": View(512, (16,), torch.float32),
                                 "tmp": View(1024, (8, 8), torch.float32), "tmp2": View(2048, (16,), torch.int64)},
                          bounds=(0, 512, 1024))
     ar = Arena(layout, torch.device("cpu"))
     assert ar.held and not ar.blocks
-    saved = ar.take("l0", (64,), torch.float32).fill_(3.0)
+    saved = ar.take("l0", (64,), torch.float32).fill_(3.0)       # layer 0's saved view
     assert set(ar.blocks) == {0} and ar.blocks[0].numel() == 512
     tmp = ar.take("tmp", (8, 8), torch.float32)
     assert set(ar.blocks) == {0, 2} and ar.blocks[2].numel() == 2048
     assert tmp.data_ptr() == ar.blocks[2].data_ptr() == ar.address("tmp")
     assert ar.address("tmp2") == ar.blocks[2].data_ptr() + 1024
-    assert ar.address("l1") == ar.blocks[1].data_ptr()
-    assert set(ar.blocks) == {1, 2}                                  # the next layer's region: the arena lets
-    assert torch.equal(saved, torch.full((64,), 3.0))               # go of layer 0's, its saved view keeps it
-    gone = weakref.ref(ar.blocks[2])
+    ar.take("l1", (16,), torch.float32)                           # layer 1: its view is not kept
+    assert set(ar.blocks) == {0, 1, 2} and ar.in_use(0) and not ar.in_use(1)
+    transient = weakref.ref(ar.blocks[2])
     del tmp
     ar.end_forward()
-    assert not ar.blocks and ar.held and gone() is None            # nothing references the transient block
-    assert torch.equal(saved, torch.full((64,), 3.0))               # the saved view kept its bytes
-    again = ar.take("tmp2", (16,), torch.int64)
-    assert again.data_ptr() == ar.blocks[2].data_ptr() + 1024
+    assert set(ar.blocks) == {0} and transient() is None          # only layer 0's block is still used
+    block0 = ar.blocks[0].data_ptr()
+    again = ar.take("l0", (64,), torch.float32)                   # a recomputing backward: the same bytes
+    assert again.data_ptr() == block0 and torch.equal(saved, torch.full((64,), 3.0))
+    assert ar.take("tmp2", (16,), torch.int64).data_ptr() == ar.blocks[2].data_ptr() + 1024
+    ar.take("l1", (16,), torch.float32)                           # backward moves on to layer 1
+    assert 0 not in ar.blocks and 1 in ar.blocks
     ar.release()
     assert not ar.blocks and not ar.held
 
