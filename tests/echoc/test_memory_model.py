@@ -1,6 +1,8 @@
 """The whole-rank memory model (echoc/memory_model.py, echoc/memory_census.py) and the budget check."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -126,7 +128,9 @@ def test_over_budget_is_one_actionable_line(make_spec):
     assert "over budgets.memory_gib 0.001" in msg
     for field in mm.HELPFUL_FIELDS:
         assert field in msg, field
-    assert msg.count(" GiB,") + msg.count(" GiB)") >= 3          # the three largest categories, sized
+    sized = re.findall(r"(\w+) (\d+\.\d\d) (GiB|MiB|KiB)[,)]", msg.split("largest: ")[1])
+    assert len(sized) == 3 and all(float(v) > 0 for _, v, _ in sized), sized    # the three largest, sized
+    assert " 0.00 " not in msg                                   # no size reads as zero
 
 
 @pytest.mark.parametrize("name,limit_gib", [("glm5", 120), ("glm5-h100", 72)])
