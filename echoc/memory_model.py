@@ -280,7 +280,7 @@ class MemoryBudgetError(EchocError):
 HELPFUL_FIELDS = ("parallel.zero", "train.recompute", "parallel.ep", "budgets.received_token_capacity")
 
 
-def _size(nbytes: int) -> str:
+def format_size(nbytes: int) -> str:
     """GiB to two decimals, or MiB / KiB where that would read 0.00."""
     for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
         if nbytes >= scale // 100:
@@ -296,9 +296,9 @@ def check_budget(spec: Spec, pred: MemoryPrediction) -> None:
     now = {"parallel.zero": zero_level(spec), "train.recompute": spec.train.recompute,
            "parallel.ep": spec.parallel.ep, "budgets.received_token_capacity": spec.budgets.received_token_capacity}
     raise MemoryBudgetError(
-        f"predicted peak {_size(pred.peak_bytes)} per rank is over budgets.memory_gib "
+        f"predicted peak {format_size(pred.peak_bytes)} per rank is over budgets.memory_gib "
         f"{spec.budgets.memory_gib:g} (at {pred.peak_phase}, recompute {pred.recompute}; largest: "
-        + ", ".join(f"{k} {_size(v)}" for k, v in top)
+        + ", ".join(f"{k} {format_size(v)}" for k, v in top)
         + "); raise " + ", ".join(f"{f} (now {now[f]})" if f != "budgets.received_token_capacity"
                                   else f"or lower {f} (now {now[f]})" for f in HELPFUL_FIELDS))
 

@@ -7,7 +7,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from echoc import preflight
+import torch
+
+from echoc import device_memory, preflight
 from echoc.artifact import load_build
 from echoc.compile import Build, compile_build
 from echoc.errors import EchocError
@@ -69,7 +71,11 @@ def worker(req: RunRequest, build: Build | None = None, hooks: tuple = ()) -> li
     device = init_distributed(spec)
     watchdog.announce()
     try:
-        history = train(build.program, device, options)
+        dev = device_memory.check_fits(build.summary["memory"], device)
+        try:
+            history = train(build.program, device, options)
+        except torch.cuda.OutOfMemoryError as e:
+            raise device_memory.explain_oom(e, build.summary["memory"], dev) from None
     except Exception as e:
         # the roll call needs the process group's store: before the group is destroyed
         timeout = watchdog.explain_timeout(spec.train.collective_timeout_s) if watchdog.is_timeout(e) else None

@@ -6,7 +6,8 @@ through the loop's hooks. argv: CONFIG_JSON with
   resume        'no' | 'must' | 'or_start';  with_changes: bool
   faults        [{"kind": K, "rank": r (default every rank), "at": k, ...}]: after k finished steps,
                 K = "signal" (os.kill self with "signal"), "nan_weight" (a dense weight becomes NaN),
-                "nan_loss" (the next step's loss is NaN: a transient fault)
+                "nan_loss" (the next step's loss is NaN: a transient fault), "oom" (the step
+                raises CUDA's out-of-memory error, as a GPU shared with another process would)
 """
 import json
 import os
@@ -41,6 +42,9 @@ def make_hook(fault, trainer_box):
             return
         if fault["kind"] == "signal":
             os.kill(os.getpid(), getattr(signal, fault["signal"]))
+        elif fault["kind"] == "oom":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
+                                              "total capacity of 139.81 GiB of which 3.12 GiB is free.\nmore")
         elif fault["kind"] == "nan_loss":
             POISON["loss"] = True
         elif fault["kind"] == "nan_weight":

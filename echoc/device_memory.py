@@ -1,0 +1,72 @@
+"""The plan against the GPU it runs on: before the first step every rank compares the compile's
+predicted peak with the memory its device has free (other processes may hold some), and a
+CUDA out-of-memory error during the run becomes one line that says what the plan needed.
+
+Both are errors a user can act on (free the GPU, or lower the plan's memory), so they are
+EchocErrors: one line, exit 2, no traceback. Every rank checks its own device; the ranks agree
+through one all-reduce, so no rank is left waiting in a collective for one that stopped."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from echoc.errors import EchocError
+from echoc.memory_model import HELPFUL_FIELDS, format_size
+
+
+class DeviceMemoryError(EchocError):
+    """The plan does not fit the memory its GPU has, or ran out of it."""
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """One rank's device at the start of the run."""
+    rank: int
+    device: str
+    free: int
+    total: int
+
+
+def shortfall(predicted: int, dev: DeviceMemory, phase: str) -> str | None:
+    """Why a plan whose peak is `predicted` bytes cannot run on `dev` (None: it can)."""
+    if predicted <= dev.free:
+        return None
+    held = dev.total - dev.free
+    return (f"rank {dev.rank}: the plan's predicted peak is {format_size(predicted)} (at {phase}) but {dev.device} "
+            f"has {format_size(dev.free)} free of {format_size(dev.total)} ({format_size(held)} held by other "
+            f"processes or this one's CUDA context); free the GPU, or lower the plan's memory: "
+            + ", ".join(HELPFUL_FIELDS) + ", budgets.memory_gib to check it at compile time")
+
+
+def check_fits(memory: dict, device: torch.device) -> DeviceMemory | None:
+    """On CUDA: raise DeviceMemoryError on every rank when the predicted peak (summary.json's
+    `memory`) exceeds some rank's free device memory. Returns this rank's reading (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    dev = DeviceMemory(dist.get_rank() if dist.is_initialized() else 0, f"cuda:{device.index}", free, total)
+    why = shortfall(int(memory["peak_bytes"]), dev, memory.get("peak_phase", "?"))
+    short = torch.tensor([0.0 if why is None else 1.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(short, op=dist.ReduceOp.MAX)
+    if why is not None:
+        raise DeviceMemoryError(why)
+    if short.item() > 0:
+        raise DeviceMemoryError(f"rank {dev.rank}: another rank's GPU lacks the memory the plan needs "
+                                "(its message says how much)")
+    return dev
+
+
+def explain_oom(e: BaseException, memory: dict, dev: DeviceMemory | None) -> DeviceMemoryError:
+    """A CUDA out-of-memory error during the run, as one actionable line."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    start = (f"; {format_size(dev.free)} of {format_size(dev.total)} was free on {dev.device} at the start"
+             if dev is not None else "")
+    rank = dev.rank if dev is not None else (dist.get_rank() if dist.is_initialized() else 0)
+    return DeviceMemoryError(
+        f"rank {rank} ran out of GPU memory ({first[:200]}); the plan predicts a peak of "
+        f"{format_size(int(memory['peak_bytes']))} per rank{start}. Another process may have taken memory since, "
+        "or the allocator's fragmentation needs more than the plan: free the GPU, or lower the plan's memory ("
+        + ", ".join(HELPFUL_FIELDS) + ")")
