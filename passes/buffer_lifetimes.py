@@ -150,9 +150,13 @@ def _value(col: _Collector, op: Node, val: Node, tm, role: str, placement: str, 
 
 def _gradient(col: _Collector, op: Node, val: Node, tm, role: str, grad_users: list[Node]) -> None:
     """Written by a user's backward (a token movement's at its gather sub-step), read by the op's
-    backward (a token movement reads it at its first sub-step, the others throughout)."""
+    backward (a token movement reads it at its first sub-step, into `send`; at ep 1, where the
+    movement is one gather straight into its result, until that gather; the others throughout)."""
     first = min(col.bwd(u) + (GATHER_SUB if _moves(u) else 0) for u in grad_users)
-    last = col.bwd(op) + (0 if _moves(op) else LAST_SUB)
+    if _moves(op):
+        last = col.bwd(op) + (GATHER_SUB if col.spec.parallel.ep == 1 else 0)
+    else:
+        last = col.bwd(op) + LAST_SUB
     # with several users autograd sums the gradients; one user whose contract writes this
     # input's gradient itself (`input_grad`) puts it in the arena
     (u, *more) = grad_users

@@ -343,3 +343,16 @@ def test_routing_decisions_live_until_their_own_backward(planned):
     b = _by_name(plan)
     for name in ("layers_1_mlp_count", "layers_1_mlp_counts_all"):
         assert b[name].live_at(fwd_end) and b[name].live_at(fwd_end + 1), name
+
+
+def test_at_ep_1_a_movements_backward_reads_its_gradient_until_its_one_gather(make_spec):
+    """At ep 1 combine's backward is one gather from the gradient of its output straight into the
+    gradient of the FFN's output (no send/recv in between): the two are live at once and must
+    not share bytes (they did, and the ep 1 oracle caught it: a wrong mlp_norm gradient)."""
+    from echoc.compile import compile_build
+    plan = compile_build(make_spec({"parallel.ep": 1, "cluster.gpus_per_node": 1})).memory_plan
+    b = _by_name(plan)
+    src, dst = b["layers_1_mlp_combine.grad"], b["layers_1_mlp_expert_ffn.grad"]
+    assert src.placement == dst.placement == ARENA
+    assert _overlap(src, dst), (src.live, dst.live)
+    assert src.offset + src.nbytes <= dst.offset or dst.offset + dst.nbytes <= src.offset
