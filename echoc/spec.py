@@ -355,6 +355,9 @@ def _layout_rules(spec: Spec) -> list[tuple[str, str]]:
         errors.append(("echo.spare_slots_per_rank", "must be >= 1 when echo.enabled is true"))
     if echo.enabled and p.ep == 1:
         errors.append(("echo.enabled", "cloning needs ep >= 2 (with ep = 1 every expert is already local)"))
+    elif echo.enabled and spec.clone_domain_ranks == 1:
+        errors.append(("echo.clone_domain", f"'node' with {c.gpus_per_node} GPU per node makes every clone domain "
+                                            "one rank, which has no other rank to clone onto; use 'cluster'"))
     if echo.spare_slots_per_rank > num_experts:
         errors.append(("echo.spare_slots_per_rank",
                        f"{echo.spare_slots_per_rank} spare slots per rank is more than num_experts ({num_experts})"))

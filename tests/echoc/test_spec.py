@@ -493,3 +493,13 @@ def test_grad_reduce_dtype_bad_value(tmp_path):
     line, msg = find(problems_of(tmp_path, text), "train.grad_reduce_dtype")
     assert line == line_of(text, "grad_reduce_dtype:")
     assert "'float32' or 'bfloat16'" in msg, msg
+
+
+def test_cloning_within_one_rank_domains_is_refused(tmp_path):
+    """echo.clone_domain 'node' with one GPU per node: every domain is a single rank, so nothing
+    could ever be cloned; refused naming the field, and 'cluster' is accepted."""
+    over = ["cluster.nodes=2", "cluster.gpus_per_node=1", "parallel.ep=2", "echo.enabled=true"]
+    line, msg = find(problems_of(tmp_path, BASE, over + ["echo.clone_domain=node"]), "echo.clone_domain")
+    assert "one rank" in msg and "'cluster'" in msg
+    spec = load_spec(write(tmp_path, BASE), over + ["echo.clone_domain=cluster"])
+    assert spec.clone_domain_ranks == 2
