@@ -99,7 +99,7 @@ def _forward_backward_peak(trainer, source, device) -> int:
     with arena.active(trainer.arena):
         out = trainer.gm(tokens)
         if trainer.arena is not None:
-            trainer.arena.end_forward()
+            trainer.arena.end_forward(trainer.recomputing)
         loss = lm_loss(out[0] if isinstance(out, tuple) else out, labels)
         del out                      # as the Trainer: the logits are not needed by backward
         loss.backward()

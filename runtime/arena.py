@@ -128,12 +128,16 @@ class Arena:
         """Open the arena for a forward: ops may take views (each block allocated on first use)."""
         self.open, self._backward, self._layer_region = True, False, None
 
-    def end_forward(self) -> None:
+    def end_forward(self, recomputing: bool = False) -> None:
         """Between forward and backward: forget every block no view uses any more (the transient
-        one, and under recompute the layers' regions whose saved views are gone) so the loss
-        reuses their bytes. Blocks still in use are kept, and a recomputing backward writes into
-        the same bytes (the plan keeps the live views and the rewritten buffers apart)."""
-        for k in [k for k in self.blocks if not self.in_use(k)]:
+        one; under recompute the layers' regions nothing of which is kept), so the loss reuses
+        their bytes. Without recompute the blocks autograd's saved views use are forgotten too:
+        they live exactly as long as those views, freed as backward passes each layer.
+        `recomputing` (the graph has Recompute regions): those blocks are kept instead, and a
+        recomputing backward writes into the same bytes (the plan keeps the live views and the
+        rewritten buffers apart) rather than allocating a second copy while the kept routing
+        decisions still hold the first."""
+        for k in [k for k in self.blocks if not (recomputing and self.in_use(k))]:
             self._drop(k)
         self._backward = True
 

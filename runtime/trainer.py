@@ -25,6 +25,7 @@ from runtime.dtypes import torch_dtype
 from runtime.model import Transformer, lm_loss, moe_layers, update_expert_bias
 from runtime.parallel import all_reduce_load, shard_experts
 from runtime.program import Program, materialize
+from runtime.recompute import Recompute
 from runtime.train_state import TrainState
 
 
@@ -102,6 +103,7 @@ class Trainer:
         self.moe_names = [n for n, _ in moe_layers(self.model)]
         uses_arena = program.arena_layout is not None and self.moe_names
         self.arena = arena.Arena(program.arena_layout, device) if uses_arena else None
+        self.recomputing = any(isinstance(m, Recompute) for m in program.gm.modules())
         self._arena_checked = False
         # the guard's verdict of the current step, read by optimizer_step (static device tensors)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
@@ -119,8 +121,8 @@ class Trainer:
             self.arena.allocate()
         with arena.active(self.arena), zero_ops.regather_in_backward():
             out = self.gm(tokens)
-            if self.arena is not None:
-                self.arena.end_forward()   # the loss reuses the transient MoE block; saved views keep theirs
+            if self.arena is not None:     # the loss reuses the transient MoE block; saved views keep theirs
+                self.arena.end_forward(self.recomputing)
             if isinstance(out, tuple):
                 logits, stats, counts = out
             else:  # no MoE layer

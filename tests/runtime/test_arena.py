@@ -122,9 +122,9 @@ def test_trainer_releases_the_arena_after_backward(make_spec, tmp_path):
 
 def test_each_region_is_a_block_taken_on_demand_and_blocks_no_view_uses_are_given_back():
     """Held regions (one per layer) and the transient region are separate allocations, taken
-    when an op first asks for one of their views. end_forward forgets the blocks no view uses
-    (the transient one here) and keeps those in use, whose bytes a recomputing backward writes
-    again; in backward, moving to another layer's region forgets the last one's."""
+    when an op first asks for one of their views. end_forward (before a recomputing backward)
+    forgets the blocks no view uses (the transient one here) and keeps those in use, whose
+    bytes the recomputing backward writes again; in backward, moving to another layer's region forgets the last one's."""
     import weakref
     layout = ArenaLayout(3072, {"l0": View(0, (64,), torch.float32), "l1": View(512, (16,), torch.float32),
                                 "tmp": View(1024, (8, 8), torch.float32), "tmp2": View(2048, (16,), torch.int64)},
@@ -141,7 +141,7 @@ def test_each_region_is_a_block_taken_on_demand_and_blocks_no_view_uses_are_give
     assert set(ar.blocks) == {0, 1, 2} and ar.in_use(0) and not ar.in_use(1)
     transient = weakref.ref(ar.blocks[2])
     del tmp
-    ar.end_forward()
+    ar.end_forward(recomputing=True)
     assert set(ar.blocks) == {0} and transient() is None          # only layer 0's block is still used
     block0 = ar.blocks[0].data_ptr()
     again = ar.take("l0", (64,), torch.float32)                   # a recomputing backward: the same bytes
@@ -156,3 +156,16 @@ def test_each_region_is_a_block_taken_on_demand_and_blocks_no_view_uses_are_give
 def test_a_view_may_not_straddle_two_regions():
     with pytest.raises(AssertionError):
         Arena(ArenaLayout(2048, {"x": View(512, (256,), torch.float32)}, bounds=(0, 1024)), torch.device("cpu"))
+
+
+def test_without_recompute_end_forward_forgets_every_block_and_saved_views_keep_theirs():
+    """No recomputing backward will take a layer's region again: the arena lets go of all its
+    blocks after the forward, so each lives exactly as long as autograd's views of it."""
+    layout = ArenaLayout(2048, {"l0": View(0, (64,), torch.float32), "tmp": View(1024, (16,), torch.int64)},
+                         bounds=(0, 1024))
+    ar = Arena(layout, torch.device("cpu"))
+    saved = ar.take("l0", (64,), torch.float32).fill_(2.0)
+    ar.take("tmp", (16,), torch.int64)
+    assert ar.in_use(0) and set(ar.blocks) == {0, 1}
+    ar.end_forward()
+    assert not ar.blocks and torch.equal(saved, torch.full((64,), 2.0))
