@@ -60,6 +60,7 @@ class _Collector:
 
     def __init__(self, gm: GraphModule, spec: Spec):
         self.spec, self.nodes = spec, list(gm.graph.nodes)
+        self.local = spec.parallel.ep == 1   # token movements are one gather, no exchange
         self.n = len(self.nodes)
         self.step = {node: i for i, node in enumerate(self.nodes)}
         self.end = SUB_STEPS * 2 * self.n + 1
@@ -154,7 +155,7 @@ def _gradient(col: _Collector, op: Node, val: Node, tm, role: str, grad_users: l
     movement is one gather straight into its result, until that gather; the others throughout)."""
     first = min(col.bwd(u) + (GATHER_SUB if _moves(u) else 0) for u in grad_users)
     if _moves(op):
-        last = col.bwd(op) + (GATHER_SUB if col.spec.parallel.ep == 1 else 0)
+        last = col.bwd(op) + (GATHER_SUB if col.local else 0)
     else:
         last = col.bwd(op) + LAST_SUB
     # with several users autograd sums the gradients; one user whose contract writes this
@@ -176,7 +177,7 @@ def _exchange(col: _Collector, node: Node, c: OpContract, rows: int, h: int, dt)
     t, b, layer = col.fwd(node), col.bwd(node), moe_layer(node)
     for pre, at in (("", t), ("bwd.", b)):
         for part, span in (("send", (at, at + 1)), ("recv", (at + 1, at + 2))):
-            if c.part(pre + part).exchange and col.spec.parallel.ep == 1:
+            if c.part(pre + part).exchange and col.local:
                 continue
             col.add(c.key(node.name, pre + part), layer, "exchange", (rows, h), dt, [span])
 

@@ -12,9 +12,9 @@ rank. The `sync` backend's shapes depend on the data: not planned.
 
 Placement: ARENA buffers are written by the op itself into views of one arena per rank
 (runtime/arena.py), looked up by their contract keys, in regions: the buffers saved across the
-forward/backward boundary, one region per layer, then the rest (freed around the loss); ALLOCATOR buffers come out of kernels
-without an output argument (grouped_mm's products, the graph's torch.stack outputs): listed
-and bounded, not placed.
+forward/backward boundary, one region per layer, then the rest (freed around the loss).
+ALLOCATOR buffers come out of kernels without an output argument (grouped_mm's products, the
+graph's torch.stack outputs): listed and bounded, not placed.
 
 Not modelled: the dense part (embedding, attention, norms, router, shared expert, dense FFN,
 logits) and the token-sized [T, H] tensors at the MoE boundary; parameters, their gradients
@@ -52,12 +52,10 @@ def _place_in_regions(placed: list[Buffer], timeline) -> list[tuple[int | None, 
     Returns the held regions [(layer, lo, hi)]."""
     fwd_end = timeline.forward[1]
     by_layer: dict[int | None, list[Buffer]] = {}
-    rest = []
     for b in placed:
-        if b.live_at(fwd_end) and b.live_at(fwd_end + 1):
+        if b.crosses(fwd_end):
             by_layer.setdefault(b.layer, []).append(b)
-        else:
-            rest.append(b)
+    rest = [b for b in placed if not b.crosses(fwd_end)]
     regions, at = [], 0
     for layer in sorted(by_layer, key=lambda k: -1 if k is None else k):
         group = by_layer[layer]
@@ -80,7 +78,7 @@ def _placed_plan(spec: Spec, buffers: list[Buffer], timeline) -> MemoryPlan:
     lb, peak = lower_bound(placed)
     return MemoryPlan(
         True, "", "all", _note(spec), ALIGN_BYTES, spec.echo.enabled and spec.echo.recompute_clone_dispatch,
-        timeline, buffers, arena_bytes=max(arena_bytes(placed), held_bytes), held_bytes=held_bytes,
+        timeline, buffers, arena_bytes=arena_bytes(placed), held_bytes=held_bytes,
         held_regions=regions,
         naive_bytes=sum(aligned(b.nbytes) for b in placed),
         lower_bound_bytes=lb, peak_step=peak, lifetimes=g.number_of_nodes(),

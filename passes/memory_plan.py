@@ -64,6 +64,10 @@ class Buffer:
     def live_at(self, step: int) -> bool:
         return any(s <= step <= e for s, e in self.live)
 
+    def crosses(self, step: int) -> bool:
+        """Live at `step` and the step after (at the forward's last step: saved for backward)."""
+        return self.live_at(step) and self.live_at(step + 1)
+
 
 def composite(name: str, layer: int | None, role: str, tensors, dt: torch.dtype, live,
               placement: str = ARENA) -> Buffer:

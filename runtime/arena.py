@@ -84,7 +84,7 @@ class Arena:
         self.blocks: dict[int, Tensor] = {}
         self._alias: dict[str, Tensor] = {}
         self.taken: set[str] = set()
-        self.open, self._backward, self._layer_region = False, False, None
+        self.held, self._backward, self._layer_region = False, False, None   # held: open for ops
         probe = torch.empty(1, dtype=torch.uint8)
         self._unused_owners = _owners(torch.from_dlpack(probe[0:1]))
         if allocate:
@@ -126,7 +126,7 @@ class Arena:
 
     def allocate(self) -> None:
         """Open the arena for a forward: ops may take views (each block allocated on first use)."""
-        self.open, self._backward, self._layer_region = True, False, None
+        self.held, self._backward, self._layer_region = True, False, None
 
     def end_forward(self, recomputing: bool = False) -> None:
         """Between forward and backward: forget every block no view uses any more (the transient
@@ -144,11 +144,7 @@ class Arena:
     def release(self) -> None:
         """Close the arena (after backward) and drop its blocks."""
         self.blocks, self._alias = {}, {}
-        self.open, self._backward = False, False
-
-    @property
-    def held(self) -> bool:
-        return self.open
+        self.held, self._backward = False, False
 
     def __contains__(self, key: str) -> bool:
         return key in self.layout.views
@@ -159,7 +155,7 @@ class Arena:
         shape = tuple(int(s) for s in shape)
         assert v.shape == shape and v.dtype == dtype, (
             f"arena view {key!r} was planned as {v.dtype}{list(v.shape)}, the op asks for {dtype}{list(shape)}")
-        assert self.open, "the arena's bytes are released: allocate() first"
+        assert self.held, "the arena's bytes are released: allocate() first"
         self._block(self._region[key])
         alias = self._alias[key]
         self.taken.add(key)

@@ -317,7 +317,7 @@ def test_buffers_saved_across_the_boundary_sit_in_their_layers_held_region(plann
     _, plan = planned(**kwargs)
     fwd_end = plan.timeline.forward[1]
     placed = [b for b in plan.buffers if b.placement == ARENA and b.nbytes]
-    saved = [b for b in placed if b.live_at(fwd_end) and b.live_at(fwd_end + 1)]
+    saved = [b for b in placed if b.crosses(fwd_end)]
     others = [b for b in placed if b not in saved]
     assert saved and others
     regions = {layer: (lo, hi) for layer, lo, hi in plan.held_regions}
@@ -342,7 +342,7 @@ def test_routing_decisions_live_until_their_own_backward(planned):
     fwd_end = plan.timeline.forward[1]
     b = _by_name(plan)
     for name in ("layers_1_mlp_count", "layers_1_mlp_counts_all"):
-        assert b[name].live_at(fwd_end) and b[name].live_at(fwd_end + 1), name
+        assert b[name].crosses(fwd_end), name
 
 
 def test_at_ep_1_a_movements_backward_reads_its_gradient_until_its_one_gather(make_spec):
