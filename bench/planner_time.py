@@ -96,10 +96,54 @@ def warps_sweep(ep, warps, g):
     return out
 
 
+def assign_sweep(ep, g, blks=(256, 512, 1024), warps=(4, 8, 16)):
+    """ms of assign_slots alone and of plan + assign_slots at each (copies per program, num_warps)
+    of the assign kernels (outputs checked equal to the reference)."""
+    E, S, El = 256, 2, 256 // ep
+    counts, idx = zipf_counts(ep, E, 4096 * 8, 1.2, g, "cuda")
+    idx = idx.view(4096, 8)
+    quota = plan_reference(counts, El, S, ep).quota
+    want = assign_slots_reference(idx, counts, quota, 0, El, S)
+    meta, out = planner_triton.assign_meta, {}
+    try:
+        for blk in blks:
+            for w in warps:
+                planner_triton.assign_meta = lambda n, E, qc, blk=blk, w=w: dataclasses.replace(
+                    meta(n, E, qc, blk), num_warps=w)
+                same = torch.equal(assign_slots(idx, counts, quota, 0, El, S), want)
+                out[f"blk={blk},warps={w}"] = (
+                    graph_ms(lambda: assign_slots(idx, counts, quota, 0, El, S)),
+                    graph_ms(lambda: assign_slots(idx, counts, plan(counts, El, S, ep, S, 1).quota, 0, El, S)), same)
+    finally:
+        planner_triton.assign_meta = meta
+    return out
+
+
+def kernel_breakdown(ep, g):
+    """GPU time of each kernel of one plan + assign_slots (profiler, eager, median of 20)."""
+    E, S, El = 256, 2, 256 // ep
+    counts, idx = zipf_counts(ep, E, 4096 * 8, 1.2, g, "cuda")
+    idx = idx.view(4096, 8)
+    for _ in range(3):
+        assign_slots(idx, counts, plan(counts, El, S, ep, S, 1).quota, 0, El, S)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            assign_slots(idx, counts, plan(counts, El, S, ep, S, 1).quota, 0, El, S)
+        torch.cuda.synchronize()
+    times = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            times.setdefault(ev.name[:60], []).append(ev.time_range.elapsed_us() / 1000)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "planner_time.json"))
     ap.add_argument("--warps", default="", help="comma-separated num_warps to time the plan kernel at")
+    ap.add_argument("--variants", action="store_true",
+                    help="also time assign_slots' block and warp sizes, and each kernel (profiler)")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     rows = [measure(ep, g) for ep in (8, 16, 64)]
@@ -110,6 +154,14 @@ def main():
             sweep[ep] = warps_sweep(ep, warps, g)
             print(f"plan kernel at ep {ep}: " + ", ".join(f"{w} warps {ms:.3f} ms{'' if ok else ' DIFFERENT'}"
                                                          for w, (ms, ok) in sweep[ep].items()))
+    variants, breakdown = {}, {}
+    if args.variants:
+        for ep in (8, 16, 64):
+            variants[ep] = assign_sweep(ep, g)
+            for name, (a_ms, b_ms, same) in variants[ep].items():
+                print(f"ep {ep:>3} {name:<18} assign {a_ms:.4f} ms  plan+assign {b_ms:.4f} ms{'' if same else ' DIFFERENT'}")
+            breakdown[ep] = kernel_breakdown(ep, g)
+            print(f"ep {ep:>3} kernels (ms): " + ", ".join(f"{k} {v:.4f}" for k, v in breakdown[ep].items()))
     print(f"{'ep':>4}{'old plan':>10}{'new plan':>10}{'old assign':>12}{'new assign':>12}"
           f"{'old both':>10}{'new both':>10}{'ratio':>8}{'same':>6}{'strag none':>12}{'echo':>7}   (ms per layer, graph)")
     for r in rows:
@@ -122,7 +174,9 @@ def main():
             "date": datetime.date.today().isoformat(), "steps_per_graph": STEPS_PER_GRAPH}
     with open(args.out, "w") as f:
         json.dump({**meta, "rows": rows, "warps_sweep": {str(k): {str(w): v for w, v in d.items()}
-                                                            for k, d in sweep.items()}}, f, indent=2)
+                                                            for k, d in sweep.items()},
+                   "variants": {str(k): v for k, v in variants.items()},
+                   "kernel_ms": {str(k): v for k, v in breakdown.items()}}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ def _bits(n: int) -> int:
 class PlanMeta:
     """Compile-time sizes of one plan: g ranks per domain, el experts per rank, s spare slots,
     offer offered experts per rank (≤ el), qc quota columns; *b padded blocks; lb, fb, nb, rb
-    the index bits of the in-rank, flat hot-order, piece and room sort keys."""
+    the index bits of the in-rank, flat hot-order, piece and room sort keys. The column-sum
+    kernel before the plan: ec experts per program, rch count rows per load, cb quota columns
+    per store, pb spare slots per store."""
     g: int
     el: int
     s: int
@@ -34,14 +36,15 @@ class PlanMeta:
     gb: int
     elb: int
     ob: int
-    sb: int
-    deb: int
-    cb: int
     lb: int
     fb: int
     nb: int
     rb: int
     num_warps: int
+    ec: int = 16
+    rch: int = 16
+    cb: int = 64
+    pb: int = 256
 
 
 def plan_meta(ep: int, E: int, experts_per_rank: int, spares: int, domain_size: int, offer: int,
@@ -52,8 +55,7 @@ def plan_meta(ep: int, E: int, experts_per_rank: int, spares: int, domain_size: 
     gb, elb, ob = _pow2(g), _pow2(el), _pow2(min(offer, el))
     deb = _pow2(g * el)
     return PlanMeta(g=g, el=el, s=spares, offer=min(offer, el), min_rows=max(min_clone_rows, 1),
-                    rounds=rounds, qc=1 + ep * spares, gb=gb, elb=elb, ob=ob, sb=_pow2(spares),
-                    deb=deb, cb=max(1, 4096 // deb), lb=_bits(elb), fb=_bits(deb),
+                    rounds=rounds, qc=1 + ep * spares, gb=gb, elb=elb, ob=ob, lb=_bits(elb), fb=_bits(deb),
                     nb=_bits(gb * ob), rb=_bits(gb),
                     num_warps=16)   # measured fastest at EP 8, 16 and 64 (bench/planner_time.py --warps)
 
@@ -75,9 +77,10 @@ class AssignMeta:
     qsteps: int
     bch: int
     srcb: int
+    num_warps: int = 4      # with blk 512: fastest of blk 256/512/1024 × 4/8/16 warps at EP 8, 16, 64
 
 
-def assign_meta(n: int, E: int, qc: int, blk: int = 1024) -> AssignMeta:
+def assign_meta(n: int, E: int, qc: int, blk: int = 512) -> AssignMeta:
     """The kernels' sizes for n copies over E experts and a quota of qc columns."""
     blk = min(blk, _pow2(n))
     qcb = _pow2(qc)

@@ -52,7 +52,7 @@ def case(i: int, rng: random.Random, small: bool) -> dict:
     domains = [d for d in (1, 2, 4, 8, ep) if ep % d == 0]
     kind = KINDS[i % len(KINDS)]
     tokens = {"tiny": rng.randint(1, 8)}.get(kind, rng.choice([1, 17, 300] if small else [1, 17, 300, 4096]))
-    if i % 16 == 7:  # more copies than one assign_slots block (1024): the cross-block prefix counts
+    if i % 16 == 7:  # more copies than two assign_slots blocks (512 each): the cross-block prefix counts
         tokens = 1100
     return dict(ep=ep, el=el, s=rng.randint(0, 4), domain=rng.choice(domains),
                 offer=rng.randint(1, el + 1), min_rows=rng.randint(1, 5), kind=kind, tokens=tokens)
