@@ -8,8 +8,10 @@ for every train.recompute setting, with and without the arena (backends.buffers)
 runs in its own process (a captured graph's memory pool would otherwise stay allocated): the
 compile's prediction (summary.json's `memory`), then `steps` iterations through
 runtime.cuda_graph.StepRunner (3 eager warm-up steps, one capture, replays), and the peak
-allocated bytes from process start. At world 1 every ZeRO level holds the same bytes (a shard of
-one rank is the whole tensor), so zero is not varied here. ms per iteration: the median replay.
+allocated bytes from process start. At world 1 ZeRO 1 and 2 hold the same bytes as 0 (a shard of
+one rank is the whole tensor); ZeRO 3 adds the gathered layers and runs its collectives (on
+NCCL, inside the graph): a variant `RECOMPUTE:BUFFERS:ZERO` picks a level (default 0).
+ms per iteration: the median replay.
 Prints one table and writes JSON.
 """
 from __future__ import annotations
@@ -27,10 +29,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
-VARIANTS = [(r, b) for b in ("arena", "allocator") for r in ("none", "moe", "full")]
+VARIANTS = [(r, b, "0") for b in ("arena", "allocator") for r in ("none", "moe", "full")]
 
 
-def spec_dict(recompute: str, buffers: str) -> dict:
+def spec_dict(recompute: str, buffers: str, zero: str = "0") -> dict:
     return {
         "model": {"name": "glm5-mini-1gpu", "vocab_size": 32000, "hidden_size": 2048, "num_layers": 4,
                   "first_dense_layers": 1, "dense_intermediate_size": 8192, "dtype": "bfloat16",
@@ -39,7 +41,7 @@ def spec_dict(recompute: str, buffers: str) -> dict:
                   "moe": {"num_experts": 32, "top_k": 8, "expert_intermediate_size": 1024, "shared_experts": 1,
                           "router": {"score_fn": "sigmoid", "routed_scaling_factor": 2.5}}},
         "cluster": {"device": "cuda", "nodes": 1, "gpus_per_node": 1},
-        "parallel": {"ep": 1, "dp": 1},
+        "parallel": {"ep": 1, "dp": 1, "zero": int(zero)},
         "budgets": {"seq_len": 4096, "micro_batch": 1, "received_token_capacity": 1.25},
         "backends": {"dispatch": "torch", "grouped_gemm": "torch", "cuda_graph": "full_iteration",
                      "buffers": buffers},
@@ -47,7 +49,7 @@ def spec_dict(recompute: str, buffers: str) -> dict:
     }
 
 
-def run_one(recompute: str, buffers: str, steps: int) -> dict:
+def run_one(recompute: str, buffers: str, zero: str, steps: int) -> dict:
     """In this process: compile, predict, run `steps` captured iterations, measure."""
     from echoc.compile import compile_build
     from echoc.spec_io import spec_from_dict
@@ -55,7 +57,7 @@ def run_one(recompute: str, buffers: str, steps: int) -> dict:
     from runtime.data import TokenSource, local_rows
     from runtime.trainer import Trainer, init_distributed
 
-    spec = spec_from_dict(spec_dict(recompute, buffers))
+    spec = spec_from_dict(spec_dict(recompute, buffers, zero))
     device = init_distributed(spec)
     build = compile_build(spec)
     mem = build.summary["memory"]
@@ -75,7 +77,7 @@ def run_one(recompute: str, buffers: str, steps: int) -> dict:
     measured = torch.cuda.max_memory_allocated()
     reserved = torch.cuda.max_memory_reserved()
     predicted_fb = max(v for k, v in mem["phases"].items() if k == "loss" or k.startswith("backward"))
-    return {"recompute": recompute, "buffers": buffers, "predicted_bytes": mem["peak_bytes"],
+    return {"recompute": recompute, "buffers": buffers, "zero": int(zero), "predicted_bytes": mem["peak_bytes"],
             "predicted_fwd_bwd_bytes": predicted_fb, "measured_fwd_bwd_bytes": fwd_bwd,
             "fwd_bwd_ratio": fwd_bwd / predicted_fb,
             "predicted_phase": mem["peak_phase"], "predicted_by_category": mem["by_category"],
@@ -113,28 +115,28 @@ def _forward_backward_peak(trainer, source, device) -> int:
 
 def run_all(steps: int, variants=VARIANTS) -> list[dict]:
     rows = []
-    for recompute, buffers in variants:
-        out = Path(f"/tmp/echoc_memory_{recompute}_{buffers}.json")
+    for recompute, buffers, zero in variants:
+        out = Path(f"/tmp/echoc_memory_{recompute}_{buffers}_{zero}.json")
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        proc = subprocess.run([sys.executable, __file__, "--one", recompute, buffers, "--steps", str(steps),
+        proc = subprocess.run([sys.executable, __file__, "--one", recompute, buffers, zero, "--steps", str(steps),
                                "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
-            rows.append({"recompute": recompute, "buffers": buffers, "error": proc.stderr[-1500:]})
+            rows.append({"recompute": recompute, "buffers": buffers, "zero": int(zero), "error": proc.stderr[-1500:]})
             continue
         rows.append(json.loads(out.read_text()))
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    base = {r["buffers"]: r.get("ms_per_iteration") for r in rows if r["recompute"] == "none"}
-    print(f"{'recompute':<10} {'buffers':<10} {'predicted GiB':>14} {'measured GiB':>13} {'measured/pred':>14} "
+    base = {r["buffers"]: r.get("ms_per_iteration") for r in rows if r["recompute"] == "none" and not r["zero"]}
+    print(f"{'recompute':<10} {'buffers':<10} {'zero':>4} {'predicted GiB':>14} {'measured GiB':>13} {'measured/pred':>14} "
           f"{'reserved':>9} {'ms/iter':>8} {'vs none':>8} {'fwd+bwd pred':>13} {'fwd+bwd meas':>13} {'ratio':>6}  peak phase")
     for r in rows:
         if "error" in r:
-            print(f"{r['recompute']:<10} {r['buffers']:<10} error: {r['error'].splitlines()[-1:]}")
+            print(f"{r['recompute']:<10} {r['buffers']:<10} {r['zero']:>4} error: {r['error'].splitlines()[-1:]}")
             continue
         ref = base.get(r["buffers"])
-        print(f"{r['recompute']:<10} {r['buffers']:<10} {r['predicted_bytes'] / GIB:>14.2f} "
+        print(f"{r['recompute']:<10} {r['buffers']:<10} {r['zero']:>4} {r['predicted_bytes'] / GIB:>14.2f} "
               f"{r['measured_bytes'] / GIB:>13.2f} {r['ratio']:>14.3f} {r.get('reserved_bytes', 0) / GIB:>9.2f} "
               f"{r['ms_per_iteration']:>8.2f} "
               f"{r['ms_per_iteration'] / ref if ref else float('nan'):>8.3f} "
@@ -146,13 +148,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
-    ap.add_argument("--one", nargs=2, metavar=("RECOMPUTE", "BUFFERS"))
-    ap.add_argument("--variants", default="", help="e.g. none:arena,none:allocator (default: all six)")
+    ap.add_argument("--one", nargs=3, metavar=("RECOMPUTE", "BUFFERS", "ZERO"))
+    ap.add_argument("--variants", default="", help="e.g. none:arena,none:allocator,none:arena:3 (default: the six "
+                                                    "recompute × buffers at zero 0)")
     args = ap.parse_args()
     if args.one:
         Path(args.out).write_text(json.dumps(run_one(*args.one, args.steps)))
         return
-    rows = run_all(args.steps, [tuple(v.split(":")) for v in args.variants.split(",")] if args.variants
+    rows = run_all(args.steps, [tuple((v + ":0").split(":")[:3]) for v in args.variants.split(",")] if args.variants
                    else VARIANTS)
     print_table(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -162,6 +162,6 @@ def arena_layout_from_json(plan: dict) -> ArenaLayout:
                 assert key not in views, f"arena key {key!r} planned twice"
                 views[key] = View(b["offset"] + p["offset_bytes"], tuple(p["shape"]), dtype)
     totals = plan["totals"]
-    bounds = tuple(r["lo"] for r in totals.get("held_regions", [])) + (totals.get("held_bytes", 0),)
     regions = totals.get("held_regions", [])
-    return ArenaLayout(totals["arena_bytes"], views, bounds, bool(regions) and regions[0]["layer"] is None)
+    bounds = tuple(r["lo"] for r in regions) + (totals.get("held_bytes", 0),)
+    return ArenaLayout(totals["arena_bytes"], views, bounds, tuple(r["layer"] for r in regions))

@@ -1,7 +1,8 @@
 """One memory model for the whole rank: what one rank holds at each phase of an iteration.
 
     static        weights, fp32 master weights, AdamW moments (by parallel.zero)
-    (arena)       + the MoE arena: each layer's saved region from its forward to its backward,
+    (arena)       + the MoE arena: each layer's saved regions from its forward to its backward
+                    (under recompute only its routing decisions' region through the loss),
                     the transient region during each pass (given back around the loss)
     forward end   + every layer's kept activations (after train.recompute) + logits and loss
                     (the logits are dropped before backward)
@@ -189,16 +190,28 @@ def layer_activations(spec: Spec, census: LayerCensus, plan: MemoryPlan, policy:
 @dataclass(frozen=True)
 class MoEBuffers:
     """The MoE buffers beyond what layer_activations counts: the arena's regions when the runtime
-    uses one (each layer's saved region, held from its forward to its backward; the transient
-    region, held during each pass), and the peak of those the allocator provides (exchange
-    buffers, GEMM products)."""
+    uses one (each layer's saved regions, held from its forward to its backward; under recompute
+    only its routing decisions' region through the loss, the rest taken again by the recomputing
+    backward; the transient region, held during each pass), and the peak of those the allocator
+    provides (exchange buffers, GEMM products)."""
     held: dict[int | None, int] = field(default_factory=dict)   # layer (None: no layer) → bytes
+    kept: dict[int | None, int] = field(default_factory=dict)   # layer → its routing decisions' bytes
     transient_region: int = 0
     allocator_transient: int = 0
 
-    def held_through(self, layer: int) -> int:
-        """Saved regions still held in `layer`'s backward: its own, earlier layers', and shared."""
-        return sum(v for k, v in self.held.items() if k is None or k <= layer)
+    def _between(self, layer: int | None, recomputed: bool) -> int:
+        """What `layer`'s regions hold between its forward and its backward."""
+        return self.kept.get(layer, 0) if recomputed and layer is not None else self.held[layer]
+
+    def through_loss(self, recomputed: bool) -> int:
+        """Saved regions held while the loss runs."""
+        return sum(self._between(k, recomputed) for k in self.held)
+
+    def held_through(self, layer: int, recomputed: bool) -> int:
+        """Saved regions held in `layer`'s backward: all of its own, earlier layers' (what they
+        hold between forward and backward), and the shared one."""
+        return sum(self.held[k] if k == layer else self._between(k, recomputed)
+                   for k in self.held if k is None or k <= layer)
 
 
 def moe_buffer_bytes(spec: Spec, plan: MemoryPlan) -> MoEBuffers:
@@ -206,8 +219,12 @@ def moe_buffer_bytes(spec: Spec, plan: MemoryPlan) -> MoEBuffers:
         return MoEBuffers()
     if spec.backends.uses_arena:
         saved = sum(_moe_saved(plan, (ALLOCATOR,)).values())
-        held = {layer: hi - lo for layer, lo, hi in plan.held_regions}
-        return MoEBuffers(held, plan.arena_bytes - plan.held_bytes,
+        held, kept = {}, {}
+        for r in plan.held_regions:
+            held[r.layer] = held.get(r.layer, 0) + r.hi - r.lo
+            if r.kept:
+                kept[r.layer] = kept.get(r.layer, 0) + r.hi - r.lo
+        return MoEBuffers(held, kept, plan.arena_bytes - plan.held_bytes,
                           max(0, plan.allocator_lower_bound_bytes - saved))
     return MoEBuffers(allocator_transient=max(0, plan.total_lower_bound_bytes
                                               - sum(_moe_saved(plan, ("arena", ALLOCATOR)).values())))
@@ -224,20 +241,20 @@ def head_bytes(spec: Spec, census: LayerCensus) -> dict[str, int]:
 
 
 def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: dict, grads: dict,
-            head: dict, moe: MoEBuffers) -> dict[str, dict[str, int]]:
-    """Every phase's bytes by category."""
+            head: dict, moe: MoEBuffers, recomputed: bool) -> dict[str, dict[str, int]]:
+    """Every phase's bytes by category (`recomputed`: the MoE layers are recomputed in backward)."""
     b = spec.model.dtype_bytes
     z3 = zero_level(spec) == 3
     gathered = 2 * b * max(p.layers, default=0) if z3 else 0
     kept = sum(a.kept for a in acts)
-    phases = {"loss": dict(static, moe_arena=sum(moe.held.values()), activations=kept, gathered_weights=gathered,
+    phases = {"loss": dict(static, moe_arena=moe.through_loss(recomputed), activations=kept, gathered_weights=gathered,
                            **head)}
     share = grads["model_grads"] / max(1, p.dense + p.expert)    # gradient bytes per local parameter
     done = p.outside_layers
     for layer in reversed(range(len(acts))):
         a = acts[layer]
         phases[f"backward layer {layer}"] = dict(
-            static, moe_arena=moe.held_through(layer) + moe.transient_region,
+            static, moe_arena=moe.held_through(layer, recomputed) + moe.transient_region,
             activations=sum(x.kept for x in acts[:layer + 1]) + a.working, moe_transient=moe.allocator_transient,
             gathered_weights=gathered, model_grads=int(share * (done + p.layers[layer])))
         done += p.layers[layer]
@@ -252,7 +269,8 @@ def predict(spec: Spec, p: ParamGroups, census: LayerCensus, plan: MemoryPlan, p
     """The predicted peak of one rank under recompute `policy` (one of POLICIES)."""
     assert policy in POLICIES, policy
     phases = _phases(spec, p, layer_activations(spec, census, plan, policy), static_bytes(spec, p),
-                     gradient_bytes(spec, p), head_bytes(spec, census), moe_buffer_bytes(spec, plan))
+                     gradient_bytes(spec, p), head_bytes(spec, census), moe_buffer_bytes(spec, plan),
+                     policy != "none")
     totals = {name: sum(c.values()) for name, c in phases.items()}
     worst = max(totals, key=totals.get)
     budget = spec.budgets.memory_gib

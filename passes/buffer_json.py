@@ -21,7 +21,7 @@ def plan_to_json(plan: MemoryPlan) -> dict:
     out["totals"] = {"buffers": len(plan.buffers), "arena_buffers": placed,
                      "allocator_buffers": len(plan.buffers) - placed, "arena_bytes": plan.arena_bytes,
                      "held_bytes": plan.held_bytes,
-                     "held_regions": [{"layer": layer, "lo": lo, "hi": hi} for layer, lo, hi in plan.held_regions],
+                     "held_regions": [r._asdict() for r in plan.held_regions],
                      "lower_bound_bytes": plan.lower_bound_bytes, "naive_bytes": plan.naive_bytes,
                      "arena_over_lower_bound": round(plan.arena_bytes / max(plan.lower_bound_bytes, 1), 4),
                      "allocator_lower_bound_bytes": plan.allocator_lower_bound_bytes,
@@ -35,6 +35,8 @@ def plan_to_json(plan: MemoryPlan) -> dict:
 def _buffer_json(b: Buffer) -> dict:
     d = {"name": b.name, "layer": b.layer, "role": b.role, "shape": list(b.shape), "dtype": b.dtype,
          "bytes": b.nbytes, "lifetime": [b.first, b.last], "placement": b.placement, "offset": b.offset}
+    if b.kept:
+        d["kept"] = True
     if b.keys and list(b.keys) != [b.name]:
         d["keys"] = list(b.keys)
     if len(b.live) > 1:
@@ -57,5 +59,5 @@ def arena_layout(plan: MemoryPlan) -> ArenaLayout:
             for key in p.keys:
                 assert key not in views, f"arena key {key!r} planned twice"
                 views[key] = View(b.offset + p.offset_bytes, p.shape, dt)
-    return ArenaLayout(plan.arena_bytes, views, tuple(lo for _, lo, _ in plan.held_regions) + (plan.held_bytes,),
-                       bool(plan.held_regions) and plan.held_regions[0][0] is None)
+    return ArenaLayout(plan.arena_bytes, views, tuple(r.lo for r in plan.held_regions) + (plan.held_bytes,),
+                       tuple(r.layer for r in plan.held_regions))

@@ -75,11 +75,13 @@ class _Collector:
         """First sub-step of the node's backward (the mirror of the forward)."""
         return SUB_STEPS * (2 * self.n - 1 - self.step[node])
 
-    def add(self, name, layer, role, shape, dt, live: list[Span], placement: str = ARENA, key: str | None = None):
+    def add(self, name, layer, role, shape, dt, live: list[Span], placement: str = ARENA, key: str | None = None,
+            kept: bool = False):
         """One buffer; an ARENA buffer is looked up at run time by `key` (default: its name)."""
         keys = (key or name,) if placement == ARENA else ()
         self.buffers.append(Buffer(name, layer, role, tuple(int(s) for s in shape), dtype_name(dt),
-                                   nbytes_of(shape, dt), tuple(sorted(live)), placement=placement, keys=keys))
+                                   nbytes_of(shape, dt), tuple(sorted(live)), placement=placement, keys=keys,
+                                   kept=kept))
 
     def timeline(self) -> Timeline:
         m = SUB_STEPS * self.n
@@ -137,13 +139,14 @@ def _value(col: _Collector, op: Node, val: Node, tm, role: str, placement: str, 
             last = col.end
         elif _saves(u, val):
             last = max(last, col.bwd(u) + LAST_SUB)
-    if contracts.of(op.target) in ROUTING_CONTRACTS:
+    kept = contracts.of(op.target) in ROUTING_CONTRACTS
+    if kept:
         # a recomputed region keeps the routing decisions from its forward and replays them in
         # its backward (runtime/recompute.py): live until the op's own backward step, whatever
         # train.recompute resolves to (the plan is made before `auto` picks a policy)
         last = max(last, col.bwd(op) + LAST_SUB)
     first = col.fwd(op) + (GATHER_SUB if _moves(op) else 0)
-    col.add(val.name, moe_layer(op), role, tm.shape, tm.dtype, [(first, last)], placement, key)
+    col.add(val.name, moe_layer(op), role, tm.shape, tm.dtype, [(first, last)], placement, key, kept)
     grad_users = [u for u in users if _differentiates(u, val)]
     if tm.dtype.is_floating_point and grad_users:
         _gradient(col, op, val, tm, role, grad_users)

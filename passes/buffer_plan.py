@@ -12,7 +12,8 @@ rank. The `sync` backend's shapes depend on the data: not planned.
 
 Placement: ARENA buffers are written by the op itself into views of one arena per rank
 (runtime/arena.py), looked up by their contract keys, in regions: the buffers saved across the
-forward/backward boundary, one region per layer, then the rest (freed around the loss).
+forward/backward boundary, two regions per layer (its routing decisions, the rest), then the
+transient buffers (freed around the loss).
 ALLOCATOR buffers come out of kernels without an output argument (grouped_mm's products, the
 graph's torch.stack outputs): listed and bounded, not placed.
 
@@ -32,7 +33,7 @@ from passes.buffer_alloc import allocate, arena_bytes, interference_graph, inter
 from passes.buffer_json import arena_layout, plan_to_json
 from passes.buffer_lifetimes import collect, has_moe_layers
 from passes.manager import PassResult
-from passes.memory_plan import ALIGN_BYTES, ALLOCATOR, ARENA, Buffer, MemoryPlan, aligned
+from passes.memory_plan import ALIGN_BYTES, ALLOCATOR, ARENA, Buffer, HeldRegion, MemoryPlan, aligned
 
 __all__ = ["run", "plan_buffers", "plan_to_json", "arena_layout", "MemoryPlan"]
 
@@ -44,26 +45,27 @@ def _note(spec: Spec) -> str:
             f"buffer shapes (equal [ep·C] chunks, {spec.experts_per_rank} home + {spares} spare slots)")
 
 
-def _place_in_regions(placed: list[Buffer], timeline) -> list[tuple[int | None, int, int]]:
+def _place_in_regions(placed: list[Buffer], timeline) -> list[HeldRegion]:
     """Offsets. Buffers live across the forward/backward boundary (saved for backward) come
-    first, one region per layer (buffers of no layer first), so that each region can be freed
-    once its layer's backward no longer holds it; the others above them, one transient region
-    the runtime frees between forward and backward, where the loss's working set peaks.
-    Returns the held regions [(layer, lo, hi)]."""
+    first, in held regions: buffers of no layer first, then per layer its kept routing decisions
+    and its other saved buffers, so that each region can be freed once its layer's backward no
+    longer holds it, and a recomputed layer holds only its routing decisions through the loss.
+    The others above them, one transient region the runtime frees between forward and backward,
+    where the loss's working set peaks."""
     fwd_end = timeline.forward[1]
-    by_layer: dict[int | None, list[Buffer]] = {}
+    groups: dict[tuple[int | None, bool], list[Buffer]] = {}
     for b in placed:
         if b.crosses(fwd_end):
-            by_layer.setdefault(b.layer, []).append(b)
+            groups.setdefault((b.layer, b.kept), []).append(b)
     rest = [b for b in placed if not b.crosses(fwd_end)]
     regions, at = [], 0
-    for layer in sorted(by_layer, key=lambda k: -1 if k is None else k):
-        group = by_layer[layer]
+    for layer, kept in sorted(groups, key=lambda k: (-1 if k[0] is None else k[0], not k[1])):
+        group = groups[layer, kept]
         allocate(group)
         for b in group:
             b.offset += at
-        regions.append((layer, at, max(at, arena_bytes(group))))
-        at = regions[-1][2]
+        regions.append(HeldRegion(layer, at, max(at, arena_bytes(group)), kept))
+        at = regions[-1].hi
     allocate(rest)
     for b in rest:
         b.offset += at
@@ -73,7 +75,7 @@ def _place_in_regions(placed: list[Buffer], timeline) -> list[tuple[int | None, 
 def _placed_plan(spec: Spec, buffers: list[Buffer], timeline) -> MemoryPlan:
     placed = [b for b in buffers if b.placement == ARENA]
     regions = _place_in_regions(placed, timeline)
-    held_bytes = regions[-1][2] if regions else 0
+    held_bytes = regions[-1].hi if regions else 0
     g = interference_graph(placed)
     lb, peak = lower_bound(placed)
     return MemoryPlan(

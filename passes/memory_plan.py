@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -52,6 +53,8 @@ class Buffer:
     placement: str = ARENA     # ARENA: the op writes into its planned view; ALLOCATOR: a kernel without
                                # an output argument (grouped_mm, torch.stack) allocates it itself
     keys: tuple[str, ...] = () # the keys ops ask the runtime arena for (runtime/arena.py)
+    kept: bool = False         # a routing decision: a recomputed region keeps it from its forward
+                               # into its backward (the rest of its layer's saved buffers it drops)
 
     @property
     def first(self) -> int:
@@ -93,6 +96,17 @@ class Timeline:
     layers: list[dict] = field(default_factory=list)   # {layer, forward, backward} at the dispatch
 
 
+class HeldRegion(NamedTuple):
+    """One block of the arena's held part: buffers of `layer` (None: of no layer) saved across
+    the forward/backward boundary, at [lo, hi). `kept`: the layer's routing decisions, which a
+    recomputed region keeps through the loss; the layer's other saved buffers are a region of
+    their own, which a recomputed region gives back after its forward."""
+    layer: int | None
+    lo: int
+    hi: int
+    kept: bool = False
+
+
 @dataclass
 class MemoryPlan:
     """The MoE buffers of one rank over one iteration, and their places in the arena."""
@@ -106,8 +120,8 @@ class MemoryPlan:
     buffers: list[Buffer] = field(default_factory=list)
     arena_bytes: int = 0
     held_bytes: int = 0    # below: buffers live across the forward/backward boundary (saved for
-                           # backward), one region per layer; above: the transient block
-    held_regions: list[tuple[int | None, int, int]] = field(default_factory=list)  # (layer, lo, hi)
+                           # backward), two regions per layer; above: the transient block
+    held_regions: list[HeldRegion] = field(default_factory=list)
     naive_bytes: int = 0
     lower_bound_bytes: int = 0
     peak_step: int = 0

@@ -45,12 +45,14 @@ class View:
 class ArenaLayout:
     """What the runtime needs of a buffer plan: the arena size, where each key lives, and its
     regions. `bounds` (0, …, held_bytes): the held regions [bounds[i], bounds[i+1]) hold
-    buffers saved across the forward/backward boundary (one region per layer); above
-    held_bytes the transient region holds buffers that live within one pass. None: one region."""
+    buffers saved across the forward/backward boundary (a layer's routing decisions, its
+    other saved buffers); above held_bytes the transient region holds buffers that live within
+    one pass. None: one region. `layers`: the layer of each held region (None: of no layer,
+    kept until release); left None, each held region is a layer of its own."""
     nbytes: int
     views: dict[str, View] = field(default_factory=dict)
     bounds: tuple[int, ...] | None = None
-    shared_first: bool = False      # region 0 holds buffers of no layer (kept until release)
+    layers: tuple[int | None, ...] | None = None
 
     @property
     def edges(self) -> tuple[int, ...]:
@@ -68,9 +70,10 @@ class Arena:
     the arena then forgets every block no view uses, so the transient block goes back to the
     allocator (the loss's working set reuses it); the layers' blocks that autograd's saved views
     (or, under recompute, the kept routing decisions) still use stay. In backward, moving to
-    another layer's region forgets the last one's, so each lives as long as its views, and backward
-    takes a fresh transient block. `release` closes the arena after backward. Inside a captured CUDA
-    graph every block comes from the graph's pool, at the same address in every replay."""
+    another layer's regions forgets the last layer's, so each lives as long as its views, and
+    backward takes a fresh transient block. `release` closes the arena after backward. Inside a
+    captured CUDA graph every block comes from the graph's pool, at the same address in every
+    replay."""
 
     def __init__(self, layout: ArenaLayout, device: torch.device, allocate: bool = True):
         self.layout, self.device = layout, device
@@ -84,7 +87,7 @@ class Arena:
         self.blocks: dict[int, Tensor] = {}
         self._alias: dict[str, Tensor] = {}
         self.taken: set[str] = set()
-        self.held, self._backward, self._layer_region = False, False, None   # held: open for ops
+        self.held, self._backward, self._layer = False, False, None   # held: open for ops
         probe = torch.empty(1, dtype=torch.uint8)
         self._unused_owners = _owners(torch.from_dlpack(probe[0:1]))
         if allocate:
@@ -92,12 +95,13 @@ class Arena:
 
     def _block(self, k: int) -> Tensor:
         """Region k's bytes, allocated on first use, with an alias per view inside. In backward,
-        moving to another layer's region lets go of the last one's (its backward is over)."""
-        last = self._layer_region
-        if self._backward and self._per_layer(k) and last is not None and k != last and last in self.blocks:
-            self._drop(last)
-        if self._per_layer(k):
-            self._layer_region = k
+        moving to another layer's region lets go of the last layer's (its backward is over)."""
+        layer = self._layer_of(k)
+        if layer is not None:
+            if self._backward and self._layer is not None and layer != self._layer:
+                for j in [j for j in self.blocks if self._layer_of(j) == self._layer]:
+                    self._drop(j)
+            self._layer = layer
         if k not in self.blocks:
             lo, hi = self.layout.edges[k], self.layout.edges[k + 1]
             block = self.blocks[k] = torch.empty(hi - lo, dtype=torch.uint8, device=self.device)
@@ -118,20 +122,21 @@ class Arena:
         more owners than an unused alias)."""
         return any(self._region[key] == k and _owners(a) > self._unused_owners for key, a in self._alias.items())
 
-    def _per_layer(self, k: int) -> bool:
-        """Region k holds one layer's saved buffers (not the shared region, not the transient one)."""
-        if self.layout.bounds is None:
-            return False
-        return k < len(self.layout.bounds) - 1 and not (k == 0 and self.layout.shared_first)
+    def _layer_of(self, k: int) -> int | None:
+        """The layer whose saved buffers region k holds; None for the shared and transient regions."""
+        bounds, layers = self.layout.bounds, self.layout.layers
+        if bounds is None or k >= len(bounds) - 1:
+            return None
+        return k if layers is None else layers[k]
 
     def allocate(self) -> None:
         """Open the arena for a forward: ops may take views (each block allocated on first use)."""
-        self.held, self._backward, self._layer_region = True, False, None
+        self.held, self._backward, self._layer = True, False, None
 
     def end_forward(self, recomputing: bool = False) -> None:
         """Between forward and backward: forget every block no view uses any more (the transient
-        one; under recompute the layers' regions nothing of which is kept), so the loss reuses
-        their bytes. Without recompute the blocks autograd's saved views use are forgotten too:
+        one; under recompute each layer's region of saved buffers other than its routing
+        decisions), so the loss reuses their bytes. Without recompute the blocks autograd's saved views use are forgotten too:
         they live exactly as long as those views, freed as backward passes each layer.
         `recomputing` (the graph has Recompute regions): those blocks are kept instead, and a
         recomputing backward writes into the same bytes (the plan keeps the live views and the

@@ -311,21 +311,24 @@ def test_graph_listing_filters_by_layer_and_op():
 @pytest.mark.parametrize("kwargs", [{}, dict(recompute=True)])
 def test_buffers_saved_across_the_boundary_sit_in_their_layers_held_region(planned, kwargs):
     """Below held_bytes: exactly the arena buffers live at the last forward step and the first
-    backward step, each inside the held region of its own layer (regions in layer order, back
-    to back); every other arena buffer sits above, in the transient region the runtime gives
-    back while the loss runs. No two interfering buffers overlap."""
+    backward step, each inside the held region of its own layer and kind (per layer its routing
+    decisions, then its other saved buffers; regions in layer order, back to back); every other
+    arena buffer sits above, in the transient region the runtime gives back while the loss
+    runs. No two interfering buffers overlap."""
     _, plan = planned(**kwargs)
     fwd_end = plan.timeline.forward[1]
     placed = [b for b in plan.buffers if b.placement == ARENA and b.nbytes]
     saved = [b for b in placed if b.crosses(fwd_end)]
     others = [b for b in placed if b not in saved]
     assert saved and others
-    regions = {layer: (lo, hi) for layer, lo, hi in plan.held_regions}
+    regions = {(r.layer, r.kept): (r.lo, r.hi) for r in plan.held_regions}
     assert len(regions) == len(plan.held_regions) > 1
-    assert [lo for _, lo, _ in plan.held_regions] == [0] + [hi for _, _, hi in plan.held_regions[:-1]]
-    assert plan.held_regions[-1][2] == plan.held_bytes < plan.arena_bytes
+    assert [r.lo for r in plan.held_regions] == [0] + [r.hi for r in plan.held_regions[:-1]]
+    assert [(r.layer, not r.kept) for r in plan.held_regions] == sorted((r.layer, not r.kept) for r in plan.held_regions)
+    assert plan.held_regions[-1].hi == plan.held_bytes < plan.arena_bytes
+    assert any(r.kept for r in plan.held_regions) and any(not r.kept for r in plan.held_regions)
     for b in saved:
-        lo, hi = regions[b.layer]
+        lo, hi = regions[b.layer, b.kept]
         assert lo <= b.offset and b.offset + b.nbytes <= hi, b.name
     assert all(b.offset >= plan.held_bytes for b in others)
     for i, a in enumerate(placed):
@@ -342,7 +345,7 @@ def test_routing_decisions_live_until_their_own_backward(planned):
     fwd_end = plan.timeline.forward[1]
     b = _by_name(plan)
     for name in ("layers_1_mlp_count", "layers_1_mlp_counts_all"):
-        assert b[name].crosses(fwd_end), name
+        assert b[name].crosses(fwd_end) and b[name].kept, name
 
 
 def test_at_ep_1_a_movements_backward_reads_its_gradient_until_its_one_gather(make_spec):

@@ -153,6 +153,31 @@ def test_each_region_is_a_block_taken_on_demand_and_blocks_no_view_uses_are_give
     assert not ar.blocks and not ar.held
 
 
+def test_a_layers_two_regions_live_together_and_recompute_keeps_only_its_routing_decisions():
+    """Per layer a region of routing decisions (kept by a recomputed region through the loss) and
+    one of its other saved buffers: end_forward before a recomputing backward gives back the
+    second (nothing uses it), keeps the first; in backward a layer's two regions coexist, and
+    moving to another layer forgets both."""
+    layout = ArenaLayout(4096, {"d1": View(0, (16,), torch.int64), "s1": View(512, (64,), torch.float32),
+                                "d0": View(1024, (16,), torch.int64), "s0": View(1536, (64,), torch.float32),
+                                "tmp": View(3072, (16,), torch.float32)},
+                         bounds=(0, 512, 1024, 1536, 2048), layers=(1, 1, 0, 0))
+    ar = Arena(layout, torch.device("cpu"))
+    kept = {k: ar.take(k, v.shape, v.dtype).fill_(7) for k, v in layout.views.items() if k.startswith("d")}
+    for k in ("s0", "s1", "tmp"):
+        ar.take(k, layout.views[k].shape, layout.views[k].dtype)
+    assert set(ar.blocks) == {0, 1, 2, 3, 4}
+    ar.end_forward(recomputing=True)
+    assert set(ar.blocks) == {0, 2}                                # the routing decisions only
+    ar.take("s1", (64,), torch.float32)                            # layer 1 recomputes: a fresh block
+    assert set(ar.blocks) == {0, 1, 2}
+    ar.take("d1", (16,), torch.int64)                              # the same layer: nothing forgotten
+    assert set(ar.blocks) == {0, 1, 2}
+    ar.take("s0", (64,), torch.float32)                            # on to layer 0: layer 1's both go
+    assert set(ar.blocks) == {2, 3}
+    assert all(torch.equal(t, torch.full((16,), 7)) for t in kept.values())
+
+
 def test_a_view_may_not_straddle_two_regions():
     with pytest.raises(AssertionError):
         Arena(ArenaLayout(2048, {"x": View(512, (256,), torch.float32)}, bounds=(0, 1024)), torch.device("cpu"))
