@@ -1,6 +1,6 @@
 """The memory model against the GPU: predicted peak per rank vs torch.cuda.max_memory_allocated.
 
-    python bench/memory.py [--steps 6] [--out bench/results/memory.json]
+    python bench/memory.py [--steps 6] [--out bench/results/memory.json] [--cap 1.02]
 
 One GPU, a glm5-mini-shaped model (MLA, hidden 2048, 4 layers of which 1 dense, 32 experts
 top-8, expert FFN 1024, one shared expert, vocab 32 000, 4096 tokens, bf16, capacity 1.25),
@@ -11,7 +11,10 @@ runtime.cuda_graph.StepRunner (3 eager warm-up steps, one capture, replays), and
 allocated bytes from process start. At world 1 ZeRO 1 and 2 hold the same bytes as 0 (a shard of
 one rank is the whole tensor); ZeRO 3 adds the gathered layers and runs its collectives (on
 NCCL, inside the graph): a variant `RECOMPUTE:BUFFERS:ZERO` picks a level (default 0).
-ms per iteration: the median replay.
+ms per iteration: the median replay. --cap R: the caching allocator may hold at most R × the
+predicted peak (torch.cuda.set_per_process_memory_fraction), so a variant that runs proves the
+prediction is enough memory for the run, fragmentation included; one that needs more fails with
+an out-of-memory error row.
 Prints one table and writes JSON.
 """
 from __future__ import annotations
@@ -26,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from runtime.launch import worker_env_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -49,7 +54,7 @@ def spec_dict(recompute: str, buffers: str, zero: str = "0") -> dict:
     }
 
 
-def run_one(recompute: str, buffers: str, zero: str, steps: int) -> dict:
+def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: float = 0.0) -> dict:
     """In this process: compile, predict, run `steps` captured iterations, measure."""
     from echoc.compile import compile_build
     from echoc.spec_io import spec_from_dict
@@ -61,12 +66,15 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int) -> dict:
     device = init_distributed(spec)
     build = compile_build(spec)
     mem = build.summary["memory"]
+    if cap:
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, cap * mem["peak_bytes"] / torch.cuda.get_device_properties(device).total_memory), device)
     trainer = Trainer(build.program, device)
     source = TokenSource("synthetic", spec.model.vocab_size, spec.budgets.seq_len, 0)
     fwd_bwd = _forward_backward_peak(trainer, source, device)
     torch.cuda.reset_peak_memory_stats()
     runner = StepRunner(trainer, graph=True)
-    times = []
+    times, reserved_by_step = [], []
     for step in range(steps):
         tokens, labels = (x.to(device) for x in local_rows(source.global_batch(step, 1), 0, 1))
         trainer.set_lr(step)
@@ -74,15 +82,20 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int) -> dict:
         runner.run(tokens, labels)
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
+        reserved_by_step.append([torch.cuda.max_memory_reserved(), torch.cuda.memory_reserved(),
+                                 torch.cuda.memory_allocated()])
     measured = torch.cuda.max_memory_allocated()
     reserved = torch.cuda.max_memory_reserved()
     predicted_fb = max(v for k, v in mem["phases"].items() if k == "loss" or k.startswith("backward"))
     return {"recompute": recompute, "buffers": buffers, "zero": int(zero), "predicted_bytes": mem["peak_bytes"],
+            "needs_bytes": mem["needs_bytes"],
             "predicted_fwd_bwd_bytes": predicted_fb, "measured_fwd_bwd_bytes": fwd_bwd,
             "fwd_bwd_ratio": fwd_bwd / predicted_fb,
             "predicted_phase": mem["peak_phase"], "predicted_by_category": mem["by_category"],
             "predicted_phases": mem["phases"], "measured_bytes": measured, "reserved_bytes": reserved,
             "ratio": measured / mem["peak_bytes"], "ms_per_iteration": statistics.median(times[4:] or times),
+            "reserved_by_step": reserved_by_step,
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "cap": cap,
             "device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
 
@@ -113,12 +126,14 @@ def _forward_backward_peak(trainer, source, device) -> int:
     return peak
 
 
-def run_all(steps: int, variants=VARIANTS) -> list[dict]:
+def run_all(steps: int, variants=VARIANTS, cap: float = 0.0) -> list[dict]:
     rows = []
     for recompute, buffers, zero in variants:
         out = Path(f"/tmp/echoc_memory_{recompute}_{buffers}_{zero}.json")
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        worker_env_defaults(env, 1)            # as `echoc run`: expandable segments unless set
         proc = subprocess.run([sys.executable, __file__, "--one", recompute, buffers, zero, "--steps", str(steps),
+                               "--cap", str(cap),
                                "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             rows.append({"recompute": recompute, "buffers": buffers, "zero": int(zero), "error": proc.stderr[-1500:]})
@@ -147,16 +162,17 @@ def print_table(rows: list[dict]) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--cap", type=float, default=0.0, help="allocator limit as a multiple of the predicted peak")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
     ap.add_argument("--one", nargs=3, metavar=("RECOMPUTE", "BUFFERS", "ZERO"))
     ap.add_argument("--variants", default="", help="e.g. none:arena,none:allocator,none:arena:3 (default: the six "
                                                     "recompute × buffers at zero 0)")
     args = ap.parse_args()
     if args.one:
-        Path(args.out).write_text(json.dumps(run_one(*args.one, args.steps)))
+        Path(args.out).write_text(json.dumps(run_one(*args.one, args.steps, args.cap)))
         return
     rows = run_all(args.steps, [tuple((v + ":0").split(":")[:3]) for v in args.variants.split(",")] if args.variants
-                   else VARIANTS)
+                   else VARIANTS, args.cap)
     print_table(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "variants": rows}, indent=1))

@@ -1,6 +1,8 @@
-"""The plan against the GPU it runs on: before the first step every rank compares the compile's
-predicted peak with the memory its device has free (other processes may hold some), and a
-CUDA out-of-memory error during the run becomes one line that says what the plan needed.
+"""The plan against the GPU it runs on: before the first step every rank compares what the
+compile says the run needs (the predicted peak and the allocator's headroom on it,
+memory_model.ALLOCATOR_HEADROOM) with the memory its device has free (other processes may hold
+some), and a CUDA out-of-memory error during the run becomes one line that says what the plan
+needed.
 
 Both are errors a user can act on (free the GPU, or lower the plan's memory), so they are
 EchocErrors: one line, exit 2, no traceback. Every rank checks its own device; the ranks agree
@@ -29,25 +31,28 @@ class DeviceMemory:
     total: int
 
 
-def shortfall(predicted: int, dev: DeviceMemory, phase: str) -> str | None:
-    """Why a plan whose peak is `predicted` bytes cannot run on `dev` (None: it can)."""
-    if predicted <= dev.free:
+def shortfall(predicted: int, needs: int, dev: DeviceMemory, phase: str) -> str | None:
+    """Why a plan whose peak is `predicted` bytes and that needs `needs` bytes of the allocator
+    cannot run on `dev` (None: it can)."""
+    if needs <= dev.free:
         return None
     held = dev.total - dev.free
-    return (f"rank {dev.rank}: the plan's predicted peak is {format_size(predicted)} (at {phase}) but {dev.device} "
+    return (f"rank {dev.rank}: the plan needs {format_size(needs)} (a predicted peak of {format_size(predicted)} "
+            f"at {phase}, and the allocator's headroom on it) but {dev.device} "
             f"has {format_size(dev.free)} free of {format_size(dev.total)} ({format_size(held)} held by other "
             f"processes or this one's CUDA context); free the GPU, or lower the plan's memory: "
             + ", ".join(HELPFUL_FIELDS) + ", budgets.memory_gib to check it at compile time")
 
 
 def check_fits(memory: dict, device: torch.device) -> DeviceMemory | None:
-    """On CUDA: raise DeviceMemoryError on every rank when the predicted peak (summary.json's
+    """On CUDA: raise DeviceMemoryError on every rank when what the plan needs (summary.json's
     `memory`) exceeds some rank's free device memory. Returns this rank's reading (None on CPU)."""
     if device.type != "cuda":
         return None
     free, total = torch.cuda.mem_get_info(device)
     dev = DeviceMemory(dist.get_rank() if dist.is_initialized() else 0, f"cuda:{device.index}", free, total)
-    why = shortfall(int(memory["peak_bytes"]), dev, memory.get("peak_phase", "?"))
+    peak = int(memory["peak_bytes"])
+    why = shortfall(peak, int(memory.get("needs_bytes", peak)), dev, memory.get("peak_phase", "?"))
     short = torch.tensor([0.0 if why is None else 1.0], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(short, op=dist.ReduceOp.MAX)

@@ -27,6 +27,7 @@ one layer at a time holds its whole activations again.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from echoc.errors import EchocError
@@ -51,6 +52,14 @@ class ParamGroups:
     largest: int = 0             # the largest local parameter (a reduction bucket holds at least it)
 
 
+# What the CUDA caching allocator needs beyond the predicted peak (the live bytes) for the run
+# to go through: the blocks a captured graph's private pool cannot reuse within the capture, and
+# fragmentation. Measured (bench/memory.py --cap, glm5-mini shape, one H200, one CUDA graph, with
+# expandable segments, which `echoc run` sets): every run fits in 1.05× the predicted peak
+# without recompute and 1.15× with it; 1.10× is too little under recompute (docs/BENCHMARKS.md).
+ALLOCATOR_HEADROOM = {"none": 1.05, "moe": 1.15, "full": 1.15}
+
+
 @dataclass
 class MemoryPrediction:
     """The predicted peak of one rank (bytes), where it falls, and every phase's total."""
@@ -63,8 +72,17 @@ class MemoryPrediction:
     budget_bytes: int | None = None
 
     @property
+    def headroom(self) -> float:
+        return ALLOCATOR_HEADROOM[self.recompute]
+
+    @property
+    def needs_bytes(self) -> int:
+        """The memory the run needs: the peak and the allocator's headroom on it."""
+        return math.ceil(self.peak_bytes * self.headroom)
+
+    @property
     def fits(self) -> bool:
-        return self.budget_bytes is None or self.peak_bytes <= self.budget_bytes
+        return self.budget_bytes is None or self.needs_bytes <= self.budget_bytes
 
 
 def zero_level(spec: Spec) -> int:
@@ -314,7 +332,8 @@ def check_budget(spec: Spec, pred: MemoryPrediction) -> None:
     now = {"parallel.zero": zero_level(spec), "train.recompute": spec.train.recompute,
            "parallel.ep": spec.parallel.ep, "budgets.received_token_capacity": spec.budgets.received_token_capacity}
     raise MemoryBudgetError(
-        f"predicted peak {format_size(pred.peak_bytes)} per rank is over budgets.memory_gib "
+        f"predicted peak {format_size(pred.peak_bytes)} per rank, {format_size(pred.needs_bytes)} with the "
+        f"allocator's headroom (×{pred.headroom:g}), is over budgets.memory_gib "
         f"{spec.budgets.memory_gib:g} (at {pred.peak_phase}, recompute {pred.recompute}; largest: "
         + ", ".join(f"{k} {format_size(v)}" for k, v in top)
         + "); raise " + ", ".join(f"{f} (now {now[f]})" if f != "budgets.received_token_capacity"
@@ -324,5 +343,6 @@ def check_budget(spec: Spec, pred: MemoryPrediction) -> None:
 def to_json(pred: MemoryPrediction) -> dict:
     """The prediction as summary.json stores it (bytes)."""
     return {"recompute": pred.recompute, "zero": pred.zero, "peak_bytes": pred.peak_bytes,
+            "needs_bytes": pred.needs_bytes, "allocator_headroom": pred.headroom,
             "peak_phase": pred.peak_phase, "by_category": pred.by_category, "phases": pred.phases,
             "budget_bytes": pred.budget_bytes, "fits": pred.fits}

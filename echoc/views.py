@@ -163,8 +163,10 @@ def memory_table(summary: dict, console: Console | None = None) -> Table:
     if not mem:
         raise EchocError("this build has no memory prediction; recompile it with `echoc compile`")
     budget = mem.get("budget_bytes")
+    needs = (f", needs {human_bytes(mem['needs_bytes'])} with the allocator's headroom"
+             if "needs_bytes" in mem else "")
     t = Table(title=f"{summary.get('name', '')}: predicted peak {human_bytes(mem['peak_bytes'])} per rank at "
-                    f"{mem['peak_phase']} (recompute {mem['recompute']}, zero {mem['zero']}"
+                    f"{mem['peak_phase']}{needs} (recompute {mem['recompute']}, zero {mem['zero']}"
                     + (f", budget {human_bytes(budget)}" if budget else "") + ")")
     t.add_column("at the peak / phase")
     t.add_column("bytes", justify="right")

@@ -7,6 +7,18 @@ import sys
 from echoc.errors import EchocError
 
 
+def worker_env_defaults(env: dict, nproc: int) -> None:
+    """The workers' environment, where the user has not set it (torchrun passes it on)."""
+    # restarted workers must not reuse the previous attempt's store addresses (pytorch#135712)
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # set it ourselves: torchrun otherwise sets 1 and prints a banner saying so
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # expandable segments: the allocator's headroom the plan counts on (memory_model.ALLOCATOR_HEADROOM)
+    # was measured with them; without, a glm5-mini-shaped run did not fit in 1.10× its predicted peak
+    if not (env.get("PYTORCH_CUDA_ALLOC_CONF") or env.get("PYTORCH_ALLOC_CONF")):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def launch(worker_argv: list[str], nproc: int, nnodes: str = "1", rdzv_endpoint: str | None = None,
            max_restarts: int = 0, rdzv_timeout_s: float = 600.0) -> None:
     """Run `python -m echoc <worker_argv>` on nproc processes per node under torchrun.
@@ -19,10 +31,7 @@ def launch(worker_argv: list[str], nproc: int, nnodes: str = "1", rdzv_endpoint:
     if nnodes != "1" and not rdzv_endpoint:
         raise EchocError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node); "
                          "without it the nodes would wait for each other forever")
-    # restarted workers must not reuse the previous attempt's store addresses (pytorch#135712)
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    # set it ourselves: torchrun otherwise sets 1 and prints a banner saying so
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    worker_env_defaults(os.environ, nproc)
     args = ["--nproc-per-node", str(nproc), "--nnodes", nnodes, "--max-restarts", str(max_restarts)]
     if rdzv_endpoint:
         args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,

@@ -1,6 +1,7 @@
 """The whole-rank memory model (echoc/memory_model.py, echoc/memory_census.py) and the budget check."""
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -109,10 +110,17 @@ def test_recompute_lowers_the_activation_phases(make_spec):
 def test_auto_picks_the_cheapest_policy_that_fits(make_spec):
     peaks = {p: compile_build(_mini(make_spec, **{"train.recompute": p})).summary["memory"] for p in mm.POLICIES}
     assert peaks["none"]["peak_bytes"] >= peaks["moe"]["peak_bytes"] >= peaks["full"]["peak_bytes"]
-    between = (peaks["moe"]["peak_bytes"] + 1) / GIB
+    for p, m in peaks.items():      # what the run needs: the peak and the allocator's headroom on it
+        assert m["needs_bytes"] == math.ceil(m["peak_bytes"] * mm.ALLOCATOR_HEADROOM[p]) > m["peak_bytes"]
+    between = (peaks["moe"]["needs_bytes"] + 1) / GIB
     build = compile_build(_mini(make_spec, **{"train.recompute": "auto", "budgets.memory_gib": between}))
     chosen = build.summary["memory"]["recompute"]
-    assert chosen == "moe" or (chosen == "none" and peaks["none"]["peak_bytes"] <= between * GIB)
+    assert chosen == "moe" or (chosen == "none" and peaks["none"]["needs_bytes"] <= between * GIB)
+    # a budget the peak fits but the headroom does not: moe is not chosen
+    tight = (peaks["moe"]["peak_bytes"] + 1) / GIB
+    assert peaks["full"]["needs_bytes"] <= tight * GIB < peaks["moe"]["needs_bytes"]
+    tight_build = compile_build(_mini(make_spec, **{"train.recompute": "auto", "budgets.memory_gib": tight}))
+    assert tight_build.summary["memory"]["recompute"] == "full"
     regions = [m for m in build.program.gm.modules() if isinstance(m, Recompute)]
     assert len(regions) == (spec_moe_layers := build.spec.model.num_moe_layers) and spec_moe_layers > 0
     none = compile_build(_mini(make_spec, **{"train.recompute": "auto"}))       # no budget: nothing to meet

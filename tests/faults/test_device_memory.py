@@ -18,11 +18,13 @@ GIB = 2**30
 
 def test_a_plan_over_the_free_memory_is_refused_naming_both_sizes():
     dev = dm.DeviceMemory(rank=3, device="cuda:3", free=int(20.5 * GIB), total=int(139.8 * GIB))
-    assert dm.shortfall(int(20 * GIB), dev, "loss") is None
-    why = dm.shortfall(int(54.07 * GIB), dev, "gradient reduction")
+    assert dm.shortfall(int(19 * GIB), int(20 * GIB), dev, "loss") is None
+    # the peak alone would fit; with the allocator's headroom on it the plan does not
+    assert dm.shortfall(int(20 * GIB), int(21 * GIB), dev, "loss") is not None
+    why = dm.shortfall(int(54.07 * GIB), int(62.18 * GIB), dev, "gradient reduction")
     assert why is not None and "\n" not in why
-    for text in ("rank 3", "cuda:3", "54.07 GiB", "gradient reduction", "20.50 GiB free of 139.80 GiB",
-                 "119.30 GiB held by other processes"):
+    for text in ("rank 3", "cuda:3", "needs 62.18 GiB", "peak of 54.07 GiB", "gradient reduction",
+                 "20.50 GiB free of 139.80 GiB", "119.30 GiB held by other processes"):
         assert text in why, text
     assert all(f in why for f in HELPFUL_FIELDS)
 
@@ -55,3 +57,16 @@ def test_out_of_memory_during_the_run_ends_it_with_that_line_on_every_rank(tmp_p
     assert res["error"].startswith("DeviceMemoryError: rank 0 ran out of GPU memory (CUDA out of memory. Tried"), \
         res["error"]
     assert "DeviceMemoryError: rank 1 ran out of GPU memory" in proc.stderr     # each rank says it, one line
+
+
+def test_workers_get_expandable_segments_unless_the_user_chose_an_allocator_config():
+    """The allocator headroom the plan counts on was measured with expandable segments."""
+    from runtime.launch import worker_env_defaults
+    env = {}
+    worker_env_defaults(env, 2)
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    for key in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        mine = {key: "max_split_size_mb:128"}
+        worker_env_defaults(mine, 2)
+        assert mine[key] == "max_split_size_mb:128" and (key == "PYTORCH_CUDA_ALLOC_CONF"
+                                                          or "PYTORCH_CUDA_ALLOC_CONF" not in mine)
