@@ -9,6 +9,7 @@ EchocErrors: one line, exit 2, no traceback. Every rank checks its own device; t
 through one all-reduce, so no rank is left waiting in a collective for one that stopped."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,17 @@ def shortfall(predicted: int, needs: int, dev: DeviceMemory, phase: str) -> str 
             f"has {format_size(dev.free)} free of {format_size(dev.total)} ({format_size(held)} held by other "
             f"processes or this one's CUDA context); free the GPU, or lower the plan's memory: "
             + ", ".join(HELPFUL_FIELDS) + ", budgets.memory_gib to check it at compile time")
+
+
+def expandable_segments(device: torch.device) -> bool:
+    """On CUDA, unless the user chose an allocator config: the caching allocator grows its segments
+    in place (expandable segments), which the allocator headroom in the plan was measured with.
+    `echoc run` sets it in the workers' environment; this covers a worker torchrun started by hand.
+    Returns whether it was set here."""
+    if device.type != "cuda" or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return False
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    return True
 
 
 def check_fits(memory: dict, device: torch.device) -> DeviceMemory | None:

@@ -69,6 +69,7 @@ def worker(req: RunRequest, build: Build | None = None, hooks: tuple = ()) -> li
                          resume=req.resume, resume_with_changes=req.resume_with_changes,
                          rerun_program=rerun_program(spec), hooks=list(hooks))
     device = init_distributed(spec)
+    device_memory.expandable_segments(device)
     watchdog.announce()
     try:
         dev = device_memory.check_fits(build.summary["memory"], device)

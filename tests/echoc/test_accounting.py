@@ -39,6 +39,22 @@ def meta_model(cfg: dict, dtype=torch.bfloat16) -> Transformer:
         return Transformer(ModelConfig.model_validate(cfg)).to(dtype)
 
 
+def test_deepseek_v3_spec_matches_the_published_figures():
+    """specs/deepseek-v3.yaml: 671B parameters (without the MTP module), 37B active per token."""
+    from echoc.spec_io import load_spec
+    from support import ROOT
+    spec = load_spec(ROOT / "specs" / "deepseek-v3.yaml")
+    counts = accounting.count_parameters(meta_model(spec.model.model_dump()))
+    total = sum(counts.values())
+    assert abs(total - 671e9) / 671e9 < 0.005, total
+    active = accounting.active_parameters_per_token(spec)
+    assert abs(active - 37e9) / 37e9 < 0.02, active
+    H, F, moe_layers = 7168, 2048, 58
+    assert counts["routed_experts"] == moe_layers * 256 * 3 * H * F
+    assert counts["dense_mlp"] == 3 * 3 * H * 18432
+    assert spec.model.moe.router.num_groups == 8 and spec.model.moe.router.topk_groups == 4
+
+
 @pytest.fixture(scope="module")
 def glm5():
     return meta_model(GLM5)

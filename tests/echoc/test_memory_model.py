@@ -141,7 +141,7 @@ def test_over_budget_is_one_actionable_line(make_spec):
     assert " 0.00 " not in msg                                   # no size reads as zero
 
 
-@pytest.mark.parametrize("name,limit_gib", [("glm5", 120), ("glm5-h100", 72)])
+@pytest.mark.parametrize("name,limit_gib", [("glm5", 120), ("glm5-h100", 72), ("deepseek-v3", 72)])
 def test_flagship_specs_fit_their_gpus(name, limit_gib):
     spec = load_spec(ROOT / "specs" / f"{name}.yaml")
     mem = compile_build(spec).summary["memory"]

@@ -70,3 +70,14 @@ def test_workers_get_expandable_segments_unless_the_user_chose_an_allocator_conf
         worker_env_defaults(mine, 2)
         assert mine[key] == "max_split_size_mb:128" and (key == "PYTORCH_CUDA_ALLOC_CONF"
                                                           or "PYTORCH_CUDA_ALLOC_CONF" not in mine)
+
+
+def test_a_worker_started_by_hand_turns_expandable_segments_on_itself(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    assert not dm.expandable_segments(torch.device("cpu")) and calls == []
+    assert dm.expandable_segments(torch.device("cuda", 0)) and calls == ["expandable_segments:True"]
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:64")        # the user's choice stands
+    assert not dm.expandable_segments(torch.device("cuda", 0)) and len(calls) == 1
