@@ -4,8 +4,10 @@
     (arena)       + the MoE arena: each layer's saved regions from its forward to its backward
                     (under recompute only its routing decisions' region through the loss),
                     the transient region during each pass (given back around the loss)
-    forward end   + every layer's kept activations (after train.recompute) + logits and loss
-                    (the logits are dropped before backward)
+    last forward  + every layer's kept activations (after train.recompute), the last layer's
+                    working set and MoE buffers, gathered weights (zero 3)
+    loss          + every layer's kept activations + logits and loss (the logits are dropped
+                    before backward)
     backward      + recomputed layer's activations + gradients so far + MoE buffers' peak
     grad reduce   + every gradient (model dtype) + the reduction's flat buffers
     optimizer     + the fp32 gradients the update reads
@@ -225,6 +227,13 @@ class MoEBuffers:
         """Saved regions held while the loss runs."""
         return sum(self._between(k, recomputed) for k in self.held)
 
+    def in_last_forward(self, recomputed: bool) -> int:
+        """Held in the last MoE layer's forward: what earlier layers keep, all of its own regions,
+        and the transient region."""
+        last = max((k for k in self.held if k is not None), default=None)
+        own = 0 if last is None else self.held[last] - self._between(last, recomputed)
+        return self.through_loss(recomputed) + own + self.transient_region
+
     def held_through(self, layer: int, recomputed: bool) -> int:
         """Saved regions held in `layer`'s backward: all of its own, earlier layers' (what they
         hold between forward and backward), and the shared one."""
@@ -265,8 +274,13 @@ def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: di
     z3 = zero_level(spec) == 3
     gathered = 2 * b * max(p.layers, default=0) if z3 else 0
     kept = sum(a.kept for a in acts)
-    phases = {"loss": dict(static, moe_arena=moe.through_loss(recomputed), activations=kept, gathered_weights=gathered,
-                           **head)}
+    # the last layer's forward: every layer's kept activations, its own recomputed working set, its
+    # weights and the next unit's gathered (zero 3); the loss comes after the last gathered weights
+    # are freed (the head's are gathered again in backward)
+    phases = {"forward, last layer": dict(static, moe_arena=moe.in_last_forward(recomputed),
+                                          activations=kept + (acts[-1].working if acts else 0),
+                                          moe_transient=moe.allocator_transient, gathered_weights=gathered),
+              "loss": dict(static, moe_arena=moe.through_loss(recomputed), activations=kept, **head)}
     share = grads["model_grads"] / max(1, p.dense + p.expert)    # gradient bytes per local parameter
     done = p.outside_layers
     for layer in reversed(range(len(acts))):

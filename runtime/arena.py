@@ -69,9 +69,10 @@ class Arena:
     The Trainer opens the arena at each forward (`allocate`) and calls `end_forward` after it:
     the arena then forgets every block no view uses, so the transient block goes back to the
     allocator (the loss's working set reuses it); the layers' blocks that autograd's saved views
-    (or, under recompute, the kept routing decisions) still use stay. In backward, moving to
-    another layer's regions forgets the last layer's, so each lives as long as its views, and
-    backward takes a fresh transient block. `release` closes the arena after backward. Inside a
+    (or, under recompute, the kept routing decisions) still use stay. In forward, moving to
+    another layer's regions forgets the last layer's blocks no view uses (under recompute, its
+    saved buffers other than the routing decisions); in backward it forgets all of them, so
+    each lives as long as its views, and backward takes a fresh transient block. `release` closes the arena after backward. Inside a
     captured CUDA graph every block comes from the graph's pool, at the same address in every
     replay."""
 
@@ -94,13 +95,16 @@ class Arena:
             self.allocate()
 
     def _block(self, k: int) -> Tensor:
-        """Region k's bytes, allocated on first use, with an alias per view inside. In backward,
-        moving to another layer's region lets go of the last layer's (its backward is over)."""
+        """Region k's bytes, allocated on first use, with an alias per view inside. Moving to
+        another layer's region lets go of the last layer's blocks: in backward all of them (its
+        backward is over), in forward those no view uses (a recomputed layer's saved buffers
+        other than its routing decisions: its recomputing backward takes them again)."""
         layer = self._layer_of(k)
         if layer is not None:
-            if self._backward and self._layer is not None and layer != self._layer:
+            if self._layer is not None and layer != self._layer:
                 for j in [j for j in self.blocks if self._layer_of(j) == self._layer]:
-                    self._drop(j)
+                    if self._backward or not self.in_use(j):
+                        self._drop(j)
             self._layer = layer
         if k not in self.blocks:
             lo, hi = self.layout.edges[k], self.layout.edges[k + 1]

@@ -159,3 +159,15 @@ def test_inspect_memory_view_lists_categories_and_the_peak_phase(make_spec):
     assert sum(r.startswith("phase: backward") for r in rows) == 1     # the worst layer only
     with pytest.raises(EchocError, match="no memory prediction"):
         views.memory_table({"name": "old"})
+
+
+def test_moe_regions_by_phase_follow_the_arena():
+    """Layers 1 and 2 hold 10 and 20 bytes (2 and 3 of them routing decisions), the shared region 5,
+    the transient one 7. Without recompute every region is held through the loss; with it each
+    layer keeps only its routing decisions, and holds all of its own again in its backward (and,
+    for the last layer, in its forward, beside the transient region)."""
+    moe = mm.MoEBuffers(held={None: 5, 1: 10, 2: 20}, kept={1: 2, 2: 3}, transient_region=7)
+    assert moe.through_loss(False) == 35 and moe.through_loss(True) == 5 + 2 + 3
+    assert moe.in_last_forward(False) == 35 + 7 and moe.in_last_forward(True) == 5 + 2 + 20 + 7
+    assert moe.held_through(2, False) == 35 and moe.held_through(2, True) == 5 + 2 + 20
+    assert moe.held_through(1, True) == 5 + 10 and moe.held_through(1, False) == 15

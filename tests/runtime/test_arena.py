@@ -155,27 +155,40 @@ def test_each_region_is_a_block_taken_on_demand_and_blocks_no_view_uses_are_give
 
 def test_a_layers_two_regions_live_together_and_recompute_keeps_only_its_routing_decisions():
     """Per layer a region of routing decisions (kept by a recomputed region through the loss) and
-    one of its other saved buffers: end_forward before a recomputing backward gives back the
-    second (nothing uses it), keeps the first; in backward a layer's two regions coexist, and
-    moving to another layer forgets both."""
-    layout = ArenaLayout(4096, {"d1": View(0, (16,), torch.int64), "s1": View(512, (64,), torch.float32),
-                                "d0": View(1024, (16,), torch.int64), "s0": View(1536, (64,), torch.float32),
+    one of its other saved buffers. In a recomputed forward, moving on to the next layer forgets
+    the last layer's blocks nothing uses (its other saved buffers); end_forward keeps the routing
+    decisions; in backward a layer's two regions coexist, and moving to another layer forgets both."""
+    layout = ArenaLayout(4096, {"d0": View(0, (16,), torch.int64), "s0": View(512, (64,), torch.float32),
+                                "d1": View(1024, (16,), torch.int64), "s1": View(1536, (64,), torch.float32),
                                 "tmp": View(3072, (16,), torch.float32)},
-                         bounds=(0, 512, 1024, 1536, 2048), layers=(1, 1, 0, 0))
+                         bounds=(0, 512, 1024, 1536, 2048), layers=(0, 0, 1, 1))
     ar = Arena(layout, torch.device("cpu"))
-    kept = {k: ar.take(k, v.shape, v.dtype).fill_(7) for k, v in layout.views.items() if k.startswith("d")}
-    for k in ("s0", "s1", "tmp"):
-        ar.take(k, layout.views[k].shape, layout.views[k].dtype)
-    assert set(ar.blocks) == {0, 1, 2, 3, 4}
+    kept = {"d0": ar.take("d0", (16,), torch.int64).fill_(7)}     # layer 0: the checkpoint keeps this
+    ar.take("s0", (64,), torch.float32)                            # ... and not this
+    ar.take("tmp", (16,), torch.float32)
+    assert set(ar.blocks) == {0, 1, 4}
+    kept["d1"] = ar.take("d1", (16,), torch.int64).fill_(7)        # on to layer 1
+    assert set(ar.blocks) == {0, 2, 4}                             # layer 0's unused region is gone
+    ar.take("s1", (64,), torch.float32)
     ar.end_forward(recomputing=True)
     assert set(ar.blocks) == {0, 2}                                # the routing decisions only
     ar.take("s1", (64,), torch.float32)                            # layer 1 recomputes: a fresh block
-    assert set(ar.blocks) == {0, 1, 2}
+    assert set(ar.blocks) == {0, 2, 3}
     ar.take("d1", (16,), torch.int64)                              # the same layer: nothing forgotten
-    assert set(ar.blocks) == {0, 1, 2}
+    assert set(ar.blocks) == {0, 2, 3}
     ar.take("s0", (64,), torch.float32)                            # on to layer 0: layer 1's both go
-    assert set(ar.blocks) == {2, 3}
+    assert set(ar.blocks) == {0, 1}
     assert all(torch.equal(t, torch.full((16,), 7)) for t in kept.values())
+
+
+def test_a_forward_keeps_the_regions_autograd_saved_views_use():
+    """Without recompute a layer's saved views stay in use: moving on forgets nothing they hold."""
+    layout = ArenaLayout(2048, {"s0": View(0, (64,), torch.float32), "s1": View(512, (64,), torch.float32)},
+                         bounds=(0, 512, 1024), layers=(0, 1))
+    ar = Arena(layout, torch.device("cpu"))
+    saved = ar.take("s0", (64,), torch.float32).fill_(1.0)
+    ar.take("s1", (64,), torch.float32).fill_(2.0)
+    assert set(ar.blocks) == {0, 1} and torch.equal(saved, torch.ones(64))
 
 
 def test_a_view_may_not_straddle_two_regions():
