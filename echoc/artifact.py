@@ -80,6 +80,27 @@ def _sha256(text: str | bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_build_target(out_dir: str | Path) -> None:
+    """A build may go into a new or empty directory, or replace an earlier build; it never
+    overwrites files of the same names that some other program wrote."""
+    out = Path(out_dir)
+    if str(out_dir).strip() == "":
+        raise BuildError("-o is empty: give the build's directory (default build/<model.name>)")
+    if not out.is_dir():
+        return
+    clash = sorted(name for name in HASHED + ("summary.json",) if (out / name).exists())
+    if not clash:
+        return
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        ours = isinstance(summary, dict) and isinstance(summary.get("files"), dict) and "spec_hash" in summary
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        ours = False
+    if not ours:
+        raise BuildError(f"-o {out}: holds {', '.join(clash)} that no `echoc compile` wrote; choose another "
+                         "directory (a build never overwrites other files)")
+
+
 def write_build(build: Build, out_dir: str | Path) -> Path:
     """Write build/<name>/ (or out_dir); summary.json last, so a build cut short has none."""
     out = Path(out_dir)
@@ -118,27 +139,38 @@ def _json(path: Path, what: str) -> dict:
     return data
 
 
-def load_build(build_dir: str | Path) -> Build:
-    """The Build of an earlier `echoc compile`, verified: every file matches summary.json's sha256,
-    and compiling its spec.json here gives the same graph and plan. Its Program's arena
-    layout is read from plan.json."""
+def read_build(build_dir: str | Path) -> tuple[dict, dict[str, str]]:
+    """(summary, {file name: text}) of an earlier `echoc compile`, each file checked against
+    summary.json's sha256: a missing, damaged or edited build is a BuildError naming the file."""
     d = Path(build_dir)
+    if not d.is_dir():
+        raise BuildError(f"{d}: not a build directory; run `echoc compile SPEC -o {d}` first")
     summary = _json(d / "summary.json", "the build's index")
     recorded = summary.get("files")
     if not isinstance(recorded, dict) or set(recorded) != set(HASHED):
-        raise BuildError(f"{d}/summary.json lists no file hashes: made by an older echoc; recompile")
+        raise BuildError(f"{d}/summary.json lists no file hashes: made by an older echoc, or not a build; "
+                         "recompile")
     texts = {name: _read(d / name, "part of the build") for name in HASHED}
     for name in HASHED:
         if _sha256(texts[name]) != recorded[name]:
             raise BuildError(f"{d / name} was changed after `echoc compile` wrote it (sha256 differs from "
                              "summary.json); recompile instead of editing a build")
+    return summary, texts
+
+
+def load_build(build_dir: str | Path) -> Build:
+    """The Build of an earlier `echoc compile`, verified: every file matches summary.json's sha256,
+    and compiling its spec.json here gives the same graph and plan. Its Program's arena
+    layout is read from plan.json."""
+    d = Path(build_dir)
+    summary, texts = read_build(d)
     spec = spec_from_dict(json.loads(texts["spec.json"]), source=str(d / "spec.json"))
     if spec_hash(spec) != summary.get("spec_hash"):
         raise BuildError(f"{d}: spec.json does not match summary.json's spec hash; recompile")
     build = compile_build(spec)
     fresh = build_files(build)
     for name in ("graph.py", "plan.json"):
-        if _sha256(fresh[name]) != recorded[name]:
+        if _sha256(fresh[name]) != summary["files"][name]:
             versions = summary.get("versions", {})
             raise BuildError(f"{d / name}: this echoc {summary.get('versions', {}).get('echoc', '?')} / torch "
                              f"{torch.__version__} compiles the spec to a different {name} than the build holds "

@@ -15,7 +15,7 @@ from typer.exceptions import TyperException
 from rich.console import Console
 from rich.table import Table
 
-from echoc import preflight
+from echoc import artifact, preflight
 from echoc import simulate as sim
 from echoc import views
 from echoc.artifact import write_build
@@ -60,7 +60,9 @@ def compile_(spec: str, out: Optional[str] = typer.Option(None, "-o", "--out", h
              set_: Optional[List[str]] = SetOpt):
     """Trace on the meta device, run the passes, write build/<name>/."""
     s = _load(spec, set_)
-    out_dir = preflight.check_output_dir(out or Path("build") / s.model.name, "-o")
+    target = Path("build") / s.model.name if out is None else out
+    artifact.check_build_target(target)
+    out_dir = preflight.check_output_dir(target, "-o")
     build = compile_build(s)
     out_dir = write_build(build, out_dir)
     _print_summary(build.summary)
@@ -114,27 +116,35 @@ def inspect(build_dir: str, graph: bool = typer.Option(False, "--graph", help="P
                                                                  "by category and phase.")):
     """Show what `echoc compile` wrote."""
     d = Path(build_dir)
-    if not (d / "summary.json").exists():
-        raise EchocError(f"{d}: no summary.json here; run `echoc compile SPEC -o {d}` first")
     if sort not in ("size", "layer"):
         raise EchocError(f"--sort must be 'size' or 'layer', not {sort!r}")
-    if memory:
-        views.memory_table(json.loads((d / "summary.json").read_text()), console=console)
-        return
-    if graph:
-        text = views.graph_listing(d / "graph.txt", layer=layer, op=op)
-        for line in text.splitlines():
-            if grep is None or grep in line:
+    if limit is not None and limit < 1:
+        raise EchocError(f"--limit must be a positive number of rows, not {limit}")
+    if (grep or layer or op) and not graph:
+        raise EchocError("--filter, --layer and --op select lines of the graph listing: add --graph")
+    summary, texts = artifact.read_build(d)        # every file there, checked against its hash
+    try:
+        if memory:
+            views.memory_table(summary, console=console)
+        elif graph:
+            text = views.graph_listing(d / "graph.txt", layer=layer, op=op)
+            lines = [line for line in text.splitlines() if grep is None or grep in line]
+            for line in lines:
                 console.print(line, markup=False, highlight=False)
-        return
-    if buffers or timeline:
-        plan = json.loads((d / "plan.json").read_text())
-        if buffers:
-            views.buffers_table(plan, sort=sort, console=console, limit=limit)
-        if timeline:
-            console.print(f"wrote {views.timeline_png(plan, timeline)}")
-        return
-    _print_summary(json.loads((d / "summary.json").read_text()))
+            if not lines:
+                raise EchocError("no line of the graph listing matches " + ", ".join(
+                    f"{k} {v!r}" for k, v in (("--layer", layer), ("--op", op), ("--filter", grep)) if v))
+        elif buffers or timeline:
+            plan = json.loads(texts["plan.json"])
+            if buffers:
+                views.buffers_table(plan, sort=sort, console=console, limit=limit)
+            if timeline:
+                console.print(f"wrote {views.timeline_png(plan, timeline)}")
+        else:
+            _print_summary(summary)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise artifact.BuildError(f"{d}/summary.json lacks what this view needs ({type(e).__name__}: {e}): made "
+                                  "by another echoc or edited; recompile with `echoc compile`") from None
 
 
 @app.command()
@@ -221,10 +231,12 @@ def simulate(spec: str,
              set_: Optional[List[str]] = SetOpt):
     """Planner + cost model on routing traces, no GPU: stragglers, overflow, bytes, time per strategy."""
     s = _load(spec, set_)
+    out = out or str(Path("build") / s.model.name / "simulate.json")
+    preflight.check_output_file(out, "--out")          # before the simulation, not after it
+    if plot_path:
+        preflight.check_output_file(plot_path, "--plot")
     res = sim.simulate(s, trace=trace, skew=skew, drift=drift, steps=steps, layers=layers)
     sim.print_table(res, console)
-    out = out or str(Path("build") / s.model.name / "simulate.json")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     sim.write_json(res, out)
     if plot_path:
         sim.plot(res, plot_path)

@@ -4,6 +4,7 @@ each torchrun worker; both are plain functions (tested without the CLI)."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -95,6 +96,25 @@ def check_launch(req: RunRequest) -> None:
         raise EchocError(f"--nproc must be >= 1 (got {nproc}); leave it out to use cluster.gpus_per_node")
     if restarts < 0:
         raise EchocError(f"--max-restarts must be >= 0 (got {restarts})")
+    nnodes = str(req.launcher.get("nnodes", "1"))
+    bounds = nnodes.split(":")
+    if len(bounds) > 2 or not all(b.isdigit() and int(b) >= 1 for b in bounds) or int(bounds[0]) > int(bounds[-1]):
+        raise EchocError(f"--nnodes must be a node count N >= 1 or a range MIN:MAX with 1 <= MIN <= MAX "
+                         f"(got {nnodes!r})")
+    endpoint = req.launcher.get("rdzv_endpoint")
+    if endpoint is not None:
+        _check_endpoint(endpoint)
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """--rdzv-endpoint HOST:PORT: a host name or address, and a port in 1..65535."""
+    host, sep, port = endpoint.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host     # [IPv6]:port
+    label = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?$")
+    host_ok = bool(host) and (":" in host or all(label.match(p) for p in host.split(".")))
+    if not (sep and host_ok and port.isdigit() and 1 <= int(port) <= 65535):
+        raise EchocError(f"--rdzv-endpoint must be HOST:PORT, a host name or address and a port in 1..65535 "
+                         f"(got {endpoint!r})")
 
 
 def start(req: RunRequest, worker_argv: list[str]) -> None:

@@ -379,6 +379,12 @@ def _backend_rules(spec: Spec) -> list[tuple[str, str]]:
     if be.cuda_graph == "full_iteration" and be.dispatch == "sync":
         errors.append(("backends.dispatch", "'sync' reads routing counts on the host and cannot be captured; "
                                             "with cuda_graph 'full_iteration' use 'torch', 'symm_mem' or 'deepep'"))
+    if spec.echo.enabled and be.dispatch == "sync":
+        errors.append(("echo.enabled", "cloning needs a sync-free backends.dispatch ('torch', 'symm_mem' or "
+                                       "'deepep'; got 'sync'), or echo.enabled false"))
+    if spec.echo.enabled and spec.echo.recompute_clone_dispatch and be.grouped_gemm != "torch":
+        errors.append(("echo.recompute_clone_dispatch", "needs backends.grouped_gemm 'torch' (grouped_mm; got "
+                                                        f"'{be.grouped_gemm}'), or recompute_clone_dispatch false"))
     return errors
 
 

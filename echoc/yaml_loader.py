@@ -136,6 +136,8 @@ def read_text(path: Path, source: str) -> str:
     try:
         if path.is_dir():
             raise SpecError(source, [("(file)", None, "is a directory; give the spec's YAML file")])
+        if path.exists() and not path.is_file():     # a FIFO or device: reading could block or never end
+            raise SpecError(source, [("(file)", None, "is not a regular file; give the spec's YAML file")])
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:

@@ -156,3 +156,47 @@ def test_run_from_build_equals_run_from_spec(tmp_path):
 def test_spec_and_from_build_together_is_an_error(tmp_path):
     r = runner.invoke(app, ["run", str(ROOT / "specs/tiny.yaml"), "--from-build", str(tmp_path)])
     assert r.exit_code != 0 and "not both" in str(r.exception)
+
+
+def _cli_error(*args) -> str:
+    """Run the CLI (its own process, as users do): exit 2, one line on stderr, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "echoc", *args], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda b: (b / "summary.json").write_text('{"x":'), "summary.json is not valid JSON"),
+    (lambda b: (b / "summary.json").write_text("[1, 2]"), "expected a JSON object"),
+    (lambda b: (b / "summary.json").write_text("{}"), "lists no file hashes"),
+    (lambda b: (b / "plan.json").unlink(), "no plan.json here"),
+    (lambda b: (b / "graph.txt").write_text("edited"), "graph.txt was changed after `echoc compile`")])
+def test_inspect_of_a_damaged_build_names_the_file(tmp_path, damage, needle):
+    out = tmp_path / "b"
+    assert runner.invoke(app, ["compile", str(ROOT / "specs/tiny.yaml"), "-o", str(out)]).exit_code == 0
+    damage(out)
+    assert needle in _cli_error("inspect", str(out), "--buffers")
+
+
+def test_inspect_options_that_select_nothing_are_errors(tmp_path):
+    out = tmp_path / "b"
+    assert runner.invoke(app, ["compile", str(ROOT / "specs/tiny.yaml"), "-o", str(out)]).exit_code == 0
+    assert "no line of the graph listing matches --layer '99'" in _cli_error("inspect", str(out), "--graph",
+                                                                               "--layer", "99")
+    assert "--limit must be a positive" in _cli_error("inspect", str(out), "--buffers", "--limit", "-1")
+    assert "add --graph" in _cli_error("inspect", str(out), "--filter", "x")
+
+
+def test_outputs_are_checked_before_anything_is_written(tmp_path):
+    """compile never overwrites files some other program wrote; simulate checks --out first."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "summary.json").write_text("my notes")
+    assert "holds summary.json that no `echoc compile` wrote" in _cli_error("compile", str(ROOT / "specs/tiny.yaml"),
+                                                                           "-o", str(foreign))
+    assert (foreign / "summary.json").read_text() == "my notes" and len(list(foreign.iterdir())) == 1
+    assert "-o is empty" in _cli_error("compile", str(ROOT / "specs/tiny.yaml"), "-o", "")
+    assert "--out" in _cli_error("simulate", str(ROOT / "specs/tiny.yaml"), "--skew", "zipf:1.2", "--steps", "2",
+                                 "--out", str(tmp_path))

@@ -95,7 +95,7 @@ def find(problems, path: str) -> tuple[int | None, str]:
 
 # Shipped specs ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["glm5", "glm5-mini", "tiny"])
+@pytest.mark.parametrize("name", ["glm5", "glm5-h100", "glm5-mini", "deepseek-v3", "tiny"])
 def test_shipped_specs_load(name):
     spec = load_spec(SPECS / f"{name}.yaml")
     assert isinstance(spec, Spec)
@@ -503,3 +503,16 @@ def test_cloning_within_one_rank_domains_is_refused(tmp_path):
     assert "one rank" in msg and "'cluster'" in msg
     spec = load_spec(write(tmp_path, BASE), over + ["echo.clone_domain=cluster"])
     assert spec.clone_domain_ranks == 2
+
+
+@pytest.mark.parametrize("over,field,phrase", [
+    (["backends.dispatch=sync"], "echo.enabled", "sync-free backends.dispatch"),
+    (["echo.recompute_clone_dispatch=true", "backends.grouped_gemm=loop"], "echo.recompute_clone_dispatch",
+     "backends.grouped_gemm 'torch'")])
+def test_cloning_rules_compile_relies_on_are_checked_by_validate(tmp_path, over, field, phrase):
+    """What compile or the run would refuse later, validate refuses now, naming the field; without
+    cloning the same backends are fine."""
+    base = ["cluster.gpus_per_node=2", "parallel.ep=2", "echo.enabled=true"]
+    line, msg = find(problems_of(tmp_path, BASE, base + over), field)
+    assert phrase in msg, msg
+    load_spec(write(tmp_path, BASE), base[:2] + over + ["echo.enabled=false"])

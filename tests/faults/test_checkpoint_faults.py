@@ -92,6 +92,10 @@ def test_preflight_resume_rules(tmp_path):
         check_fresh_dir(tmp_path / "ck")
     with pytest.raises(files.CheckpointError, match="needs train.checkpoint.dir"):
         preflight.check_resume(build_spec(), "must", False)
+    (files.step_dir(tmp_path / "ck", 4) / "__0_0.distcp").unlink()   # now none is whole: say why
+    with pytest.raises(files.CheckpointError, match=r"no whole checkpoint .*\(damaged: step_00000004: .*__0_0.distcp"
+                                                    r".*; step_00000006: "):
+        preflight.check_resume(spec, "must", False)
 
 
 def launch(tmp_path, spec, name, expect_ok=True, **cfg):

@@ -70,11 +70,24 @@ def _bytes(p: Path, n: int) -> Path:
     return p
 
 
-@pytest.mark.parametrize("launcher,msg", [({"nproc": 0}, "--nproc must be >= 1"), ({"nproc": -2}, "--nproc must be"),
-                                          ({"max_restarts": -1}, "--max-restarts must be >= 0")])
+@pytest.mark.parametrize("launcher,msg", [
+    ({"nproc": 0}, "--nproc must be >= 1"), ({"nproc": -2}, "--nproc must be"),
+    ({"max_restarts": -1}, "--max-restarts must be >= 0"),
+    ({"nnodes": "abc"}, "--nnodes must be a node count"), ({"nnodes": "0"}, "--nnodes must be"),
+    ({"nnodes": "3:1"}, "MIN <= MAX .*'3:1'"), ({"nnodes": "1:2:3"}, "--nnodes must be"),
+    ({"nnodes": "2", "rdzv_endpoint": "not a host"}, "--rdzv-endpoint must be HOST:PORT"),
+    ({"nnodes": "2", "rdzv_endpoint": "localhost:abc"}, "port in 1..65535 .*'localhost:abc'"),
+    ({"nnodes": "2", "rdzv_endpoint": "localhost:99999"}, "--rdzv-endpoint must be"),
+    ({"nnodes": "2", "rdzv_endpoint": ":29500"}, "--rdzv-endpoint must be"),
+    ({"nnodes": "2", "rdzv_endpoint": "host0"}, "--rdzv-endpoint must be")])
 def test_bad_launcher_options_are_errors(launcher, msg):
     with pytest.raises(EchocError, match=msg):
         check_launch(RunRequest(None, None, "m.jsonl", launcher=launcher))
+
+
+@pytest.mark.parametrize("endpoint", ["host0:29500", "10.0.0.1:1", "node-7.cluster.local:65535", "[::1]:29500"])
+def test_good_launcher_endpoints_pass(endpoint):
+    check_launch(RunRequest(None, None, "m.jsonl", launcher={"nnodes": "1:4", "rdzv_endpoint": endpoint}))
 
 
 def echoc(*args):

@@ -2,6 +2,7 @@
 line and what is allowed; none hangs, eats memory or ends in a traceback."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -347,10 +348,19 @@ def test_directory_is_refused(tmp_path):
     assert info.value.problems == [("(file)", None, "is a directory; give the spec's YAML file")]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo (POSIX)")
+def test_a_fifo_is_refused_not_read_forever(tmp_path):
+    fifo = tmp_path / "spec.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(SpecError) as info:
+        load_spec(fifo)
+    assert info.value.problems == [("(file)", None, "is not a regular file; give the spec's YAML file")]
+
+
 @pytest.mark.parametrize("root,kind", [("42\n", "int 42"), ("just words\n", "str 'just words'"), ("[1, 2]\n", "a list")])
 def test_root_must_be_a_mapping(tmp_path, root, kind):
     [(path, line, msg)] = problems(tmp_path, "# header\n" + root)
-    assert path == "(top level)" and line == 2 and f"expected a mapping with the sections model" in msg and kind in msg
+    assert path == "(top level)" and line == 2 and "expected a mapping with the sections model" in msg and kind in msg
 
 
 @pytest.mark.parametrize("raw,tag", [("!!binary aGVsbG8=", "!!binary"), ("!!python/name:os.system", "!!python/name:os.system"),
