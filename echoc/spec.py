@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from echoc.spec_types import (
     MAX_CAPACITY, MAX_EXPERTS, MAX_FFN, MAX_GPUS_PER_NODE, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS,
     MAX_LORA_RANK, MAX_ROW_ALIGNMENT, MAX_SEED, MAX_SHARED_EXPERTS, MAX_STEPS, MAX_TIMEOUT_S,
-    MAX_TOKENS_PER_RANK, MAX_VOCAB, MAX_WORLD, PathText, SafeName, float_in, int_in)
+    MAX_TOKENS_PER_RANK, MAX_VOCAB, MAX_WORLD, Flag, PathText, SafeName, float_in, int_in)
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -186,9 +186,9 @@ class BudgetsConfig(_Section):
 
 
 class EchoConfig(_Section):
-    enabled: bool = False
+    enabled: Flag = False
     spare_slots_per_rank: int_in(0, MAX_EXPERTS) = 0
-    recompute_clone_dispatch: bool = False
+    recompute_clone_dispatch: Flag = False
     clone_domain: Literal["node", "cluster"] = "node"
 
 
@@ -200,7 +200,7 @@ class BackendsConfig(_Section):
     """Where the MoE ops' buffers live: 'arena' = one arena per rank allocated once, each op writing
     into the view the buffer plan gave it; 'allocator' = PyTorch's caching allocator. The arena needs
     static shapes, so with dispatch 'sync' (left at its default) the allocator is used."""
-    shared_expert_overlap: bool = True
+    shared_expert_overlap: Flag = True
     """Run each MoE layer's shared expert on a second CUDA stream, overlapped with routing and token
     movement (forward and backward). No effect on CPU, nor at parallel.zero 3."""
 
@@ -355,6 +355,9 @@ def _layout_rules(spec: Spec) -> list[tuple[str, str]]:
         errors.append(("echo.spare_slots_per_rank", "must be >= 1 when echo.enabled is true"))
     if echo.enabled and p.ep == 1:
         errors.append(("echo.enabled", "cloning needs ep >= 2 (with ep = 1 every expert is already local)"))
+    elif echo.enabled and spec.model.first_dense_layers >= spec.model.num_layers:
+        errors.append(("echo.enabled", f"cloning needs a MoE layer; model.first_dense_layers "
+                                       f"({spec.model.first_dense_layers}) makes all {spec.model.num_layers} dense"))
     elif echo.enabled and spec.clone_domain_ranks == 1:
         errors.append(("echo.clone_domain", f"'node' with {c.gpus_per_node} GPU per node makes every clone domain "
                                             "one rank, which has no other rank to clone onto; use 'cluster'"))

@@ -42,6 +42,10 @@ def int_in(lo: int, hi: int):
     return Annotated[int, Strict(), Field(le=hi, **low)]
 
 
+Flag = Annotated[bool, Strict()]
+"""A yes/no field: true or false only (not 1, 'on', 't' or 'yes' as strings)."""
+
+
 def float_in(gt: Optional[float] = None, ge: Optional[float] = None,
              le: Optional[float] = None, lt: Optional[float] = None):
     """A finite float field with the given bounds; integers are accepted, booleans and strings are not."""

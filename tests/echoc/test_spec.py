@@ -508,7 +508,8 @@ def test_cloning_within_one_rank_domains_is_refused(tmp_path):
 @pytest.mark.parametrize("over,field,phrase", [
     (["backends.dispatch=sync"], "echo.enabled", "sync-free backends.dispatch"),
     (["echo.recompute_clone_dispatch=true", "backends.grouped_gemm=loop"], "echo.recompute_clone_dispatch",
-     "backends.grouped_gemm 'torch'")])
+     "backends.grouped_gemm 'torch'"),
+    (["model.first_dense_layers=3", "model.num_layers=3"], "echo.enabled", "cloning needs a MoE layer")])
 def test_cloning_rules_compile_relies_on_are_checked_by_validate(tmp_path, over, field, phrase):
     """What compile or the run would refuse later, validate refuses now, naming the field; without
     cloning the same backends are fine."""
@@ -516,3 +517,10 @@ def test_cloning_rules_compile_relies_on_are_checked_by_validate(tmp_path, over,
     line, msg = find(problems_of(tmp_path, BASE, base + over), field)
     assert phrase in msg, msg
     load_spec(write(tmp_path, BASE), base[:2] + over + ["echo.enabled=false"])
+
+
+@pytest.mark.parametrize("value", ["1", "0", "1.0", "'t'", "'yes'"])
+def test_yes_no_fields_take_true_or_false_only(tmp_path, value):
+    line, msg = find(problems_of(tmp_path, BASE, [f"echo.recompute_clone_dispatch={value}"]),
+                     "echo.recompute_clone_dispatch")
+    assert "expected true or false" in msg, msg
