@@ -93,7 +93,7 @@ def check_build_target(out_dir: str | Path) -> None:
         return
     try:
         summary = json.loads((out / "summary.json").read_text())
-        ours = isinstance(summary, dict) and isinstance(summary.get("files"), dict) and "spec_hash" in summary
+        ours = isinstance(summary, dict) and "spec_hash" in summary     # a build, or one cut short
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         ours = False
     if not ours:
@@ -102,12 +102,16 @@ def check_build_target(out_dir: str | Path) -> None:
 
 
 def write_build(build: Build, out_dir: str | Path) -> Path:
-    """Write build/<name>/ (or out_dir); summary.json last, so a build cut short has none."""
+    """Write build/<name>/ (or out_dir). summary.json first without the file hashes (the directory
+    is an echoc build from then on: a compile cut short may be redone there), and whole last:
+    a build cut short has no hashes, and loading it says so."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BuildError(f"-o {out}: a file is in the way (a build is a directory)")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"spec_hash": build.summary.get("spec_hash"),
+                                                      "complete": False}))
         files = build_files(build)
         for name, text in files.items():
             (out / name).write_text(text)
@@ -148,8 +152,8 @@ def read_build(build_dir: str | Path) -> tuple[dict, dict[str, str]]:
     summary = _json(d / "summary.json", "the build's index")
     recorded = summary.get("files")
     if not isinstance(recorded, dict) or set(recorded) != set(HASHED):
-        raise BuildError(f"{d}/summary.json lists no file hashes: made by an older echoc, or not a build; "
-                         "recompile")
+        raise BuildError(f"{d}/summary.json lists no file hashes: a compile cut short, an older echoc's "
+                         "build, or not a build; recompile")
     texts = {name: _read(d / name, "part of the build") for name in HASHED}
     for name in HASHED:
         if _sha256(texts[name]) != recorded[name]:

@@ -123,25 +123,31 @@ def inspect(build_dir: str, graph: bool = typer.Option(False, "--graph", help="P
     if (grep or layer or op) and not graph:
         raise EchocError("--filter, --layer and --op select lines of the graph listing: add --graph")
     summary, texts = artifact.read_build(d)        # every file there, checked against its hash
+    if memory:
+        _summary_view(d, views.memory_table, summary, console=console)
+    elif graph:
+        text = views.graph_listing(d / "graph.txt", layer=layer, op=op)
+        lines = [line for line in text.splitlines() if grep is None or grep in line]
+        for line in lines:
+            console.print(line, markup=False, highlight=False)
+        if not lines:
+            raise EchocError("no line of the graph listing matches " + ", ".join(
+                f"{k} {v!r}" for k, v in (("--layer", layer), ("--op", op), ("--filter", grep)) if v))
+    elif buffers or timeline:
+        plan = json.loads(texts["plan.json"])      # hash-checked: as compile wrote it
+        if buffers:
+            views.buffers_table(plan, sort=sort, console=console, limit=limit)
+        if timeline:
+            console.print(f"wrote {views.timeline_png(plan, timeline)}")
+    else:
+        _summary_view(d, _print_summary, summary)
+
+
+def _summary_view(d: Path, view, summary: dict, **kw) -> None:
+    """A view of summary.json (not hash-checked: it holds the hashes): a field it lacks is an
+    error naming the file, not a traceback."""
     try:
-        if memory:
-            views.memory_table(summary, console=console)
-        elif graph:
-            text = views.graph_listing(d / "graph.txt", layer=layer, op=op)
-            lines = [line for line in text.splitlines() if grep is None or grep in line]
-            for line in lines:
-                console.print(line, markup=False, highlight=False)
-            if not lines:
-                raise EchocError("no line of the graph listing matches " + ", ".join(
-                    f"{k} {v!r}" for k, v in (("--layer", layer), ("--op", op), ("--filter", grep)) if v))
-        elif buffers or timeline:
-            plan = json.loads(texts["plan.json"])
-            if buffers:
-                views.buffers_table(plan, sort=sort, console=console, limit=limit)
-            if timeline:
-                console.print(f"wrote {views.timeline_png(plan, timeline)}")
-        else:
-            _print_summary(summary)
+        view(summary, **kw)
     except (KeyError, TypeError, AttributeError) as e:
         raise artifact.BuildError(f"{d}/summary.json lacks what this view needs ({type(e).__name__}: {e}): made "
                                   "by another echoc or edited; recompile with `echoc compile`") from None

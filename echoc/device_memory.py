@@ -45,15 +45,21 @@ def shortfall(predicted: int, needs: int, dev: DeviceMemory, phase: str) -> str 
             + ", ".join(HELPFUL_FIELDS) + ", budgets.memory_gib to check it at compile time")
 
 
-def expandable_segments(device: torch.device) -> bool:
+def expandable_segments(device: torch.device) -> str | None:
     """On CUDA, unless the user chose an allocator config: the caching allocator grows its segments
     in place (expandable segments), which the allocator headroom in the plan was measured with.
     `echoc run` sets it in the workers' environment; this covers a worker torchrun started by hand.
-    Returns whether it was set here."""
-    if device.type != "cuda" or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
-        return False
-    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-    return True
+    Returns a warning when the user's own config leaves them off (the headroom may not hold)."""
+    if device.type != "cuda":
+        return None
+    chosen = [os.environ[k] for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF") if k in os.environ]
+    if not chosen:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        return None
+    if any("expandable_segments:true" in c.replace(" ", "").lower() for c in chosen):
+        return None
+    return ("your PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF leaves expandable segments off; the plan's "
+            "allocator headroom was measured with them on (without, a run needed more than 1.10× its peak)")
 
 
 def check_fits(memory: dict, device: torch.device) -> DeviceMemory | None:

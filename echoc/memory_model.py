@@ -59,6 +59,8 @@ class ParamGroups:
 # fragmentation. Measured (bench/memory.py --cap, glm5-mini shape, one H200, one CUDA graph, with
 # expandable segments, which `echoc run` sets): every run fits in 1.05× the predicted peak
 # without recompute and 1.15× with it; 1.10× is too little under recompute (docs/BENCHMARKS.md).
+# It multiplies the whole peak, static state included, which barely fragments: conservative for
+# plans whose peak is mostly weights and optimizer state (glm5: 8 GiB of 54); not re-measured there.
 ALLOCATOR_HEADROOM = {"none": 1.05, "moe": 1.15, "full": 1.15}
 
 

@@ -3,12 +3,14 @@ ranks under torchrun. The CLI calls `start` in the launching process and `worker
 each torchrun worker; both are plain functions (tested without the CLI)."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from echoc import device_memory, preflight
 from echoc.artifact import load_build
@@ -70,7 +72,9 @@ def worker(req: RunRequest, build: Build | None = None, hooks: tuple = ()) -> li
                          resume=req.resume, resume_with_changes=req.resume_with_changes,
                          rerun_program=rerun_program(spec), hooks=list(hooks))
     device = init_distributed(spec)
-    device_memory.expandable_segments(device)
+    warning = device_memory.expandable_segments(device)
+    if warning and dist.get_rank() == 0:
+        print(f"echoc: warning: {warning}", file=sys.stderr, flush=True)
     watchdog.announce()
     try:
         dev = device_memory.check_fits(build.summary["memory"], device)
@@ -98,7 +102,8 @@ def check_launch(req: RunRequest) -> None:
         raise EchocError(f"--max-restarts must be >= 0 (got {restarts})")
     nnodes = str(req.launcher.get("nnodes", "1"))
     bounds = nnodes.split(":")
-    if len(bounds) > 2 or not all(b.isdigit() and int(b) >= 1 for b in bounds) or int(bounds[0]) > int(bounds[-1]):
+    if (len(bounds) > 2 or not all(re.fullmatch(r"[0-9]+", b) and int(b) >= 1 for b in bounds)
+            or int(bounds[0]) > int(bounds[-1])):
         raise EchocError(f"--nnodes must be a node count N >= 1 or a range MIN:MAX with 1 <= MIN <= MAX "
                          f"(got {nnodes!r})")
     endpoint = req.launcher.get("rdzv_endpoint")
@@ -109,10 +114,15 @@ def check_launch(req: RunRequest) -> None:
 def _check_endpoint(endpoint: str) -> None:
     """--rdzv-endpoint HOST:PORT: a host name or address, and a port in 1..65535."""
     host, sep, port = endpoint.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host     # [IPv6]:port
-    label = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?$")
-    host_ok = bool(host) and (":" in host or all(label.match(p) for p in host.split(".")))
-    if not (sep and host_ok and port.isdigit() and 1 <= int(port) <= 65535):
+    if host.startswith("[") and host.endswith("]"):                                 # [IPv6]:port
+        try:
+            host_ok = ipaddress.ip_address(host[1:-1]).version == 6
+        except ValueError:
+            host_ok = False
+    else:
+        label = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?", re.ASCII)
+        host_ok = bool(host) and all(label.fullmatch(p) for p in host.split("."))
+    if not (sep and host_ok and re.fullmatch(r"[0-9]+", port) and 1 <= int(port) <= 65535):
         raise EchocError(f"--rdzv-endpoint must be HOST:PORT, a host name or address and a port in 1..65535 "
                          f"(got {endpoint!r})")
 

@@ -72,9 +72,9 @@ class Arena:
     (or, under recompute, the kept routing decisions) still use stay. In forward, moving to
     another layer's regions forgets the last layer's blocks no view uses (under recompute, its
     saved buffers other than the routing decisions); in backward it forgets all of them, so
-    each lives as long as its views, and backward takes a fresh transient block. `release` closes the arena after backward. Inside a
-    captured CUDA graph every block comes from the graph's pool, at the same address in every
-    replay."""
+    each lives as long as its views, and backward takes a fresh transient block. `release`
+    closes the arena after backward. Inside a captured CUDA graph every block comes from the
+    graph's pool, at the same address in every replay."""
 
     def __init__(self, layout: ArenaLayout, device: torch.device, allocate: bool = True):
         self.layout, self.device = layout, device
@@ -140,8 +140,9 @@ class Arena:
     def end_forward(self, recomputing: bool = False) -> None:
         """Between forward and backward: forget every block no view uses any more (the transient
         one; under recompute each layer's region of saved buffers other than its routing
-        decisions), so the loss reuses their bytes. Without recompute the blocks autograd's saved views use are forgotten too:
-        they live exactly as long as those views, freed as backward passes each layer.
+        decisions), so the loss reuses their bytes. Without recompute the blocks autograd's saved
+        views use are forgotten too: they live exactly as long as those views, freed as backward
+        passes each layer.
         `recomputing` (the graph has Recompute regions): those blocks are kept instead, and a
         recomputing backward writes into the same bytes (the plan keeps the live views and the
         rewritten buffers apart) rather than allocating a second copy while the kept routing

@@ -15,7 +15,7 @@ def worker_env_defaults(env: dict, nproc: int) -> None:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # expandable segments: the allocator's headroom the plan counts on (memory_model.ALLOCATOR_HEADROOM)
     # was measured with them; without, a glm5-mini-shaped run did not fit in 1.10× its predicted peak
-    if not (env.get("PYTORCH_CUDA_ALLOC_CONF") or env.get("PYTORCH_ALLOC_CONF")):
+    if "PYTORCH_CUDA_ALLOC_CONF" not in env and "PYTORCH_ALLOC_CONF" not in env:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 

@@ -168,7 +168,7 @@ def assign_slots(topk_idx: Tensor, counts: Tensor, quota: Tensor, rank: int, exp
     topk_idx [T, K] experts of this rank's copies; counts [ep, E]; quota [E, 1 + ep·S].
     Slot numbering: rank p owns slots p·L … p·L+L-1, L = El + S; home expert e sits in
     slot (e // El)·L + e % El, spare s of rank p in slot p·L + El + s.
-    On CUDA with triton installed three fused kernels compute it; else assign_slots_reference.
+    On CUDA with triton installed two fused kernels compute it; else assign_slots_reference.
     """
     if fused_available(topk_idx) and spares > 0:
         return _fused.assign_slots_fused(topk_idx, counts, quota, rank, experts_per_rank, spares)

@@ -198,5 +198,11 @@ def test_outputs_are_checked_before_anything_is_written(tmp_path):
                                                                            "-o", str(foreign))
     assert (foreign / "summary.json").read_text() == "my notes" and len(list(foreign.iterdir())) == 1
     assert "-o is empty" in _cli_error("compile", str(ROOT / "specs/tiny.yaml"), "-o", "")
+    cut = tmp_path / "cut"                    # a compile cut short: its stub summary, one file written
+    cut.mkdir()
+    (cut / "summary.json").write_text('{"spec_hash": "x", "complete": false}')
+    (cut / "graph.txt").write_text("partial")
+    assert "a compile cut short" in _cli_error("inspect", str(cut))
+    assert runner.invoke(app, ["compile", str(ROOT / "specs/tiny.yaml"), "-o", str(cut)]).exit_code == 0
     assert "--out" in _cli_error("simulate", str(ROOT / "specs/tiny.yaml"), "--skew", "zipf:1.2", "--steps", "2",
                                  "--out", str(tmp_path))

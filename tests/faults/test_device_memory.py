@@ -65,11 +65,11 @@ def test_workers_get_expandable_segments_unless_the_user_chose_an_allocator_conf
     env = {}
     worker_env_defaults(env, 2)
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    for key in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        mine = {key: "max_split_size_mb:128"}
+    for key, value in (("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128"), ("PYTORCH_ALLOC_CONF", "x:1"),
+                       ("PYTORCH_CUDA_ALLOC_CONF", "")):                  # set empty: the user's choice too
+        mine = {key: value}
         worker_env_defaults(mine, 2)
-        assert mine[key] == "max_split_size_mb:128" and (key == "PYTORCH_CUDA_ALLOC_CONF"
-                                                          or "PYTORCH_CUDA_ALLOC_CONF" not in mine)
+        assert mine[key] == value and (key == "PYTORCH_CUDA_ALLOC_CONF" or "PYTORCH_CUDA_ALLOC_CONF" not in mine)
 
 
 def test_a_worker_started_by_hand_turns_expandable_segments_on_itself(monkeypatch):
@@ -77,7 +77,10 @@ def test_a_worker_started_by_hand_turns_expandable_segments_on_itself(monkeypatc
     monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
-    assert not dm.expandable_segments(torch.device("cpu")) and calls == []
-    assert dm.expandable_segments(torch.device("cuda", 0)) and calls == ["expandable_segments:True"]
-    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:64")        # the user's choice stands
-    assert not dm.expandable_segments(torch.device("cuda", 0)) and len(calls) == 1
+    assert dm.expandable_segments(torch.device("cpu")) is None and calls == []
+    assert dm.expandable_segments(torch.device("cuda", 0)) is None and calls == ["expandable_segments:True"]
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:64")        # the user's choice stands ...
+    warning = dm.expandable_segments(torch.device("cuda", 0))
+    assert len(calls) == 1 and "expandable segments off" in warning         # ... with a warning
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True,max_split_size_mb:64")
+    assert dm.expandable_segments(torch.device("cuda", 0)) is None and len(calls) == 1

@@ -79,7 +79,11 @@ def _bytes(p: Path, n: int) -> Path:
     ({"nnodes": "2", "rdzv_endpoint": "localhost:abc"}, "port in 1..65535 .*'localhost:abc'"),
     ({"nnodes": "2", "rdzv_endpoint": "localhost:99999"}, "--rdzv-endpoint must be"),
     ({"nnodes": "2", "rdzv_endpoint": ":29500"}, "--rdzv-endpoint must be"),
-    ({"nnodes": "2", "rdzv_endpoint": "host0"}, "--rdzv-endpoint must be")])
+    ({"nnodes": "2", "rdzv_endpoint": "host0"}, "--rdzv-endpoint must be"),
+    ({"nnodes": "²"}, "--nnodes must be"), ({"nnodes": "1:\u0661"}, "--nnodes must be"),
+    ({"nnodes": "2", "rdzv_endpoint": "host:\u0668\u0660"}, "--rdzv-endpoint must be"),
+    ({"nnodes": "2", "rdzv_endpoint": "a:b:80"}, "--rdzv-endpoint must be"),
+    ({"nnodes": "2", "rdzv_endpoint": "[nothost]:80"}, "--rdzv-endpoint must be")])
 def test_bad_launcher_options_are_errors(launcher, msg):
     with pytest.raises(EchocError, match=msg):
         check_launch(RunRequest(None, None, "m.jsonl", launcher=launcher))

@@ -66,7 +66,7 @@ def run_arena_worker(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recompute,policy", [(False, "none"), (True, "none"), (False, "full")])
+@pytest.mark.parametrize("recompute,policy", [(False, "none"), (True, "none"), (False, "full"), (True, "moe")])
 def test_arena_run_equals_allocator_run_bitwise(run_arena_worker, oracle_spec, recompute, policy):
     """recompute: echo.recompute_clone_dispatch; policy: train.recompute (a recomputed region
     replays routing decisions kept from its forward, in arena views of their own)."""
