@@ -177,7 +177,9 @@ def _describe(err: dict, parts: Parts) -> tuple[Parts, str]:
     if kind == "extra_forbidden":
         return parts, _unknown_key(parts[-1], _allowed_keys(err["loc"][:-1]))
     if kind == "literal_error":
-        return parts, f"{_show(given)} is not allowed; allowed values are {ctx['expected']}"
+        hint = ("; YAML reads unquoted on/off/yes/no as true/false: quote a word meant as text"
+                if isinstance(given, bool) else "")
+        return parts, f"{_show(given)} is not allowed; allowed values are {ctx['expected']}{hint}"
     if kind == "union_tag_invalid":
         return parts + ("kind",), f"{ctx['tag']!r} is not allowed; allowed values are {ctx['expected_tags']}"
     if kind == "union_tag_not_found":

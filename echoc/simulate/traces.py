@@ -88,11 +88,19 @@ def synthetic_trace(ep: int, experts: int, copies: int, steps: int, layers: int,
     return out
 
 
-def check_trace(counts: Tensor, ep: int, experts: int, source: str) -> None:
-    """Refuse counts whose [ep, E] do not match the spec's parallel.ep and model.moe.num_experts."""
+def check_trace(counts: Tensor, ep: int, experts: int, source: str, copies: int | None = None) -> None:
+    """Refuse counts whose [ep, E] do not match the spec's parallel.ep and model.moe.num_experts,
+    negative counts, and a rank routing more than `copies` (tokens × top_k) rows in one layer."""
     if counts.dim() != 4 or counts.shape[2:] != (ep, experts):
         raise TraceError(f"{source}: counts have shape {tuple(counts.shape)}; this spec needs "
                          f"[steps, layers, {ep}, {experts}] (ep, num_experts)")
+    if counts.numel() and int(counts.min()) < 0:
+        raise TraceError(f"{source}: counts must be >= 0; the smallest is {int(counts.min())}")
+    if copies is not None and counts.numel():
+        most = int(counts.sum(-1).max())
+        if most > copies:
+            raise TraceError(f"{source}: a rank routes {most} rows in one layer, more than this spec's "
+                             f"{copies} (budgets tokens × model.moe.top_k); record the trace with this spec")
 
 
 def _check_count(name: str, value: int | None) -> None:
@@ -111,7 +119,7 @@ def trace_counts(spec: Spec, trace: str | Path | None, skew: str | None, drift: 
         raise TraceError("give only one of --trace, --skew and --drift")
     if trace is not None:
         counts = load_trace(trace)
-        check_trace(counts, ep, E, str(trace))
+        check_trace(counts, ep, E, str(trace), spec.budgets.tokens * spec.model.moe.top_k)
         return Trace(counts[:steps] if steps else counts, str(trace))
     option, text = ("drift", drift) if drift is not None else ("skew", DEFAULT_SKEW if skew is None else skew)
     s, rate = parse_synthetic(text, option)

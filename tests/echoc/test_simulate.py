@@ -177,7 +177,7 @@ def test_drift_moves_the_hot_experts():
 
 def test_trace_file_round_trip(tmp_path, sim_spec):
     spec = sim_spec()
-    counts = synthetic_trace(4, 8, 512, 5, 2, 1.2, seed=3)
+    counts = synthetic_trace(4, 8, spec.budgets.tokens * spec.model.moe.top_k, 5, 2, 1.2, seed=3)
     save_trace(counts, tmp_path / "routing.pt")
     from_file = sim.simulate(spec, trace=tmp_path / "routing.pt")
     assert (from_file.steps, from_file.layers) == (5, 2)
@@ -194,6 +194,14 @@ def test_a_trace_of_the_wrong_shape_for_the_spec_is_a_user_error(tmp_path, sim_s
     save_trace(torch.zeros(shape, dtype=torch.int64), tmp_path / "bad.pt")
     with pytest.raises(sim.TraceError, match=r"\[steps, layers, 4, 8\]"):
         sim.simulate(sim_spec(), trace=tmp_path / "bad.pt")
+
+
+def test_a_trace_routing_more_rows_than_the_spec_is_a_user_error(tmp_path, sim_spec):
+    spec = sim_spec()
+    copies = spec.budgets.tokens * spec.model.moe.top_k
+    save_trace(synthetic_trace(4, 8, copies + 1, 2, 1, 1.2, seed=3), tmp_path / "big.pt")
+    with pytest.raises(sim.TraceError, match=f"routes {copies + 1} rows in one layer, more than this spec's {copies}"):
+        sim.simulate(spec, trace=tmp_path / "big.pt")
 
 
 def test_a_missing_or_corrupt_trace_file_is_a_user_error(tmp_path, sim_spec):

@@ -224,6 +224,8 @@ def test_new_fields(tmp_path, make_spec):
 @pytest.mark.parametrize("path,raw,phrase", [
     ("train.on_nonfinite", "ignore", "'ignore' is not allowed; allowed values are 'skip' or 'stop'"),
     ("budgets.on_overflow", "retry", "allowed values are 'drop', 'error' or 'rerun'"),
+    ("budgets.on_overflow", "off", "false is not allowed; allowed values are 'drop', 'error' or 'rerun'; YAML reads "
+                                   "unquoted on/off/yes/no as true/false"),
     ("train.collective_timeout_s", "-1", "must be > 0; got -1"),
     ("train.collective_timeout_s", "'600'", "expected a number; got '600'"),
 ])
