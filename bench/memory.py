@@ -1,6 +1,6 @@
 """The memory model against the GPU: predicted peak per rank vs torch.cuda.max_memory_allocated.
 
-    python bench/memory.py [--steps 6] [--out bench/results/memory.json] [--cap 1.02]
+    python bench/memory.py [--steps 6] [--out bench/results/memory.json] [--cap 1.02 | --cap needs]
 
 One GPU, a glm5-mini-shaped model (MLA, hidden 2048, 4 layers of which 1 dense, 32 experts
 top-8, expert FFN 1024, one shared expert, vocab 32 000, 4096 tokens, bf16, capacity 1.25),
@@ -14,7 +14,8 @@ NCCL, inside the graph): a variant `RECOMPUTE:BUFFERS:ZERO` picks a level (defau
 ms per iteration: the median replay. --cap R: the caching allocator may hold at most R × the
 predicted peak (torch.cuda.set_per_process_memory_fraction), so a variant that runs proves the
 prediction is enough memory for the run, fragmentation included; one that needs more fails with
-an out-of-memory error row.
+an out-of-memory error row. --cap needs: at most what the plan says it needs (summary.json's
+`needs_bytes`, the peak and the allocator's headroom): every variant must run.
 Prints one table and writes JSON.
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ def spec_dict(recompute: str, buffers: str, zero: str = "0") -> dict:
     }
 
 
-def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: float = 0.0) -> dict:
+def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0") -> dict:
     """In this process: compile, predict, run `steps` captured iterations, measure."""
     from echoc.compile import compile_build
     from echoc.spec_io import spec_from_dict
@@ -66,9 +67,10 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: float = 0.
     device = init_distributed(spec)
     build = compile_build(spec)
     mem = build.summary["memory"]
-    if cap:
+    limit = mem["needs_bytes"] if cap == "needs" else float(cap) * mem["peak_bytes"]
+    if limit:
         torch.cuda.set_per_process_memory_fraction(
-            min(1.0, cap * mem["peak_bytes"] / torch.cuda.get_device_properties(device).total_memory), device)
+            min(1.0, limit / torch.cuda.get_device_properties(device).total_memory), device)
     trainer = Trainer(build.program, device)
     source = TokenSource("synthetic", spec.model.vocab_size, spec.budgets.seq_len, 0)
     fwd_bwd = _forward_backward_peak(trainer, source, device)
@@ -126,7 +128,7 @@ def _forward_backward_peak(trainer, source, device) -> int:
     return peak
 
 
-def run_all(steps: int, variants=VARIANTS, cap: float = 0.0) -> list[dict]:
+def run_all(steps: int, variants=VARIANTS, cap: str = "0") -> list[dict]:
     rows = []
     for recompute, buffers, zero in variants:
         out = Path(f"/tmp/echoc_memory_{recompute}_{buffers}_{zero}.json")
@@ -162,12 +164,18 @@ def print_table(rows: list[dict]) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--cap", type=float, default=0.0, help="allocator limit as a multiple of the predicted peak")
+    ap.add_argument("--cap", default="0", help="allocator limit: a multiple of the predicted peak, or 'needs' "
+                                                "(the plan's needs_bytes)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
     ap.add_argument("--one", nargs=3, metavar=("RECOMPUTE", "BUFFERS", "ZERO"))
     ap.add_argument("--variants", default="", help="e.g. none:arena,none:allocator,none:arena:3 (default: the six "
                                                     "recompute × buffers at zero 0)")
     args = ap.parse_args()
+    if args.cap != "needs":
+        try:
+            float(args.cap)
+        except ValueError:
+            ap.error(f"--cap must be a number or 'needs', not {args.cap!r}")
     if args.one:
         Path(args.out).write_text(json.dumps(run_one(*args.one, args.steps, args.cap)))
         return

@@ -166,9 +166,11 @@ class Arena:
         assert v.shape == shape and v.dtype == dtype, (
             f"arena view {key!r} was planned as {v.dtype}{list(v.shape)}, the op asks for {dtype}{list(shape)}")
         assert self.held, "the arena's bytes are released: allocate() first"
+        self.taken.add(key)
+        if v.nbytes == 0:       # no bytes to place: an empty region's edge may be the next region's start
+            return torch.empty(shape, dtype=dtype, device=self.device)
         self._block(self._region[key])
         alias = self._alias[key]
-        self.taken.add(key)
         return torch.empty(0, dtype=dtype, device=alias.device).set_(alias.untyped_storage(), 0, shape)
 
     def address(self, key: str) -> int:

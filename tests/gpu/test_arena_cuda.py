@@ -26,7 +26,7 @@ def check_ranks(ranks, addresses=True):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("recompute", ["none", "full"])
+@pytest.mark.parametrize("recompute", ["none", "moe", "full"])
 def test_arena_equals_allocator_at_ep1_on_one_gpu(tmp_path, recompute, monkeypatch, oracle_spec, torchrun):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     spec = oracle_spec(ep=1, capacity=2.0, experts=8)
@@ -40,13 +40,16 @@ def test_arena_equals_allocator_at_ep1_on_one_gpu(tmp_path, recompute, monkeypat
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-@pytest.mark.parametrize("recompute", [False, True])
-def test_arena_equals_allocator_on_gpus_eager_and_in_a_cuda_graph(tmp_path, recompute, monkeypatch, oracle_spec,
-                                                                 torchrun):
+@pytest.mark.parametrize("recompute,policy", [(False, "none"), (True, "none"), (False, "moe"), (True, "full")])
+def test_arena_equals_allocator_on_gpus_eager_and_in_a_cuda_graph(tmp_path, recompute, policy, monkeypatch,
+                                                                 oracle_spec, torchrun):
+    """recompute: echo.recompute_clone_dispatch; policy: train.recompute (a recomputed forward
+    gives each layer's unused region back as it moves on, inside the captured graph too)."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     spec = oracle_spec(ep=2, capacity=2.0, experts=8,
                        echo={"enabled": True, "spare_slots_per_rank": 2, "clone_domain": "cluster",
                              "recompute_clone_dispatch": recompute})
+    spec["train"]["recompute"] = policy
     spec["cluster"]["device"] = "cuda"
     spec["model"]["dtype"] = "bfloat16"
     spec["budgets"]["row_alignment"] = 16
@@ -55,5 +58,5 @@ def test_arena_equals_allocator_on_gpus_eager_and_in_a_cuda_graph(tmp_path, reco
     out = tmp_path / "out.json"
     torchrun(WORKER, {"spec": spec, "steps": 6, "graph": True, "out": str(out)}, 2, tmp_path)
     ranks = json.loads(out.read_text())
-    check_ranks(ranks)
+    check_ranks(ranks, addresses=policy == "none")
     assert sum(s["clones"] for s in ranks[0]["steps"]) > 0

@@ -191,6 +191,19 @@ def test_a_forward_keeps_the_regions_autograd_saved_views_use():
     assert set(ar.blocks) == {0, 1} and torch.equal(saved, torch.ones(64))
 
 
+def test_an_empty_view_touches_no_region():
+    """A zero-byte buffer's region may end where the next layer's begins: taking it must not
+    switch layers (which in backward would forget the current layer's blocks)."""
+    layout = ArenaLayout(2048, {"l0": View(0, (64,), torch.float32), "e1": View(512, (0,), torch.float32),
+                                "l2": View(512, (64,), torch.float32)},
+                         bounds=(0, 512, 512, 1024), layers=(0, 1, 2))
+    ar = Arena(layout, torch.device("cpu"))
+    ar.end_forward()
+    ar.take("l0", (64,), torch.float32)
+    assert ar.take("e1", (0,), torch.float32).numel() == 0
+    assert set(ar.blocks) == {0} and "e1" in ar.taken
+
+
 def test_a_view_may_not_straddle_two_regions():
     with pytest.raises(AssertionError):
         Arena(ArenaLayout(2048, {"x": View(512, (256,), torch.float32)}, bounds=(0, 1024)), torch.device("cpu"))
