@@ -10,8 +10,7 @@ from pathlib import Path
 from echoc.errors import EchocError
 from echoc.spec import Spec
 from runtime.checkpoint import check_fresh_dir
-from runtime.checkpoint_files import (CheckpointError, check_spec, check_steps, complete_steps, damage, newest_whole,
-                                     read_marker)
+from runtime.checkpoint_files import CheckpointError, check_spec, check_steps, newest_whole, read_marker
 from runtime.data import check_text_file
 
 
@@ -82,15 +81,14 @@ def check_resume(spec: Spec, mode: str, allow_changes: bool) -> str | None:
     if mode == "no":
         check_fresh_dir(d)
         return None
-    found = newest_whole(d)
+    found, damaged = newest_whole(d)
     if found is None:
         if mode == "must":
-            damaged = [f"{p.name}: {damage(p, hash_files=False)}" for _, p in complete_steps(d)]
             raise CheckpointError(f"--resume: no whole checkpoint in {d}"
-                                  + (f" (damaged: {'; '.join(damaged)})" if damaged else "")
+                                  + (f" (damaged: {'; '.join(reversed(damaged))})" if damaged else "")
                                   + "; use --resume-or-start to start from step 0 when there is none")
         return None
-    step, path, damaged = found
+    step, path = found
     check_spec(path, read_marker(path), spec, allow_changes)
     check_steps(path, step, spec.train.steps)
     return f"resuming from {path.name}" + (f" (newer but damaged: {'; '.join(damaged)})" if damaged else "")

@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from echoc.spec_rules import cross_field_errors
 from echoc.spec_types import (
     MAX_CAPACITY, MAX_EXPERTS, MAX_FFN, MAX_GPUS_PER_NODE, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS,
     MAX_LORA_RANK, MAX_ROW_ALIGNMENT, MAX_SEED, MAX_SHARED_EXPERTS, MAX_STEPS, MAX_TIMEOUT_S,
@@ -275,7 +276,7 @@ class Spec(_Section):
 
     @model_validator(mode="after")
     def _cross_field(self):
-        errors = _model_rules(self) + _layout_rules(self) + _backend_rules(self) + _cluster_rules(self)
+        errors = cross_field_errors(self)
         if errors:
             raise SpecCrossFieldError(errors)
         return self
@@ -317,89 +318,3 @@ class SpecCrossFieldError(ValueError):
     def __init__(self, errors: list[tuple[str, str]]):
         self.errors = errors
         super().__init__("; ".join(f"{p}: {m}" for p, m in errors))
-
-
-# Cross-field rules of Spec: each returns (absolute yaml path, message) pairs ---------------------
-
-def _model_rules(spec: Spec) -> list[tuple[str, str]]:
-    m, moe, r = spec.model, spec.model.moe, spec.model.moe.router
-    errors = []
-    if m.first_dense_layers > m.num_layers:
-        errors.append(("model.first_dense_layers", f"{m.first_dense_layers} is more than num_layers ({m.num_layers})"))
-    if moe.top_k > moe.num_experts:
-        errors.append(("model.moe.top_k", f"top_k ({moe.top_k}) must be <= num_experts ({moe.num_experts})"))
-    if r.topk_groups > r.num_groups:
-        errors.append(("model.moe.router.topk_groups",
-                       f"topk_groups ({r.topk_groups}) must be <= num_groups ({r.num_groups})"))
-    if moe.num_experts % r.num_groups:
-        errors.append(("model.moe.router.num_groups",
-                       f"num_experts ({moe.num_experts}) must be divisible by num_groups ({r.num_groups})"))
-    elif moe.num_experts >= moe.top_k > r.topk_groups * (moe.num_experts // r.num_groups):
-        errors.append(("model.moe.top_k", f"top_k ({moe.top_k}) exceeds the experts in the selected groups "
-                                          f"({r.topk_groups} × {moe.num_experts // r.num_groups})"))
-    if spec.train.data.kind == "text" and m.vocab_size < 256:
-        errors.append(("model.vocab_size", f"{m.vocab_size} is too small for byte-level text data (needs >= 256)"))
-    return errors
-
-
-def _layout_rules(spec: Spec) -> list[tuple[str, str]]:
-    """Parallel layout and expert cloning."""
-    p, c, echo, num_experts = spec.parallel, spec.cluster, spec.echo, spec.model.moe.num_experts
-    errors = []
-    if p.ep * p.dp != c.world_size:
-        errors.append(("parallel", f"ep × dp ({p.ep} × {p.dp}) must equal nodes × gpus_per_node "
-                                   f"({c.nodes} × {c.gpus_per_node} = {c.world_size})"))
-    if num_experts % p.ep:
-        errors.append(("parallel.ep", f"num_experts ({num_experts}) must be divisible by ep ({p.ep})"))
-    if echo.enabled and echo.spare_slots_per_rank == 0:
-        errors.append(("echo.spare_slots_per_rank", "must be >= 1 when echo.enabled is true"))
-    if echo.enabled and p.ep == 1:
-        errors.append(("echo.enabled", "cloning needs ep >= 2 (with ep = 1 every expert is already local)"))
-    elif echo.enabled and spec.model.first_dense_layers >= spec.model.num_layers:
-        errors.append(("echo.enabled", f"cloning needs a MoE layer; model.first_dense_layers "
-                                       f"({spec.model.first_dense_layers}) makes all {spec.model.num_layers} dense"))
-    elif echo.enabled and spec.clone_domain_ranks == 1:
-        errors.append(("echo.clone_domain", f"'node' with {c.gpus_per_node} GPU per node makes every clone domain "
-                                            "one rank, which has no other rank to clone onto; use 'cluster'"))
-    if echo.spare_slots_per_rank > num_experts:
-        errors.append(("echo.spare_slots_per_rank",
-                       f"{echo.spare_slots_per_rank} spare slots per rank is more than num_experts ({num_experts})"))
-    return errors
-
-
-def _backend_rules(spec: Spec) -> list[tuple[str, str]]:
-    dev, be = spec.cluster.device, spec.backends
-    errors = []
-    if dev == "cpu" and be.dispatch in ("symm_mem", "deepep"):
-        errors.append(("backends.dispatch", f"'{be.dispatch}' needs cluster.device 'cuda'; on cpu use 'torch' or 'sync'"))
-    if dev == "cpu" and be.cuda_graph != "none":
-        errors.append(("backends.cuda_graph", "CUDA graphs need cluster.device 'cuda'; on cpu use 'none'"))
-    if dev == "cpu" and be.grouped_gemm == "te":
-        errors.append(("backends.grouped_gemm", "'te' (Transformer Engine) needs cluster.device 'cuda'"))
-    if dev == "cuda" and spec.model.dtype == "float32" and be.grouped_gemm == "torch":
-        errors.append(("backends.grouped_gemm", "'torch' (grouped_mm) needs model.dtype 'bfloat16' on cuda; "
-                                                "use bfloat16, or 'loop' for float32"))
-    if be.cuda_graph == "full_iteration" and be.dispatch == "sync":
-        errors.append(("backends.dispatch", "'sync' reads routing counts on the host and cannot be captured; "
-                                            "with cuda_graph 'full_iteration' use 'torch', 'symm_mem' or 'deepep'"))
-    if spec.echo.enabled and be.dispatch == "sync":
-        errors.append(("echo.enabled", "cloning needs a sync-free backends.dispatch ('torch', 'symm_mem' or "
-                                       "'deepep'; got 'sync'), or echo.enabled false"))
-    if spec.echo.enabled and spec.echo.recompute_clone_dispatch and be.grouped_gemm != "torch":
-        errors.append(("echo.recompute_clone_dispatch", "needs backends.grouped_gemm 'torch' (grouped_mm; got "
-                                                        f"'{be.grouped_gemm}'), or recompute_clone_dispatch false"))
-    return errors
-
-
-def _cluster_rules(spec: Spec) -> list[tuple[str, str]]:
-    c = spec.cluster
-    if c.domains is None:
-        return []
-    errors = []
-    seen = sorted(n for d in c.domains for n in d.nodes)
-    if seen != list(range(c.nodes)):
-        shown = str(seen) if len(seen) <= 32 else f"{str(seen[:32])[:-1]}, ... ({len(seen)} in all)]"
-        errors.append(("cluster.domains", f"domains must partition nodes 0..{c.nodes - 1} exactly; got {shown}"))
-    if c.inter_domain_gbps is None:
-        errors.append(("cluster.inter_domain_gbps", "required when cluster.domains is given"))
-    return errors

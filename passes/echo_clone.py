@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule, Node
 
-from echoc.errors import EchocError
 from echoc.spec import Spec
 from passes.cost_model import clone_decision
 from passes.layer_builder import LayerBuilder, moe_block, moe_layer, output_node, user_of
@@ -92,9 +91,6 @@ def run(gm: GraphModule, spec: Spec) -> PassResult:
     e = spec.echo
     if not e.enabled:
         return PassResult(gm, EchoInfo(False, reason="echo.enabled is false"))
-    if spec.backends.dispatch == "sync":
-        raise EchocError("echo.enabled needs a sync-free backends.dispatch ('torch', 'symm_mem' or 'deepep'; "
-                         "got 'sync')")
     decision = clone_decision(spec)
     info = EchoInfo(True, e.spare_slots_per_rank, decision.domain_ranks, e.spare_slots_per_rank,
                     decision.min_clone_rows, e.recompute_clone_dispatch, reason=decision.explain)

@@ -129,16 +129,16 @@ def latest(ckpt_dir: str | Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def newest_whole(ckpt_dir: str | Path) -> tuple[int, Path, list[str]] | None:
-    """The newest whole checkpoint (sizes checked, no hashing) and a line for each newer one that
-    is not whole; None when there is none. For checks before any worker starts."""
+def newest_whole(ckpt_dir: str | Path) -> tuple[tuple[int, Path] | None, list[str]]:
+    """((step, directory) of the newest whole checkpoint (sizes checked, no hashing), or None when
+    there is none; a line for each newer one that is not whole). For checks before any worker starts."""
     skipped = []
     for step, d in reversed(complete_steps(ckpt_dir)):
         why = damage(d, hash_files=False)
         if why is None:
-            return step, d, skipped
+            return (step, d), skipped
         skipped.append(f"{d.name}: {why}")
-    return None
+    return None, skipped
 
 
 def set_aside(d: Path) -> Path:
