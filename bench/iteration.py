@@ -87,9 +87,10 @@ def run_variant(args, name, device):
               else TokenSource("synthetic", spec.model.vocab_size, spec.budgets.seq_len, 0))
     rank, world = dist.get_rank(), dist.get_world_size()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    mb = spec.budgets.micro_batch
     losses, times, straggler, overflow, clones = [], [], [], 0, 0
     for step in range(args.steps):
-        tokens, labels = (x.to(device) for x in local_rows(source.global_batch(step, world), rank, 1))
+        tokens, labels = (x.to(device) for x in local_rows(source.global_batch(step, world * mb), rank, mb))
         trainer.set_lr(step)
         start.record()
         m = runner.run(tokens, labels)

@@ -38,7 +38,27 @@ GIB = 2**30
 VARIANTS = [(r, b, "0") for b in ("arena", "allocator") for r in ("none", "moe", "full")]
 
 
-def spec_dict(recompute: str, buffers: str, zero: str = "0") -> dict:
+def spec_dict(recompute: str, buffers: str, zero: str = "0", shape: str = "glm5-mini") -> dict:
+    d = _glm5_mini(recompute, buffers, zero)
+    if shape == "gqa-wide":
+        _gqa_wide(d)
+    return d
+
+
+def _gqa_wide(d: dict) -> None:
+    """A second shape, unlike glm5-mini wherever the memory model has a term: GQA attention,
+    a 128k vocabulary, no shared expert, softmax top-4 of 64, two sequences of 2048, capacity
+    1.5, bf16 gradient reduction."""
+    d["model"].update({"name": "gqa-wide-1gpu", "vocab_size": 128000, "hidden_size": 1536, "num_layers": 6,
+                       "first_dense_layers": 2, "dense_intermediate_size": 4096,
+                       "attention": {"kind": "gqa", "num_heads": 12, "num_kv_heads": 4, "head_dim": 128}})
+    d["model"]["moe"] = {"num_experts": 64, "top_k": 4, "expert_intermediate_size": 768, "shared_experts": 0,
+                         "router": {"score_fn": "softmax"}}
+    d["budgets"].update({"seq_len": 2048, "micro_batch": 2, "received_token_capacity": 1.5})
+    d["train"]["grad_reduce_dtype"] = "bfloat16"
+
+
+def _glm5_mini(recompute: str, buffers: str, zero: str) -> dict:
     return {
         "model": {"name": "glm5-mini-1gpu", "vocab_size": 32000, "hidden_size": 2048, "num_layers": 4,
                   "first_dense_layers": 1, "dense_intermediate_size": 8192, "dtype": "bfloat16",
@@ -55,7 +75,7 @@ def spec_dict(recompute: str, buffers: str, zero: str = "0") -> dict:
     }
 
 
-def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0") -> dict:
+def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0", shape: str = "glm5-mini") -> dict:
     """In this process: compile, predict, run `steps` captured iterations, measure."""
     from echoc.compile import compile_build
     from echoc.spec_io import spec_from_dict
@@ -63,7 +83,7 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0")
     from runtime.data import TokenSource, local_rows
     from runtime.trainer import Trainer, init_distributed
 
-    spec = spec_from_dict(spec_dict(recompute, buffers, zero))
+    spec = spec_from_dict(spec_dict(recompute, buffers, zero, shape))
     device = init_distributed(spec)
     build = compile_build(spec)
     mem = build.summary["memory"]
@@ -73,12 +93,13 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0")
             min(1.0, limit / torch.cuda.get_device_properties(device).total_memory), device)
     trainer = Trainer(build.program, device)
     source = TokenSource("synthetic", spec.model.vocab_size, spec.budgets.seq_len, 0)
-    fwd_bwd = _forward_backward_peak(trainer, source, device)
+    mb = spec.budgets.micro_batch
+    fwd_bwd = _forward_backward_peak(trainer, source, device, mb)
     torch.cuda.reset_peak_memory_stats()
     runner = StepRunner(trainer, graph=True)
     times, reserved_by_step = [], []
     for step in range(steps):
-        tokens, labels = (x.to(device) for x in local_rows(source.global_batch(step, 1), 0, 1))
+        tokens, labels = (x.to(device) for x in local_rows(source.global_batch(step, mb), 0, mb))
         trainer.set_lr(step)
         t0 = time.perf_counter()
         runner.run(tokens, labels)
@@ -97,18 +118,18 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0")
             "predicted_phases": mem["phases"], "measured_bytes": measured, "reserved_bytes": reserved,
             "ratio": measured / mem["peak_bytes"], "ms_per_iteration": statistics.median(times[4:] or times),
             "reserved_by_step": reserved_by_step,
-            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "cap": cap,
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "cap": cap, "shape": shape,
             "device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
 
-def _forward_backward_peak(trainer, source, device) -> int:
+def _forward_backward_peak(trainer, source, device, mb: int) -> int:
     """Peak allocated bytes of one eager forward + loss + backward, before the gradient
     reduction (the phases where activations and recompute matter), from the trained state."""
     from runtime import arena
     from runtime.data import local_rows
-    from runtime.model import lm_loss
+    from runtime.loss import chunked_cross_entropy
 
-    tokens, labels = (x.to(device) for x in local_rows(source.global_batch(0, 1), 0, 1))
+    tokens, labels = (x.to(device) for x in local_rows(source.global_batch(0, mb), 0, mb))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     if trainer.arena is not None:
@@ -117,8 +138,8 @@ def _forward_backward_peak(trainer, source, device) -> int:
         out = trainer.gm(tokens)
         if trainer.arena is not None:
             trainer.arena.end_forward(trainer.recomputing)
-        loss = lm_loss(out[0] if isinstance(out, tuple) else out, labels)
-        del out                      # as the Trainer: the logits are not needed by backward
+        loss = chunked_cross_entropy(out[0] if isinstance(out, tuple) else out, labels)
+        del out                      # as the Trainer
         loss.backward()
     if trainer.arena is not None:
         trainer.arena.release()
@@ -128,14 +149,14 @@ def _forward_backward_peak(trainer, source, device) -> int:
     return peak
 
 
-def run_all(steps: int, variants=VARIANTS, cap: str = "0") -> list[dict]:
+def run_all(steps: int, variants=VARIANTS, cap: str = "0", shape: str = "glm5-mini") -> list[dict]:
     rows = []
     for recompute, buffers, zero in variants:
         out = Path(f"/tmp/echoc_memory_{recompute}_{buffers}_{zero}.json")
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         worker_env_defaults(env, 1)            # as `echoc run`: expandable segments unless set
         proc = subprocess.run([sys.executable, __file__, "--one", recompute, buffers, zero, "--steps", str(steps),
-                               "--cap", str(cap),
+                               "--cap", str(cap), "--shape", shape,
                                "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             rows.append({"recompute": recompute, "buffers": buffers, "zero": int(zero), "error": proc.stderr[-1500:]})
@@ -166,6 +187,7 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--cap", default="0", help="allocator limit: a multiple of the predicted peak, or 'needs' "
                                                 "(the plan's needs_bytes)")
+    ap.add_argument("--shape", default="glm5-mini", choices=("glm5-mini", "gqa-wide"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
     ap.add_argument("--one", nargs=3, metavar=("RECOMPUTE", "BUFFERS", "ZERO"))
     ap.add_argument("--variants", default="", help="e.g. none:arena,none:allocator,none:arena:3 (default: the six "
@@ -177,13 +199,13 @@ def main():
         except ValueError:
             ap.error(f"--cap must be a number or 'needs', not {args.cap!r}")
     if args.one:
-        Path(args.out).write_text(json.dumps(run_one(*args.one, args.steps, args.cap)))
+        Path(args.out).write_text(json.dumps(run_one(*args.one, args.steps, args.cap, args.shape)))
         return
     rows = run_all(args.steps, [tuple((v + ":0").split(":")[:3]) for v in args.variants.split(",")] if args.variants
-                   else VARIANTS, args.cap)
+                   else VARIANTS, args.cap, args.shape)
     print_table(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "variants": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "variants": rows}, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -6,8 +6,10 @@
                     the transient region during each pass (given back around the loss)
     last forward  + every layer's kept activations (after train.recompute), the last layer's
                     working set and MoE buffers, gathered weights (zero 3)
-    loss          + every layer's kept activations + logits and loss (the logits are dropped
-                    before backward)
+    loss          + every layer's kept activations + logits, and the chunked loss's backward:
+                    the logits' gradient and one fp32 chunk (runtime/loss.py)
+    output head   + kept activations + the logits' gradient, the head's input gradient and
+                    weight gradient (zero 3: the gathered head weight and its whole gradient)
     backward      + recomputed layer's activations + gradients so far + MoE buffers' peak
     grad reduce   + every gradient (model dtype) + the reduction's flat buffers
     optimizer     + the fp32 gradients the update reads
@@ -36,6 +38,7 @@ from echoc.errors import EchocError
 from echoc.memory_census import LayerCensus
 from echoc.spec import Spec
 from passes.memory_plan import ALLOCATOR, MemoryPlan
+from runtime.loss import loss_bytes
 from runtime.train_state import REDUCE_BUCKET_BYTES
 
 FP32 = 4
@@ -56,12 +59,13 @@ class ParamGroups:
 
 # What the CUDA caching allocator needs beyond the predicted peak (the live bytes) for the run
 # to go through: the blocks a captured graph's private pool cannot reuse within the capture, and
-# fragmentation. Measured (bench/memory.py --cap, glm5-mini shape, one H200, one CUDA graph, with
-# expandable segments, which `echoc run` sets): every run fits in 1.05× the predicted peak
-# without recompute and 1.15× with it; 1.10× is too little under recompute (docs/BENCHMARKS.md).
-# It multiplies the whole peak, static state included, which barely fragments: conservative for
-# plans whose peak is mostly weights and optimizer state (glm5: 8 GiB of 54); not re-measured there.
-ALLOCATOR_HEADROOM = {"none": 1.05, "moe": 1.15, "full": 1.15}
+# fragmentation. Measured (bench/memory.py --cap, one H200, one CUDA graph, with expandable
+# segments, which `echoc run` sets): under recompute 1.10× is too little and 1.15× enough; without
+# recompute the arena ran in 1.05× but the allocator needed 1.10×, with 30 MiB to spare
+# (docs/BENCHMARKS.md). One factor for every setting: 1.15×. It multiplies the whole peak, static
+# state included, which barely fragments: conservative for plans whose peak is mostly weights and
+# optimizer state (glm5: 8 GiB of 54); not re-measured there.
+ALLOCATOR_HEADROOM = {"none": 1.15, "moe": 1.15, "full": 1.15}
 
 
 @dataclass
@@ -260,13 +264,24 @@ def moe_buffer_bytes(spec: Spec, plan: MemoryPlan) -> MoEBuffers:
 
 
 def head_bytes(spec: Spec, census: LayerCensus) -> dict[str, int]:
-    """The output head: logits [T, V] (held until the loss is computed: the Trainer drops them
-    before backward, as autograd saves none), the loss's fp32 working set at
-    its peak (log-softmax output, the NLL gradient and the log-softmax gradient, and the fp32
-    copy of bf16 logits), and what the final norm and lm_head save."""
+    """The output head at the loss: logits [T, V] (model dtype, saved by the loss), the chunked
+    loss's backward working set (runtime/loss.py: the logits' gradient, one fp32 chunk, per-row
+    fp32), and what the final norm and lm_head save."""
     m, T = spec.model, spec.budgets.tokens
-    tv = T * m.vocab_size
-    return {"logits": tv * m.dtype_bytes, "loss": 3 * FP32 * tv, "head_saved": census.head}
+    return {"logits": T * m.vocab_size * m.dtype_bytes,
+            "loss": sum(loss_bytes(T, m.vocab_size, m.dtype_bytes).values()), "head_saved": census.head}
+
+
+def _head_backward(spec: Spec, p: ParamGroups, share: float) -> dict[str, int]:
+    """lm_head's backward, the logits freed: their gradient [T, V], the input gradient [T, H]
+    and the weight gradient [V, H] (the embedding's and final norm's counted with it, though
+    they come later; zero 3: the head's gathered weight and its whole gradient before the
+    reduce-scatter)."""
+    m, b, T = spec.model, spec.model.dtype_bytes, spec.budgets.tokens
+    whole = m.vocab_size * m.hidden_size * b
+    return {"grad_logits": T * m.vocab_size * b, "grad_hidden": T * m.hidden_size * b,
+            "model_grads": int(share * p.outside_layers),
+            "gathered_weights": 2 * whole if zero_level(spec) == 3 else 0}
 
 
 def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: dict, grads: dict,
@@ -284,6 +299,8 @@ def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: di
                                           moe_transient=moe.allocator_transient, gathered_weights=gathered),
               "loss": dict(static, moe_arena=moe.through_loss(recomputed), activations=kept, **head)}
     share = grads["model_grads"] / max(1, p.dense + p.expert)    # gradient bytes per local parameter
+    phases["backward, output head"] = dict(static, moe_arena=moe.through_loss(recomputed), activations=kept,
+                                           head_saved=head["head_saved"], **_head_backward(spec, p, share))
     done = p.outside_layers
     for layer in reversed(range(len(acts))):
         a = acts[layer]

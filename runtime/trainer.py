@@ -22,7 +22,8 @@ from echoc.errors import EchocError
 from echoc.spec import Spec
 from runtime import arena, comm, zero_ops
 from runtime.dtypes import torch_dtype
-from runtime.model import Transformer, lm_loss, moe_layers, update_expert_bias
+from runtime.loss import chunked_cross_entropy
+from runtime.model import Transformer, moe_layers, update_expert_bias
 from runtime.parallel import all_reduce_load, shard_experts
 from runtime.program import Program, materialize
 from runtime.recompute import Recompute
@@ -116,7 +117,12 @@ class Trainer:
         self.lr.fill_(o.lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else o.lr)
 
     def forward_backward(self, tokens: torch.Tensor, labels: torch.Tensor) -> StepOut:
-        """Forward, backward, gradient reduction and the guard (sets found_inf / skipped / nonfinite)."""
+        """Forward, backward, gradient reduction and the guard (sets found_inf / skipped / nonfinite).
+        tokens, labels: [micro_batch, seq_len] int64, the shape the plan was made for."""
+        want = (self.spec.budgets.micro_batch, self.spec.budgets.seq_len)
+        if tuple(tokens.shape) != want or tuple(labels.shape) != want:
+            raise ValueError(f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)}: the plan is for "
+                             f"[budgets.micro_batch, budgets.seq_len] = {list(want)}")
         if self.arena is not None:
             self.arena.allocate()
         with arena.active(self.arena), zero_ops.regather_in_backward():
@@ -127,8 +133,8 @@ class Trainer:
                 logits, stats, counts = out
             else:  # no MoE layer
                 logits, stats, counts = out, tokens.new_zeros(0, 4), tokens.new_zeros(0, 1, 1)
-            loss = lm_loss(logits, labels)
-            del out, logits     # autograd saves none of them: backward and the reduction reuse the bytes
+            loss = chunked_cross_entropy(logits, labels)    # saves the logits, not an fp32 copy
+            del out, logits
             (loss / self.world).backward()
         self._check_arena_use()
         if self.arena is not None:

@@ -56,7 +56,7 @@ def make_hook(fault, trainer_box):
 def main():
     cfg = json.load(open(sys.argv[1]))
     spec = spec_from_dict(cfg["spec"])
-    runtime.trainer.lm_loss = poisoned_loss(runtime.trainer.lm_loss)
+    runtime.trainer.chunked_cross_entropy = poisoned_loss(runtime.trainer.chunked_cross_entropy)
     box = {}
     real_init = runtime.trainer.Trainer.__init__
 

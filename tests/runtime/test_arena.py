@@ -220,3 +220,22 @@ def test_without_recompute_end_forward_forgets_every_block_and_saved_views_keep_
     assert ar.in_use(0) and set(ar.blocks) == {0, 1}
     ar.end_forward()
     assert not ar.blocks and torch.equal(saved, torch.full((64,), 2.0))
+
+
+def test_trainer_refuses_a_batch_of_another_shape_than_planned(make_spec, tmp_path):
+    """A batch of other rows or length than [budgets.micro_batch, budgets.seq_len] is an error
+    naming both, before any planned buffer is asked for a shape it was not planned for."""
+    import torch.distributed as dist
+    from echoc.compile import compile_build
+    from runtime import comm
+    from runtime.trainer import Trainer
+    spec = make_spec({"parallel.ep": 1, "cluster.gpus_per_node": 1, "backends.buffers": "arena"})
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    comm.init_groups(1, 1)
+    trainer = Trainer(compile_build(spec).program, torch.device("cpu"))
+    mb, s = spec.budgets.micro_batch, spec.budgets.seq_len
+    for shape in ((mb + 1, s), (mb, s - 1)):
+        tokens = torch.zeros(shape, dtype=torch.int64)
+        with pytest.raises(ValueError, match=r"budgets.micro_batch, budgets.seq_len\] = \[" + f"{mb}, {s}"):
+            trainer.step(tokens, tokens)

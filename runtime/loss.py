@@ -1,0 +1,70 @@
+"""The training loss: mean cross entropy over the logits, in fp32, a chunk of rows at a time.
+
+    logits [B, S, V] (model dtype), labels [B, S] int64  →  loss [] float32
+
+The reference (`runtime.model.lm_loss`) upcasts the whole logits tensor: at its peak it holds
+the fp32 copy, its log-softmax, the NLL gradient and the log-softmax gradient, four fp32
+[T, V] tensors, 8 GiB for 4096 tokens of a 128k vocabulary. This loss holds one fp32 chunk of
+at most LOSS_CHUNK_BYTES at a time: forward keeps the model-dtype logits and the per-row
+log-sum-exp; backward writes the model-dtype gradient chunk by chunk.
+
+The chunks are fixed by the shape alone, so the loss is capturable in a CUDA graph and reads
+nothing from the host. Every label must be a vocabulary index (there is no ignore index).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+LOSS_CHUNK_BYTES = 1 << 28       # one fp32 chunk of logits: 256 MiB
+FP32 = 4
+
+
+def chunk_rows(rows: int, vocab: int) -> int:
+    """Rows per chunk: as many as fit LOSS_CHUNK_BYTES in fp32 (at least one), at most `rows`."""
+    return max(1, min(rows, LOSS_CHUNK_BYTES // (FP32 * vocab)))
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """logits [N, V], labels [N] → Σ_i (logsumexp(logits_i) − logits_i[labels_i]) / N."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:
+        n, v = logits.shape
+        step = chunk_rows(n, v)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for lo in range(0, n, step):
+            x = logits[lo:lo + step].to(torch.float32, copy=True)   # never the fp32 input itself
+            top = x.amax(1, keepdim=True)
+            lse[lo:lo + step] = x.sub_(top).exp_().sum(1).log_().add_(top.squeeze(1))
+            del x, top      # before the next chunk is taken: one chunk at a time
+        target = logits.gather(1, labels[:, None]).squeeze(1).float()
+        ctx.save_for_backward(logits, labels, lse)
+        return (lse - target).sum() / n
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        n, v = logits.shape
+        step = chunk_rows(n, v)
+        scale = grad_loss.float() / n
+        grad = torch.empty_like(logits)
+        for lo in range(0, n, step):
+            p = logits[lo:lo + step].to(torch.float32, copy=True).sub_(lse[lo:lo + step, None]).exp_()   # softmax
+            p.scatter_add_(1, labels[lo:lo + step, None], p.new_full((p.shape[0], 1), -1.0))
+            grad[lo:lo + step] = p.mul_(scale)
+            del p
+        return grad, None
+
+
+def chunked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """logits [B, S, V], labels [B, S] → mean cross entropy, float32 scalar (as model.lm_loss)."""
+    return _ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def loss_bytes(rows: int, vocab: int, dtype_bytes: int) -> dict[str, int]:
+    """What chunked_cross_entropy holds beyond its input logits, at its peak (backward): the
+    model-dtype gradient [N, V], one fp32 chunk, and the per-row fp32 log-sum-exp and target."""
+    return {"grad_logits": rows * vocab * dtype_bytes,
+            "chunk": chunk_rows(rows, vocab) * vocab * FP32,
+            "rows": 2 * rows * FP32}

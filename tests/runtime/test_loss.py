@@ -1,0 +1,42 @@
+"""runtime/loss.py: the chunked cross entropy equals the reference loss (runtime.model.lm_loss)
+in value and gradient, whatever the chunking, and never writes its input."""
+import pytest
+import torch
+
+from runtime import loss as L
+from runtime.model import lm_loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 7, 100])
+def test_chunked_cross_entropy_equals_the_reference(monkeypatch, dtype, rows_per_chunk):
+    vocab = 13
+    monkeypatch.setattr(L, "LOSS_CHUNK_BYTES", L.FP32 * vocab * rows_per_chunk)
+    g = torch.Generator().manual_seed(rows_per_chunk)
+    logits = (4 * torch.randn(2, 9, vocab, generator=g)).to(dtype)
+    labels = torch.randint(0, vocab, (2, 9), generator=g)
+    x, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got, want = L.chunked_cross_entropy(x, labels), lm_loss(ref, labels)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    (got * 0.37).backward()
+    (want * 0.37).backward()
+    assert x.grad.dtype == dtype
+    tol = {} if dtype == torch.bfloat16 else {"rtol": 1e-6, "atol": 1e-7}
+    torch.testing.assert_close(x.grad, ref.grad, **tol)
+    torch.testing.assert_close(x.detach(), logits, rtol=0, atol=0)     # the input is untouched
+
+
+def test_chunk_rows_bounds_the_fp32_chunk():
+    assert L.chunk_rows(4096, 32000) == L.LOSS_CHUNK_BYTES // (4 * 32000)
+    assert L.chunk_rows(4, 32000) == 4                          # never more than the rows
+    assert L.chunk_rows(4096, L.LOSS_CHUNK_BYTES) == 1          # a vocabulary wider than a chunk: one row
+    b = L.loss_bytes(4096, 128000, 2)
+    assert b["grad_logits"] == 4096 * 128000 * 2 and b["chunk"] <= L.LOSS_CHUNK_BYTES
+
+
+def test_a_large_loss_is_exact_for_a_confident_wrong_guess():
+    """logits far apart (log-sum-exp must subtract the row maximum, or exp overflows)."""
+    logits = torch.tensor([[[1000.0, -1000.0, 0.0]]])
+    got = L.chunked_cross_entropy(logits, torch.tensor([[1]]))
+    torch.testing.assert_close(got, torch.tensor(2000.0))
