@@ -88,8 +88,9 @@ def param_groups(spec: Spec, model: nn.Module) -> ParamGroups:
                 dense += n
         return dense, expert
 
-    layers = [sum(local(layer)) for layer in model.layers]
+    per_layer = [local(layer) for layer in model.layers]
     dense, expert = local(model)
     largest = max((p.numel() // (ep if isinstance(m, GroupedExperts) else 1)
                    for m in model.modules() for p in m.parameters(recurse=False)), default=0)
-    return ParamGroups(dense, expert, tuple(layers), dense + expert - sum(layers), largest)
+    layers = tuple(d + e for d, e in per_layer)
+    return ParamGroups(dense, expert, layers, dense + expert - sum(layers), largest, tuple(e for _, e in per_layer))

@@ -55,6 +55,7 @@ class ParamGroups:
     layers: tuple[int, ...]      # each transformer layer's local parameters, in order
     outside_layers: int          # embedding, final norm, lm_head
     largest: int = 0             # the largest local parameter (a reduction bucket holds at least it)
+    layer_experts: tuple[int, ...] = ()   # of `layers`, each layer's local expert parameters
 
 
 # What the CUDA caching allocator needs beyond the predicted peak (the live bytes) for the run
@@ -102,6 +103,17 @@ def _shards(spec: Spec) -> tuple[int, int]:
     return spec.parallel.ep * spec.parallel.dp, spec.parallel.dp
 
 
+def gathered_layer_bytes(spec: Spec, p: ParamGroups) -> int:
+    """Zero 3: the largest layer's gathered weights (model dtype), counting only the groups of
+    more than one rank (passes/zero.py gathers nothing for a group of one)."""
+    if zero_level(spec) != 3:
+        return 0
+    nd, ne = _shards(spec)
+    experts = p.layer_experts or (0,) * len(p.layers)
+    return spec.model.dtype_bytes * max(((n - e) * (nd > 1) + e * (ne > 1) for n, e in zip(p.layers, experts)),
+                                        default=0)
+
+
 def static_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
     """Weights, fp32 masters and moments held all the time (train_state.py's layout)."""
     b, z = spec.model.dtype_bytes, zero_level(spec)
@@ -131,7 +143,7 @@ def gradient_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
         shard = n if z >= 1 else 1
         fp32 = FP32 * n_params // shard
         out["fp32_grads"] += fp32
-        if z == 3:
+        if z == 3 and n > 1:      # gathered: the reduced shard is .grad, its fp32 copy the optimizer's
             out["model_grads"] += b * n_params // n
             out["reduce_transient"] += fp32
             continue
@@ -158,11 +170,10 @@ def _bucketed_reduction(groups: list[tuple[int, int, int]], b: int, r: int, z: i
         size = min(n_params, max(REDUCE_BUCKET_BYTES // r, largest))
         for start in range(0, n_params, max(size, 1)):
             m = min(size, n_params - start)
-            if z == 2:        # reduce_scatter_full: [n, m/n] buffer and the [m/n] result, then fp32 copies
-                peak = max(peak, cur + r * m + r * m // n)
-                cur += r * m // n + (FP32 * m // n if r != FP32 else 0)
-                peak = max(peak, cur)
-                cur -= b * m
+            if z >= 2:        # reduce_scatter_full: [n, m/n] buffer and the [m/n] result, then fp32 copies
+                keep = FP32 * m // n          # the copies the optimizer reads (fp32 reduce: views of the result)
+                peak = max(peak, cur + r * m + r * m // n, cur + r * m // n + (keep if r != FP32 else 0))
+                cur += keep - b * m
                 continue
             cur += r * m                                  # the flat buffer (the cast is in its copy)
             peak = max(peak, cur)
@@ -281,15 +292,13 @@ def _head_backward(spec: Spec, p: ParamGroups, share: float) -> dict[str, int]:
     whole = m.vocab_size * m.hidden_size * b
     return {"grad_logits": T * m.vocab_size * b, "grad_hidden": T * m.hidden_size * b,
             "model_grads": int(share * p.outside_layers),
-            "gathered_weights": 2 * whole if zero_level(spec) == 3 else 0}
+            "gathered_weights": 2 * whole if zero_level(spec) == 3 and _shards(spec)[0] > 1 else 0}
 
 
 def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: dict, grads: dict,
             head: dict, moe: MoEBuffers, recomputed: bool) -> dict[str, dict[str, int]]:
     """Every phase's bytes by category (`recomputed`: the MoE layers are recomputed in backward)."""
-    b = spec.model.dtype_bytes
-    z3 = zero_level(spec) == 3
-    gathered = 2 * b * max(p.layers, default=0) if z3 else 0
+    gathered = 2 * gathered_layer_bytes(spec, p)
     kept = sum(a.kept for a in acts)
     # the last layer's forward: every layer's kept activations, its own recomputed working set, its
     # weights and the next unit's gathered (zero 3); the loss comes after the last gathered weights

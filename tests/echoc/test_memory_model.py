@@ -68,6 +68,29 @@ def test_gradients_by_zero_level(make_spec):
     assert bf16["model_grads"] == 2 * 650 and bf16["reduce_transient"] == (2 + 2) * 800
 
 
+def test_zero3_gathers_and_shards_only_groups_of_more_than_one_rank(make_spec):
+    """passes/zero.py gathers nothing for a group of one rank: at ep = world (expert-DP of one)
+    zero 3 gathers a layer's dense weights only, and its experts' gradients are reduced by the
+    host path, bucket by bucket, like zero 2's; at world 1 nothing is gathered at all."""
+    groups = mm.ParamGroups(dense=1000, expert=800, layers=(400, 600), outside_layers=800,
+                            layer_experts=(300, 500))
+    ep_only = _mini(make_spec, **{"parallel.zero": 3, "parallel.dp": 1})
+    assert mm.gathered_layer_bytes(ep_only, groups) == 2 * max(400 - 300, 600 - 500)
+    assert mm.gathered_layer_bytes(_mini(make_spec, **{"parallel.zero": 3}), groups) == 2 * 600
+    one = dict(zip(("parallel.ep", "parallel.dp", "cluster.gpus_per_node"), (1, 1, 1)))
+    world1 = {z: _mini(make_spec, **one, **{"parallel.zero": z, "train.grad_reduce_dtype": "bfloat16"})
+              for z in (2, 3)}
+    assert mm.gathered_layer_bytes(world1[3], groups) == 0
+    g2, g3 = (mm.gradient_bytes(world1[z], groups) for z in (2, 3))
+    assert g3 == g2
+    # the dense group, then the experts', one bucket each: the [1, m] buffer and its [m] result
+    # (bf16), then the result and its fp32 copies; the result and the bf16 gradients are freed
+    # after each bucket, the fp32 copies kept (4·1000 − 2·1000 above the gradients' bytes)
+    dense_peak = max(2 * 1000 + 2 * 1000, 2 * 1000 + 4 * 1000)
+    assert g3["model_grads"] == 2 * 1800
+    assert g3["reduce_transient"] == max(dense_peak, (4 - 2) * 1000 + 2 * 800 + 4 * 800)
+
+
 def test_census_counts_what_autograd_saves_on_a_real_device(make_spec):
     """The meta-device census equals the bytes a real CPU forward saves (distinct storages,
     parameters excluded) for the dense FFN and the router."""
@@ -105,6 +128,24 @@ def test_recompute_lowers_the_activation_phases(make_spec):
     assert loss["none"] - loss["moe"] == kept["none"] - kept["moe"]
     work = mm.layer_activations(spec, census, plan, "full")
     assert all(a.working > 0 for a in work)
+
+
+def test_the_loss_and_the_output_head_follow_the_chunked_loss(make_spec):
+    """At the loss: the model-dtype logits and the chunked loss's backward (runtime/loss.py),
+    not fp32 copies of the logits. The head's backward (the logits' and the input's gradients)
+    is its own phase."""
+    from runtime.loss import loss_bytes
+    spec = _mini(make_spec, **{"model.vocab_size": 50000, "parallel.zero": 0})
+    build = compile_build(spec)
+    census, plan, T = layer_census(spec), build.memory_plan, spec.budgets.tokens
+    groups = mm.ParamGroups(0, 0, (0,) * spec.model.num_layers, 0)
+    pred = mm.predict(spec, groups, census, plan, "none")
+    head = mm.head_bytes(spec, census)
+    assert head["logits"] == 2 * T * 50000 and head["loss"] == sum(loss_bytes(T, 50000, 2).values())
+    assert head["loss"] < 2 * 4 * T * 50000          # below two fp32 copies of the logits
+    out = mm._head_backward(spec, groups, share=2.0)
+    assert out["grad_logits"] == 2 * T * 50000 and out["grad_hidden"] == 2 * T * spec.model.hidden_size
+    assert "backward, output head" in pred.phases and pred.phases["loss"] > 0
 
 
 def test_auto_picks_the_cheapest_policy_that_fits(make_spec):
