@@ -34,9 +34,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         step = chunk_rows(n, v)
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         for lo in range(0, n, step):
-            x = logits[lo:lo + step].to(torch.float32, copy=True)   # never the fp32 input itself
-            top = x.amax(1, keepdim=True)
-            lse[lo:lo + step] = x.sub_(top).exp_().sum(1).log_().add_(top.squeeze(1))
+            chunk = logits[lo:lo + step]
+            top = chunk.amax(1, keepdim=True).float()      # exact: the largest value itself
+            x = torch.sub(chunk, top)                      # fp32, a new tensor: reads the logits once
+            lse[lo:lo + step] = x.exp_().sum(1).log_().add_(top.squeeze(1))
             del x, top      # before the next chunk is taken: one chunk at a time
         target = logits.gather(1, labels[:, None]).squeeze(1).float()
         ctx.save_for_backward(logits, labels, lse)
@@ -50,9 +51,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         scale = grad_loss.float() / n
         grad = torch.empty_like(logits)
         for lo in range(0, n, step):
-            p = logits[lo:lo + step].to(torch.float32, copy=True).sub_(lse[lo:lo + step, None]).exp_()   # softmax
+            p = torch.sub(logits[lo:lo + step], lse[lo:lo + step, None]).exp_()      # softmax, fp32
             p.scatter_add_(1, labels[lo:lo + step, None], p.new_full((p.shape[0], 1), -1.0))
-            grad[lo:lo + step] = p.mul_(scale)
+            torch.mul(p, scale, out=grad[lo:lo + step])    # computed in fp32, written in the logits' dtype
             del p
         return grad, None
 
