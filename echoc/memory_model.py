@@ -308,7 +308,7 @@ def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: di
                                           moe_transient=moe.allocator_transient, gathered_weights=gathered),
               "loss": dict(static, moe_arena=moe.through_loss(recomputed), activations=kept, **head)}
     share = grads["model_grads"] / max(1, p.dense + p.expert)    # gradient bytes per local parameter
-    phases["backward, output head"] = dict(static, moe_arena=moe.through_loss(recomputed), activations=kept,
+    phases["output head backward"] = dict(static, moe_arena=moe.through_loss(recomputed), activations=kept,
                                            head_saved=head["head_saved"], **_head_backward(spec, p, share))
     done = p.outside_layers
     for layer in reversed(range(len(acts))):
