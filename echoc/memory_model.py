@@ -9,7 +9,8 @@
     loss          + every layer's kept activations + logits, and the chunked loss's backward:
                     the logits' gradient and one fp32 chunk (runtime/loss.py)
     output head   + kept activations + the logits' gradient, the head's input gradient and
-                    weight gradient (zero 3: the gathered head weight and its whole gradient)
+                    weight gradient (zero 2: and its reduce-scatter buffer; zero 3: the gathered
+                    head weight and its whole gradient)
     backward      + recomputed layer's activations + gradients so far + MoE buffers' peak
     grad reduce   + every gradient (model dtype) + the reduction's flat buffers
     optimizer     + the fp32 gradients the update reads
@@ -286,13 +287,17 @@ def head_bytes(spec: Spec, census: LayerCensus) -> dict[str, int]:
 def _head_backward(spec: Spec, p: ParamGroups, share: float) -> dict[str, int]:
     """lm_head's backward, the logits freed: their gradient [T, V], the input gradient [T, H]
     and the weight gradient [V, H] (the embedding's and final norm's counted with it, though
-    they come later; zero 3: the head's gathered weight and its whole gradient before the
-    reduce-scatter)."""
-    m, b, T = spec.model, spec.model.dtype_bytes, spec.budgets.tokens
-    whole = m.vocab_size * m.hidden_size * b
+    they come later). Sharded over more than one rank, the head's whole gradient exists until
+    the graph reduce-scatters it (zero 2: with the reduce-scatter buffer; zero 3: beside the
+    head's gathered weight)."""
+    m, b, T, z = spec.model, spec.model.dtype_bytes, spec.budgets.tokens, zero_level(spec)
+    head_params = m.vocab_size * m.hidden_size
+    r = FP32 if getattr(spec.train, "grad_reduce_dtype", "float32") == "float32" else 2
+    sharded = _shards(spec)[0] > 1
     return {"grad_logits": T * m.vocab_size * b, "grad_hidden": T * m.hidden_size * b,
             "model_grads": int(share * p.outside_layers),
-            "gathered_weights": 2 * whole if zero_level(spec) == 3 and _shards(spec)[0] > 1 else 0}
+            "gathered_weights": 2 * b * head_params if z == 3 and sharded else 0,
+            "reduce_transient": (b + r) * head_params if z == 2 and sharded else 0}
 
 
 def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: dict, grads: dict,

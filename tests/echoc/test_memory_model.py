@@ -146,6 +146,11 @@ def test_the_loss_and_the_output_head_follow_the_chunked_loss(make_spec):
     out = mm._head_backward(spec, groups, share=2.0)
     assert out["grad_logits"] == 2 * T * 50000 and out["grad_hidden"] == 2 * T * spec.model.hidden_size
     assert "output head backward" in pred.phases and pred.phases["loss"] > 0
+    head_params = 50000 * spec.model.hidden_size
+    z2 = _mini(make_spec, **{"model.vocab_size": 50000, "parallel.zero": 2})
+    assert mm._head_backward(z2, groups, 0.0)["reduce_transient"] == (2 + 4) * head_params
+    z3 = _mini(make_spec, **{"model.vocab_size": 50000, "parallel.zero": 3})
+    assert mm._head_backward(z3, groups, 0.0)["gathered_weights"] == 2 * 2 * head_params
 
 
 def test_auto_picks_the_cheapest_policy_that_fits(make_spec):
