@@ -39,7 +39,7 @@ from echoc.errors import EchocError
 from echoc.memory_census import LayerCensus
 from echoc.spec import Spec
 from passes.memory_plan import ALLOCATOR, MemoryPlan
-from runtime.loss import loss_bytes
+from runtime.loss import fused_on, loss_bytes
 from runtime.train_state import REDUCE_BUCKET_BYTES
 
 FP32 = 4
@@ -280,8 +280,9 @@ def head_bytes(spec: Spec, census: LayerCensus) -> dict[str, int]:
     loss's backward working set (runtime/loss.py: the logits' gradient, one fp32 chunk, per-row
     fp32), and what the final norm and lm_head save."""
     m, T = spec.model, spec.budgets.tokens
+    fused = fused_on(spec.cluster.device)
     return {"logits": T * m.vocab_size * m.dtype_bytes,
-            "loss": sum(loss_bytes(T, m.vocab_size, m.dtype_bytes).values()), "head_saved": census.head}
+            "loss": sum(loss_bytes(T, m.vocab_size, m.dtype_bytes, fused).values()), "head_saved": census.head}
 
 
 def _head_backward(spec: Spec, p: ParamGroups, share: float) -> dict[str, int]:

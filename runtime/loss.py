@@ -16,8 +16,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+try:
+    from runtime import loss_triton
+except ImportError:       # no triton: the torch path
+    loss_triton = None
+
 LOSS_CHUNK_BYTES = 1 << 28       # one fp32 chunk of logits: 256 MiB
 FP32 = 4
+# The Triton kernels (runtime/loss_triton.py) agree with the torch path in the Triton interpreter
+# (tests/runtime/test_loss.py) but have not run on a GPU yet: off until bench/loss.py proves them.
+FUSED_ON_CUDA = False
 
 
 def chunk_rows(rows: int, vocab: int) -> int:
@@ -58,14 +66,44 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad, None
 
 
-def chunked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """logits [B, S, V], labels [B, S] → mean cross entropy, float32 scalar (as model.lm_loss)."""
-    return _ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+class _FusedCrossEntropy(torch.autograd.Function):
+    """As _ChunkedCrossEntropy, each pass one Triton kernel (runtime/loss_triton.py)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:
+        logits, labels = logits.contiguous(), labels.contiguous()
+        n = logits.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        rows = torch.empty_like(lse)
+        loss_triton.forward(logits, labels, lse, rows)
+        ctx.save_for_backward(logits, labels, lse)
+        return rows.sum() / n
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        loss_triton.backward(logits, labels, lse, (grad_loss.float() / logits.shape[0]).contiguous(), grad)
+        return grad, None
 
 
-def loss_bytes(rows: int, vocab: int, dtype_bytes: int) -> dict[str, int]:
+def fused_on(device_type: str) -> bool:
+    """Whether chunked_cross_entropy runs the Triton kernels on this kind of device."""
+    return FUSED_ON_CUDA and device_type == "cuda" and loss_triton is not None
+
+
+def chunked_cross_entropy(logits: Tensor, labels: Tensor, fused: bool | None = None) -> Tensor:
+    """logits [B, S, V], labels [B, S] → mean cross entropy, float32 scalar (as model.lm_loss).
+    `fused`: the Triton kernels (default: FUSED_ON_CUDA, on CUDA tensors, with triton)."""
+    if fused is None:
+        fused = fused_on(logits.device.type)
+    fn = _FusedCrossEntropy if fused else _ChunkedCrossEntropy
+    return fn.apply(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def loss_bytes(rows: int, vocab: int, dtype_bytes: int, fused: bool = False) -> dict[str, int]:
     """What chunked_cross_entropy holds beyond its input logits, at its peak (backward): the
-    model-dtype gradient [N, V], one fp32 chunk, and the per-row fp32 log-sum-exp and target."""
+    model-dtype gradient [N, V], one fp32 chunk (none when fused), and two fp32 values per row."""
     return {"grad_logits": rows * vocab * dtype_bytes,
-            "chunk": chunk_rows(rows, vocab) * vocab * FP32,
+            "chunk": 0 if fused else chunk_rows(rows, vocab) * vocab * FP32,
             "rows": 2 * rows * FP32}

@@ -40,3 +40,32 @@ def test_a_large_loss_is_exact_for_a_confident_wrong_guess():
     logits = torch.tensor([[[1000.0, -1000.0, 0.0]]])
     got = L.chunked_cross_entropy(logits, torch.tensor([[1]]))
     torch.testing.assert_close(got, torch.tensor(2000.0))
+
+
+def test_fused_loss_equals_the_torch_path_in_the_triton_interpreter():
+    """runtime/loss_triton.py's kernels against the chunked torch path (loss_triton_worker.py)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton", reason="needs the triton package (pip install triton)")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("loss_triton_worker.py")), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["cases"] == 6 and res["failures"] == [], res["failures"]
+
+
+def test_the_fused_switch_decides_the_kernels_and_the_predicted_bytes(monkeypatch):
+    """fused_on is the one switch: the loss on CUDA tensors and the memory model's loss bytes
+    (no fp32 chunk when fused) follow it; CPU always runs the torch path."""
+    monkeypatch.setattr(L, "FUSED_ON_CUDA", True)
+    assert L.fused_on("cuda") == (L.loss_triton is not None) and not L.fused_on("cpu")
+    assert L.loss_bytes(4096, 32000, 2, fused=True)["chunk"] == 0
+    monkeypatch.setattr(L, "FUSED_ON_CUDA", False)
+    assert not L.fused_on("cuda")
