@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one call (device machines: carry .whl for pydantic, and for
 # torchtitan 0.3.0 + spmd_types, tyro, docstring-parser, typeguard: the layer bench's peer).
-#   bash bench/gpu_run.sh [moe_layer|layer|profile|iteration|cli|arena|all] [extra args for iteration.py]
+#   bash bench/gpu_run.sh [moe_layer|layer|profile|iteration|cli|arena|loss|all] [extra args for iteration.py]
 # layer: issue 11's two shapes, profile (bench/profile_layer.py, with the floor's and torchtitan's
 # kernels) then the layer bench with the torchtitan peer and the GEMM floor (bench/moe_layer.py),
 # EP = the GPUs here; profile: the profile part alone.
@@ -58,6 +58,13 @@ if [ "$what" = arena ]; then
   shift $#
   what=iteration
   set -- --variants graph,graph_allocator,eager,eager_allocator,sync,echo_recompute_graph,echo_recompute_graph_allocator
+fi
+if [ "$what" = loss ]; then
+  # the loss: the fused Triton kernels checked on the GPU, then reference / chunked / fused timed
+  timeout 120 python3 -m pytest -q tests/gpu/test_loss_cuda.py 2>&1 | tail -2
+  timeout 300 python3 bench/loss.py --out "$OUT/loss.json" 2>&1 | tee "$OUT/loss.log" | grep -v Warning
+  shift $#
+  what=done
 fi
 if [ "$what" = all ] || [ "$what" = iteration ]; then
   timeout 400 torchrun --standalone --nproc-per-node "$ngpu" bench/iteration.py --out "$OUT/iteration.json" "$@" 2>&1 | tee "$OUT/iteration.log" | grep -v Warning

@@ -36,6 +36,7 @@ from runtime.launch import worker_env_defaults
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 VARIANTS = [(r, b, "0") for b in ("arena", "allocator") for r in ("none", "moe", "full")]
+FWD_BWD_PHASES = ("loss", "output head forward", "output head backward")   # and every "backward layer i"
 
 
 def spec_dict(recompute: str, buffers: str, zero: str = "0", shape: str = "glm5-mini") -> dict:
@@ -109,7 +110,7 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0",
                                  torch.cuda.memory_allocated()])
     measured = torch.cuda.max_memory_allocated()
     reserved = torch.cuda.max_memory_reserved()
-    predicted_fb = max(v for k, v in mem["phases"].items() if k == "loss" or k.startswith("backward"))
+    predicted_fb = max(v for k, v in mem["phases"].items() if k in FWD_BWD_PHASES or k.startswith("backward"))
     return {"recompute": recompute, "buffers": buffers, "zero": int(zero), "predicted_bytes": mem["peak_bytes"],
             "needs_bytes": mem["needs_bytes"],
             "predicted_fwd_bwd_bytes": predicted_fb, "measured_fwd_bwd_bytes": fwd_bwd,

@@ -104,15 +104,28 @@ def _shards(spec: Spec) -> tuple[int, int]:
     return spec.parallel.ep * spec.parallel.dp, spec.parallel.dp
 
 
-def gathered_layer_bytes(spec: Spec, p: ParamGroups) -> int:
-    """Zero 3: the largest layer's gathered weights (model dtype), counting only the groups of
-    more than one rank (passes/zero.py gathers nothing for a group of one)."""
+def zero3_gathered_bytes(spec: Spec, p: ParamGroups) -> tuple[int, int]:
+    """Zero 3, the largest unit's gathered weights and their transients (bytes), counting only
+    groups of more than one rank (passes/zero.py gathers nothing for a group of one):
+    forward: a unit's weights, the next unit's (prefetched one ahead) and that gather's receive
+    buffer [n, m], three units' worth (the output head is the last unit); backward: the weights
+    gathered again, their whole gradients, the reduce-scatter's [n, m/n] buffer and its result
+    (reduce dtype)."""
     if zero_level(spec) != 3:
-        return 0
+        return 0, 0
+    b, r = spec.model.dtype_bytes, _reduce_bytes(spec)
     nd, ne = _shards(spec)
     experts = p.layer_experts or (0,) * len(p.layers)
-    return spec.model.dtype_bytes * max(((n - e) * (nd > 1) + e * (ne > 1) for n, e in zip(p.layers, experts)),
-                                        default=0)
+    units = [[(n - e, nd), (e, ne)] for n, e in zip(p.layers, experts)]
+    units.append([(spec.model.vocab_size * spec.model.hidden_size, nd)])       # lm_head
+    units = [[(m, n) for m, n in u if n > 1] for u in units]
+    forward = 3 * b * max((sum(m for m, _ in u) for u in units), default=0)
+    backward = max((sum((2 * b + r) * m + r * m // n for m, n in u) for u in units[:-1]), default=0)
+    return forward, backward
+
+
+def _reduce_bytes(spec: Spec) -> int:
+    return FP32 if getattr(spec.train, "grad_reduce_dtype", "float32") == "float32" else 2
 
 
 def static_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
@@ -136,7 +149,7 @@ def gradient_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
     gradients and its reduce-scatter buffer); fp32_grads: the gradients the optimizer reads
     (fp32, this rank's shard at zero >= 1)."""
     b, z = spec.model.dtype_bytes, zero_level(spec)
-    r = FP32 if getattr(spec.train, "grad_reduce_dtype", "float32") == "float32" else 2
+    r = _reduce_bytes(spec)
     nd, ne = _shards(spec)
     out = {"model_grads": 0, "reduce_transient": 0, "fp32_grads": 0}
     in_graph, host_reduced = False, []
@@ -289,30 +302,42 @@ def _head_backward(spec: Spec, p: ParamGroups, share: float) -> dict[str, int]:
     """lm_head's backward, the logits freed: their gradient [T, V], the input gradient [T, H]
     and the weight gradient [V, H] (the embedding's and final norm's counted with it, though
     they come later). Sharded over more than one rank, the head's whole gradient exists until
-    the graph reduce-scatters it (zero 2: with the reduce-scatter buffer; zero 3: beside the
-    head's gathered weight)."""
+    the graph reduce-scatters it, beside the reduce-scatter's [n, VH/n] buffer and its result
+    (zero 3: and the head's weight gathered again)."""
     m, b, T, z = spec.model, spec.model.dtype_bytes, spec.budgets.tokens, zero_level(spec)
-    head_params = m.vocab_size * m.hidden_size
-    r = FP32 if getattr(spec.train, "grad_reduce_dtype", "float32") == "float32" else 2
-    sharded = _shards(spec)[0] > 1
+    head, r, n = m.vocab_size * m.hidden_size, _reduce_bytes(spec), _shards(spec)[0]
+    sharded = z in (2, 3) and n > 1
     return {"grad_logits": T * m.vocab_size * b, "grad_hidden": T * m.hidden_size * b,
             "model_grads": int(share * p.outside_layers),
-            "gathered_weights": 2 * b * head_params if z == 3 and sharded else 0,
-            "reduce_transient": (b + r) * head_params if z == 2 and sharded else 0}
+            "gathered_weights": b * head if z == 3 and n > 1 else 0,
+            "reduce_transient": b * head + r * head + r * head // n if sharded else 0}
+
+
+def _head_forward(spec: Spec, kept: int, head: dict) -> dict[str, int]:
+    """Zero 3 with the head sharded: its weight gathered (whole, and the receive buffer until the
+    gather completes) beside the logits; nothing otherwise (the loss phase covers it)."""
+    m, b, T = spec.model, spec.model.dtype_bytes, spec.budgets.tokens
+    if zero_level(spec) != 3 or _shards(spec)[0] == 1:
+        return {}
+    return {"activations": kept, "head_saved": head["head_saved"], "logits": T * m.vocab_size * b,
+            "gathered_weights": 2 * b * m.vocab_size * m.hidden_size}
 
 
 def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: dict, grads: dict,
             head: dict, moe: MoEBuffers, recomputed: bool) -> dict[str, dict[str, int]]:
     """Every phase's bytes by category (`recomputed`: the MoE layers are recomputed in backward)."""
-    gathered = 2 * gathered_layer_bytes(spec, p)
+    gathered_fwd, gathered_bwd = zero3_gathered_bytes(spec, p)
     kept = sum(a.kept for a in acts)
     # the last layer's forward: every layer's kept activations, its own recomputed working set, its
     # weights and the next unit's gathered (zero 3); the loss comes after the last gathered weights
     # are freed (the head's are gathered again in backward)
     phases = {"forward, last layer": dict(static, moe_arena=moe.in_last_forward(recomputed),
                                           activations=kept + (acts[-1].working if acts else 0),
-                                          moe_transient=moe.allocator_transient, gathered_weights=gathered),
+                                          moe_transient=moe.allocator_transient, gathered_weights=gathered_fwd),
               "loss": dict(static, moe_arena=moe.through_loss(recomputed), activations=kept, **head)}
+    head_fwd = _head_forward(spec, kept, head)
+    if head_fwd:
+        phases["output head forward"] = dict(static, moe_arena=moe.through_loss(recomputed), **head_fwd)
     share = grads["model_grads"] / max(1, p.dense + p.expert)    # gradient bytes per local parameter
     phases["output head backward"] = dict(static, moe_arena=moe.through_loss(recomputed), activations=kept,
                                            head_saved=head["head_saved"], **_head_backward(spec, p, share))
@@ -322,7 +347,7 @@ def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: di
         phases[f"backward layer {layer}"] = dict(
             static, moe_arena=moe.held_through(layer, recomputed) + moe.transient_region,
             activations=sum(x.kept for x in acts[:layer + 1]) + a.working, moe_transient=moe.allocator_transient,
-            gathered_weights=gathered, model_grads=int(share * (done + p.layers[layer])))
+            gathered_weights=gathered_bwd, model_grads=int(share * (done + p.layers[layer])))
         done += p.layers[layer]
     after = dict(static)          # the Trainer releases the arena after backward
     phases["gradient reduction"] = dict(after, model_grads=grads["model_grads"],

@@ -42,6 +42,9 @@ class StepRunner:
             return out
         if self.graph is None:
             self._capture(tokens, labels)
+        if tokens.shape != self.tokens.shape or labels.shape != self.labels.shape:   # copy_ would broadcast
+            raise ValueError(f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)}: the captured "
+                             f"step is for {list(self.tokens.shape)} (budgets.micro_batch, budgets.seq_len)")
         self.tokens.copy_(tokens, non_blocking=True)
         self.labels.copy_(labels, non_blocking=True)
         self.graph.replay()

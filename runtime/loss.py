@@ -103,7 +103,8 @@ def chunked_cross_entropy(logits: Tensor, labels: Tensor, fused: bool | None = N
 
 def loss_bytes(rows: int, vocab: int, dtype_bytes: int, fused: bool = False) -> dict[str, int]:
     """What chunked_cross_entropy holds beyond its input logits, at its peak (backward): the
-    model-dtype gradient [N, V], one fp32 chunk (none when fused), and two fp32 values per row."""
+    model-dtype gradient [N, V], one fp32 chunk (none when fused), and the per-row fp32
+    log-sum-exp (the forward's peak, the chunk and two values per row, is lower)."""
     return {"grad_logits": rows * vocab * dtype_bytes,
             "chunk": 0 if fused else chunk_rows(rows, vocab) * vocab * FP32,
-            "rows": 2 * rows * FP32}
+            "rows": rows * FP32}

@@ -7,7 +7,8 @@ logits [N, V] (model dtype, rows contiguous), labels [N] int64, lse / per-row lo
 float32, scale [] float32 on the device (∂loss / N): nothing is read on the host, so both
 kernels can be captured. The forward reads the logits once; the backward reads them once and
 writes the gradient once. The sums run in fp32 in another order than the torch path's, so the
-two agree to rounding, not bitwise.
+two agree to rounding, not bitwise. A label outside [0, V) makes its row's loss and gradient
+NaN (the Trainer's guard then skips or stops the step), where the torch path raises.
 """
 from __future__ import annotations
 
@@ -28,12 +29,15 @@ def _forward(logits, labels, lse, loss_rows, V, BV: tl.constexpr):
         c = start + tl.arange(0, BV)
         x = tl.load(base + c, mask=c < V, other=float("-inf")).to(tl.float32)
         new_top = tl.maximum(top, tl.max(x, 0))
-        total = total * tl.exp(top - new_top) + tl.sum(tl.exp(x - new_top), 0)
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)    # all −inf so far: exp(−inf − −inf) is NaN
+        total = total * tl.exp(top - shift) + tl.sum(tl.exp(x - shift), 0)
         top = new_top
     out = top + tl.log(total)
-    target = tl.load(base + tl.load(labels + row)).to(tl.float32)
+    label = tl.load(labels + row)
+    valid = (label >= 0) & (label < V)       # a label outside the vocabulary: NaN, never another logit
+    target = tl.load(base + tl.where(valid, label, 0)).to(tl.float32)
     tl.store(lse + row, out)
-    tl.store(loss_rows + row, out - target)
+    tl.store(loss_rows + row, tl.where(valid, out - target, float("nan")))
 
 
 @triton.jit
@@ -43,7 +47,9 @@ def _backward(logits, labels, lse, scale, grad, V, BV: tl.constexpr):
     m = c < V
     x = tl.load(logits + row * V + c, mask=m, other=0).to(tl.float32)
     p = tl.exp(x - tl.load(lse + row))
-    p = tl.where(c == tl.load(labels + row), p - 1.0, p)
+    label = tl.load(labels + row)
+    p = tl.where(c == label, p - 1.0, p)
+    p = tl.where((label >= 0) & (label < V), p, float("nan"))
     tl.store(grad + row * V + c, (p * tl.load(scale)).to(grad.dtype.element_ty), mask=m)
 
 

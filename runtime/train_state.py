@@ -144,6 +144,7 @@ class TrainState:
                     s.grad = g.view_as(s.param).float()
                 else:
                     s.grad = take_shard(g, s.shard, torch.empty_like(s.master))
+            del flat, g         # before the next bucket's buffer (fp32 whole: the gradients keep it)
 
     def _reduce_scatter(self, group: str, states: list[ParamState]) -> None:
         for bucket in reduce_buckets(states, self.reduce_dtype):
@@ -152,6 +153,7 @@ class TrainState:
             for s, g in zip(bucket, split_rows(flat, specs)):
                 s.grad = g.float().view_as(s.master)
                 s.param.grad = None
+            del flat, g         # before the next bucket's buffer (fp32: the gradients keep it)
 
     def grad_sq_sum(self) -> Tensor:
         """[] float32: Σ of squared gradient elements this rank holds (non-finite iff any is)."""

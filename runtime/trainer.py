@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -31,13 +30,6 @@ from runtime.recompute import Recompute
 from runtime.train_state import TrainState
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(spec: Spec) -> torch.device:
     """Join the torchrun job (or a 1-process world) and create the EP / expert-DP groups."""
     if spec.cluster.device == "cuda":
@@ -47,11 +39,11 @@ def init_distributed(spec: Spec) -> torch.device:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        if "RANK" not in os.environ:     # a free port unless given: other jobs may share the host
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+        # outside torchrun, a world of one: an in-process store, so no port is taken (other jobs
+        # may share the host)
+        alone = {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
         dist.init_process_group(backend, device_id=device if backend == "nccl" else None,
-                                timeout=timedelta(seconds=spec.train.collective_timeout_s))
+                                timeout=timedelta(seconds=spec.train.collective_timeout_s), **alone)
     if dist.get_world_size() != spec.cluster.world_size:
         raise EchocError(f"torchrun started {dist.get_world_size()} processes but the spec's cluster "
                          f"has {spec.cluster.world_size} (nodes × gpus_per_node)")

@@ -74,13 +74,18 @@ def test_zero3_gathers_and_shards_only_groups_of_more_than_one_rank(make_spec):
     host path, bucket by bucket, like zero 2's; at world 1 nothing is gathered at all."""
     groups = mm.ParamGroups(dense=1000, expert=800, layers=(400, 600), outside_layers=800,
                             layer_experts=(300, 500))
-    ep_only = _mini(make_spec, **{"parallel.zero": 3, "parallel.dp": 1})
-    assert mm.gathered_layer_bytes(ep_only, groups) == 2 * max(400 - 300, 600 - 500)
-    assert mm.gathered_layer_bytes(_mini(make_spec, **{"parallel.zero": 3}), groups) == 2 * 600
+    # forward: three units' worth of the largest unit (the output head, V·H, is the last unit);
+    # backward: per layer, its weights again, whole gradients, reduce-scatter buffer and result
+    ep_only = _mini(make_spec, **{"parallel.zero": 3, "parallel.dp": 1})       # dense over 2, experts over 1
+    head = ep_only.model.vocab_size * ep_only.model.hidden_size
+    b, r = 2, 4
+    assert mm.zero3_gathered_bytes(ep_only, groups) == (3 * b * max(100, head), (2 * b + r) * 100 + r * 100 // 2)
+    both = _mini(make_spec, **{"parallel.zero": 3})                            # dense over 4, experts over 2
+    assert mm.zero3_gathered_bytes(both, groups)[1] == (2 * b + r) * 600 + r * 100 // 4 + r * 500 // 2
     one = dict(zip(("parallel.ep", "parallel.dp", "cluster.gpus_per_node"), (1, 1, 1)))
     world1 = {z: _mini(make_spec, **one, **{"parallel.zero": z, "train.grad_reduce_dtype": "bfloat16"})
               for z in (2, 3)}
-    assert mm.gathered_layer_bytes(world1[3], groups) == 0
+    assert mm.zero3_gathered_bytes(world1[3], groups) == (0, 0)
     g2, g3 = (mm.gradient_bytes(world1[z], groups) for z in (2, 3))
     assert g3 == g2
     # the dense group, then the experts', one bucket each: the [1, m] buffer and its [m] result
@@ -147,10 +152,16 @@ def test_the_loss_and_the_output_head_follow_the_chunked_loss(make_spec):
     assert out["grad_logits"] == 2 * T * 50000 and out["grad_hidden"] == 2 * T * spec.model.hidden_size
     assert "output head backward" in pred.phases and pred.phases["loss"] > 0
     head_params = 50000 * spec.model.hidden_size
+    # sharded over the 4 ranks: the whole gradient (bf16), the fp32 reduce-scatter buffer and result
+    rs = (2 + 4) * head_params + 4 * head_params // 4
     z2 = _mini(make_spec, **{"model.vocab_size": 50000, "parallel.zero": 2})
-    assert mm._head_backward(z2, groups, 0.0)["reduce_transient"] == (2 + 4) * head_params
+    assert mm._head_backward(z2, groups, 0.0)["reduce_transient"] == rs
     z3 = _mini(make_spec, **{"model.vocab_size": 50000, "parallel.zero": 3})
-    assert mm._head_backward(z3, groups, 0.0)["gathered_weights"] == 2 * 2 * head_params
+    assert mm._head_backward(z3, groups, 0.0)["reduce_transient"] == rs
+    assert mm._head_backward(z3, groups, 0.0)["gathered_weights"] == 2 * head_params
+    z3_phases = mm.predict(z3, groups, census, plan, "none").phases
+    assert z3_phases["output head forward"] >= z3_phases["loss"] - head["loss"] + 2 * 2 * head_params
+    assert "output head forward" not in pred.phases                  # zero 0: the loss phase covers it
 
 
 def test_auto_picks_the_cheapest_policy_that_fits(make_spec):

@@ -65,6 +65,6 @@ def test_chunked_loss_peak_is_the_predicted_working_set():
 
     chunked, reference = _peak_above(step(L.chunked_cross_entropy)), _peak_above(step(lm_loss))
     predicted = sum(L.loss_bytes(rows, vocab, 2).values())
-    # the gradient's bytes may round up to the allocator's block; nothing else may be held
-    assert predicted <= chunked <= predicted * 1.02 + 2**21, (chunked, predicted)
+    # the allocator rounds each block up (to 512 B, 2 MiB segments): a little either way, no more
+    assert predicted - 2**16 <= chunked <= predicted * 1.02 + 2**21, (chunked, predicted)
     assert chunked < reference / 2, (chunked, reference)

@@ -43,7 +43,7 @@ def test_a_large_loss_is_exact_for_a_confident_wrong_guess():
 
 
 def test_fused_loss_equals_the_torch_path_in_the_triton_interpreter():
-    """runtime/loss_triton.py's kernels against the chunked torch path (loss_triton_worker.py)."""
+    """Both loss paths, the Triton kernels in the interpreter, against float64 (loss_triton_worker.py)."""
     import json
     import os
     import subprocess
@@ -58,7 +58,7 @@ def test_fused_loss_equals_the_torch_path_in_the_triton_interpreter():
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["cases"] == 6 and res["failures"] == [], res["failures"]
+    assert res["cases"] == 13 and res["failures"] == [], res["failures"]
 
 
 def test_the_fused_switch_decides_the_kernels_and_the_predicted_bytes(monkeypatch):
