@@ -1,9 +1,11 @@
 """The memory model against the GPU: predicted peak per rank vs torch.cuda.max_memory_allocated.
 
     python bench/memory.py [--steps 6] [--out bench/results/memory.json] [--cap 1.02 | --cap needs]
+                           [--shape glm5-mini | gqa-wide]
 
 One GPU, a glm5-mini-shaped model (MLA, hidden 2048, 4 layers of which 1 dense, 32 experts
-top-8, expert FFN 1024, one shared expert, vocab 32 000, 4096 tokens, bf16, capacity 1.25),
+top-8, expert FFN 1024, one shared expert, vocab 32 000, 4096 tokens, bf16, capacity 1.25; or
+--shape gqa-wide, unlike it wherever the memory model has a term: see _gqa_wide),
 for every train.recompute setting, with and without the arena (backends.buffers). Each variant
 runs in its own process (a captured graph's memory pool would otherwise stay allocated): the
 compile's prediction (summary.json's `memory`), then `steps` iterations through
