@@ -68,3 +68,24 @@ def test_chunked_loss_peak_is_the_predicted_working_set():
     # the allocator rounds each block up (to 512 B, 2 MiB segments): a little either way, no more
     assert predicted - 2**16 <= chunked <= predicted * 1.02 + 2**21, (chunked, predicted)
     assert chunked < reference / 2, (chunked, reference)
+
+
+def test_fused_loss_addresses_past_two_to_the_31_elements():
+    """The fused kernels' row offsets are int64: logits of more than 2³¹ elements (4100 × 524 288
+    bf16, 4.3 GB), the last rows' losses and gradients as the torch path's."""
+    pytest.importorskip("triton", reason="needs the triton package (pip install triton)")
+    rows, vocab = 4100, 1 << 19
+    assert rows * vocab > 2**31
+    g = torch.Generator(device="cuda").manual_seed(1)
+    logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16, generator=g)
+    labels = torch.randint(0, vocab, (rows,), device="cuda", generator=g)
+    labels[-1] = vocab - 1
+    out = {}
+    for fused in (False, True):
+        x = logits.clone().requires_grad_()
+        loss = L.chunked_cross_entropy(x, labels, fused=fused)
+        loss.backward()
+        out[fused] = (loss.detach(), x.grad[-3:].float())
+        del x
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=2**-7, atol=1e-12)
