@@ -228,3 +228,31 @@ def test_moe_regions_by_phase_follow_the_arena():
     assert moe.in_last_forward(False) == 35 + 7 and moe.in_last_forward(True) == 5 + 2 + 20 + 7
     assert moe.held_through(2, False) == 35 and moe.held_through(2, True) == 5 + 2 + 20
     assert moe.held_through(1, True) == 5 + 10 and moe.held_through(1, False) == 15
+
+
+def test_allocator_headroom_is_what_the_recorded_gpu_runs_show():
+    """ALLOCATOR_HEADROOM against the GPU runs kept in bench/results (bench/memory.py --cap, one
+    H200, expandable segments): above every cap a run of that recompute setting ran out of memory
+    under, and for every setting a recorded run that went through at exactly today's factor."""
+    import json
+    results = ROOT / "bench" / "results"
+    failed_under: dict[str, list[float]] = {}
+    for path in sorted((results / "memory_cap").glob("cap_expandable_*.json")):
+        cap = float(path.stem.rsplit("_", 1)[1])
+        for row in json.loads(path.read_text())["variants"]:
+            if "OutOfMemoryError" in row.get("error", ""):
+                failed_under.setdefault(row["recompute"], []).append(cap)
+    old = {"none": 1.05, "moe": 1.15, "full": 1.15}      # the headroom needs_old_headroom.json ran with
+    for row in json.loads((results / "memory_round6" / "needs_old_headroom.json").read_text())["variants"]:
+        if "OutOfMemoryError" in row.get("error", ""):
+            failed_under.setdefault(row["recompute"], []).append(old[row["recompute"]])
+    assert failed_under, "no recorded out-of-memory run: the evidence is missing"
+    for recompute, caps in failed_under.items():
+        assert mm.ALLOCATOR_HEADROOM[recompute] > max(caps), (recompute, caps)
+    ran_at = {}
+    for path in (results / "memory_round6").glob("*_needs.json"):
+        for row in json.loads(path.read_text())["variants"]:
+            if "error" not in row and row.get("cap") == "needs":
+                ran_at.setdefault(row["recompute"], set()).add(round(row["needs_bytes"] / row["predicted_bytes"], 3))
+    for recompute, factor in mm.ALLOCATOR_HEADROOM.items():
+        assert round(factor, 3) in ran_at.get(recompute, ()), (recompute, factor, ran_at)
