@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from echoc.memory_model import ParamGroups
+from echoc.memory_state import ParamGroups
 from echoc.spec import Spec
 from runtime.model import MLP, GQAAttention, GroupedExperts, MLAAttention, MoE, RMSNorm, Router, meta_transformer
 

@@ -16,13 +16,13 @@
     optimizer     + the fp32 gradients the update reads
 
 The peak is the largest phase; `MemoryPrediction` holds it by category and names the phase.
-Parameter groups and ZeRO follow runtime/train_state.py: dense parameters are sharded over all
-ranks, expert parameters (after EP) over expert-DP; at zero ≥ 1 the fp32 master and both moments
-are sharded (a float32 model's unsharded weight is its own master); gradients are the model's
-dtype until the reduction, which concatenates them in train.grad_reduce_dtype and hands the
-optimizer fp32 copies (this rank's shard at zero ≥ 1); at zero 3 weights and gradients are
-shards, and a layer's weights are gathered just before use (two layers' worth: the current one
-and the prefetched next).
+Parameter groups and ZeRO follow runtime/train_state.py (echoc/memory_state.py counts them):
+dense parameters are sharded over all ranks, expert parameters (after EP) over expert-DP; at
+zero ≥ 1 the fp32 master and both moments are sharded (a float32 model's unsharded weight is its
+own master); gradients are the model's dtype until the reduction, which concatenates them in
+train.grad_reduce_dtype and hands the optimizer fp32 copies (this rank's shard at zero ≥ 1); at
+zero 3 weights and gradients are shards, and a unit's weights are gathered just before use
+(three units' worth in the forward: the current one, the prefetched next and its receive buffer).
 
 Activations per layer: the dense parts from echoc/memory_census.py (autograd's saved tensors,
 counted on the meta device), the MoE machinery from the buffer plan (passes/buffer_plan.py):
@@ -37,26 +37,15 @@ from dataclasses import dataclass, field
 
 from echoc.errors import EchocError
 from echoc.memory_census import LayerCensus
+from echoc.memory_state import (FP32, ParamGroups, gradient_bytes, reduce_dtype_bytes, shard_counts, static_bytes,
+                                zero3_gathered_bytes, zero_level)
 from echoc.spec import Spec
 from passes.memory_plan import ALLOCATOR, MemoryPlan
 from runtime.loss import fused_on, loss_bytes
-from runtime.train_state import REDUCE_BUCKET_BYTES
 
-FP32 = 4
 INT64 = 8
 GIB = 2**30
 POLICIES = ("none", "moe", "full")
-
-
-@dataclass(frozen=True)
-class ParamGroups:
-    """Parameters this rank computes with (experts after EP), by data-parallel group."""
-    dense: int
-    expert: int
-    layers: tuple[int, ...]      # each transformer layer's local parameters, in order
-    outside_layers: int          # embedding, final norm, lm_head
-    largest: int = 0             # the largest local parameter (a reduction bucket holds at least it)
-    layer_experts: tuple[int, ...] = ()   # of `layers`, each layer's local expert parameters
 
 
 # What the CUDA caching allocator needs beyond the predicted peak (the live bytes) for the run
@@ -93,110 +82,6 @@ class MemoryPrediction:
     @property
     def fits(self) -> bool:
         return self.budget_bytes is None or self.needs_bytes <= self.budget_bytes
-
-
-def zero_level(spec: Spec) -> int:
-    return getattr(spec.parallel, "zero", 0)
-
-
-def _shards(spec: Spec) -> tuple[int, int]:
-    """(ranks a dense tensor is sharded over, ranks an expert tensor is sharded over)."""
-    return spec.parallel.ep * spec.parallel.dp, spec.parallel.dp
-
-
-def zero3_gathered_bytes(spec: Spec, p: ParamGroups) -> tuple[int, int]:
-    """Zero 3, the largest unit's gathered weights and their transients (bytes), counting only
-    groups of more than one rank (passes/zero.py gathers nothing for a group of one):
-    forward: a unit's weights, the next unit's (prefetched one ahead) and that gather's receive
-    buffer [n, m], three units' worth (the output head is the last unit); backward: the weights
-    gathered again, their whole gradients, the reduce-scatter's [n, m/n] buffer and its result
-    (reduce dtype)."""
-    if zero_level(spec) != 3:
-        return 0, 0
-    b, r = spec.model.dtype_bytes, _reduce_bytes(spec)
-    nd, ne = _shards(spec)
-    experts = p.layer_experts or (0,) * len(p.layers)
-    units = [[(n - e, nd), (e, ne)] for n, e in zip(p.layers, experts)]
-    units.append([(spec.model.vocab_size * spec.model.hidden_size, nd)])       # lm_head
-    units = [[(m, n) for m, n in u if n > 1] for u in units]
-    forward = 3 * b * max((sum(m for m, _ in u) for u in units), default=0)
-    backward = max((sum((2 * b + r) * m + r * m // n for m, n in u) for u in units[:-1]), default=0)
-    return forward, backward
-
-
-def _reduce_bytes(spec: Spec) -> int:
-    return FP32 if getattr(spec.train, "grad_reduce_dtype", "float32") == "float32" else 2
-
-
-def static_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
-    """Weights, fp32 masters and moments held all the time (train_state.py's layout)."""
-    b, z = spec.model.dtype_bytes, zero_level(spec)
-    nd, ne = _shards(spec)
-    out = {"weights": 0, "master_weights": 0, "optimizer_moments": 0}
-    for n_params, n in ((p.dense, nd), (p.expert, ne)):
-        shard = n if z >= 1 else 1
-        out["weights"] += b * n_params // (n if z == 3 else 1)
-        own = b == FP32 and (shard == 1 or z == 3)
-        out["master_weights"] += 0 if own else FP32 * n_params // shard
-        out["optimizer_moments"] += 2 * FP32 * n_params // shard
-    return out
-
-
-def gradient_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
-    """model_grads: every .grad after backward (model dtype; at zero 2 the reduced shards the
-    graph's backward accumulates); reduce_transient: what the reduction holds on top of them at
-    its peak (`_bucketed_reduction`; at zero 3 the fp32 copies; at zero 2 one layer's whole
-    gradients and its reduce-scatter buffer); fp32_grads: the gradients the optimizer reads
-    (fp32, this rank's shard at zero >= 1)."""
-    b, z = spec.model.dtype_bytes, zero_level(spec)
-    r = _reduce_bytes(spec)
-    nd, ne = _shards(spec)
-    out = {"model_grads": 0, "reduce_transient": 0, "fp32_grads": 0}
-    in_graph, host_reduced = False, []
-    for n_params, n in ((p.dense, nd), (p.expert, ne)):
-        shard = n if z >= 1 else 1
-        fp32 = FP32 * n_params // shard
-        out["fp32_grads"] += fp32
-        if z == 3 and n > 1:      # gathered: the reduced shard is .grad, its fp32 copy the optimizer's
-            out["model_grads"] += b * n_params // n
-            out["reduce_transient"] += fp32
-            continue
-        if z == 2 and n > 1:      # zero_reduce: each layer's gradients reduce-scattered in its backward
-            out["model_grads"] += 0 if r == FP32 else r * n_params // n   # the shards (fp32: the same tensors)
-            in_graph = True
-            continue
-        out["model_grads"] += b * n_params
-        host_reduced.append((n_params, n, shard))
-    out["reduce_transient"] += _bucketed_reduction(host_reduced, b, r, z, p.largest)
-    if in_graph:   # one layer's whole gradients and its reduce-scatter buffer, at a time
-        out["reduce_transient"] += (b + r) * max(p.layers + (p.outside_layers,))
-    return out
-
-
-def _bucketed_reduction(groups: list[tuple[int, int, int]], b: int, r: int, z: int, largest: int) -> int:
-    """Bytes above the model-dtype gradients at the peak of TrainState.reduce_grads, which walks
-    the groups [(params, group size, shard)] in order, one bucket at a time: a flat buffer in
-    the reduce dtype r (a reduce-scatter's also its output shard), the fp32 gradients the
-    optimizer reads (views of the flat buffer when it is fp32 and whole), each bucket's model-
-    dtype gradients dropped. Buckets of REDUCE_BUCKET_BYTES, or the largest tensor alone."""
-    cur = peak = 0
-    for n_params, n, shard in groups:
-        size = min(n_params, max(REDUCE_BUCKET_BYTES // r, largest))
-        for start in range(0, n_params, max(size, 1)):
-            m = min(size, n_params - start)
-            if z >= 2:        # reduce_scatter_full: [n, m/n] buffer and the [m/n] result, then fp32 copies
-                keep = FP32 * m // n          # the copies the optimizer reads (fp32 reduce: views of the result)
-                peak = max(peak, cur + r * m + r * m // n, cur + r * m // n + (keep if r != FP32 else 0))
-                cur += keep - b * m
-                continue
-            cur += r * m                                  # the flat buffer (the cast is in its copy)
-            peak = max(peak, cur)
-            cur -= b * m
-            if shard > 1 or r != FP32:                    # fp32 copies (this rank's shard), flat freed
-                cur += FP32 * m // shard
-                peak = max(peak, cur)
-                cur -= r * m
-    return peak
 
 
 @dataclass(frozen=True)
@@ -305,7 +190,7 @@ def _head_backward(spec: Spec, p: ParamGroups, share: float) -> dict[str, int]:
     the graph reduce-scatters it, beside the reduce-scatter's [n, VH/n] buffer and its result
     (zero 3: and the head's weight gathered again)."""
     m, b, T, z = spec.model, spec.model.dtype_bytes, spec.budgets.tokens, zero_level(spec)
-    head, r, n = m.vocab_size * m.hidden_size, _reduce_bytes(spec), _shards(spec)[0]
+    head, r, n = m.vocab_size * m.hidden_size, reduce_dtype_bytes(spec), shard_counts(spec)[0]
     sharded = z in (2, 3) and n > 1
     return {"grad_logits": T * m.vocab_size * b, "grad_hidden": T * m.hidden_size * b,
             "model_grads": int(share * p.outside_layers),
@@ -317,7 +202,7 @@ def _head_forward(spec: Spec, kept: int, head: dict) -> dict[str, int]:
     """Zero 3 with the head sharded: its weight gathered (whole, and the receive buffer until the
     gather completes) beside the logits; nothing otherwise (the loss phase covers it)."""
     m, b, T = spec.model, spec.model.dtype_bytes, spec.budgets.tokens
-    if zero_level(spec) != 3 or _shards(spec)[0] == 1:
+    if zero_level(spec) != 3 or shard_counts(spec)[0] == 1:
         return {}
     return {"activations": kept, "head_saved": head["head_saved"], "logits": T * m.vocab_size * b,
             "gathered_weights": 2 * b * m.vocab_size * m.hidden_size}
