@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from layer_setup import capture
 from runtime import loss as L
 from runtime.model import lm_loss
 
@@ -49,16 +50,7 @@ def step(fn, logits, labels):
 
 
 def graph_ms(fn, logits, labels, reps: int = 20) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step(fn, logits, labels)
-    torch.cuda.current_stream().wait_stream(side)
-    logits.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(fn, logits, labels)
+    graph = capture(lambda: step(fn, logits, labels))
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
