@@ -1,7 +1,7 @@
 """The memory model against the GPU: predicted peak per rank vs torch.cuda.max_memory_allocated.
 
     python bench/memory.py [--steps 6] [--out bench/results/memory.json] [--cap 1.02 | --cap needs]
-                           [--shape glm5-mini | gqa-wide]
+                           [--shape glm5-mini | gqa-wide] [--world EP,DP] [--variants none:arena:3,...]
 
 One GPU, a glm5-mini-shaped model (MLA, hidden 2048, 4 layers of which 1 dense, 32 experts
 top-8, expert FFN 1024, one shared expert, vocab 32 000, 4096 tokens, bf16, capacity 1.25; or
@@ -10,7 +10,8 @@ for every train.recompute setting, with and without the arena (backends.buffers)
 runs in its own process (a captured graph's memory pool would otherwise stay allocated): the
 compile's prediction (summary.json's `memory`), then `steps` iterations through
 runtime.cuda_graph.StepRunner (3 eager warm-up steps, one capture, replays), and the peak
-allocated bytes from process start. At world 1 ZeRO 1 and 2 hold the same bytes as 0 (a shard of
+allocated bytes from process start. --world EP,DP runs each variant on ep × dp GPUs (torchrun),
+every rank measured against its own prediction; the table shows the rank furthest above it. At world 1 ZeRO 1 and 2 hold the same bytes as 0 (a shard of
 one rank is the whole tensor); ZeRO 3 adds the gathered layers and runs its collectives (on
 NCCL, inside the graph): a variant `RECOMPUTE:BUFFERS:ZERO` picks a level (default 0).
 ms per iteration: the median replay. --cap R: the caching allocator may hold at most R × the
@@ -41,10 +42,14 @@ VARIANTS = [(r, b, "0") for b in ("arena", "allocator") for r in ("none", "moe",
 FWD_BWD_PHASES = ("loss", "output head forward", "output head backward")   # and every "backward layer i"
 
 
-def spec_dict(recompute: str, buffers: str, zero: str = "0", shape: str = "glm5-mini") -> dict:
+def spec_dict(recompute: str, buffers: str, zero: str = "0", shape: str = "glm5-mini", world=(1, 1)) -> dict:
+    """The bench's spec; world = (ep, dp): ep × dp GPUs of one node."""
     d = _glm5_mini(recompute, buffers, zero)
     if shape == "gqa-wide":
         _gqa_wide(d)
+    ep, dp = world
+    d["parallel"].update({"ep": ep, "dp": dp})
+    d["cluster"]["gpus_per_node"] = ep * dp
     return d
 
 
@@ -78,16 +83,19 @@ def _glm5_mini(recompute: str, buffers: str, zero: str) -> dict:
     }
 
 
-def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0", shape: str = "glm5-mini") -> dict:
-    """In this process: compile, predict, run `steps` captured iterations, measure."""
+def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0", shape: str = "glm5-mini",
+            world=(1, 1)) -> dict:
+    """In this process (one rank of ep × dp under torchrun): compile, predict, run `steps`
+    captured iterations, measure this rank's peak."""
     from echoc.compile import compile_build
     from echoc.spec_io import spec_from_dict
     from runtime.cuda_graph import StepRunner
     from runtime.data import TokenSource, local_rows
     from runtime.trainer import Trainer, init_distributed
 
-    spec = spec_from_dict(spec_dict(recompute, buffers, zero, shape))
+    spec = spec_from_dict(spec_dict(recompute, buffers, zero, shape, world))
     device = init_distributed(spec)
+    rank, ranks = torch.distributed.get_rank(), spec.cluster.world_size
     build = compile_build(spec)
     mem = build.summary["memory"]
     limit = mem["needs_bytes"] if cap == "needs" else float(cap) * mem["peak_bytes"]
@@ -97,12 +105,12 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0",
     trainer = Trainer(build.program, device)
     source = TokenSource("synthetic", spec.model.vocab_size, spec.budgets.seq_len, 0)
     mb = spec.budgets.micro_batch
-    fwd_bwd = _forward_backward_peak(trainer, source, device, mb)
+    fwd_bwd = _forward_backward_peak(trainer, source, device, mb, rank, ranks)
     torch.cuda.reset_peak_memory_stats()
     runner = StepRunner(trainer, graph=True)
     times, reserved_by_step = [], []
     for step in range(steps):
-        tokens, labels = (x.to(device) for x in local_rows(source.global_batch(step, mb), 0, mb))
+        tokens, labels = (x.to(device) for x in local_rows(source.global_batch(step, ranks * mb), rank, mb))
         trainer.set_lr(step)
         t0 = time.perf_counter()
         runner.run(tokens, labels)
@@ -113,7 +121,8 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0",
     measured = torch.cuda.max_memory_allocated()
     reserved = torch.cuda.max_memory_reserved()
     predicted_fb = max(v for k, v in mem["phases"].items() if k in FWD_BWD_PHASES or k.startswith("backward"))
-    return {"recompute": recompute, "buffers": buffers, "zero": int(zero), "predicted_bytes": mem["peak_bytes"],
+    return {"recompute": recompute, "buffers": buffers, "zero": int(zero), "world": list(world), "rank": rank,
+            "predicted_bytes": mem["peak_bytes"],
             "needs_bytes": mem["needs_bytes"],
             "predicted_fwd_bwd_bytes": predicted_fb, "measured_fwd_bwd_bytes": fwd_bwd,
             "fwd_bwd_ratio": fwd_bwd / predicted_fb,
@@ -125,14 +134,14 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0",
             "device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
 
-def _forward_backward_peak(trainer, source, device, mb: int) -> int:
+def _forward_backward_peak(trainer, source, device, mb: int, rank: int = 0, ranks: int = 1) -> int:
     """Peak allocated bytes of one eager forward + loss + backward, before the gradient
     reduction (the phases where activations and recompute matter), from the trained state."""
     from runtime import arena
     from runtime.data import local_rows
     from runtime.loss import chunked_cross_entropy
 
-    tokens, labels = (x.to(device) for x in local_rows(source.global_batch(0, mb), 0, mb))
+    tokens, labels = (x.to(device) for x in local_rows(source.global_batch(0, ranks * mb), rank, mb))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     if trainer.arena is not None:
@@ -152,20 +161,38 @@ def _forward_backward_peak(trainer, source, device, mb: int) -> int:
     return peak
 
 
-def run_all(steps: int, variants=VARIANTS, cap: str = "0", shape: str = "glm5-mini") -> list[dict]:
-    rows = []
+def run_all(steps: int, variants=VARIANTS, cap: str = "0", shape: str = "glm5-mini", world=(1, 1)) -> list[dict]:
+    """Each variant in its own process (ep × dp of them under torchrun); a row per variant: the
+    rank with the highest measured / predicted, and every rank's figures under "ranks"."""
+    rows, n = [], world[0] * world[1]
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+                                 if n > 1 else [])
     for recompute, buffers, zero in variants:
-        out = Path(f"/tmp/echoc_memory_{recompute}_{buffers}_{zero}.json")
+        out = Path(f"/tmp/echoc_memory_{recompute}_{buffers}_{zero}_{world[0]}x{world[1]}.json")
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        worker_env_defaults(env, 1)            # as `echoc run`: expandable segments unless set
-        proc = subprocess.run([sys.executable, __file__, "--one", recompute, buffers, zero, "--steps", str(steps),
-                               "--cap", str(cap), "--shape", shape,
-                               "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+        worker_env_defaults(env, n)            # as `echoc run`: expandable segments unless set
+        proc = subprocess.run(launch + [__file__, "--one", recompute, buffers, zero, "--steps", str(steps),
+                                        "--cap", str(cap), "--shape", shape, "--world", f"{world[0]},{world[1]}",
+                                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
-            rows.append({"recompute": recompute, "buffers": buffers, "zero": int(zero), "error": proc.stderr[-1500:]})
+            rows.append({"recompute": recompute, "buffers": buffers, "zero": int(zero), "error": _error_text(proc.stderr)})
             continue
-        rows.append(json.loads(out.read_text()))
+        ranks = [json.loads(rank_out(out, r, n).read_text()) for r in range(n)]
+        row = max(ranks, key=lambda r: r["ratio"])
+        row["ranks"] = [{k: r[k] for k in ("rank", "predicted_bytes", "measured_bytes", "ratio")} for r in ranks]
+        rows.append(row)
     return rows
+
+
+def _error_text(stderr: str) -> str:
+    """The failing ranks' own lines (torchrun prefixes them "[rankN]:"; their warnings left out),
+    not the launcher's traceback; the whole stderr's end where there are none."""
+    lines = [line for line in stderr.splitlines() if line.startswith("[rank") and "]:[W" not in line]
+    return ("\n".join(lines) if lines else stderr)[-1500:]
+
+
+def rank_out(out: Path, rank: int, ranks: int) -> Path:
+    return out if ranks == 1 else out.with_suffix(f".rank{rank}.json")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -193,6 +220,7 @@ def main():
     ap.add_argument("--shape", default="glm5-mini", choices=("glm5-mini", "gqa-wide"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
     ap.add_argument("--one", nargs=3, metavar=("RECOMPUTE", "BUFFERS", "ZERO"))
+    ap.add_argument("--world", default="1,1", help="EP,DP: ep × dp GPUs of this node (torchrun), e.g. 2,1 or 1,2")
     ap.add_argument("--variants", default="", help="e.g. none:arena,none:allocator,none:arena:3 (default: the six "
                                                     "recompute × buffers at zero 0)")
     args = ap.parse_args()
@@ -201,14 +229,21 @@ def main():
             float(args.cap)
         except ValueError:
             ap.error(f"--cap must be a number or 'needs', not {args.cap!r}")
+    try:
+        world = tuple(int(x) for x in args.world.split(","))
+        assert len(world) == 2 and min(world) >= 1
+    except (ValueError, AssertionError):
+        ap.error(f"--world must be EP,DP (two positive integers), not {args.world!r}")
     if args.one:
-        Path(args.out).write_text(json.dumps(run_one(*args.one, args.steps, args.cap, args.shape)))
+        row = run_one(*args.one, args.steps, args.cap, args.shape, world)
+        rank_out(Path(args.out), row["rank"], world[0] * world[1]).write_text(json.dumps(row))
         return
     rows = run_all(args.steps, [tuple((v + ":0").split(":")[:3]) for v in args.variants.split(",")] if args.variants
-                   else VARIANTS, args.cap, args.shape)
+                   else VARIANTS, args.cap, args.shape, world)
     print_table(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "variants": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "world": world,
+                                          "variants": rows}, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 from echoc.errors import EchocError
 from echoc.memory_census import LayerCensus
-from echoc.memory_state import (FP32, ParamGroups, gradient_bytes, reduce_dtype_bytes, shard_counts, static_bytes,
-                                zero3_gathered_bytes, zero_level)
+from echoc.memory_state import (FP32, ParamGroups, backward_unit_bytes, gradient_bytes, held_grad_bytes, layer_parts,
+                                reduce_dtype_bytes, shard_counts, static_bytes, zero3_gathered_bytes, zero_level)
 from echoc.spec import Spec
 from passes.memory_plan import ALLOCATOR, MemoryPlan
 from runtime.loss import fused_on, loss_bytes
@@ -50,13 +50,17 @@ POLICIES = ("none", "moe", "full")
 
 # What the CUDA caching allocator needs beyond the predicted peak (the live bytes) for the run
 # to go through: the blocks a captured graph's private pool cannot reuse within the capture, and
-# fragmentation. Measured (bench/memory.py --cap, one H200, one CUDA graph, with expandable
-# segments, which `echoc run` sets): under recompute 1.10× is too little and 1.15× enough; without
-# recompute the arena ran in 1.05× but the allocator needed 1.10×, with 30 MiB to spare
-# (docs/BENCHMARKS.md). One factor for every setting: 1.15×. It multiplies the whole peak, static
-# state included, which barely fragments: conservative for plans whose peak is mostly weights and
-# optimizer state (glm5: 8 GiB of 54); not re-measured there.
+# fragmentation. Measured (bench/memory.py --cap, H200, one CUDA graph, with expandable segments,
+# which `echoc run` sets): on one GPU, under recompute 1.10× is too little and 1.15× enough;
+# without recompute the arena ran in 1.05× but the allocator needed 1.10×, with 30 MiB to spare.
+# One factor for every setting: 1.15×. On two GPUs a sharded reduction (zero >= 1 over a group of
+# more than one rank: its buckets' buffers and kept shards interleave in the graph's pool) ran
+# out at 1.15× (ep 1 × dp 2, zero 1) and went through at 1.25×: SHARDED_HEADROOM
+# (docs/BENCHMARKS.md). It multiplies the whole peak, static state included, which barely
+# fragments: conservative for plans whose peak is mostly weights and optimizer state (glm5:
+# 8 GiB of 54); not re-measured there.
 ALLOCATOR_HEADROOM = {"none": 1.15, "moe": 1.15, "full": 1.15}
+SHARDED_HEADROOM = 1.25
 
 
 @dataclass
@@ -69,10 +73,11 @@ class MemoryPrediction:
     by_category: dict[str, int]                      # at the peak phase
     phases: dict[str, int] = field(default_factory=dict)
     budget_bytes: int | None = None
+    sharded: bool = False                            # zero >= 1 over a group of more than one rank
 
     @property
     def headroom(self) -> float:
-        return ALLOCATOR_HEADROOM[self.recompute]
+        return max(ALLOCATOR_HEADROOM[self.recompute], SHARDED_HEADROOM if self.sharded else 0.0)
 
     @property
     def needs_bytes(self) -> int:
@@ -211,7 +216,7 @@ def _head_forward(spec: Spec, kept: int, head: dict) -> dict[str, int]:
 def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: dict, grads: dict,
             head: dict, moe: MoEBuffers, recomputed: bool) -> dict[str, dict[str, int]]:
     """Every phase's bytes by category (`recomputed`: the MoE layers are recomputed in backward)."""
-    gathered_fwd, gathered_bwd = zero3_gathered_bytes(spec, p)
+    gathered_fwd = zero3_gathered_bytes(spec, p)
     kept = sum(a.kept for a in acts)
     # the last layer's forward: every layer's kept activations, its own recomputed working set, its
     # weights and the next unit's gathered (zero 3); the loss comes after the last gathered weights
@@ -226,19 +231,37 @@ def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: di
     share = grads["model_grads"] / max(1, p.dense + p.expert)    # gradient bytes per local parameter
     phases["output head backward"] = dict(static, moe_arena=moe.through_loss(recomputed), activations=kept,
                                            head_saved=head["head_saved"], **_head_backward(spec, p, share))
-    done = p.outside_layers
+    done = [(p.outside_layers, shard_counts(spec)[0]), (0, shard_counts(spec)[1])]
     for layer in reversed(range(len(acts))):
-        a = acts[layer]
-        phases[f"backward layer {layer}"] = dict(
-            static, moe_arena=moe.held_through(layer, recomputed) + moe.transient_region,
-            activations=sum(x.kept for x in acts[:layer + 1]) + a.working, moe_transient=moe.allocator_transient,
-            gathered_weights=gathered_bwd, model_grads=int(share * (done + p.layers[layer])))
-        done += p.layers[layer]
+        phases[f"backward layer {layer}"] = _layer_backward(spec, p, static, acts, layer, moe, recomputed,
+                                                            held_grad_bytes(spec, done))
+        done = [(d + m, n) for (d, n), (m, _) in zip(done, layer_parts(spec, p, layer))]
     after = dict(static)          # the Trainer releases the arena after backward
     phases["gradient reduction"] = dict(after, model_grads=grads["model_grads"],
                                         reduce_transient=grads["reduce_transient"])
     phases["optimizer"] = dict(after, fp32_grads=grads["fp32_grads"])
     return phases
+
+
+def _layer_backward(spec: Spec, p: ParamGroups, static: dict, acts: list[LayerActivations], layer: int,
+                    moe: MoEBuffers, recomputed: bool, held: int) -> dict[str, int]:
+    """A layer's backward, the larger of two moments: while it computes (the activations kept
+    through it and its working set, its weights gathered again at zero 3, its whole gradients
+    as they accumulate) and, at zero 2 and 3, at its reduce-scatter, after its own activations
+    are freed (the gradient flowing to the layer below instead, two [T, H]; the reduce-scatter's
+    buffer and result). `held`: the gradients of the units after it (held_grad_bytes)."""
+    parts = layer_parts(spec, p, layer)
+    unit = backward_unit_bytes(spec, parts)
+    base = dict(static, moe_arena=moe.held_through(layer, recomputed) + moe.transient_region,
+                moe_transient=moe.allocator_transient, gathered_weights=unit["gathered_weights"],
+                model_grads=held + spec.model.dtype_bytes * p.layers[layer])
+    computing = dict(base, activations=sum(x.kept for x in acts[:layer + 1]) + acts[layer].working)
+    if not unit["reduce_transient"]:
+        return computing
+    flow = 2 * spec.budgets.tokens * spec.model.hidden_size * spec.model.dtype_bytes
+    reducing = dict(base, activations=sum(x.kept for x in acts[:layer]) + flow,
+                    reduce_transient=unit["reduce_transient"])
+    return max(computing, reducing, key=lambda d: sum(d.values()))
 
 
 def predict(spec: Spec, p: ParamGroups, census: LayerCensus, plan: MemoryPlan, policy: str) -> MemoryPrediction:
@@ -252,7 +275,8 @@ def predict(spec: Spec, p: ParamGroups, census: LayerCensus, plan: MemoryPlan, p
     budget = spec.budgets.memory_gib
     return MemoryPrediction(policy, zero_level(spec), totals[worst], worst,
                             {k: v for k, v in phases[worst].items() if v}, totals,
-                            None if budget is None else int(budget * GIB))
+                            None if budget is None else int(budget * GIB),
+                            zero_level(spec) >= 1 and max(shard_counts(spec)) > 1)
 
 
 def choose(spec: Spec, p: ParamGroups, census: LayerCensus, plan: MemoryPlan) -> MemoryPrediction:

@@ -35,24 +35,43 @@ def shard_counts(spec: Spec) -> tuple[int, int]:
     return spec.parallel.ep * spec.parallel.dp, spec.parallel.dp
 
 
-def zero3_gathered_bytes(spec: Spec, p: ParamGroups) -> tuple[int, int]:
-    """Zero 3, the largest unit's gathered weights and their transients (bytes), counting only
-    groups of more than one rank (passes/zero.py gathers nothing for a group of one):
-    forward: a unit's weights, the next unit's (prefetched one ahead) and that gather's receive
-    buffer [n, m], three units' worth (the output head is the last unit); backward: the weights
-    gathered again, their whole gradients, the reduce-scatter's [n, m/n] buffer and its result
-    (reduce dtype)."""
+def zero3_gathered_bytes(spec: Spec, p: ParamGroups) -> int:
+    """Zero 3's forward: the largest unit's gathered weights, counting only groups of more than
+    one rank (passes/zero.py gathers nothing for a group of one): a unit's weights, the next
+    unit's (prefetched one ahead) and that gather's receive buffer [n, m], three units' worth
+    (the output head is the last unit). The backward's are in backward_unit_bytes."""
     if zero_level(spec) != 3:
-        return 0, 0
-    b, r = spec.model.dtype_bytes, reduce_dtype_bytes(spec)
-    nd, ne = shard_counts(spec)
-    experts = p.layer_experts or (0,) * len(p.layers)
-    units = [[(n - e, nd), (e, ne)] for n, e in zip(p.layers, experts)]
+        return 0
+    nd, _ = shard_counts(spec)
+    units = [layer_parts(spec, p, i) for i in range(len(p.layers))]
     units.append([(spec.model.vocab_size * spec.model.hidden_size, nd)])       # lm_head
-    units = [[(m, n) for m, n in u if n > 1] for u in units]
-    forward = 3 * b * max((sum(m for m, _ in u) for u in units), default=0)
-    backward = max((sum((2 * b + r) * m + r * m // n for m, n in u) for u in units[:-1]), default=0)
-    return forward, backward
+    return 3 * spec.model.dtype_bytes * max((sum(m for m, n in u if n > 1) for u in units), default=0)
+
+
+def layer_parts(spec: Spec, p: ParamGroups, layer: int) -> list[tuple[int, int]]:
+    """A layer's local parameters by group: [(dense, ranks it is sharded over), (experts, ...)]."""
+    nd, ne = shard_counts(spec)
+    experts = p.layer_experts[layer] if p.layer_experts else 0
+    return [(p.layers[layer] - experts, nd), (experts, ne)]
+
+
+def backward_unit_bytes(spec: Spec, parts: list[tuple[int, int]]) -> dict[str, int]:
+    """One unit's backward at zero 2 and 3 (runtime/zero_ops.py), for the groups the graph
+    reduce-scatters (more than one rank): zero 3's weights gathered again, and at the unit's
+    reduce-scatter the [n, m/n] buffer and its [m/n] result (reduce dtype). The unit's whole
+    gradients (model dtype) are the caller's, as at every level."""
+    z, b, r = zero_level(spec), spec.model.dtype_bytes, reduce_dtype_bytes(spec)
+    mine = [(m, n) for m, n in parts if n > 1 and z in (2, 3)]
+    return {"gathered_weights": sum(b * m for m, _ in mine) if z == 3 else 0,
+            "reduce_transient": sum(r * m + r * m // n for m, n in mine)}
+
+
+def held_grad_bytes(spec: Spec, parts: list[tuple[int, int]]) -> int:
+    """The gradients of parameters [(m, n)] whose backward (and, in the graph, reduce-scatter)
+    is done: whole in the model dtype where the host reduces them (zero < 2, or a group of one),
+    this rank's reduced shard at zero 2 (reduce dtype) and zero 3 (model dtype .grad)."""
+    z, b, r = zero_level(spec), spec.model.dtype_bytes, reduce_dtype_bytes(spec)
+    return sum(b * m if z < 2 or n == 1 else (r if z == 2 else b) * m // n for m, n in parts)
 
 
 def reduce_dtype_bytes(spec: Spec) -> int:
@@ -74,33 +93,25 @@ def static_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
 
 
 def gradient_bytes(spec: Spec, p: ParamGroups) -> dict[str, int]:
-    """model_grads: every .grad after backward (model dtype; at zero 2 the reduced shards the
-    graph's backward accumulates); reduce_transient: what the reduction holds on top of them at
-    its peak (`_bucketed_reduction`; at zero 3 the fp32 copies; at zero 2 one layer's whole
-    gradients and its reduce-scatter buffer); fp32_grads: the gradients the optimizer reads
-    (fp32, this rank's shard at zero >= 1)."""
+    """model_grads: every gradient after backward (held_grad_bytes: at zero 2 the reduced shards
+    the graph's backward accumulates, which are the optimizer's own when fp32); reduce_transient:
+    what the reduction after backward holds on top of them at its peak (`_bucketed_reduction`;
+    at zero 3 the fp32 copies; zero 2's reduce-scatters run in backward: backward_unit_bytes);
+    fp32_grads: the gradients the optimizer reads (fp32, this rank's shard at zero >= 1)."""
     b, z = spec.model.dtype_bytes, zero_level(spec)
     r = reduce_dtype_bytes(spec)
     nd, ne = shard_counts(spec)
     out = {"model_grads": 0, "reduce_transient": 0, "fp32_grads": 0}
-    in_graph, host_reduced = False, []
+    host_reduced = []
     for n_params, n in ((p.dense, nd), (p.expert, ne)):
         shard = n if z >= 1 else 1
-        fp32 = FP32 * n_params // shard
-        out["fp32_grads"] += fp32
+        out["fp32_grads"] += FP32 * n_params // shard
+        out["model_grads"] += held_grad_bytes(spec, [(n_params, n)])
         if z == 3 and n > 1:      # gathered: the reduced shard is .grad, its fp32 copy the optimizer's
-            out["model_grads"] += b * n_params // n
-            out["reduce_transient"] += fp32
-            continue
-        if z == 2 and n > 1:      # zero_reduce: each layer's gradients reduce-scattered in its backward
-            out["model_grads"] += 0 if r == FP32 else r * n_params // n   # the shards (fp32: the same tensors)
-            in_graph = True
-            continue
-        out["model_grads"] += b * n_params
-        host_reduced.append((n_params, n, shard))
+            out["reduce_transient"] += FP32 * n_params // n
+        elif not (z == 2 and n > 1):      # zero 2: reduce-scattered in the graph's backward
+            host_reduced.append((n_params, n, shard))
     out["reduce_transient"] += _bucketed_reduction(host_reduced, b, r, z, p.largest)
-    if in_graph:   # one layer's whole gradients and its reduce-scatter buffer, at a time
-        out["reduce_transient"] += (b + r) * max(p.layers + (p.outside_layers,))
     return out
 
 

@@ -19,7 +19,7 @@ def _peak_above(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def test_chunked_loss_replays_in_a_cuda_graph():
+def test_loss_replays_in_a_cuda_graph():
     """As the Trainer uses it: the logits come from an output head inside the captured step,
     warmed up on a side stream first; the replay equals an eager step."""
     rows, vocab, hidden = 1024, 50000, 64
@@ -52,7 +52,10 @@ def test_chunked_loss_replays_in_a_cuda_graph():
     assert all(torch.equal(c, e) for c, e in zip(captured, eager))
 
 
-def test_chunked_loss_peak_is_the_predicted_working_set():
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-chunks", "fused"])
+def test_loss_peak_is_the_predicted_working_set(fused):
+    if fused:
+        pytest.importorskip("triton", reason="needs the triton package (pip install triton)")
     rows, vocab = 4096, 128000
     logits = torch.randn(1, rows, vocab, device="cuda", dtype=torch.bfloat16).requires_grad_()
     labels = torch.randint(0, vocab, (1, rows), device="cuda")
@@ -63,11 +66,12 @@ def test_chunked_loss_peak_is_the_predicted_working_set():
             logits.grad = None
         return run
 
-    chunked, reference = _peak_above(step(L.chunked_cross_entropy)), _peak_above(step(lm_loss))
-    predicted = sum(L.loss_bytes(rows, vocab, 2).values())
+    measured = _peak_above(step(lambda x, y: L.chunked_cross_entropy(x, y, fused=fused)))
+    reference = _peak_above(step(lm_loss))
+    predicted = sum(L.loss_bytes(rows, vocab, 2, fused).values())
     # the allocator rounds each block up (to 512 B, 2 MiB segments): a little either way, no more
-    assert predicted - 2**16 <= chunked <= predicted * 1.02 + 2**21, (chunked, predicted)
-    assert chunked < reference / 2, (chunked, reference)
+    assert predicted - 2**16 <= measured <= predicted * 1.02 + 2**21, (measured, predicted)
+    assert measured < reference / 2, (measured, reference)
 
 
 def test_fused_loss_addresses_past_two_to_the_31_elements():
