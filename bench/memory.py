@@ -11,8 +11,8 @@ runs in its own process (a captured graph's memory pool would otherwise stay all
 compile's prediction (summary.json's `memory`), then `steps` iterations through
 runtime.cuda_graph.StepRunner (3 eager warm-up steps, one capture, replays), and the peak
 allocated bytes from process start. --world EP,DP runs each variant on ep × dp GPUs (torchrun),
-every rank measured against its own prediction; the table shows the rank furthest above it. At world 1 ZeRO 1 and 2 hold the same bytes as 0 (a shard of
-one rank is the whole tensor); ZeRO 3 adds the gathered layers and runs its collectives (on
+every rank measured against its own prediction; the table shows the rank furthest above it.
+At world 1 ZeRO 1 and 2 hold the same bytes as 0 (a shard of one rank is the whole tensor); ZeRO 3 adds the gathered layers and runs its collectives (on
 NCCL, inside the graph): a variant `RECOMPUTE:BUFFERS:ZERO` picks a level (default 0).
 ms per iteration: the median replay. --cap R: the caching allocator may hold at most R × the
 predicted peak (torch.cuda.set_per_process_memory_fraction), so a variant that runs proves the
@@ -26,10 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -137,7 +139,7 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0",
 def _forward_backward_peak(trainer, source, device, mb: int, rank: int = 0, ranks: int = 1) -> int:
     """Peak allocated bytes of one eager forward + loss + backward, before the gradient
     reduction (the phases where activations and recompute matter), from the trained state."""
-    from runtime import arena
+    from runtime import arena, zero_ops
     from runtime.data import local_rows
     from runtime.loss import chunked_cross_entropy
 
@@ -146,7 +148,7 @@ def _forward_backward_peak(trainer, source, device, mb: int, rank: int = 0, rank
     torch.cuda.reset_peak_memory_stats()
     if trainer.arena is not None:
         trainer.arena.allocate()
-    with arena.active(trainer.arena):
+    with arena.active(trainer.arena), zero_ops.regather_in_backward():          # as the Trainer
         out = trainer.gm(tokens)
         if trainer.arena is not None:
             trainer.arena.end_forward(trainer.recomputing)
@@ -163,32 +165,44 @@ def _forward_backward_peak(trainer, source, device, mb: int, rank: int = 0, rank
 
 def run_all(steps: int, variants=VARIANTS, cap: str = "0", shape: str = "glm5-mini", world=(1, 1)) -> list[dict]:
     """Each variant in its own process (ep × dp of them under torchrun); a row per variant: the
-    rank with the highest measured / predicted, and every rank's figures under "ranks"."""
+    rank with the highest measured / predicted, and every rank's figures under "ranks"; or the
+    first failing rank's error (each rank writes its own traceback)."""
     rows, n = [], world[0] * world[1]
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
                                  if n > 1 else [])
     for recompute, buffers, zero in variants:
         out = Path(f"/tmp/echoc_memory_{recompute}_{buffers}_{zero}_{world[0]}x{world[1]}.json")
+        for r in range(n):
+            rank_out(out, r, n).unlink(missing_ok=True)         # nothing left from an earlier run
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         worker_env_defaults(env, n)            # as `echoc run`: expandable segments unless set
-        proc = subprocess.run(launch + [__file__, "--one", recompute, buffers, zero, "--steps", str(steps),
-                                        "--cap", str(cap), "--shape", shape, "--world", f"{world[0]},{world[1]}",
-                                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            rows.append({"recompute": recompute, "buffers": buffers, "zero": int(zero), "error": _error_text(proc.stderr)})
+        rc, stderr = _run_group(launch + [__file__, "--one", recompute, buffers, zero, "--steps", str(steps),
+                                          "--cap", str(cap), "--shape", shape, "--world", f"{world[0]},{world[1]}",
+                                          "--out", str(out)], env)
+        ranks = [json.loads(f.read_text()) for f in (rank_out(out, r, n) for r in range(n)) if f.exists()]
+        failed = [r for r in ranks if "error" in r]
+        if rc != 0 or failed or len(ranks) < n:
+            rows.append({"recompute": recompute, "buffers": buffers, "zero": int(zero), "cap": cap,
+                         "world": list(world), "error": failed[0]["error"] if failed else stderr[-1500:]})
             continue
-        ranks = [json.loads(rank_out(out, r, n).read_text()) for r in range(n)]
         row = max(ranks, key=lambda r: r["ratio"])
         row["ranks"] = [{k: r[k] for k in ("rank", "predicted_bytes", "measured_bytes", "ratio")} for r in ranks]
         rows.append(row)
     return rows
 
 
-def _error_text(stderr: str) -> str:
-    """The failing ranks' own lines (torchrun prefixes them "[rankN]:"; their warnings left out),
-    not the launcher's traceback; the whole stderr's end where there are none."""
-    lines = [line for line in stderr.splitlines() if line.startswith("[rank") and "]:[W" not in line]
-    return ("\n".join(lines) if lines else stderr)[-1500:]
+def _run_group(cmd: list[str], env: dict, timeout: int = 300) -> tuple[int, str]:
+    """Run cmd in its own process group; past `timeout` kill the whole group (torchrun's workers
+    too, so no GPU memory stays held for the next variant). (returncode, stderr)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        stderr += f"\ntimed out after {timeout} s"
+    return proc.returncode, stderr
 
 
 def rank_out(out: Path, rank: int, ranks: int) -> Path:
@@ -235,8 +249,14 @@ def main():
     except (ValueError, AssertionError):
         ap.error(f"--world must be EP,DP (two positive integers), not {args.world!r}")
     if args.one:
-        row = run_one(*args.one, args.steps, args.cap, args.shape, world)
-        rank_out(Path(args.out), row["rank"], world[0] * world[1]).write_text(json.dumps(row))
+        rank = int(os.environ.get("RANK", 0))
+        try:
+            row = run_one(*args.one, args.steps, args.cap, args.shape, world)
+        except BaseException:          # this rank's own traceback, for the table (torchrun's hides it)
+            rank_out(Path(args.out), rank, world[0] * world[1]).write_text(
+                json.dumps({"rank": rank, "error": traceback.format_exc()[-3000:]}))
+            raise
+        rank_out(Path(args.out), rank, world[0] * world[1]).write_text(json.dumps(row))
         return
     rows = run_all(args.steps, [tuple((v + ":0").split(":")[:3]) for v in args.variants.split(",")] if args.variants
                    else VARIANTS, args.cap, args.shape, world)

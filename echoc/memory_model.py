@@ -41,7 +41,7 @@ from echoc.memory_state import (FP32, ParamGroups, backward_unit_bytes, gradient
                                 reduce_dtype_bytes, shard_counts, static_bytes, zero3_gathered_bytes, zero_level)
 from echoc.spec import Spec
 from passes.memory_plan import ALLOCATOR, MemoryPlan
-from runtime.loss import fused_on, loss_bytes
+from runtime.loss import fused_planned, loss_bytes
 
 INT64 = 8
 GIB = 2**30
@@ -183,24 +183,27 @@ def head_bytes(spec: Spec, census: LayerCensus) -> dict[str, int]:
     loss's backward working set (runtime/loss.py: the logits' gradient, one fp32 chunk, per-row
     fp32), and what the final norm and lm_head save."""
     m, T = spec.model, spec.budgets.tokens
-    fused = fused_on(spec.cluster.device)
+    fused = fused_planned(spec.cluster.device)
     return {"logits": T * m.vocab_size * m.dtype_bytes,
             "loss": sum(loss_bytes(T, m.vocab_size, m.dtype_bytes, fused).values()), "head_saved": census.head}
 
 
-def _head_backward(spec: Spec, p: ParamGroups, share: float) -> dict[str, int]:
-    """lm_head's backward, the logits freed: their gradient [T, V], the input gradient [T, H]
-    and the weight gradient [V, H] (the embedding's and final norm's counted with it, though
-    they come later). Sharded over more than one rank, the head's whole gradient exists until
-    the graph reduce-scatters it, beside the reduce-scatter's [n, VH/n] buffer and its result
-    (zero 3: and the head's weight gathered again)."""
+def _head_backward(spec: Spec) -> dict[str, int]:
+    """lm_head's backward, the logits freed, the larger of two moments. Computing: the logits'
+    gradient [T, V], the input gradient [T, H], the weight's whole gradient [V, H] (zero 3 over
+    more than one rank: and the weight gathered again). Sharded in the graph (zero 2 and 3 over
+    more than one rank), reducing: the logits' gradient and the gathered weight freed, the whole
+    gradient beside the reduce-scatter's [n, VH/n] buffer and its result. The embedding's
+    gradient comes last in backward."""
     m, b, T, z = spec.model, spec.model.dtype_bytes, spec.budgets.tokens, zero_level(spec)
     head, r, n = m.vocab_size * m.hidden_size, reduce_dtype_bytes(spec), shard_counts(spec)[0]
-    sharded = z in (2, 3) and n > 1
-    return {"grad_logits": T * m.vocab_size * b, "grad_hidden": T * m.hidden_size * b,
-            "model_grads": int(share * p.outside_layers),
-            "gathered_weights": b * head if z == 3 and n > 1 else 0,
-            "reduce_transient": b * head + r * head + r * head // n if sharded else 0}
+    computing = {"grad_logits": T * m.vocab_size * b, "grad_hidden": T * m.hidden_size * b, "model_grads": b * head,
+                 "gathered_weights": b * head if z == 3 and n > 1 else 0}
+    if z not in (2, 3) or n == 1:
+        return computing
+    reducing = {"grad_hidden": T * m.hidden_size * b, "model_grads": b * head,
+                "reduce_transient": r * head + r * head // n}
+    return max(computing, reducing, key=lambda d: sum(d.values()))
 
 
 def _head_forward(spec: Spec, kept: int, head: dict) -> dict[str, int]:
@@ -228,9 +231,11 @@ def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: di
     head_fwd = _head_forward(spec, kept, head)
     if head_fwd:
         phases["output head forward"] = dict(static, moe_arena=moe.through_loss(recomputed), **head_fwd)
-    share = grads["model_grads"] / max(1, p.dense + p.expert)    # gradient bytes per local parameter
     phases["output head backward"] = dict(static, moe_arena=moe.through_loss(recomputed), activations=kept,
-                                           head_saved=head["head_saved"], **_head_backward(spec, p, share))
+                                           head_saved=head["head_saved"], **_head_backward(spec))
+    # the layers' backward follows the head's and the final norm's. The embedding's gradient comes
+    # last, but is counted from here: without it the one-GPU runs measure 1.4-2.3 % above the
+    # model (docs/BENCHMARKS.md), with it 0.6 %, and the allocator headroom was measured on it
     done = [(p.outside_layers, shard_counts(spec)[0]), (0, shard_counts(spec)[1])]
     for layer in reversed(range(len(acts))):
         phases[f"backward layer {layer}"] = _layer_backward(spec, p, static, acts, layer, moe, recomputed,
@@ -245,23 +250,33 @@ def _phases(spec: Spec, p: ParamGroups, acts: list[LayerActivations], static: di
 
 def _layer_backward(spec: Spec, p: ParamGroups, static: dict, acts: list[LayerActivations], layer: int,
                     moe: MoEBuffers, recomputed: bool, held: int) -> dict[str, int]:
-    """A layer's backward, the larger of two moments: while it computes (the activations kept
-    through it and its working set, its weights gathered again at zero 3, its whole gradients
-    as they accumulate) and, at zero 2 and 3, at its reduce-scatter, after its own activations
-    are freed (the gradient flowing to the layer below instead, two [T, H]; the reduce-scatter's
-    buffer and result). `held`: the gradients of the units after it (held_grad_bytes)."""
-    parts = layer_parts(spec, p, layer)
-    unit = backward_unit_bytes(spec, parts)
+    """A layer's backward, the largest of up to three moments. Computing: the activations kept
+    through it and its working set, its weights gathered again (zero 3), its whole gradients.
+    At zero 2 and 3 each group of more than one rank is reduce-scattered when its weights' last
+    backward use is done (passes/zero.py puts the experts' node just before their first use):
+    the experts' in the middle of the layer (its activations counted as still held), the dense
+    weights' at its end (its own activations freed, the gradient flowing down, two [T, H], held
+    instead); each beside the reduce-scatter's buffer and result, its own gathered weights freed
+    (runtime/zero_ops.py). `held`: the gradients of the units after it (held_grad_bytes)."""
+    b, z = spec.model.dtype_bytes, zero_level(spec)
+    (md, nd), (me, ne) = parts = layer_parts(spec, p, layer)
+    w = b if z == 3 else 0
+    in_graph = [n > 1 and z in (2, 3) for _, n in parts]
     base = dict(static, moe_arena=moe.held_through(layer, recomputed) + moe.transient_region,
-                moe_transient=moe.allocator_transient, gathered_weights=unit["gathered_weights"],
-                model_grads=held + spec.model.dtype_bytes * p.layers[layer])
-    computing = dict(base, activations=sum(x.kept for x in acts[:layer + 1]) + acts[layer].working)
-    if not unit["reduce_transient"]:
-        return computing
-    flow = 2 * spec.budgets.tokens * spec.model.hidden_size * spec.model.dtype_bytes
-    reducing = dict(base, activations=sum(x.kept for x in acts[:layer]) + flow,
-                    reduce_transient=unit["reduce_transient"])
-    return max(computing, reducing, key=lambda d: sum(d.values()))
+                moe_transient=moe.allocator_transient)
+    through = sum(x.kept for x in acts[:layer + 1]) + acts[layer].working
+    flow = 2 * spec.budgets.tokens * spec.model.hidden_size * b
+    moments = [dict(base, activations=through, model_grads=held + b * (md + me),
+                    gathered_weights=sum(w * m for (m, _), g in zip(parts, in_graph) if g))]
+    if in_graph[1] and me:
+        moments.append(dict(base, activations=through + flow, model_grads=held + b * (md + me),
+                            gathered_weights=w * md if in_graph[0] else 0,
+                            reduce_transient=backward_unit_bytes(spec, [(me, ne)])["reduce_transient"]))
+    if in_graph[0] and md:
+        moments.append(dict(base, activations=sum(x.kept for x in acts[:layer]) + flow,
+                            model_grads=held + held_grad_bytes(spec, [(me, ne)]) + b * md,
+                            reduce_transient=backward_unit_bytes(spec, [(md, nd)])["reduce_transient"]))
+    return max(moments, key=lambda d: sum(d.values()))
 
 
 def predict(spec: Spec, p: ParamGroups, census: LayerCensus, plan: MemoryPlan, policy: str) -> MemoryPrediction:

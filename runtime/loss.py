@@ -93,6 +93,14 @@ def fused_on(device_type: str) -> bool:
     return FUSED_ON_CUDA and device_type == "cuda" and loss_triton is not None
 
 
+def fused_planned(device_type: str) -> bool:
+    """What a plan for this kind of device assumes, whatever the compiling machine has: the
+    fused kernels on CUDA (torch's CUDA builds bring triton), so a plan made on a laptop is the
+    plan the GPU runs. Where a CUDA run finds no triton it takes the torch path, one fp32 chunk
+    (LOSS_CHUNK_BYTES) above the plan."""
+    return FUSED_ON_CUDA and device_type == "cuda"
+
+
 def chunked_cross_entropy(logits: Tensor, labels: Tensor, fused: bool | None = None) -> Tensor:
     """logits [B, S, V], labels [B, S] → mean cross entropy, float32 scalar (as model.lm_loss).
     `fused`: the Triton kernels (default: FUSED_ON_CUDA, on CUDA tensors, with triton)."""

@@ -3,8 +3,10 @@ in value and gradient, whatever the chunking, and never writes its input."""
 import pytest
 import torch
 
+from echoc.memory_census import layer_census as _census
 from runtime import loss as L
 from runtime.model import lm_loss
+from support import ROOT
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -62,10 +64,21 @@ def test_fused_loss_equals_the_torch_path_in_the_triton_interpreter():
 
 
 def test_the_fused_switch_decides_the_kernels_and_the_predicted_bytes(monkeypatch):
-    """fused_on is the one switch: the loss on CUDA tensors and the memory model's loss bytes
-    (no fp32 chunk when fused) follow it; CPU always runs the torch path."""
+    """FUSED_ON_CUDA is the one switch: the loss on CUDA tensors (where triton is) and the memory
+    model's loss bytes (no fp32 chunk when fused, whatever the compiling machine has) follow it;
+    CPU always runs the torch path."""
+    from echoc import memory_model as mm
+    from echoc.spec_io import load_spec
+    spec = load_spec(ROOT / "specs" / "glm5-mini.yaml")
     monkeypatch.setattr(L, "FUSED_ON_CUDA", True)
     assert L.fused_on("cuda") == (L.loss_triton is not None) and not L.fused_on("cpu")
+    assert L.fused_planned("cuda") and not L.fused_planned("cpu")
     assert L.loss_bytes(4096, 32000, 2, fused=True)["chunk"] == 0
+    monkeypatch.setattr(L, "loss_triton", None)            # a compiling machine without triton
+    assert not L.fused_on("cuda") and L.fused_planned("cuda")
+    assert mm.head_bytes(spec, _census(spec))["loss"] == sum(L.loss_bytes(spec.budgets.tokens, spec.model.vocab_size,
+                                                                            2, fused=True).values())
     monkeypatch.setattr(L, "FUSED_ON_CUDA", False)
-    assert not L.fused_on("cuda")
+    assert not L.fused_on("cuda") and not L.fused_planned("cuda")
+    assert mm.head_bytes(spec, _census(spec))["loss"] == sum(L.loss_bytes(spec.budgets.tokens, spec.model.vocab_size,
+                                                                            2, fused=False).values())
