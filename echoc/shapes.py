@@ -3,7 +3,7 @@
 Meta tensors by default; fake tensors with a shape environment when the `sync` backend makes
 shapes data-dependent. On meta tensors each op's result depends only on its target and the
 metadata of its arguments (shape, stride, dtype, requires_grad: there are no values), so
-results are memoised on exactly that key. A model's layers repeat, so most of glm5's 14,000
+results are memoised on exactly that key. A model's layers repeat, so most of glm5's 10,700
 nodes are answered from the memo (elementwise ops on meta tensors run through Python
 decompositions at ~0.3 ms each). A hit returns fresh tensors with the remembered metadata.
 """
@@ -90,6 +90,17 @@ class _PlanShapes(ShapeProp):
             return torch.empty_like(rows)
         return self._memoised("f", target, args, kwargs, lambda: super(_PlanShapes, self).call_function(
             target, args, kwargs))
+
+    def call_module(self, target, args, kwargs):
+        """A leaf without children (a Linear, the rotary embedding): its output's metadata
+        follows from its type, its extra_repr (strides, sizes), its parameters' and buffers'
+        metadata and its inputs', so it is memoised on those."""
+        mod = self.fetch_attr(target)
+        run = lambda: super(_PlanShapes, self).call_module(target, args, kwargs)   # noqa: E731
+        if next(mod.children(), None) is not None:
+            return run()
+        own = tuple((n, t) for n, t in mod.named_parameters(recurse=False)) + tuple(mod.named_buffers(recurse=False))
+        return self._memoised("M", (type(mod), mod.extra_repr(), _key(own)), args, kwargs, run)
 
     def call_method(self, target, args, kwargs):
         return self._memoised("m", target, args, kwargs, lambda: super(_PlanShapes, self).call_method(
