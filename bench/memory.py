@@ -50,6 +50,7 @@ def spec_dict(recompute: str, buffers: str, zero: str = "0", shape: str = "glm5-
     if shape == "gqa-wide":
         _gqa_wide(d)
     ep, dp = world
+    d["model"]["name"] = d["model"]["name"].replace("-1gpu", f"-{ep * dp}gpu")
     d["parallel"].update({"ep": ep, "dp": dp})
     d["cluster"]["gpus_per_node"] = ep * dp
     return d
