@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from echoc.errors import EchocError
 from echoc.memory_census import LayerCensus
 from echoc.memory_state import (FP32, ParamGroups, backward_unit_bytes, gradient_bytes, held_grad_bytes, layer_parts,
-                                reduce_dtype_bytes, shard_counts, static_bytes, zero3_gathered_bytes, zero_level)
+                                shard_counts, static_bytes, zero3_gathered_bytes, zero_level)
 from echoc.spec import Spec
 from passes.memory_plan import ALLOCATOR, MemoryPlan
 from runtime.loss import fused_planned, loss_bytes
@@ -195,14 +195,15 @@ def _head_backward(spec: Spec) -> dict[str, int]:
     more than one rank), reducing: the logits' gradient and the gathered weight freed, the whole
     gradient beside the reduce-scatter's [n, VH/n] buffer and its result. The embedding's
     gradient comes last in backward."""
-    m, b, T, z = spec.model, spec.model.dtype_bytes, spec.budgets.tokens, zero_level(spec)
-    head, r, n = m.vocab_size * m.hidden_size, reduce_dtype_bytes(spec), shard_counts(spec)[0]
+    m, b, T = spec.model, spec.model.dtype_bytes, spec.budgets.tokens
+    head = m.vocab_size * m.hidden_size
+    unit = backward_unit_bytes(spec, [(head, shard_counts(spec)[0])])
     computing = {"grad_logits": T * m.vocab_size * b, "grad_hidden": T * m.hidden_size * b, "model_grads": b * head,
-                 "gathered_weights": b * head if z == 3 and n > 1 else 0}
-    if z not in (2, 3) or n == 1:
+                 "gathered_weights": unit["gathered_weights"]}
+    if not unit["reduce_transient"]:
         return computing
     reducing = {"grad_hidden": T * m.hidden_size * b, "model_grads": b * head,
-                "reduce_transient": r * head + r * head // n}
+                "reduce_transient": unit["reduce_transient"]}
     return max(computing, reducing, key=lambda d: sum(d.values()))
 
 
@@ -258,24 +259,23 @@ def _layer_backward(spec: Spec, p: ParamGroups, static: dict, acts: list[LayerAc
     weights' at its end (its own activations freed, the gradient flowing down, two [T, H], held
     instead); each beside the reduce-scatter's buffer and result, its own gathered weights freed
     (runtime/zero_ops.py). `held`: the gradients of the units after it (held_grad_bytes)."""
-    b, z = spec.model.dtype_bytes, zero_level(spec)
-    (md, nd), (me, ne) = parts = layer_parts(spec, p, layer)
-    w = b if z == 3 else 0
-    in_graph = [n > 1 and z in (2, 3) for _, n in parts]
+    b = spec.model.dtype_bytes
+    (md, _), (me, ne) = parts = layer_parts(spec, p, layer)
+    dense, experts = (backward_unit_bytes(spec, [part]) for part in parts)
     base = dict(static, moe_arena=moe.held_through(layer, recomputed) + moe.transient_region,
                 moe_transient=moe.allocator_transient)
     through = sum(x.kept for x in acts[:layer + 1]) + acts[layer].working
     flow = 2 * spec.budgets.tokens * spec.model.hidden_size * b
     moments = [dict(base, activations=through, model_grads=held + b * (md + me),
-                    gathered_weights=sum(w * m for (m, _), g in zip(parts, in_graph) if g))]
-    if in_graph[1] and me:
+                    gathered_weights=dense["gathered_weights"] + experts["gathered_weights"])]
+    if experts["reduce_transient"]:
         moments.append(dict(base, activations=through + flow, model_grads=held + b * (md + me),
-                            gathered_weights=w * md if in_graph[0] else 0,
-                            reduce_transient=backward_unit_bytes(spec, [(me, ne)])["reduce_transient"]))
-    if in_graph[0] and md:
+                            gathered_weights=dense["gathered_weights"],
+                            reduce_transient=experts["reduce_transient"]))
+    if dense["reduce_transient"]:
         moments.append(dict(base, activations=sum(x.kept for x in acts[:layer]) + flow,
                             model_grads=held + held_grad_bytes(spec, [(me, ne)]) + b * md,
-                            reduce_transient=backward_unit_bytes(spec, [(md, nd)])["reduce_transient"]))
+                            reduce_transient=dense["reduce_transient"]))
     return max(moments, key=lambda d: sum(d.values()))
 
 
