@@ -1,0 +1,108 @@
+"""The `torch` backend's exchange over NVLink, moving only the real rows.
+
+The `torch` backend exchanges [ep·C, H] buffers with equal splits: chunk p of the send buffer
+goes to rank p, whatever part of it is padding (capacity 1.5 sends 1.5× the real rows). Here
+each rank instead *pushes* its real rows straight into its peers' receive buffers:
+
+    recv_p[rank·C + j] = src[index[p·C + j]]      for every j with index[p·C + j] ≥ 0
+
+one Triton kernel that gathers and stores in one pass (no send buffer), each store going over
+NVLink into peer p's memory. A row whose index is -1 (padding) is neither read nor sent, so
+the receive buffer's padding rows keep stale values; nobody reads them (the layout's maps
+name only real rows, runtime/layout.py).
+
+The receive buffers are symmetric memory (torch.distributed._symmetric_memory, its CUDA
+backend): one pool per (group, dtype, row width), allocated and rendezvoused on the first eager
+call, before any CUDA-graph capture, shared by every exchange of that shape. Two barriers
+order each exchange: before the push (every peer has read what the last exchange left in its
+pool) and after it (every row pushed into my pool has landed). Both are kernels on the current
+stream, so the whole exchange is captured in the graph with no host read.
+
+Needs every rank of the group on one NVLink domain (one node) and CUDA; `enabled(group)` says
+whether this process set the exchange on for a group (runtime/launch sets it from
+`backends.exchange`). CPU and gloo always use the equal-split exchange.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from runtime import comm
+
+_ON: set[str] = set()
+
+
+def enable(group: str) -> None:
+    """Exchange `group`'s token rows by pushes into symmetric memory (CUDA, one node)."""
+    _ON.add(group)
+
+
+def disable(group: str) -> None:
+    _ON.discard(group)
+
+
+def enabled(group: str) -> bool:
+    return group in _ON and comm.group_size(group) > 1
+
+
+def missing() -> str | None:
+    """Why the push exchange cannot run in this process (None: it can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        from torch.distributed import _symmetric_memory  # noqa: F401
+    except ImportError:
+        return "this torch has no torch.distributed._symmetric_memory"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+class Pool(NamedTuple):
+    buf: Tensor          # [rows, H] symmetric: my receive buffer
+    handle: object       # the rendezvous handle (barrier)
+    ptrs: Tensor         # [ep] int64 on the device: every rank's `buf` in my address space
+
+
+_POOLS: dict[tuple, Pool] = {}
+
+
+def pool(group: str, rows: int, like: Tensor) -> Pool:
+    """The receive pool for [rows, H] exchanges of `like`'s dtype over `group` (made on first use)."""
+    key = (group, tuple(like.shape[1:]), like.dtype, like.device)
+    have = _POOLS.get(key)
+    if have is not None and have.buf.shape[0] >= rows:
+        return have
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"p2p exchange: the receive pool for {key} must exist before CUDA-graph capture "
+                           "(run one eager step first)")
+    from torch.distributed import _symmetric_memory as symm
+    name = comm.get_group(group).group_name
+    try:
+        symm.enable_symm_mem_for_group(name)
+    except Exception:   # newer torch registers groups itself
+        pass
+    buf = symm.empty((rows,) + tuple(like.shape[1:]), dtype=like.dtype, device=like.device)
+    handle = symm.rendezvous(buf, name)
+    offset = buf.data_ptr() - handle.buffer_ptrs[handle.rank]
+    ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=like.device)
+    _POOLS[key] = Pool(buf, handle, ptrs)
+    return _POOLS[key]
+
+
+def push(src: Tensor, index: Tensor, group: str, **tiles) -> Tensor:
+    """src [S, H], index [ep·C] (-1: nothing) → my receive buffer [ep·C, H]: chunk s holds what
+    rank s pushed for me; rows past each chunk's real rows are stale. Valid until the next push."""
+    from runtime import p2p_triton
+    ep = comm.group_size(group)
+    rows, H = index.shape[0], src.shape[1]
+    assert rows % ep == 0 and src.stride(1) == 1, (rows, ep, src.stride())
+    p = pool(group, rows, src)
+    p.handle.barrier(channel=0)
+    p2p_triton.push_rows(src, index, p.ptrs, rows // ep, comm.group_rank(group), H, **tiles)
+    p.handle.barrier(channel=0)
+    return p.buf[:rows]
