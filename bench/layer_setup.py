@@ -11,7 +11,7 @@ from torch import nn
 from echoc.compile import MoELeafTracer
 from echoc.spec_io import spec_from_dict
 from passes import echo_clone, sync_free_dispatch
-from runtime import comm
+from runtime import comm, p2p
 from runtime.model import MoE
 from runtime.parallel import shard_experts
 
@@ -38,7 +38,7 @@ class OneLayer(nn.Module):
 
 
 def layer_spec(args, backend: str, world: int, echo: bool = False, device: str = "cuda",
-               overlap: bool = True) -> dict:
+               overlap: bool = True, exchange: str = "auto") -> dict:
     return {
         "model": {"name": "moe-layer", "vocab_size": 1024, "hidden_size": args.hidden, "num_layers": 1,
                   "first_dense_layers": 0, "dense_intermediate_size": 4 * args.hidden, "dtype": "bfloat16",
@@ -51,13 +51,16 @@ def layer_spec(args, backend: str, world: int, echo: bool = False, device: str =
         "budgets": {"seq_len": args.tokens, "micro_batch": 1, "received_token_capacity": args.capacity,
                     "row_alignment": 16},
         "echo": {"enabled": echo, "spare_slots_per_rank": 2 if echo else 0, "clone_domain": "node"},
-        "backends": {"dispatch": backend, "shared_expert_overlap": overlap,
+        "backends": {"dispatch": backend, "shared_expert_overlap": overlap, "exchange": exchange,
                      "cuda_graph": "full_iteration" if backend == "torch" and device == "cuda" else "none"},
     }
 
 
-def build(args, backend, device, seed=0, echo=False, overlap=True):
-    spec = spec_from_dict(layer_spec(args, backend, dist.get_world_size(), echo, device.type, overlap))
+def build(args, backend, device, seed=0, echo=False, overlap=True, exchange="auto"):
+    """The one-layer graph module under `backend`; sets this process's exchange to the spec's
+    (runtime/p2p.py), which the module's eager calls read: run a module before building another."""
+    spec = spec_from_dict(layer_spec(args, backend, dist.get_world_size(), echo, device.type, overlap, exchange))
+    p2p.setup(spec.token_exchange)
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the device: seconds less per build at GLM-5 widths
         ref = OneLayer(spec.model).to(dtype=torch.bfloat16)

@@ -92,6 +92,7 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0",
     captured iterations, measure this rank's peak."""
     from echoc.compile import compile_build
     from echoc.spec_io import spec_from_dict
+    from runtime import p2p
     from runtime.cuda_graph import StepRunner
     from runtime.data import TokenSource, local_rows
     from runtime.trainer import Trainer, init_distributed
@@ -108,7 +109,7 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0",
     trainer = Trainer(build.program, device)
     source = TokenSource("synthetic", spec.model.vocab_size, spec.budgets.seq_len, 0)
     mb = spec.budgets.micro_batch
-    fwd_bwd = _forward_backward_peak(trainer, source, device, mb, rank, ranks)
+    fwd_bwd = _forward_backward_peak(trainer, source, device, mb, rank, ranks) + p2p.pool_bytes(outside_allocator=True)
     torch.cuda.reset_peak_memory_stats()
     runner = StepRunner(trainer, graph=True)
     times, reserved_by_step = [], []
@@ -121,8 +122,10 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0",
         times.append((time.perf_counter() - t0) * 1e3)
         reserved_by_step.append([torch.cuda.max_memory_reserved(), torch.cuda.memory_reserved(),
                                  torch.cuda.memory_allocated()])
-    measured = torch.cuda.max_memory_allocated()
-    reserved = torch.cuda.max_memory_reserved()
+    # backends.exchange 'p2p': the symmetric receive pool, where the caching allocator does not count it
+    symmetric = p2p.pool_bytes(outside_allocator=True)
+    measured = torch.cuda.max_memory_allocated() + symmetric
+    reserved = torch.cuda.max_memory_reserved() + symmetric
     predicted_fb = max(v for k, v in mem["phases"].items() if k in FWD_BWD_PHASES or k.startswith("backward"))
     return {"recompute": recompute, "buffers": buffers, "zero": int(zero), "world": list(world), "rank": rank,
             "predicted_bytes": mem["peak_bytes"],
@@ -131,6 +134,7 @@ def run_one(recompute: str, buffers: str, zero: str, steps: int, cap: str = "0",
             "fwd_bwd_ratio": fwd_bwd / predicted_fb,
             "predicted_phase": mem["peak_phase"], "predicted_by_category": mem["by_category"],
             "predicted_phases": mem["phases"], "measured_bytes": measured, "reserved_bytes": reserved,
+            "symmetric_outside_allocator_bytes": symmetric, "exchange": spec.token_exchange,
             "ratio": measured / mem["peak_bytes"], "ms_per_iteration": statistics.median(times[4:] or times),
             "reserved_by_step": reserved_by_step,
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "cap": cap, "shape": shape,

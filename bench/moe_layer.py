@@ -5,7 +5,9 @@ in one run.
     torchrun --nproc-per-node 1 bench/moe_layer.py [--hidden 2048 --experts 64 --ffn 1024] [--out r.json]
 
 Variants (every time is forward + backward of one layer, median of --iters):
-  torch_graph         echoc, `torch` backend, captured in one CUDA graph and replayed
+  torch_graph         echoc, `torch` backend, captured in one CUDA graph and replayed (at EP ≥ 2 on one
+                      node its exchange is 'p2p': only the real rows are pushed, runtime/p2p.py)
+  torch_graph_nccl    the same with backends.exchange 'nccl' (capacity-padded all_to_all; EP ≥ 2)
   torch_eager         the same graph module, eager
   sync_eager          echoc, `sync` backend (host-synced, variable splits), eager
   torchtitan_eager    torchtitan 0.3.0's MoE (router, GroupedExperts, LocalTokenDispatcher, shared
@@ -45,9 +47,9 @@ from layer_setup import (Captured, GemmFloor, add_shape_args, build, capture, ec
 from peers import torchtitan_moe
 from real_rows import REAL_ROW_BACKENDS, skip_reason
 from echoc.errors import EchocError
-from runtime import comm, flops as model_flops_lib
+from runtime import comm, flops as model_flops_lib, p2p
 
-VARIANTS = ["torch_graph", "torch_graph_one_stream", "torch_eager", "sync_eager", "torchtitan_eager", "torchtitan_graph",
+VARIANTS = ["torch_graph", "torch_graph_nccl", "torch_graph_one_stream", "torch_eager", "sync_eager", "torchtitan_eager", "torchtitan_graph",
             "torchtitan_compile", "floor_routed", "floor"]
 
 
@@ -125,6 +127,9 @@ def echoc_variants(args, device, checks, times):
         cap = Captured(echoc_layer(gm_1), model_1, x0, g0)
         times["torch_graph_one_stream"] = time_ms(cap.graph.replay, args.iters, device)
         del cap, gm_1, model_1
+        if spec.token_exchange == "p2p":
+            exchange_variant(args, device, (x0, g0, y_e, gx_e), checks, times)
+            p2p.setup(spec.token_exchange)    # back to the first module's exchange for its eager timing
     times["torch_eager"] = time_ms(lambda: fwd_bwd(gm, model, x0, g0), args.iters, device)
     y_t, gx_t, _, _ = fwd_bwd(gm, model, x0, g0)
     del gm, model
@@ -134,6 +139,18 @@ def echoc_variants(args, device, checks, times):
     checks["sync_vs_torch_dx"] = rel(gx_s, gx_t)
     times["sync_eager"] = time_ms(lambda: fwd_bwd(gm_s, model_s, x0, g0), args.iters, device)
     return ref, (x0, g0, y_t, gx_t), rows_per_expert
+
+
+def exchange_variant(args, device, eager, checks, times):
+    """The same layer with backends.exchange 'nccl' (the capacity-padded all_to_all): the same numbers
+    as 'p2p' bitwise (only the real rows are read either way), and its captured time."""
+    x0, g0, y_e, gx_e = eager
+    _, _, model_n, gm_n = build(args, "torch", device, exchange="nccl")
+    y_n, gx_n, _, _ = fwd_bwd(gm_n, model_n, x0, g0)
+    checks["nccl_vs_p2p_y_equal"] = bool(torch.equal(y_n, y_e))
+    checks["nccl_vs_p2p_dx_equal"] = bool(torch.equal(gx_n, gx_e))
+    cap = Captured(echoc_layer(gm_n), model_n, x0, g0)
+    times["torch_graph_nccl"] = time_ms(cap.graph.replay, args.iters, device)
 
 
 def real_row_variants(args, device, eager, checks, times, notes):

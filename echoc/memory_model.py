@@ -1,6 +1,7 @@
 """One memory model for the whole rank: what one rank holds at each phase of an iteration.
 
-    static        weights, fp32 master weights, AdamW moments (by parallel.zero)
+    static        weights, fp32 master weights, AdamW moments (by parallel.zero), and the
+                    backend's symmetric exchange pools (allocated once; placement 'symmetric')
     (arena)       + the MoE arena: each layer's saved regions from its forward to its backward
                     (under recompute only its routing decisions' region through the loss),
                     the transient region during each pass (given back around the loss)
@@ -282,7 +283,8 @@ def _layer_backward(spec: Spec, p: ParamGroups, static: dict, acts: list[LayerAc
 def predict(spec: Spec, p: ParamGroups, census: LayerCensus, plan: MemoryPlan, policy: str) -> MemoryPrediction:
     """The predicted peak of one rank under recompute `policy` (one of POLICIES)."""
     assert policy in POLICIES, policy
-    phases = _phases(spec, p, layer_activations(spec, census, plan, policy), static_bytes(spec, p),
+    static = dict(static_bytes(spec, p), symmetric_pool=plan.symmetric_bytes)   # the backend's, held all run
+    phases = _phases(spec, p, layer_activations(spec, census, plan, policy), static,
                      gradient_bytes(spec, p), head_bytes(spec, census), moe_buffer_bytes(spec, plan),
                      policy != "none")
     totals = {name: sum(c.values()) for name, c in phases.items()}

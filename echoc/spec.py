@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from echoc.spec_rules import cross_field_errors
+from echoc.spec_rules import cross_field_errors, exchange as _exchange
 from echoc.spec_types import (
     MAX_CAPACITY, MAX_EXPERTS, MAX_FFN, MAX_GPUS_PER_NODE, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS,
     MAX_LORA_RANK, MAX_ROW_ALIGNMENT, MAX_SEED, MAX_SHARED_EXPERTS, MAX_STEPS, MAX_TIMEOUT_S,
@@ -201,6 +201,11 @@ class BackendsConfig(_Section):
     """Where the MoE ops' buffers live: 'arena' = one arena per rank allocated once, each op writing
     into the view the buffer plan gave it; 'allocator' = PyTorch's caching allocator. The arena needs
     static shapes, so with dispatch 'sync' (left at its default) the allocator is used."""
+    exchange: Literal["auto", "nccl", "p2p"] = "auto"
+    """How the 'torch' dispatch moves token rows between EP ranks. 'nccl': all_to_all_single of the
+    capacity-padded [ep·C, H] buffers (equal splits; gloo on cpu). 'p2p': each rank pushes only its
+    real rows into its peers' symmetric-memory receive buffers (runtime/p2p.py; cuda, the EP group
+    on one node). 'auto': 'p2p' where it can run, else 'nccl'. Other dispatch backends ignore it."""
     shared_expert_overlap: Flag = True
     """Run each MoE layer's shared expert on a second CUDA stream, overlapped with routing and token
     movement (forward and backward). No effect on CPU, nor at parallel.zero 3."""
@@ -292,6 +297,12 @@ class Spec(_Section):
         b, ep = self.budgets, self.parallel.ep
         raw = math.ceil(b.received_token_capacity * b.tokens * self.model.moe.top_k / ep)
         return -(-raw // b.row_alignment) * b.row_alignment
+
+    @property
+    def token_exchange(self) -> str:
+        """How the 'torch' dispatch moves rows between ranks: backends.exchange, 'auto' resolved
+        ('p2p' or 'nccl'; see echoc/spec_rules.exchange)."""
+        return _exchange(self)
 
     @property
     def receive_rows(self) -> int:

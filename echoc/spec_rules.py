@@ -55,11 +55,34 @@ def _layout_rules(spec) -> list[tuple[str, str]]:
     return errors
 
 
+def ep_within_node(spec) -> bool:
+    """Every EP group (consecutive ranks) lies on one node."""
+    ep, g = spec.parallel.ep, spec.cluster.gpus_per_node
+    return ep <= g and g % ep == 0
+
+
+def exchange(spec) -> str:
+    """The exchange the 'torch' dispatch uses: backends.exchange with 'auto' resolved ('nccl' at
+    ep 1, where no row moves between ranks, and for every other dispatch backend)."""
+    be = spec.backends
+    if be.dispatch != "torch" or spec.parallel.ep == 1:
+        return "nccl"
+    if be.exchange != "auto":
+        return be.exchange
+    return "p2p" if spec.cluster.device == "cuda" and ep_within_node(spec) else "nccl"
+
+
 def _backend_rules(spec) -> list[tuple[str, str]]:
     dev, be = spec.cluster.device, spec.backends
     errors = []
     if dev == "cpu" and be.dispatch in ("symm_mem", "deepep"):
         errors.append(("backends.dispatch", f"'{be.dispatch}' needs cluster.device 'cuda'; on cpu use 'torch' or 'sync'"))
+    if be.exchange == "p2p" and dev == "cpu":
+        errors.append(("backends.exchange", "'p2p' needs cluster.device 'cuda' (NVLink symmetric memory); "
+                                            "on cpu use 'nccl' or 'auto'"))
+    elif be.exchange == "p2p" and not ep_within_node(spec):
+        errors.append(("backends.exchange", f"'p2p' needs each EP group on one node (ep {spec.parallel.ep}, "
+                                            f"{spec.cluster.gpus_per_node} GPUs per node); use 'nccl' or 'auto'"))
     if dev == "cpu" and be.cuda_graph != "none":
         errors.append(("backends.cuda_graph", "CUDA graphs need cluster.device 'cuda'; on cpu use 'none'"))
     if dev == "cpu" and be.grouped_gemm == "te":

@@ -5,8 +5,10 @@ shared by every dispatch and combine, forward and backward: rows `inp`/`out` [M,
 M = max(N, R), and the int64 splits/offsets. `deepep` exchanges through HybridEPBuffer's
 registered buffers; their exact size is the library's, so the plan lists the least they
 must hold: every EP rank's tokens [ep·T, H] (dispatch stages whole tokens) and the permuted
-rows [Rp, H]. Symmetric buffers are allocated once by the backend, outside the arena: they
-are listed with placement 'symmetric' in plan.json and counted in the total, not placed.
+rows [Rp, H]. The `torch` dispatch under backends.exchange 'p2p' pushes rows into one
+symmetric receive pool per rank, [ep·C, H] (runtime/p2p.py), and plans no send or receive buffer.
+Symmetric buffers are allocated once by the backend, outside the arena: they are listed with
+placement 'symmetric' in plan.json and counted in the total, not placed.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from echoc.spec import Spec
 from passes.buffer_lifetimes import LAST_SUB, SUB_STEPS
 from passes.memory_plan import Buffer, composite
 from runtime import contracts
-from runtime.contracts import DEEPEP_COMBINE, DEEPEP_DISPATCH, SYMM_COMBINE, SYMM_DISPATCH, SYMM_LAYOUT
+from runtime.contracts import (COMBINE, DEEPEP_COMBINE, DEEPEP_DISPATCH, DISPATCH, SYMM_COMBINE, SYMM_DISPATCH,
+                               SYMM_LAYOUT)
 
 SYMMETRIC = "symmetric"
 
@@ -70,9 +73,23 @@ def _deepep(gm: GraphModule, spec: Spec) -> list[Buffer]:
                                                       ("permuted", (rp, h), ())], x.dtype, live, SYMMETRIC)]
 
 
+def _p2p(gm: GraphModule, spec: Spec) -> list[Buffer]:
+    if spec.token_exchange != "p2p":
+        return []
+    users, live = _live(gm, (DISPATCH, COMBINE))
+    if not users:
+        return []
+    d = next(u for u in users if contracts.of(u.target) is DISPATCH)
+    x, send = _meta(DISPATCH.arg(d, "x")), _meta(DISPATCH.arg(d, "send_copy"))
+    keys = tuple(contracts.of(u.target).key(u.name, p) for u in users for p in ("recv", "bwd.recv"))
+    return [composite("p2p.recv", None, "exchange", [("recv", (send.shape[0], x.shape[1]), keys)], x.dtype, live,
+                      SYMMETRIC)]
+
+
 def symmetric_buffers(gm: GraphModule, spec: Spec) -> list[Buffer]:
-    """The backend's symmetric buffers of `gm` (shape-propagated); none under `torch`."""
-    return _symm_mem(gm) + _deepep(gm, spec)
+    """The backend's symmetric buffers of `gm` (shape-propagated); none under `torch` with
+    backends.exchange 'nccl'."""
+    return _symm_mem(gm) + _deepep(gm, spec) + _p2p(gm, spec)
 
 
 def has_token_layouts(gm: GraphModule) -> bool:

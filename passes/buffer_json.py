@@ -26,6 +26,7 @@ def plan_to_json(plan: MemoryPlan) -> dict:
                      "arena_over_lower_bound": round(plan.arena_bytes / max(plan.lower_bound_bytes, 1), 4),
                      "allocator_lower_bound_bytes": plan.allocator_lower_bound_bytes,
                      "total_lower_bound_bytes": plan.total_lower_bound_bytes,
+                     "symmetric_bytes": plan.symmetric_bytes,
                      "peak_step": plan.peak_step, "lifetimes": plan.lifetimes,
                      "interference_edges": plan.interference_edges, "interfering_pairs": plan.interfering_pairs}
     out["buffers"] = [_buffer_json(b) for b in plan.buffers]

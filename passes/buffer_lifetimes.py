@@ -61,6 +61,7 @@ class _Collector:
     def __init__(self, gm: GraphModule, spec: Spec):
         self.spec, self.nodes = spec, list(gm.graph.nodes)
         self.local = spec.parallel.ep == 1   # token movements are one gather, no exchange
+        self.p2p = spec.token_exchange == "p2p"   # rows pushed into the symmetric pool: no send/recv
         self.n = len(self.nodes)
         self.step = {node: i for i, node in enumerate(self.nodes)}
         self.end = SUB_STEPS * 2 * self.n + 1
@@ -176,11 +177,12 @@ def _gradient(col: _Collector, op: Node, val: Node, tm, role: str, grad_users: l
 def _exchange(col: _Collector, node: Node, c: OpContract, rows: int, h: int, dt) -> None:
     """A token movement in sub-steps: gather into `send` (0), exchange `send` → `recv` (1),
     gather `recv` into the result (2); the same in backward. At ep 1 the exchange parts are
-    unused (the op gathers straight into its result) and not planned."""
+    unused (the op gathers straight into its result) and not planned; under backends.exchange
+    'p2p' neither are they: the rows go straight into the symmetric pool (backend_buffers.py)."""
     t, b, layer = col.fwd(node), col.bwd(node), moe_layer(node)
     for pre, at in (("", t), ("bwd.", b)):
         for part, span in (("send", (at, at + 1)), ("recv", (at + 1, at + 2))):
-            if c.part(pre + part).exchange and col.local:
+            if c.part(pre + part).exchange and (col.local or col.p2p):
                 continue
             col.add(c.key(node.name, pre + part), layer, "exchange", (rows, h), dt, [span])
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from echoc.spec import Spec
-from passes.backend_buffers import has_token_layouts, symmetric_buffers
+from passes.backend_buffers import SYMMETRIC, has_token_layouts, symmetric_buffers
 from passes.buffer_alloc import allocate, arena_bytes, interference_graph, interfering_pairs, lower_bound
 from passes.buffer_json import arena_layout, plan_to_json
 from passes.buffer_lifetimes import collect, has_moe_layers
@@ -86,7 +86,8 @@ def _placed_plan(spec: Spec, buffers: list[Buffer], timeline) -> MemoryPlan:
         lower_bound_bytes=lb, peak_step=peak, lifetimes=g.number_of_nodes(),
         interference_edges=g.number_of_edges(), interfering_pairs=interfering_pairs(g),
         allocator_lower_bound_bytes=lower_bound([b for b in buffers if b.placement == ALLOCATOR])[0],
-        total_lower_bound_bytes=lower_bound(buffers)[0])
+        total_lower_bound_bytes=lower_bound([b for b in buffers if b.placement != SYMMETRIC])[0],
+        symmetric_bytes=sum(b.nbytes for b in buffers if b.placement == SYMMETRIC))
 
 
 def plan_buffers(gm: GraphModule, spec: Spec) -> MemoryPlan:

@@ -126,7 +126,8 @@ class MemoryPlan:
     lower_bound_bytes: int = 0
     peak_step: int = 0
     allocator_lower_bound_bytes: int = 0   # peak live bytes of the ALLOCATOR buffers
-    total_lower_bound_bytes: int = 0       # peak live bytes of every buffer, wherever it lives
+    total_lower_bound_bytes: int = 0       # peak live bytes of the arena's and the allocator's buffers
+    symmetric_bytes: int = 0               # the backend's symmetric pools: allocated once, held all run
     lifetimes: int = 0
     interference_edges: int = 0
     interfering_pairs: int = 0

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from runtime import arena, comm, contracts, rows
+from runtime import arena, comm, contracts, p2p, rows
 from runtime.contracts import ALL_GATHER_COUNTS, COMBINE, COUNT, DISPATCH, LAYER_STATS, LAYOUT, WEIGHTED_SUM
 from runtime.layout import equal_chunk_rows, kept_counts, recv_layout, send_layout, slot_counts
 
@@ -131,7 +131,12 @@ def _moved(key: str | None, rows: int, like: Tensor) -> Tensor | None:
 
 
 def _exchanged(src: Tensor, send_rows: Tensor, exchange, keys: MoveKeys | None) -> Tensor:
-    """Rows of `src` picked by send_rows [S] (-1 rows: padding nobody reads) → exchange(·) [S, H]."""
+    """Rows of `src` picked by send_rows [S] (-1 rows: padding nobody reads) → exchange(·) [S, H].
+    An exchange with a `push` (runtime/p2p.py) moves the real rows alone, with no send buffer: its
+    result is the symmetric receive pool, read before the next exchange."""
+    push = getattr(exchange, "push", None)
+    if push is not None:
+        return push(src.contiguous(), send_rows)
     send = rows.gather(src, send_rows, out=_moved(keys and keys.send, send_rows.shape[0], src), zero_missing=False)
     return exchange(send, _moved(keys and keys.recv, send.shape[0], src))
 
@@ -156,8 +161,21 @@ def to_sources(y: Tensor, recv_sorted: Tensor, copy_slot: Tensor, exchange, keys
     return rows.gather(_exchanged(y, recv_sorted, exchange, keys), copy_slot, out=out)
 
 
-def _equal(group: str):
-    return lambda t, out=None: comm.all_to_all_equal(t, group, out=out)
+class _Equal:
+    """The `torch` backend's exchange of [ep·C] chunks: all_to_all_single with equal splits, or,
+    where backends.exchange resolved to 'p2p' (runtime/p2p.py), pushes of the real rows."""
+
+    def __init__(self, group: str):
+        self.group = group
+        if p2p.enabled(group):
+            self.push = lambda src, index: p2p.push(src, index, group)
+
+    def __call__(self, t: Tensor, out: Tensor | None = None) -> Tensor:
+        return comm.all_to_all_equal(t, self.group, out=out)
+
+
+def _equal(group: str) -> _Equal:
+    return _Equal(group)
 
 
 def _local(group: str) -> bool:

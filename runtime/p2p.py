@@ -24,12 +24,19 @@ whether this process set the exchange on for a group (runtime/launch sets it fro
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from echoc.errors import EchocError
 from runtime import comm
+
+try:  # the push kernel needs triton (CUDA machines); CPU installs never push
+    from runtime import p2p_triton
+except ImportError:
+    p2p_triton = None
 
 _ON: set[str] = set()
 
@@ -37,6 +44,16 @@ _ON: set[str] = set()
 def enable(group: str) -> None:
     """Exchange `group`'s token rows by pushes into symmetric memory (CUDA, one node)."""
     _ON.add(group)
+
+
+def setup(exchange: str, group: str = "ep") -> None:
+    """Turn the push exchange on or off for `group` as the spec resolved it (spec.token_exchange)."""
+    if exchange != "p2p":
+        disable(group)
+        return
+    if why := missing():
+        raise EchocError(f"backends.exchange 'p2p' cannot run here: {why}; set backends.exchange 'nccl'")
+    enable(group)
 
 
 def disable(group: str) -> None:
@@ -51,14 +68,10 @@ def missing() -> str | None:
     """Why the push exchange cannot run in this process (None: it can)."""
     if not torch.cuda.is_available():
         return "no CUDA device"
-    try:
-        from torch.distributed import _symmetric_memory  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch.distributed._symmetric_memory") is None:
         return "this torch has no torch.distributed._symmetric_memory"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
+    if p2p_triton is None:
+        return "triton is not installed (pip install triton)"
     return None
 
 
@@ -66,6 +79,7 @@ class Pool(NamedTuple):
     buf: Tensor          # [rows, H] symmetric: my receive buffer
     handle: object       # the rendezvous handle (barrier)
     ptrs: Tensor         # [ep] int64 on the device: every rank's `buf` in my address space
+    by_allocator: bool   # its bytes show in torch.cuda.memory_allocated (else only in the GPU's own count)
 
 
 _POOLS: dict[tuple, Pool] = {}
@@ -86,18 +100,24 @@ def pool(group: str, rows: int, like: Tensor) -> Pool:
         symm.enable_symm_mem_for_group(name)
     except Exception:   # newer torch registers groups itself
         pass
+    before = torch.cuda.memory_allocated(like.device)
     buf = symm.empty((rows,) + tuple(like.shape[1:]), dtype=like.dtype, device=like.device)
+    by_allocator = torch.cuda.memory_allocated(like.device) - before >= buf.nbytes
     handle = symm.rendezvous(buf, name)
     offset = buf.data_ptr() - handle.buffer_ptrs[handle.rank]
     ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=like.device)
-    _POOLS[key] = Pool(buf, handle, ptrs)
+    _POOLS[key] = Pool(buf, handle, ptrs, by_allocator)
     return _POOLS[key]
+
+
+def pool_bytes(outside_allocator: bool = False) -> int:
+    """Bytes of this process's receive pools (only those the caching allocator does not count)."""
+    return sum(p.buf.nbytes for p in _POOLS.values() if not (outside_allocator and p.by_allocator))
 
 
 def push(src: Tensor, index: Tensor, group: str, **tiles) -> Tensor:
     """src [S, H], index [ep·C] (-1: nothing) → my receive buffer [ep·C, H]: chunk s holds what
     rank s pushed for me; rows past each chunk's real rows are stale. Valid until the next push."""
-    from runtime import p2p_triton
     ep = comm.group_size(group)
     rows, H = index.shape[0], src.shape[1]
     assert rows % ep == 0 and src.stride(1) == 1, (rows, ep, src.stride())

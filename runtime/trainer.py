@@ -20,7 +20,7 @@ from torch import nn
 
 from echoc.errors import EchocError
 from echoc.spec import Spec
-from runtime import arena, comm, zero_ops
+from runtime import arena, comm, p2p, zero_ops
 from runtime.dtypes import torch_dtype
 from runtime.loss import chunked_cross_entropy
 from runtime.model import Transformer, moe_layers, update_expert_bias
@@ -95,6 +95,7 @@ class Trainer:
     def __init__(self, program: Program, device: torch.device, reference: nn.Module | None = None):
         spec = program.spec
         self.spec, self.device, self.program = spec, device, program
+        p2p.setup(spec.token_exchange)        # how the `torch` dispatch moves rows (backends.exchange)
         self.model = materialize(program, rank_init(spec, device, reference), device)
         self.gm = program.gm
         self.state = TrainState(self.model, spec, device, zero_ops.gathered_params(program.gm),

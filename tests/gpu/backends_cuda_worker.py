@@ -1,8 +1,9 @@
-"""Run under torchrun (2+ GPUs, NCCL) by tests/gpu/test_backends_cuda.py: one MoE layer (bf16) under
-the `torch` backend and under BACKEND ('symm_mem' or 'deepep', the real library calls), the same
-weights on every rank. Rank 0 writes the relative errors as JSON to OUT.
+"""Run under torchrun (2+ GPUs, NCCL) by tests/gpu/test_backends_cuda.py and test_p2p_cuda.py: one MoE
+layer (bf16) under the `torch` backend and under BACKEND ('symm_mem' or 'deepep', the real library
+calls; or 'p2p': the `torch` backend with backends.exchange 'p2p', against 'nccl'), the same weights
+on every rank. Rank 0 writes the relative errors as JSON to OUT.
 
-argv: BACKEND OUT
+argv: BACKEND OUT [HIDDEN]
   eager     output, input gradient and every parameter gradient: BACKEND vs torch
   graph     BACKEND's forward + backward captured once, replayed with new routing (other inputs):
             vs BACKEND eager and vs torch eager on the same inputs
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from echoc.compile import MoELeafTracer
 from echoc.spec_io import spec_from_dict
 from passes import sync_free_dispatch
-from runtime import comm
+from runtime import comm, p2p
 from runtime.model import MoE
 from runtime.parallel import shard_experts
 
@@ -33,7 +34,10 @@ class OneLayer(torch.nn.Module):
         return self.mlp(x)
 
 
-def build(backend, world, state=None):
+EXCHANGE: dict[int, str] = {}      # id(graph module) → the exchange its eager calls need
+
+
+def build(backend, world, state=None, exchange="nccl"):
     spec = spec_from_dict({
         "model": {"name": "layer", "vocab_size": 64, "hidden_size": H, "num_layers": 1, "first_dense_layers": 0,
                   "dense_intermediate_size": 4 * H, "dtype": "bfloat16",
@@ -41,7 +45,7 @@ def build(backend, world, state=None):
                   "moe": {"num_experts": E, "top_k": K, "expert_intermediate_size": F, "shared_experts": 1}},
         "cluster": {"device": "cuda", "nodes": 1, "gpus_per_node": world}, "parallel": {"ep": world, "dp": 1},
         "budgets": {"seq_len": T, "micro_batch": 1, "received_token_capacity": 2.0, "row_alignment": 16},
-        "backends": {"dispatch": backend}})
+        "backends": {"dispatch": backend, "exchange": exchange if backend == "torch" else "auto"}})
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = OneLayer(spec.model).to(torch.bfloat16)
@@ -50,7 +54,9 @@ def build(backend, world, state=None):
     full = {k: v.clone() for k, v in model.state_dict().items()}
     shard_experts(model, comm.group_rank("ep"), world)
     gm = torch.fx.GraphModule(model, MoELeafTracer().trace(model))
-    return full, model, sync_free_dispatch.run(gm, spec).gm
+    gm = sync_free_dispatch.run(gm, spec).gm
+    EXCHANGE[id(gm)] = spec.token_exchange
+    return full, model, gm
 
 
 def inputs(step):
@@ -60,6 +66,7 @@ def inputs(step):
 
 
 def step(gm, params, x, gy):
+    p2p.setup(EXCHANGE[id(gm)])
     for p in params:
         p.grad = None
     x = x.detach().requires_grad_(True)
@@ -78,6 +85,7 @@ def worst(got, want):
 
 def captured(gm, params, x0, g0):
     """(graph, static input, static output gradient, the graph's output and gradients)."""
+    p2p.setup(EXCHANGE[id(gm)])
     sx, sg = x0.clone().requires_grad_(True), g0.clone()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -95,17 +103,24 @@ def captured(gm, params, x0, g0):
 
 
 def main():
+    global H
     backend, out = sys.argv[1], sys.argv[2]
+    H = int(sys.argv[3]) if len(sys.argv) > 3 else H
     local = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local)
     dist.init_process_group("nccl", device_id=torch.device("cuda", local))
     world = dist.get_world_size()
     comm.init_groups(world, 1)
     state, model_t, gm_t = build("torch", world)
-    _, model_b, gm_b = build(backend, world, state)
+    if backend == "p2p":
+        _, model_b, gm_b = build("torch", world, state, exchange="p2p")
+        assert EXCHANGE[id(gm_b)] == "p2p"
+    else:
+        _, model_b, gm_b = build(backend, world, state)
     p_t, p_b = list(model_t.parameters()), list(model_b.parameters())
     x0, g0 = inputs(0)
-    res = {"eager_vs_torch": worst(step(gm_b, p_b, x0, g0), step(gm_t, p_t, x0, g0))}
+    got, want = step(gm_b, p_b, x0, g0), step(gm_t, p_t, x0, g0)
+    res = {"eager_vs_torch": worst(got, want), "eager_equal": all(torch.equal(a, b) for a, b in zip(got, want))}
     graph, sx, sg, held = captured(gm_b, p_b, x0, g0)
     res["replays"] = []
     for k in range(1, 4):
@@ -114,8 +129,9 @@ def main():
         sg.copy_(gy)
         graph.replay()
         got = [t.clone() for t in held]
-        res["replays"].append({"vs_eager": worst(got, step(gm_b, p_b, x, gy)),
-                               "vs_torch": worst(got, step(gm_t, p_t, x, gy))})
+        eager, ref = step(gm_b, p_b, x, gy), step(gm_t, p_t, x, gy)
+        res["replays"].append({"vs_eager": worst(got, eager), "vs_torch": worst(got, ref),
+                               "equal_torch": all(torch.equal(a, b) for a, b in zip(got, ref))})
     if dist.get_rank() == 0:
         json.dump(res, open(out, "w"))
     comm.shutdown()

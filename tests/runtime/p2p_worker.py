@@ -1,0 +1,56 @@
+"""Run under torchrun by tests/runtime/test_p2p.py: the oracle with the `torch` dispatch's exchange
+set to 'p2p' (runtime/p2p.py), whose push is replaced by a gloo stand-in with the kernel's contract:
+each rank's real rows (index ≥ 0) land in chunk `rank` of the peer's receive buffer, and every row
+no index names is NaN. The CUDA kernel leaves those rows stale (whatever the last exchange wrote);
+NaN there makes any read of a padding row poison the loss or a gradient, so the oracle proves the
+layer reads the real rows alone. argv: CONFIG_JSON, as for dist_worker.py.
+"""
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from echoc.compile import compile_build
+from echoc.spec import Spec
+from echoc.spec_io import spec_from_dict
+from runtime import comm, p2p, rows
+from runtime.oracle import compare_with_reference
+from runtime.trainer import init_distributed
+
+PUSHES = {"n": 0, "real_rows": 0, "rows": 0}
+
+
+def push_standin(src, index, group):
+    """What p2p.push returns, over gloo: stale (here NaN) wherever no rank pushed a row."""
+    send = rows.gather(src, index)
+    send[index < 0] = float("nan")
+    PUSHES["n"] += 1
+    PUSHES["real_rows"] += int((index >= 0).sum())
+    PUSHES["rows"] += index.numel()
+    return comm.all_to_all_equal(send, group)
+
+
+def main():
+    cfg = json.load(open(sys.argv[1]))
+    spec = spec_from_dict(cfg["spec"])
+    # a cpu spec resolves backends.exchange to 'nccl': plan it as 'p2p' (no send or receive buffers in
+    # the arena, the symmetric pool instead), and let the Trainer turn the stand-in on
+    Spec.token_exchange = property(lambda self: "p2p")
+    p2p.push = push_standin
+    p2p.setup = lambda exchange, group="ep": p2p.enable(group) if exchange == "p2p" else p2p.disable(group)
+    device = init_distributed(spec)
+    reports = compare_with_reference(compile_build(spec).program, device, cfg["steps"])
+    worst = torch.tensor([max(r.worst_grad[1] for r in reports)])
+    allw = [torch.zeros(1) for _ in range(dist.get_world_size())]
+    dist.all_gather(allw, worst)
+    if dist.get_rank() == 0:
+        steps = [{"step": r.step, "loss_rel_err": r.loss_rel_err, "worst_grad": r.worst_grad, "dropped": r.dropped}
+                 for r in reports]
+        json.dump({"steps": steps, "worst_grad_by_rank": [float(w) for w in allw], "pushes": PUSHES},
+                  open(cfg["out"], "w"))
+    comm.shutdown()
+
+
+if __name__ == "__main__":
+    main()

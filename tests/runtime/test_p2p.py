@@ -1,0 +1,76 @@
+"""backends.exchange: the `torch` dispatch's rows moved by pushes of the real rows (runtime/p2p.py).
+
+On CPU: how 'auto' resolves and what is refused, the memory plan under 'p2p' (a symmetric
+receive pool instead of the send and receive buffers, counted in the prediction), and the oracle
+at ep 2 and 4 with the push replaced by a gloo stand-in that leaves NaN in every row it does not
+write (tests/runtime/p2p_worker.py). The kernel itself runs on GPUs: tests/gpu/test_p2p_cuda.py."""
+from pathlib import Path
+
+import pytest
+
+from echoc.errors import EchocError
+from support import assert_oracle_matches, run_json_worker
+
+WORKER = Path(__file__).with_name("p2p_worker.py")
+CUDA = {"cluster.device": "cuda", "model.dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("over,want", [
+    ({"parallel.ep": 2}, "nccl"),                                                 # cpu
+    ({"parallel.ep": 2, "cluster.gpus_per_node": 2, **CUDA}, "p2p"),
+    ({"parallel.ep": 2, "parallel.dp": 2, "cluster.gpus_per_node": 4, **CUDA}, "p2p"),   # two EP groups a node
+    ({"parallel.ep": 4, "cluster.nodes": 2, "cluster.gpus_per_node": 2, **CUDA}, "nccl"),   # ep spans nodes
+    ({"parallel.ep": 1, "cluster.gpus_per_node": 1, **CUDA}, "nccl"),             # nothing moves between ranks
+    ({"parallel.ep": 2, "cluster.gpus_per_node": 2, "backends.exchange": "nccl", **CUDA}, "nccl"),
+])
+def test_auto_resolves_to_p2p_on_cuda_within_a_node(make_spec, over, want):
+    assert make_spec(over).token_exchange == want
+
+
+def test_other_dispatch_backends_never_use_it(make_spec):
+    spec = make_spec({"parallel.ep": 2, "cluster.gpus_per_node": 2, "backends.dispatch": "sync", **CUDA})
+    assert spec.token_exchange == "nccl"
+
+
+def test_p2p_is_refused_on_cpu_and_across_nodes(make_spec):
+    with pytest.raises(EchocError, match=r"backends.exchange.*'p2p' needs cluster.device 'cuda'"):
+        make_spec({"parallel.ep": 2, "backends.exchange": "p2p"})
+    with pytest.raises(EchocError, match=r"backends.exchange.*each EP group on one node"):
+        make_spec({"parallel.ep": 4, "cluster.nodes": 2, "cluster.gpus_per_node": 2, "backends.exchange": "p2p",
+                   **CUDA})
+
+
+def _plan(make_spec, exchange):
+    from echoc.compile import compile_build
+    from passes.buffer_json import plan_to_json
+    spec = make_spec({"parallel.ep": 2, "cluster.gpus_per_node": 2, "backends.exchange": exchange, **CUDA})
+    build = compile_build(spec)
+    return spec, plan_to_json(build.memory_plan), build
+
+
+def test_memory_plan_has_a_symmetric_pool_instead_of_send_and_receive_buffers(make_spec):
+    spec, p2p_plan, p2p_build = _plan(make_spec, "p2p")
+    _, nccl_plan, nccl_build = _plan(make_spec, "nccl")
+    moves = lambda plan: [b["name"] for b in plan["buffers"] if "_mlp_" in b["name"] and
+                          b["name"].endswith((".send", ".recv"))]
+    assert moves(nccl_plan) and not moves(p2p_plan)
+    pool = [b for b in p2p_plan["buffers"] if b["placement"] == "symmetric"]
+    assert [b["name"] for b in pool] == ["p2p.recv"]
+    assert pool[0]["bytes"] == spec.receive_rows * spec.model.hidden_size * 2      # [ep·C, H] bf16
+    assert p2p_plan["totals"]["symmetric_bytes"] == pool[0]["bytes"]
+    assert nccl_plan["totals"]["symmetric_bytes"] == 0
+    # the pool is held all run: the prediction counts it in every phase
+    assert p2p_build.summary["memory_per_rank_bytes"].get("symmetric_pool") == pool[0]["bytes"]
+    assert "symmetric_pool" not in nccl_build.summary["memory_per_rank_bytes"]
+    assert p2p_plan["totals"]["arena_bytes"] < nccl_plan["totals"]["arena_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep", [2, 4])
+def test_matches_reference_reading_only_the_pushed_rows(tmp_path, oracle_spec, ep):
+    spec = oracle_spec(ep=ep, capacity=float(ep))
+    res = run_json_worker(WORKER, {"spec": spec, "steps": 3}, tmp_path)
+    pushes = res["pushes"]
+    assert pushes["n"] > 0, "the exchange never pushed: the test proves nothing"
+    assert 0 < pushes["real_rows"] < pushes["rows"], "no padding row: NaN was never put anywhere"
+    assert_oracle_matches(res)
