@@ -66,9 +66,11 @@ def _sweep(args, ep, C, rank, gen):
     index = _index(ep, C, n_real, args.tokens, rank, gen).cuda()
     gb = n_real * (ep - 1) * H * 2 / 1e9
     out = []
-    for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 8), (8192, 16)):
-        _, t = _graph(lambda: p2p.push(src, index, "ep", block=block, warps=warps), args.iters)
-        out.append(dict(hidden=H, real_rows_per_peer=n_real, block=block, warps=warps, ms=t, GBps=gb / (t / 1e3)))
+    for block, warps, rows_ in ((2048, 4, 1), (8192, 8, 1), (8192, 4, 1), (8192, 8, 2), (8192, 16, 2),
+                                (4096, 8, 4), (2048, 4, 4), (2048, 8, 8)):
+        _, t = _graph(lambda: p2p.push(src, index, "ep", block=block, warps=warps, rows=rows_), args.iters)
+        out.append(dict(hidden=H, real_rows_per_peer=n_real, block=block, warps=warps, rows=rows_, ms=t,
+                        GBps=gb / (t / 1e3)))
     empty = torch.full_like(index, -1)
     _, t = _graph(lambda: p2p.push(src, empty, "ep"), args.iters)
     out.append(dict(hidden=H, real_rows_per_peer=0, block="barriers only", warps=0, ms=t, GBps=0.0))
@@ -127,7 +129,8 @@ def main():
     sweep = _sweep(args, ep, C, rank, gen) if args.sweep else []
     if rank == 0:
         for r in sweep:
-            print(f"sweep H {r['hidden']} rows/peer {r['real_rows_per_peer']} block {r['block']} warps {r['warps']}: "
+            print(f"sweep H {r['hidden']} rows/peer {r['real_rows_per_peer']} block {r['block']} warps {r['warps']} "
+                  f"rows/program {r.get('rows', '-')}: "
                   f"{r['ms']:.3f} ms, {r['GBps']:.0f} GB/s")
         print("| H | C | real rows / peer | nccl ms | p2p ms | nccl / p2p | p2p GB/s (real rows out) |")
         print("|---:|---:|---:|---:|---:|---:|---:|")

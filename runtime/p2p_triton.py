@@ -1,8 +1,8 @@
-"""The push kernel of runtime/p2p.py: gather a row and store it into a peer's memory, in one pass.
+"""The push kernel of runtime/p2p.py: gather rows and store them into the peers' memory, in one pass.
 
-Program (r, c): send row r = p·C + j of this rank, columns c·BH … c·BH+BH-1. Its index names
-the source row (or -1: padding, the program returns at once); the row is stored at row
-rank·C + j of rank p's receive buffer, whose address in this process is ptrs[p].
+Program (r, c): send rows r·R … r·R+R-1 (row s = p·C + j goes to peer p), columns c·BH … c·BH+BH-1.
+Each row's index names the source row, or is -1 (padding: nothing is read or stored); a real row
+is stored at row rank·C + j of rank p's receive buffer, whose address in this process is ptrs[p].
 """
 from __future__ import annotations
 
@@ -10,28 +10,33 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_BH, _WARPS = 2048, 4   # columns per program (4 KiB of bf16), warps per program
+# tiles measured on 2 × H200 (bench/exchange.py --sweep, docs/BENCHMARKS.md): whole rows up to 8192
+# columns per program; 8 warps from 4096 columns on
+_MAX_BH, _ROWS = 8192, 1
 
 
 @triton.jit
-def _push(src, idx, ptrs, C, rank, H, s_src, BH: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64)
-    i = tl.load(idx + r)
-    if i >= 0:
-        p = r // C
-        j = r - p * C
-        dst = tl.load(ptrs + p).to(tl.pointer_type(src.dtype.element_ty))
-        c = tl.program_id(1) * BH + tl.arange(0, BH)
-        m = c < H
-        v = tl.load(src + i * s_src + c, mask=m)
-        tl.store(dst + (rank * C + j) * H + c, v, mask=m)
+def _push(src, idx, ptrs, n, C, rank, H, s_src, R: tl.constexpr, BH: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    c = tl.program_id(1) * BH + tl.arange(0, BH)
+    i = tl.load(idx + s, mask=s < n, other=-1)
+    real = i >= 0
+    if tl.max(real.to(tl.int32), 0) > 0:
+        p = s // C
+        dst = tl.load(ptrs + p, mask=real, other=0).to(tl.pointer_type(src.dtype.element_ty))
+        m = real[:, None] & (c < H)[None, :]
+        v = tl.load(src + i[:, None] * s_src + c[None, :], mask=m)
+        tl.store(dst[:, None] + (rank * C + s - p * C)[:, None] * H + c[None, :], v, mask=m)
 
 
 def push_rows(src: Tensor, index: Tensor, ptrs: Tensor, chunk_rows: int, rank: int, H: int,
-              block: int = _BH, warps: int = _WARPS) -> None:
-    """For every send row r with index[r] ≥ 0: peer (r // C)'s buffer row rank·C + r % C ← src[index[r]]."""
-    rows = index.shape[0]
-    if rows == 0:
+              block: int | None = None, warps: int | None = None, rows: int = _ROWS) -> None:
+    """For every send row s with index[s] ≥ 0: peer (s // C)'s buffer row rank·C + s % C ← src[index[s]]."""
+    n = index.shape[0]
+    assert rows & (rows - 1) == 0, f"rows per program must be a power of 2, got {rows}"
+    if n == 0:
         return
-    bh = min(block, triton.next_power_of_2(H))
-    _push[(rows, triton.cdiv(H, bh))](src, index, ptrs, chunk_rows, rank, H, src.stride(0), BH=bh, num_warps=warps)
+    bh = min(block or _MAX_BH, triton.next_power_of_2(H))
+    warps = warps or (8 if bh >= 4096 else 4)
+    _push[(triton.cdiv(n, rows), triton.cdiv(H, bh))](src, index, ptrs, n, chunk_rows, rank, H, src.stride(0),
+                                                      R=rows, BH=bh, num_warps=warps)

@@ -6,12 +6,19 @@ at ep 2 and 4 with the push replaced by a gloo stand-in that leaves NaN in every
 write (tests/runtime/p2p_worker.py). The kernel itself runs on GPUs: tests/gpu/test_p2p_cuda.py."""
 from pathlib import Path
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from echoc.errors import EchocError
 from support import assert_oracle_matches, run_json_worker
 
 WORKER = Path(__file__).with_name("p2p_worker.py")
+KERNEL_WORKER = Path(__file__).with_name("p2p_kernel_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
 CUDA = {"cluster.device": "cuda", "model.dtype": "bfloat16"}
 
 
@@ -74,3 +81,13 @@ def test_matches_reference_reading_only_the_pushed_rows(tmp_path, oracle_spec, e
     assert pushes["n"] > 0, "the exchange never pushed: the test proves nothing"
     assert 0 < pushes["real_rows"] < pushes["rows"], "no padding row: NaN was never put anywhere"
     assert_oracle_matches(res)
+
+
+def test_push_kernel_in_the_interpreter_writes_each_real_row_and_nothing_else():
+    pytest.importorskip("triton", reason="needs the triton package (pip install triton)")
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, str(KERNEL_WORKER)], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["cases"] == 5 and res["failures"] == [], res
