@@ -148,6 +148,15 @@ def reduce_scatter_rows(x: torch.Tensor, group: str, out: torch.Tensor | None = 
     return out
 
 
+_AT_SHUTDOWN: list = []
+
+
+def at_shutdown(fn) -> None:
+    """Call `fn()` in shutdown(), before the groups are destroyed (once per function)."""
+    if fn not in _AT_SHUTDOWN:
+        _AT_SHUTDOWN.append(fn)
+
+
 def shutdown(wait: bool = True) -> None:
     """End of a worker: wait for every rank (unless `wait` is False: after an error, when a
     peer may never come), drop our references to the groups, destroy them.
@@ -159,5 +168,7 @@ def shutdown(wait: bool = True) -> None:
         return
     if wait:
         dist.barrier()
+    for fn in _AT_SHUTDOWN:
+        fn()
     _GROUPS.clear()
     dist.destroy_process_group()

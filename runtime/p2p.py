@@ -107,7 +107,15 @@ def pool(group: str, rows: int, like: Tensor) -> Pool:
     offset = buf.data_ptr() - handle.buffer_ptrs[handle.rank]
     ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=like.device)
     _POOLS[key] = Pool(buf, handle, ptrs, by_allocator)
+    comm.at_shutdown(release)
     return _POOLS[key]
+
+
+def release() -> None:
+    """Free the pools (after every kernel that uses them), before the groups they live on go."""
+    if _POOLS:
+        torch.cuda.synchronize()
+        _POOLS.clear()
 
 
 def pool_bytes(outside_allocator: bool = False) -> int:

@@ -8,9 +8,11 @@ argv: BACKEND OUT [HIDDEN]
   graph     BACKEND's forward + backward captured once, replayed with new routing (other inputs):
             vs BACKEND eager and vs torch eager on the same inputs
 """
+import faulthandler
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -134,7 +136,12 @@ def main():
                                "equal_torch": all(torch.equal(a, b) for a, b in zip(got, ref))})
     if dist.get_rank() == 0:
         json.dump(res, open(out, "w"))
+    # a hang from here on (the libraries' teardown) prints where it is and fails the run
+    faulthandler.dump_traceback_later(60, exit=True)
+    t0 = time.perf_counter()
     comm.shutdown()
+    print(f"rank {dist.get_rank() if dist.is_initialized() else '-'}: shut down in {time.perf_counter() - t0:.1f} s",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,9 @@ def test_layer_equals_the_torch_backend_eager_and_in_a_cuda_graph(tmp_path, back
     if why := _missing(backend):
         pytest.skip(why)
     out = tmp_path / "out.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **ENV)
+    # keep the caller's path (packages carried beside the interpreter, e.g. pydantic) after the checkout
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **ENV)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(WORKER), backend, str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)

@@ -27,7 +27,9 @@ def test_p2p_layer_equals_nccl_bitwise_eager_and_in_a_cuda_graph(tmp_path, hidde
     if why := p2p.missing():
         pytest.skip(f"p2p exchange cannot run: {why}")
     out = tmp_path / "out.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **ENV)
+    # keep the caller's path (packages carried beside the interpreter, e.g. pydantic) after the checkout
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **ENV)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(WORKER), "p2p", str(out), str(hidden)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
