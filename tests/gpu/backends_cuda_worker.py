@@ -136,7 +136,10 @@ def main():
                                "equal_torch": all(torch.equal(a, b) for a, b in zip(got, ref))})
     if dist.get_rank() == 0:
         json.dump(res, open(out, "w"))
-    # a hang from here on (the libraries' teardown) prints where it is and fails the run
+    # the captured graph holds the communicators' kernels: free it before the groups go (NCCL's
+    # destroy waited forever with it alive); a hang from here on prints where it is and fails the run
+    del graph, held, sx, sg
+    torch.cuda.synchronize()
     faulthandler.dump_traceback_later(60, exit=True)
     t0 = time.perf_counter()
     comm.shutdown()
