@@ -181,5 +181,6 @@ def _echo_decision(spec: Spec) -> dict:
             "spec_spare_slots": spec.echo.spare_slots_per_rank, "enabled": spec.echo.enabled,
             "explain": d.explain + f" Under zipf(1.2) routing {best} spare slot(s) per rank minimise the "
                        f"predicted MoE time ({predicted[best]:.3f} ms/layer vs {predicted[0]:.3f} without cloning). "
-                       f"Predicted MoE ms/layer by backend (no cloning; torch moves padded chunks, symm_mem and "
-                       f"deepep only real rows): {moved}."}
+                       f"Predicted MoE ms/layer by backend (no cloning; torch with exchange 'nccl' moves padded chunks, "
+                       f"torch_p2p (exchange 'p2p'; this spec: '{spec.token_exchange}'), symm_mem and deepep only "
+                       f"real rows): {moved}."}

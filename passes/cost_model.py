@@ -8,9 +8,10 @@ Units: bytes, seconds, GB/s (the spec's `*_gbps` fields are gigaBYTES per second
   clone_s(link)      = 2 · expert_bytes / link           weights out, gradient back home
   token_move_s(link) = 4 · row_bytes / link              dispatch + combine, in fwd and in bwd
 
-Token traffic per backend (`moe_ms_by_backend`): `torch` moves its full per-peer chunks
-(ep−1)·C rows per exchange whatever the routing; `symm_mem` / `deepep` move only the kept real
-rows, so at capacity 1.5 they move about 1/1.5 of torch's bytes.
+Token traffic per backend (`moe_ms_by_backend`): `torch` with backends.exchange 'nccl' moves
+its full per-peer chunks (ep−1)·C rows per exchange whatever the routing; `torch` with 'p2p'
+(`torch_p2p`), `symm_mem` and `deepep` move only the kept real rows, so at capacity 1.5 they
+move about 1/1.5 of the padded bytes.
 
 A clone with r rows saves r · row_compute_s on the overloaded rank (the rows go to the
 clone's rank instead of the home rank: no extra token traffic), so it pays off when
@@ -111,14 +112,16 @@ def predicted_moe_ms(spec: Spec, counts: torch.Tensor, spares: int, decision: Cl
 
 
 REAL_ROW_BACKENDS = ("symm_mem", "deepep")
+MOVEMENTS = ("torch", "torch_p2p") + REAL_ROW_BACKENDS    # torch_p2p: the torch backend, exchange 'p2p'
 
 
 def rows_moved(spec: Spec, counts: torch.Tensor, backend: str) -> torch.Tensor:
-    """Rows each rank sends across links per exchange, [ep]: the `torch` backend always sends its
-    full [C] chunk to each of the ep−1 peers; `symm_mem` and `deepep` send the kept real rows
+    """Rows each rank sends across links per exchange, [ep]: the `torch` backend (exchange 'nccl')
+    always sends its full [C] chunk to each of the ep−1 peers; `torch_p2p`, `symm_mem` and `deepep`
+    send the kept real rows
     (copies; HybridEP's one-row-per-token-per-rank dedup is not modelled, so deepep is an upper bound)."""
     ep, C = spec.parallel.ep, spec.peer_chunk_rows
-    if backend not in REAL_ROW_BACKENDS:
+    if backend == "torch":
         return torch.full((ep,), float((ep - 1) * C), dtype=torch.float64)
     per_pair = torch.clamp(counts.view(ep, ep, -1).sum(2), max=C).double()   # [src, dst]
     return per_pair.sum(1) - per_pair.diagonal()
@@ -129,12 +132,12 @@ def moe_ms_by_backend(spec: Spec, skew: float = 1.2) -> dict[str, float]:
     rank's expert compute plus its token traffic (4 exchanges: dispatch and combine, fwd and bwd)."""
     ep = spec.parallel.ep
     if ep == 1:
-        return {b: 0.0 for b in ("torch",) + REAL_ROW_BACKENDS}
+        return {b: 0.0 for b in MOVEMENTS}
     counts = zipf_counts(ep, spec.model.moe.num_experts, spec.budgets.tokens, spec.model.moe.top_k, skew)
     gbps = link_gbps(spec, ep)
     compute_ms = counts.sum(0).view(ep, -1).sum(1).double() * row_compute_s(spec) * 1e3
     out = {}
-    for b in ("torch",) + REAL_ROW_BACKENDS:
+    for b in MOVEMENTS:
         move_ms = 4 * rows_moved(spec, counts, b) * row_bytes(spec) / (gbps * 1e9) * 1e3
         out[b] = round(float((compute_ms + move_ms).max()), 4)
     return out

@@ -38,26 +38,27 @@ try:  # the push kernel needs triton (CUDA machines); CPU installs never push
 except ImportError:
     p2p_triton = None
 
-_ON: set[str] = set()
+_ON: dict[str, int] = {}        # group → barrier timeout, ms (0: none)
 
 
-def enable(group: str) -> None:
-    """Exchange `group`'s token rows by pushes into symmetric memory (CUDA, one node)."""
-    _ON.add(group)
+def enable(group: str, timeout_s: float | None = None) -> None:
+    """Exchange `group`'s token rows by pushes into symmetric memory (CUDA, one node). With
+    `timeout_s`, a barrier that waits longer for a peer traps (the process fails, not hangs)."""
+    _ON[group] = int(timeout_s * 1000) if timeout_s else 0
 
 
-def setup(exchange: str, group: str = "ep") -> None:
+def setup(exchange: str, group: str = "ep", timeout_s: float | None = None) -> None:
     """Turn the push exchange on or off for `group` as the spec resolved it (spec.token_exchange)."""
     if exchange != "p2p":
         disable(group)
         return
     if why := missing():
         raise EchocError(f"backends.exchange 'p2p' cannot run here: {why}; set backends.exchange 'nccl'")
-    enable(group)
+    enable(group, timeout_s)
 
 
 def disable(group: str) -> None:
-    _ON.discard(group)
+    _ON.pop(group, None)
 
 
 def enabled(group: str) -> bool:
@@ -130,7 +131,8 @@ def push(src: Tensor, index: Tensor, group: str, **tiles) -> Tensor:
     rows, H = index.shape[0], src.shape[1]
     assert rows % ep == 0 and src.stride(1) == 1, (rows, ep, src.stride())
     p = pool(group, rows, src)
-    p.handle.barrier(channel=0)
+    timeout = _ON.get(group, 0)
+    p.handle.barrier(channel=0, timeout_ms=timeout)
     p2p_triton.push_rows(src, index, p.ptrs, rows // ep, comm.group_rank(group), H, **tiles)
-    p.handle.barrier(channel=0)
+    p.handle.barrier(channel=0, timeout_ms=timeout)
     return p.buf[:rows]

@@ -95,7 +95,8 @@ class Trainer:
     def __init__(self, program: Program, device: torch.device, reference: nn.Module | None = None):
         spec = program.spec
         self.spec, self.device, self.program = spec, device, program
-        p2p.setup(spec.token_exchange)        # how the `torch` dispatch moves rows (backends.exchange)
+        # how the `torch` dispatch moves rows (backends.exchange); a peer that never comes fails the step
+        p2p.setup(spec.token_exchange, timeout_s=spec.train.collective_timeout_s)
         self.model = materialize(program, rank_init(spec, device, reference), device)
         self.gm = program.gm
         self.state = TrainState(self.model, spec, device, zero_ops.gathered_params(program.gm),
