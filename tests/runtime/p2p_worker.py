@@ -38,7 +38,8 @@ def main():
     # the arena, the symmetric pool instead), and let the Trainer turn the stand-in on
     Spec.token_exchange = property(lambda self: "p2p")
     p2p.push = push_standin
-    p2p.setup = lambda exchange, group="ep": p2p.enable(group) if exchange == "p2p" else p2p.disable(group)
+    p2p.setup = lambda exchange, group="ep", timeout_s=None: (p2p.enable(group, timeout_s) if exchange == "p2p"
+                                                             else p2p.disable(group))
     device = init_distributed(spec)
     reports = compare_with_reference(compile_build(spec).program, device, cfg["steps"])
     worst = torch.tensor([max(r.worst_grad[1] for r in reports)])
