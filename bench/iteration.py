@@ -9,8 +9,10 @@ difference < 1e-2 at every step); ms per iteration is the median of the CUDA-eve
 times of the steps after warm-up (graph: replays only). `*_allocator` variants keep the
 MoE buffers in PyTorch's caching allocator instead of the planned arena
 (backends.buffers); peak GiB is each variant's own peak allocated memory (measured from
-what was allocated before its Trainer was built), arena GiB the planned arena in it.
-Prints one table (rank 0) and writes JSON.
+what was allocated before its Trainer was built; with backends.exchange 'p2p' plus its symmetric
+receive pool, which the caching allocator does not count), arena GiB the planned arena in it.
+`graph_nccl` is `graph` with backends.exchange 'nccl' (the padded all_to_all; `graph` picks 'p2p'
+on one node). Prints one table (rank 0) and writes JSON.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from echoc.spec_io import spec_from_dict
+from runtime import p2p
 from runtime.cuda_graph import StepRunner
 from runtime.data import TokenSource, local_rows
 from echoc.compile import compile_build
@@ -106,6 +109,8 @@ def run_variant(args, name, device):
         clones += int(m.stats[0, :, 3].sum())
     steady = times[4:]
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    if spec.token_exchange == "p2p":     # its receive pool, where the caching allocator does not count it
+        peak += p2p.pool_bytes(outside_allocator=True) / 2**30
     del runner, trainer, m
     return {"losses": losses, "ms_median": statistics.median(steady), "ms_all": times,
             "token_straggler_mean": statistics.mean(straggler), "overflow": overflow, "clones": clones,
