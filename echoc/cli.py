@@ -85,7 +85,7 @@ def _print_summary(summary: dict) -> None:
         if isinstance(v, (int, float)):
             t.add_row(f"memory/rank: {k}", _gib(v))
     d = summary["dispatch"]
-    t.add_row("dispatch backend", d["backend"])
+    t.add_row("dispatch backend", d["backend"] + (f" (exchange {d['exchange']})" if d["backend"] == "torch" else ""))
     b = summary.get("buffers", {})
     if "arena_bytes" in b:
         t.add_row("MoE buffer arena / rank", f"{_gib(b['arena_bytes'])} for {b['arena_buffers']} buffers (lower bound "
