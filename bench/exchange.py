@@ -142,6 +142,7 @@ def main():
             json.dump(dict(ep=ep, tokens=args.tokens, top_k=args.top_k, capacity=args.capacity,
                            device=torch.cuda.get_device_name(), torch=torch.__version__, results=results, sweep=sweep), f, indent=1)
     dist.barrier()
+    p2p.release()
     dist.destroy_process_group()
 
 

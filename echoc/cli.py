@@ -92,6 +92,8 @@ def _print_summary(summary: dict) -> None:
                   f"{_gib(b['lower_bound_bytes'])}, naive {_gib(b['naive_bytes'])})")
         t.add_row("MoE buffers from the allocator", f"{b['allocator_buffers']} (grouped_mm outputs), peak "
                   f"{_gib(b['allocator_lower_bound_bytes'])}; all MoE buffers peak {_gib(b['total_lower_bound_bytes'])}")
+    if b.get("symmetric_bytes"):
+        t.add_row("symmetric exchange pools / rank", f"{_gib(b['symmetric_bytes'])} (held all run, outside the arena)")
     t.add_row("receive buffer rows/layer", f"{d['receive_rows']:,} ({d['peer_chunk_rows']:,} per peer)")
     for p in summary["passes"]:
         t.add_row(f"pass {p['name']}", f"{p['ms']:.1f} ms")

@@ -7,8 +7,11 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from echoc.errors import EchocError
 from echoc.spec import Spec
+from runtime import p2p
 from runtime.checkpoint import check_fresh_dir
 from runtime.checkpoint_files import CheckpointError, check_spec, check_steps, newest_whole, read_marker
 from runtime.data import check_text_file
@@ -92,3 +95,23 @@ def check_resume(spec: Spec, mode: str, allow_changes: bool) -> str | None:
     check_spec(path, read_marker(path), spec, allow_changes)
     check_steps(path, step, spec.train.steps)
     return f"resuming from {path.name}" + (f" (newer but damaged: {'; '.join(damaged)})" if damaged else "")
+
+
+def check_exchange(spec: Spec, nproc: int) -> None:
+    """backends.exchange 'p2p' (set, or what 'auto' chose from the spec) needs this host's GPUs to
+    reach each other directly and torch's symmetric memory; say so before any worker starts."""
+    if spec.token_exchange != "p2p" or not torch.cuda.is_available():
+        return   # no GPU on the launching host: each worker checks for itself (runtime/p2p.setup)
+    chosen = "'auto' chose 'p2p' (cuda, each EP group on one node)" if spec.backends.exchange == "auto" else "'p2p'"
+    why = p2p.missing()
+    ep, n = spec.parallel.ep, min(nproc, torch.cuda.device_count())
+    if why is None and nproc > torch.cuda.device_count():
+        why = f"{nproc} processes on this host but {torch.cuda.device_count()} GPUs"
+    for first in range(0, n - n % ep, ep):
+        far = [(a, b) for a in range(first, first + ep) for b in range(first, first + ep)
+               if why is None and a != b and not torch.cuda.can_device_access_peer(a, b)]
+        if far:
+            why = f"GPU {far[0][0]} cannot access GPU {far[0][1]} directly (no peer access)"
+    if why:
+        raise EchocError(f"backends.exchange {chosen}, which cannot run here: {why}; "
+                         "set backends.exchange 'nccl'")

@@ -140,6 +140,7 @@ def start(req: RunRequest, worker_argv: list[str]) -> None:
         raise EchocError(f"--nproc {nproc} but the spec's cluster has {spec.cluster.world_size} ranks "
                          f"(nodes × gpus_per_node); pass --set cluster.gpus_per_node={nproc} and a matching "
                          "parallel.ep × parallel.dp")
+    preflight.check_exchange(spec, nproc)
     preflight.check_inputs(spec)
     preflight.check_outputs(spec, req.metrics, req.record_routing, req.tensorboard)
     note = preflight.check_resume(spec, req.resume, req.resume_with_changes)

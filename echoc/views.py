@@ -66,7 +66,8 @@ def buffers_table(plan_json: dict, sort: str = "size", console: Console | None =
                                  f"naive sum {human_bytes(t['naive_bytes'])} · allocator-owned buffers "
                                  f"(offset 'alloc': grouped_mm outputs, graph outputs) peak at "
                                  f"{human_bytes(t['allocator_lower_bound_bytes'])} · all buffers together peak at "
-                                 f"{human_bytes(t['total_lower_bound_bytes'])} · {plan['note']}"))
+                                 f"{human_bytes(t['total_lower_bound_bytes'])} · symmetric exchange pools "
+                                 f"{human_bytes(t.get('symmetric_bytes', 0))} · {plan['note']}"))
     for col, justify in (("buffer", "left"), ("layer", "right"), ("role", "left"), ("shape", "left"),
                          ("dtype", "left"), ("bytes", "right"), ("lifetime (steps)", "right"),
                          ("offset", "right")):

@@ -7,8 +7,9 @@ registered buffers; their exact size is the library's, so the plan lists the lea
 must hold: every EP rank's tokens [ep·T, H] (dispatch stages whole tokens) and the permuted
 rows [Rp, H]. The `torch` dispatch under backends.exchange 'p2p' pushes rows into one
 symmetric receive pool per rank, [ep·C, H] (runtime/p2p.py), and plans no send or receive buffer.
-Symmetric buffers are allocated once by the backend, outside the arena: they are listed with
-placement 'symmetric' in plan.json and counted in the total, not placed.
+Symmetric buffers are allocated once by the backend, outside the arena and the caching allocator:
+they are listed with placement 'symmetric' in plan.json, summed in its `symmetric_bytes`, and
+counted by the memory model as held all run (echoc/memory_model.py), not placed.
 """
 from __future__ import annotations
 

@@ -33,9 +33,10 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 SAFE_CHANGES = ("train.steps", "train.log_interval", "train.optimizer.lr", "train.optimizer.warmup_steps",
                 "train.checkpoint.interval", "train.checkpoint.dir", "train.metrics_path",
-                "train.collective_timeout_s", "train.on_nonfinite")
+                "train.collective_timeout_s", "train.on_nonfinite", "backends.exchange")
 """Spec fields a resume may change with --resume-with-changes: the schedule, how long to train,
-where and how often to log and save. Nothing that shapes the model, its data or its state."""
+where and how often to log and save, how rows move between ranks (the exchanges give the same
+numbers bitwise). Nothing that shapes the model, its data or its state."""
 
 
 class CheckpointError(EchocError):
@@ -165,10 +166,19 @@ def spec_changes(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, ob
     return out
 
 
+def _with_defaults(saved: dict, spec: Spec) -> dict:
+    """The saved spec with the fields added since it was written at their defaults (as read by this
+    echoc); as written when this echoc no longer reads it."""
+    try:
+        return type(spec).model_validate(saved).model_dump(mode="json")
+    except Exception:
+        return saved
+
+
 def check_spec(d: Path, marker: Marker, spec: Spec, allow_changes: bool) -> list[str]:
     """Refuse to resume checkpoint `d` under a different spec; returns the accepted changes as
     `path: old → new` lines (empty when the spec is the same)."""
-    changes = spec_changes(marker.spec, spec.model_dump(mode="json"))
+    changes = spec_changes(_with_defaults(marker.spec, spec), spec.model_dump(mode="json"))
     lines = [f"{p}: {a!r} → {b!r}" for p, a, b in changes]
     unsafe = [line for (p, _, _), line in zip(changes, lines) if p not in SAFE_CHANGES]
     if unsafe or (changes and not allow_changes):

@@ -152,7 +152,7 @@ _AT_SHUTDOWN: list = []
 
 
 def at_shutdown(fn) -> None:
-    """Call `fn()` in shutdown(), before the groups are destroyed (once per function)."""
+    """Call `fn(wait)` in shutdown(), before the groups are destroyed (once per function)."""
     if fn not in _AT_SHUTDOWN:
         _AT_SHUTDOWN.append(fn)
 
@@ -169,6 +169,6 @@ def shutdown(wait: bool = True) -> None:
     if wait:
         dist.barrier()
     for fn in _AT_SHUTDOWN:
-        fn()
+        fn(wait)
     _GROUPS.clear()
     dist.destroy_process_group()

@@ -25,6 +25,7 @@ whether this process set the exchange on for a group (runtime/launch sets it fro
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import NamedTuple
 
 import torch
@@ -52,9 +53,25 @@ def setup(exchange: str, group: str = "ep", timeout_s: float | None = None) -> N
     if exchange != "p2p":
         disable(group)
         return
-    if why := missing():
+    if why := missing() or unreachable(group):
         raise EchocError(f"backends.exchange 'p2p' cannot run here: {why}; set backends.exchange 'nccl'")
     enable(group, timeout_s)
+
+
+def unreachable(group: str) -> str | None:
+    """Why some rank of `group` is not a peer this GPU can store into (None: all are). torchrun
+    numbers the ranks of a host consecutively, LOCAL_WORLD_SIZE of them."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    ranks = comm.group_ranks(group)
+    if not local or len(ranks) < 2:
+        return None
+    hosts = {r // local for r in ranks}
+    if len(hosts) > 1:
+        return (f"the EP group's ranks {ranks[0]}..{ranks[-1]} span {len(hosts)} hosts of {local} processes "
+                "each (p2p reaches the GPUs of one host)")
+    me = torch.cuda.current_device()
+    far = [r % local for r in ranks if r % local != me and not torch.cuda.can_device_access_peer(me, r % local)]
+    return f"GPU {me} cannot access GPU(s) {far} directly (no peer access)" if far else None
 
 
 def disable(group: str) -> None:
@@ -97,26 +114,29 @@ def pool(group: str, rows: int, like: Tensor) -> Pool:
                            "(run one eager step first)")
     from torch.distributed import _symmetric_memory as symm
     name = comm.get_group(group).group_name
-    try:
+    if not symm.is_symm_mem_enabled_for_group(name):
         symm.enable_symm_mem_for_group(name)
-    except Exception:   # newer torch registers groups itself
-        pass
     before = torch.cuda.memory_allocated(like.device)
     buf = symm.empty((rows,) + tuple(like.shape[1:]), dtype=like.dtype, device=like.device)
     by_allocator = torch.cuda.memory_allocated(like.device) - before >= buf.nbytes
     handle = symm.rendezvous(buf, name)
     offset = buf.data_ptr() - handle.buffer_ptrs[handle.rank]
+    offsets = comm.all_gather_rows(torch.tensor([offset], dtype=torch.int64, device=like.device), group)
+    if bool((offsets != offset).any()):     # a peer's pool must sit where this rank's pointers say
+        raise RuntimeError(f"p2p exchange: the pool's offset in its allocation differs between ranks: "
+                           f"{offsets.view(-1).tolist()}")
     ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=like.device)
     _POOLS[key] = Pool(buf, handle, ptrs, by_allocator)
     comm.at_shutdown(release)
     return _POOLS[key]
 
 
-def release() -> None:
-    """Free the pools (after every kernel that uses them), before the groups they live on go."""
-    if _POOLS:
+def release(wait: bool = True) -> None:
+    """Free the pools before the groups they live on go: after every kernel that uses them, or
+    (`wait` False: after an error, when a peer may never come to a barrier) at once."""
+    if _POOLS and wait:
         torch.cuda.synchronize()
-        _POOLS.clear()
+    _POOLS.clear()
 
 
 def pool_bytes(outside_allocator: bool = False) -> int:
@@ -130,6 +150,7 @@ def push(src: Tensor, index: Tensor, group: str, **tiles) -> Tensor:
     ep = comm.group_size(group)
     rows, H = index.shape[0], src.shape[1]
     assert rows % ep == 0 and src.stride(1) == 1, (rows, ep, src.stride())
+    assert index.dtype == torch.int64 and index.is_contiguous(), (index.dtype, index.stride())
     p = pool(group, rows, src)
     timeout = _ON.get(group, 0)
     p.handle.barrier(channel=0, timeout_ms=timeout)

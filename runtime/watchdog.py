@@ -20,6 +20,7 @@ import time
 import torch.distributed as dist
 
 from echoc.errors import EchocError
+from runtime import p2p
 
 
 class CollectiveTimeoutError(EchocError):
@@ -56,8 +57,14 @@ def announce() -> None:
 
 
 def is_timeout(error: BaseException) -> bool:
-    """A collective's timeout as gloo / c10d report it."""
-    return isinstance(error, (RuntimeError, dist.DistError)) and "timed out" in str(error).lower()
+    """A collective's timeout as gloo / c10d report it; or, under backends.exchange 'p2p', the CUDA
+    fault of a symmetric-memory barrier that waited longer than its timeout for a peer and trapped
+    (the device prints "timed out"; the host sees only a launch failure)."""
+    msg = str(error).lower()
+    if isinstance(error, (RuntimeError, dist.DistError)) and "timed out" in msg:
+        return True
+    trapped = "unspecified launch failure" in msg or "illegal instruction" in msg
+    return isinstance(error, RuntimeError) and trapped and p2p.enabled("ep")
 
 
 def _roll_call(rank: int, world: int, wait_s: float) -> dict[int, str] | None:

@@ -68,6 +68,19 @@ def test_changed_spec_is_refused_naming_the_fields(tmp_path):
     assert files.check_spec(d, marker, build_spec(), allow_changes=False) == []
 
 
+def test_a_checkpoint_from_before_a_new_spec_field_resumes_with_its_default(tmp_path):
+    """backends.exchange did not exist when older checkpoints were written: their spec reads as
+    the default, so resuming one is no change at all; switching the exchange is a safe change."""
+    d = make_ckpt(tmp_path, 4)
+    marker = files.read_marker(d)
+    del marker.spec["backends"]["exchange"]
+    assert files.check_spec(d, marker, build_spec(), allow_changes=False) == []
+    moved = build_spec({"backends.exchange": "nccl"})
+    assert files.check_spec(d, marker, moved, allow_changes=True) == ["backends.exchange: 'auto' → 'nccl'"]
+    with pytest.raises(files.CheckpointMismatchError, match="--resume-with-changes"):
+        files.check_spec(d, marker, moved, allow_changes=False)
+
+
 def test_resume_with_steps_at_or_below_the_checkpoint_is_refused(tmp_path):
     d = make_ckpt(tmp_path, 8)
     with pytest.raises(files.CheckpointError, match="nothing is left to train"):

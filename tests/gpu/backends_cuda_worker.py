@@ -134,6 +134,7 @@ def main():
         eager, ref = step(gm_b, p_b, x, gy), step(gm_t, p_t, x, gy)
         res["replays"].append({"vs_eager": worst(got, eager), "vs_torch": worst(got, ref),
                                "equal_torch": all(torch.equal(a, b) for a, b in zip(got, ref))})
+    res["p2p_pool_bytes"] = p2p.pool_bytes()        # > 0: the 'p2p' layer really pushed
     if dist.get_rank() == 0:
         json.dump(res, open(out, "w"))
     # the captured graph holds the communicators' kernels: free it before the groups go (NCCL's

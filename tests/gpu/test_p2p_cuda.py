@@ -35,6 +35,7 @@ def test_p2p_layer_equals_nccl_bitwise_eager_and_in_a_cuda_graph(tmp_path, hidde
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     res = json.loads(out.read_text())
+    assert res["p2p_pool_bytes"] > 0, "the layer never pushed: it compared nccl with nccl"
     assert res["eager_equal"], res
     for r in res["replays"]:
         assert r["equal_torch"] and r["vs_eager"] == 0.0, res

@@ -2,8 +2,11 @@
 set to 'p2p' (runtime/p2p.py), whose push is replaced by a gloo stand-in with the kernel's contract:
 each rank's real rows (index ≥ 0) land in chunk `rank` of the peer's receive buffer, and every row
 no index names is NaN. The CUDA kernel leaves those rows stale (whatever the last exchange wrote);
-NaN there makes any read of a padding row poison the loss or a gradient, so the oracle proves the
-layer reads the real rows alone. argv: CONFIG_JSON, as for dist_worker.py.
+NaN there makes any read of a padding row poison the loss or a gradient. Like the real pool, the
+stand-in's is one buffer per row shape and dtype, filled with NaN again at every push, so a view
+read after the next exchange poisons the result too. The oracle then proves the layer reads the
+real rows alone, each before the next exchange. argv: CONFIG_JSON, as for dist_worker.py
+("reference_drops": the reference is told the drops, as in backend_worker.py).
 """
 import json
 import sys
@@ -11,6 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from dist_worker import independent_drop_mask
 from echoc.compile import compile_build
 from echoc.spec import Spec
 from echoc.spec_io import spec_from_dict
@@ -19,16 +23,22 @@ from runtime.oracle import compare_with_reference
 from runtime.trainer import init_distributed
 
 PUSHES = {"n": 0, "real_rows": 0, "rows": 0}
+POOLS: dict[tuple, torch.Tensor] = {}
 
 
 def push_standin(src, index, group):
-    """What p2p.push returns, over gloo: stale (here NaN) wherever no rank pushed a row."""
+    """What p2p.push returns, over gloo: the shared pool, stale (here NaN) wherever no rank pushed a row."""
     send = rows.gather(src, index)
     send[index < 0] = float("nan")
     PUSHES["n"] += 1
     PUSHES["real_rows"] += int((index >= 0).sum())
     PUSHES["rows"] += index.numel()
-    return comm.all_to_all_equal(send, group)
+    recv = comm.all_to_all_equal(send, group)
+    key = (tuple(src.shape[1:]), src.dtype)
+    if key not in POOLS or POOLS[key].shape[0] < recv.shape[0]:
+        POOLS[key] = torch.empty_like(recv)
+    pool = POOLS[key].fill_(float("nan"))
+    return pool[: recv.shape[0]].copy_(recv)
 
 
 def main():
@@ -41,13 +51,14 @@ def main():
     p2p.setup = lambda exchange, group="ep", timeout_s=None: (p2p.enable(group, timeout_s) if exchange == "p2p"
                                                              else p2p.disable(group))
     device = init_distributed(spec)
-    reports = compare_with_reference(compile_build(spec).program, device, cfg["steps"])
+    mask = independent_drop_mask(spec) if cfg.get("reference_drops") else None
+    reports = compare_with_reference(compile_build(spec).program, device, cfg["steps"], drop_mask=mask)
     worst = torch.tensor([max(r.worst_grad[1] for r in reports)])
     allw = [torch.zeros(1) for _ in range(dist.get_world_size())]
     dist.all_gather(allw, worst)
     if dist.get_rank() == 0:
-        steps = [{"step": r.step, "loss_rel_err": r.loss_rel_err, "worst_grad": r.worst_grad, "dropped": r.dropped}
-                 for r in reports]
+        steps = [{"step": r.step, "loss_rel_err": r.loss_rel_err, "worst_grad": r.worst_grad, "dropped": r.dropped,
+                  "clones": r.clones} for r in reports]
         json.dump({"steps": steps, "worst_grad_by_rank": [float(w) for w in allw], "pushes": PUSHES},
                   open(cfg["out"], "w"))
     comm.shutdown()

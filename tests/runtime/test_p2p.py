@@ -72,15 +72,36 @@ def test_memory_plan_has_a_symmetric_pool_instead_of_send_and_receive_buffers(ma
     assert p2p_plan["totals"]["arena_bytes"] < nccl_plan["totals"]["arena_bytes"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("ep", [2, 4])
-def test_matches_reference_reading_only_the_pushed_rows(tmp_path, oracle_spec, ep):
-    spec = oracle_spec(ep=ep, capacity=float(ep))
-    res = run_json_worker(WORKER, {"spec": spec, "steps": 3}, tmp_path)
+def _run_oracle(tmp_path, spec, **cfg):
+    res = run_json_worker(WORKER, {"spec": spec, "steps": 3, **cfg}, tmp_path)
     pushes = res["pushes"]
     assert pushes["n"] > 0, "the exchange never pushed: the test proves nothing"
     assert 0 < pushes["real_rows"] < pushes["rows"], "no padding row: NaN was never put anywhere"
     assert_oracle_matches(res)
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep", [2, 4])
+def test_matches_reference_reading_only_the_pushed_rows(tmp_path, oracle_spec, ep):
+    _run_oracle(tmp_path, oracle_spec(ep=ep, capacity=float(ep)))
+
+
+@pytest.mark.slow
+def test_overflow_drops_the_same_copies_under_p2p(tmp_path, oracle_spec):
+    """Capacity 1.0, skewed routing: the reference is told the drops of dist_worker's independent rule."""
+    res = _run_oracle(tmp_path, oracle_spec(ep=2, capacity=1.0, experts=4, top_k=2), reference_drops=True)
+    assert sum(s["dropped"] for s in res["steps"]) > 0, "the test needs overflow to mean anything"
+
+
+@pytest.mark.slow
+def test_cloning_full_recompute_and_zero3_under_p2p(tmp_path, oracle_spec):
+    """ECHO clones, the recomputed forward exchanging again in backward, ZeRO 3 over ep 2 × dp 2."""
+    spec = oracle_spec(ep=2, dp=2, capacity=2.0,
+                       echo={"enabled": True, "spare_slots_per_rank": 1, "clone_domain": "cluster"})
+    spec["train"]["recompute"], spec["parallel"]["zero"] = "full", 3
+    res = _run_oracle(tmp_path, spec)
+    assert sum(s["clones"] for s in res["steps"]) > 0, "no clone was planned: the test proves nothing"
 
 
 def test_push_kernel_in_the_interpreter_writes_each_real_row_and_nothing_else():
@@ -91,3 +112,34 @@ def test_push_kernel_in_the_interpreter_writes_each_real_row_and_nothing_else():
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["cases"] == 5 and res["failures"] == [], res
+
+
+def test_the_launcher_refuses_p2p_where_the_gpus_cannot_reach_each_other(make_spec, monkeypatch):
+    import torch
+
+    from echoc import preflight
+    from runtime import p2p
+    spec = make_spec({"parallel.ep": 2, "cluster.gpus_per_node": 2, **CUDA})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(p2p, "missing", lambda: None)
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: True)
+    preflight.check_exchange(spec, 2)                                       # reachable: nothing to say
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: False)
+    with pytest.raises(EchocError, match=r"backends.exchange 'auto' chose 'p2p'.*no peer access.*'nccl'"):
+        preflight.check_exchange(spec, 2)
+    preflight.check_exchange(make_spec({"parallel.ep": 2, "cluster.gpus_per_node": 2, "backends.exchange": "nccl",
+                                        **CUDA}), 2)                        # nccl needs none of it
+    monkeypatch.setattr(p2p, "missing", lambda: "this torch has no torch.distributed._symmetric_memory")
+    with pytest.raises(EchocError, match=r"_symmetric_memory"):
+        preflight.check_exchange(spec, 2)
+
+
+def test_a_trapped_barrier_reads_as_a_timeout_only_under_p2p(monkeypatch):
+    from runtime import p2p, watchdog
+    trap = RuntimeError("CUDA error: unspecified launch failure")
+    monkeypatch.setattr(p2p, "enabled", lambda group: False)
+    assert not watchdog.is_timeout(trap)
+    monkeypatch.setattr(p2p, "enabled", lambda group: True)
+    assert watchdog.is_timeout(trap)
+    assert not watchdog.is_timeout(RuntimeError("CUDA error: out of memory"))
