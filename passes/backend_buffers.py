@@ -6,7 +6,8 @@ M = max(N, R), and the int64 splits/offsets. `deepep` exchanges through HybridEP
 registered buffers; their exact size is the library's, so the plan lists the least they
 must hold: every EP rank's tokens [ep·T, H] (dispatch stages whole tokens) and the permuted
 rows [Rp, H]. The `torch` dispatch under backends.exchange 'p2p' pushes rows into one
-symmetric receive pool per rank, [ep·C, H] (runtime/p2p.py), and plans no send or receive buffer.
+symmetric receive pool per rank, [ep·C, H], and dispatch's token map into one [ep·C] int64 pool
+(runtime/p2p.py); it plans no send or receive buffer.
 Symmetric buffers are allocated once by the backend, outside the arena and the caching allocator:
 they are listed with placement 'symmetric' in plan.json, summed in its `symmetric_bytes`, and
 counted by the memory model as held all run (echoc/memory_model.py), not placed.
@@ -83,8 +84,10 @@ def _p2p(gm: GraphModule, spec: Spec) -> list[Buffer]:
     d = next(u for u in users if contracts.of(u.target) is DISPATCH)
     x, send = _meta(DISPATCH.arg(d, "x")), _meta(DISPATCH.arg(d, "send_copy"))
     keys = tuple(contracts.of(u.target).key(u.name, p) for u in users for p in ("recv", "bwd.recv"))
-    return [composite("p2p.recv", None, "exchange", [("recv", (send.shape[0], x.shape[1]), keys)], x.dtype, live,
-                      SYMMETRIC)]
+    n = send.shape[0]
+    return [composite("p2p.recv", None, "exchange", [("recv", (n, x.shape[1]), keys)], x.dtype, live, SYMMETRIC),
+            # dispatch pushes each token once per rank and, beside it, where each copy's token landed
+            composite("p2p.map", None, "exchange", [("map", (n, 1), ())], torch.int64, live, SYMMETRIC)]
 
 
 def symmetric_buffers(gm: GraphModule, spec: Spec) -> list[Buffer]:

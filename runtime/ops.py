@@ -191,8 +191,21 @@ def dispatch(x: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Tensor
              recv_sorted: Tensor, top_k: int, group: str, buf: str) -> Tensor:
     """x [T, H] → expert-sorted rows [R, H] on the ranks that own the slots (padding rows
     undefined: no grouped GEMM reads past offs[-1])."""
-    return to_experts(x, token_of(send_copy, top_k), sorted_src, _equal(group), move_keys(DISPATCH, buf),
-                      local=_local(group))
+    keys, tokens = move_keys(DISPATCH, buf), token_of(send_copy, top_k)
+    if p2p.enabled(group):
+        return _dispatch_unique(x, tokens, sorted_src, group, keys)
+    return to_experts(x, tokens, sorted_src, _equal(group), keys, local=_local(group))
+
+
+def _dispatch_unique(x: Tensor, tokens: Tensor, sorted_src: Tensor, group: str, keys: MoveKeys | None) -> Tensor:
+    """Dispatch under backends.exchange 'p2p': each token pushed once to each rank that needs it
+    (runtime/p2p.push_unique), then every sorted row gathered from its token's row: the same rows
+    as the padded exchange, top-k's several copies for one rank crossing the link once."""
+    recv, where = p2p.push_unique(x.contiguous(), tokens, group)
+    C = tokens.shape[0] // comm.group_size(group)
+    s = sorted_src.clamp(min=0)
+    index = torch.where(sorted_src >= 0, s - s % C + where[s], -1)
+    return rows.gather(recv, index, out=_moved(keys and keys.out, sorted_src.shape[0], x), zero_missing=False)
 
 
 @dispatch.register_fake

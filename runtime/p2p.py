@@ -157,3 +157,39 @@ def push(src: Tensor, index: Tensor, group: str, **tiles) -> Tensor:
     p2p_triton.push_rows(src, index, p.ptrs, rows // ep, comm.group_rank(group), H, **tiles)
     p.handle.barrier(channel=0, timeout_ms=timeout)
     return p.buf[:rows]
+
+
+def unique_tokens(tokens: Tensor, ep: int, T: int) -> tuple[Tensor, Tensor, Tensor]:
+    """tokens [ep·C] (the token of each send row, -1 padding) → (lead [ep·C]: the token where this
+    row is its token's first in its chunk, else -1; upos [ep·C]: that first row's position among
+    the chunk's distinct tokens; where [ep·C]: every real row's token position, -1 padding)."""
+    n = tokens.shape[0]
+    C = n // ep
+    tok = tokens.view(ep, C)
+    key = torch.where(tok >= 0, tok, T)                                   # padding: a column of its own
+    j = torch.arange(C, device=tokens.device).expand(ep, C)
+    first = torch.full((ep, T + 1), C, dtype=torch.int64, device=tokens.device)
+    first = first.scatter_reduce_(1, key, j, reduce="amin").gather(1, key)   # first row of each row's token
+    lead = (tok >= 0) & (first == j)
+    upos = torch.cumsum(lead, 1) - lead.long()
+    where = torch.where(tok >= 0, upos.gather(1, first.clamp(max=C - 1)), -1)
+    return torch.where(lead, tok, -1).view(n), upos.view(n), where.view(n)
+
+
+def push_unique(src: Tensor, tokens: Tensor, group: str) -> tuple[Tensor, Tensor]:
+    """Dispatch's push: a token with several copies bound for one rank goes there once. src [T, H],
+    tokens [ep·C] (-1 padding) → (rows [ep·C, H]: chunk s holds the distinct tokens rank s sent me,
+    first-come order; where [ep·C]: for row j of chunk s in copy order, its token's row in chunk s,
+    -1 padding). Both valid until the next push."""
+    ep, n = comm.group_size(group), tokens.shape[0]
+    assert tokens.dtype == torch.int64 and tokens.is_contiguous() and src.stride(1) == 1
+    C, rank = n // ep, comm.group_rank(group)
+    lead, upos, where = unique_tokens(tokens, ep, src.shape[0])
+    rows_pool, map_pool = pool(group, n, src), pool(group, n, where.view(n, 1))
+    timeout = _ON.get(group, 0)
+    rows_pool.handle.barrier(channel=0, timeout_ms=timeout)
+    p2p_triton.push_rows(src, lead, rows_pool.ptrs, C, rank, src.shape[1], pos=upos)
+    real = torch.where(where >= 0, torch.arange(n, device=where.device), -1)
+    p2p_triton.push_rows(where.view(n, 1), real, map_pool.ptrs, C, rank, 1)
+    rows_pool.handle.barrier(channel=0, timeout_ms=timeout)
+    return rows_pool.buf[:n], map_pool.buf[:n].view(n)

@@ -2,7 +2,8 @@
 
 Program (r, c): send rows r·R … r·R+R-1 (row s = p·C + j goes to peer p), columns c·BH … c·BH+BH-1.
 Each row's index names the source row, or is -1 (padding: nothing is read or stored); a real row
-is stored at row rank·C + j of rank p's receive buffer, whose address in this process is ptrs[p].
+is stored at row rank·C + j of rank p's receive buffer (rank·C + pos[s] when positions are
+given), whose address in this process is ptrs[p].
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ _MAX_BH, _ROWS = 8192, 1
 
 
 @triton.jit
-def _push(src, idx, ptrs, n, C, rank, H, s_src, R: tl.constexpr, BH: tl.constexpr):
+def _push(src, idx, pos, ptrs, n, C, rank, H, s_src, HAS_POS: tl.constexpr, R: tl.constexpr, BH: tl.constexpr):
     s = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
     c = tl.program_id(1) * BH + tl.arange(0, BH)
     i = tl.load(idx + s, mask=s < n, other=-1)
@@ -24,19 +25,25 @@ def _push(src, idx, ptrs, n, C, rank, H, s_src, R: tl.constexpr, BH: tl.constexp
     if tl.max(real.to(tl.int32), 0) > 0:
         p = s // C
         dst = tl.load(ptrs + p, mask=real, other=0).to(tl.pointer_type(src.dtype.element_ty))
+        if HAS_POS:
+            j = tl.load(pos + s, mask=real, other=0)
+        else:
+            j = s - p * C
         m = real[:, None] & (c < H)[None, :]
         v = tl.load(src + i[:, None] * s_src + c[None, :], mask=m)
-        tl.store(dst[:, None] + (rank * C + s - p * C)[:, None] * H + c[None, :], v, mask=m)
+        tl.store(dst[:, None] + (rank * C + j)[:, None] * H + c[None, :], v, mask=m)
 
 
 def push_rows(src: Tensor, index: Tensor, ptrs: Tensor, chunk_rows: int, rank: int, H: int,
-              block: int | None = None, warps: int | None = None, rows: int = _ROWS) -> None:
-    """For every send row s with index[s] ≥ 0: peer (s // C)'s buffer row rank·C + s % C ← src[index[s]]."""
+              block: int | None = None, warps: int | None = None, rows: int = _ROWS, pos: Tensor | None = None) -> None:
+    """For every send row s with index[s] ≥ 0: peer (s // C)'s buffer row rank·C + s % C (or
+    rank·C + pos[s]) ← src[index[s]]."""
     n = index.shape[0]
     assert rows & (rows - 1) == 0, f"rows per program must be a power of 2, got {rows}"
     if n == 0:
         return
     bh = min(block or _MAX_BH, triton.next_power_of_2(H))
     warps = warps or (8 if bh >= 4096 else 4)
-    _push[(triton.cdiv(n, rows), triton.cdiv(H, bh))](src, index, ptrs, n, chunk_rows, rank, H, src.stride(0),
-                                                      R=rows, BH=bh, num_warps=warps)
+    _push[(triton.cdiv(n, rows), triton.cdiv(H, bh))](src, index, index if pos is None else pos, ptrs, n, chunk_rows,
+                                                      rank, H, src.stride(0), HAS_POS=pos is not None, R=rows,
+                                                      BH=bh, num_warps=warps)

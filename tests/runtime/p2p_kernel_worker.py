@@ -10,7 +10,7 @@ import torch
 from runtime import p2p_triton
 
 
-def case(ep, C, H, T, rank, block, rows, seed):
+def case(ep, C, H, T, rank, block, rows, seed, positions=False):
     g = torch.Generator().manual_seed(seed)
     src = torch.randn(T, H, generator=g)
     idx = torch.full((ep, C), -1, dtype=torch.int64)
@@ -18,14 +18,16 @@ def case(ep, C, H, T, rank, block, rows, seed):
         n = int(torch.randint(0, C + 1, (1,), generator=g))
         idx[p, :n] = torch.randint(0, T, (n,), generator=g)
     idx = idx.view(-1)
+    # positions: each chunk's real rows stored in a shuffled order
+    pos = torch.cat([torch.randperm(C, generator=g) for _ in range(ep)]) if positions else None
     bufs = [torch.full((ep * C, H), float("nan")) for _ in range(ep)]
     ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
-    p2p_triton.push_rows(src, idx, ptrs, C, rank, H, block=block, warps=1, rows=rows)
+    p2p_triton.push_rows(src, idx, ptrs, C, rank, H, block=block, warps=1, rows=rows, pos=pos)
     for p in range(ep):
         want = torch.full((ep * C, H), float("nan"))
         for j in range(C):
             if idx[p * C + j] >= 0:
-                want[rank * C + j] = src[idx[p * C + j]]
+                want[rank * C + (int(pos[p * C + j]) if positions else j)] = src[idx[p * C + j]]
         if not torch.equal(bufs[p].nan_to_num(7.0), want.nan_to_num(7.0)):
             return f"ep {ep} C {C} H {H} rank {rank} block {block} rows {rows}: peer {p}'s buffer differs"
     return None
@@ -34,7 +36,8 @@ def case(ep, C, H, T, rank, block, rows, seed):
 def main():
     cases = [(2, 6, 20, 9, 1, 16, 4), (2, 5, 16, 7, 0, 16, 1), (4, 3, 33, 11, 2, 8, 2), (4, 7, 8, 5, 3, 64, 8),
              (3, 4, 40, 6, 1, 32, 2)]
-    failures = [f for i, c in enumerate(cases) if (f := case(*c, seed=i))]
+    cases += [c[:-1] + (c[-1], True) for c in cases[:3]]           # the same, stored at given positions
+    failures = [f for i, c in enumerate(cases) if (f := case(*c[:7], seed=i, positions=len(c) > 7))]
     print(json.dumps({"cases": len(cases), "failures": failures}))
 
 

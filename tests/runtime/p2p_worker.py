@@ -26,19 +26,41 @@ PUSHES = {"n": 0, "real_rows": 0, "rows": 0}
 POOLS: dict[tuple, torch.Tensor] = {}
 
 
-def push_standin(src, index, group):
-    """What p2p.push returns, over gloo: the shared pool, stale (here NaN) wherever no rank pushed a row."""
-    send = rows.gather(src, index)
-    send[index < 0] = float("nan")
+def _stale(dtype):
+    """What a row nobody pushed holds: NaN, or for index maps an index far out of range."""
+    return float("nan") if dtype.is_floating_point else 2 ** 40
+
+
+def push_standin(src, index, group, pos=None):
+    """What p2p.push returns (p2p_triton.push_rows's contract, positions included), over gloo: the
+    shared pool, stale wherever no rank pushed a row."""
+    n = index.shape[0]
+    C = n // comm.group_size(group)
+    send = torch.full((n,) + tuple(src.shape[1:]), _stale(src.dtype), dtype=src.dtype)
+    s = torch.arange(n)
+    real = index >= 0
+    dest = s - s % C + (pos if pos is not None else s % C)
+    send[dest[real]] = src[index[real]]
     PUSHES["n"] += 1
-    PUSHES["real_rows"] += int((index >= 0).sum())
-    PUSHES["rows"] += index.numel()
+    PUSHES["real_rows"] += int(real.sum())
+    PUSHES["rows"] += n
     recv = comm.all_to_all_equal(send, group)
     key = (tuple(src.shape[1:]), src.dtype)
     if key not in POOLS or POOLS[key].shape[0] < recv.shape[0]:
         POOLS[key] = torch.empty_like(recv)
-    pool = POOLS[key].fill_(float("nan"))
+    pool = POOLS[key].fill_(_stale(src.dtype))
     return pool[: recv.shape[0]].copy_(recv)
+
+
+def push_unique_standin(src, tokens, group):
+    """p2p.push_unique over the stand-in push, with the real index arithmetic (p2p.unique_tokens)."""
+    n = tokens.shape[0]
+    lead, upos, where = p2p.unique_tokens(tokens, comm.group_size(group), src.shape[0])
+    PUSHES["unique_rows"] = PUSHES.get("unique_rows", 0) + int((lead >= 0).sum())
+    PUSHES["copy_rows"] = PUSHES.get("copy_rows", 0) + int((tokens >= 0).sum())
+    recv = push_standin(src, lead, group, pos=upos)
+    real = torch.where(where >= 0, torch.arange(n), -1)
+    return recv, push_standin(where.view(n, 1), real, group).view(n)
 
 
 def main():
@@ -48,6 +70,7 @@ def main():
     # the arena, the symmetric pool instead), and let the Trainer turn the stand-in on
     Spec.token_exchange = property(lambda self: "p2p")
     p2p.push = push_standin
+    p2p.push_unique = push_unique_standin
     p2p.setup = lambda exchange, group="ep", timeout_s=None: (p2p.enable(group, timeout_s) if exchange == "p2p"
                                                              else p2p.disable(group))
     device = init_distributed(spec)

@@ -62,12 +62,14 @@ def test_memory_plan_has_a_symmetric_pool_instead_of_send_and_receive_buffers(ma
                           b["name"].endswith((".send", ".recv"))]
     assert moves(nccl_plan) and not moves(p2p_plan)
     pool = [b for b in p2p_plan["buffers"] if b["placement"] == "symmetric"]
-    assert [b["name"] for b in pool] == ["p2p.recv"]
+    assert [b["name"] for b in pool] == ["p2p.recv", "p2p.map"]
     assert pool[0]["bytes"] == spec.receive_rows * spec.model.hidden_size * 2      # [ep·C, H] bf16
-    assert p2p_plan["totals"]["symmetric_bytes"] == pool[0]["bytes"]
+    assert pool[1]["bytes"] == spec.receive_rows * 8                               # [ep·C] int64
+    total = pool[0]["bytes"] + pool[1]["bytes"]
+    assert p2p_plan["totals"]["symmetric_bytes"] == total
     assert nccl_plan["totals"]["symmetric_bytes"] == 0
-    # the pool is held all run: the prediction counts it in every phase
-    assert p2p_build.summary["memory_per_rank_bytes"].get("symmetric_pool") == pool[0]["bytes"]
+    # the pools are held all run: the prediction counts them in every phase
+    assert p2p_build.summary["memory_per_rank_bytes"].get("symmetric_pool") == total
     assert "symmetric_pool" not in nccl_build.summary["memory_per_rank_bytes"]
     assert p2p_plan["totals"]["arena_bytes"] < nccl_plan["totals"]["arena_bytes"]
 
@@ -77,6 +79,7 @@ def _run_oracle(tmp_path, spec, **cfg):
     pushes = res["pushes"]
     assert pushes["n"] > 0, "the exchange never pushed: the test proves nothing"
     assert 0 < pushes["real_rows"] < pushes["rows"], "no padding row: NaN was never put anywhere"
+    assert 0 < pushes["unique_rows"] < pushes["copy_rows"], "dispatch sent no token fewer times than its copies"
     assert_oracle_matches(res)
     return res
 
@@ -111,7 +114,7 @@ def test_push_kernel_in_the_interpreter_writes_each_real_row_and_nothing_else():
     out = subprocess.run([sys.executable, str(KERNEL_WORKER)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["cases"] == 5 and res["failures"] == [], res
+    assert res["cases"] == 8 and res["failures"] == [], res
 
 
 def test_the_launcher_refuses_p2p_where_the_gpus_cannot_reach_each_other(make_spec, monkeypatch):
@@ -143,3 +146,15 @@ def test_a_trapped_barrier_reads_as_a_timeout_only_under_p2p(monkeypatch):
     monkeypatch.setattr(p2p, "enabled", lambda group: True)
     assert watchdog.is_timeout(trap)
     assert not watchdog.is_timeout(RuntimeError("CUDA error: out of memory"))
+
+
+def test_unique_tokens_sends_each_token_once_per_chunk_and_maps_every_copy_to_it():
+    import torch
+
+    from runtime import p2p
+    # ep 2, C 5, T 4: chunk 0 has tokens 3, 1, 3, 0 and padding; chunk 1 has 2, 2, 2 and padding
+    tokens = torch.tensor([3, 1, 3, 0, -1, 2, 2, 2, -1, -1])
+    lead, upos, where = p2p.unique_tokens(tokens, 2, 4)
+    assert lead.tolist() == [3, 1, -1, 0, -1, 2, -1, -1, -1, -1]
+    assert [u for u, l in zip(upos.tolist(), lead.tolist()) if l >= 0] == [0, 1, 2, 0]
+    assert where.tolist() == [0, 1, 0, 2, -1, 0, 0, 0, -1, -1]
