@@ -83,6 +83,28 @@ def _sweep(args, ep, C, rank, gen):
     return out
 
 
+def _compare(args, src, ep, C, n_real, rank, gen) -> dict:
+    """Both exchanges of the same rows, captured and timed; every real row delivered equal."""
+    H = src.shape[1]
+    index = _index(ep, C, n_real, args.tokens, rank, gen).cuda()
+    a, t_nccl = _graph(lambda: _nccl(src, index, "ep"), args.iters)
+    b, t_p2p = _graph(lambda: p2p.push(src, index, "ep"), args.iters)
+    real = torch.zeros(ep * C, dtype=torch.bool, device="cuda").view(ep, C)
+    real[:, :n_real] = True      # every rank sends n_real rows to every peer
+    real = real.view(-1)
+    diff = (a[real].float() - b[real].float()).abs().max().item()
+    want = torch.empty_like(a)
+    comm.all_to_all_equal(rows.gather(src, index), "ep", out=want)
+    diff_want = (b[real].float() - want[real].float()).abs().max().item()
+    gb = n_real * (ep - 1) * H * 2 / 1e9
+    r = dict(hidden=H, C=C, real_rows_per_peer=n_real, fill=round(n_real / C, 3), nccl_ms=t_nccl, p2p_ms=t_p2p,
+             ratio=t_nccl / t_p2p, p2p_GBps=gb / (t_p2p / 1e3), nccl_GBps_real=gb / (t_nccl / 1e3),
+             max_diff=diff, max_diff_vs_sent=diff_want)
+    if diff or diff_want:
+        raise SystemExit(f"rank {rank}: p2p rows differ from NCCL's: {r}")
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
@@ -108,24 +130,7 @@ def main():
     for H in args.hidden:
         src = torch.randn(args.tokens, H, dtype=torch.bfloat16, generator=gen).cuda()
         for fill in args.fill:
-            n_real = int(fill * C)
-            index = _index(ep, C, n_real, args.tokens, rank, gen).cuda()
-            a, t_nccl = _graph(lambda: _nccl(src, index, "ep"), args.iters)
-            b, t_p2p = _graph(lambda: p2p.push(src, index, "ep"), args.iters)
-            real = torch.zeros(ep * C, dtype=torch.bool, device="cuda").view(ep, C)
-            real[:, :n_real] = True      # every rank sends n_real rows to every peer
-            real = real.view(-1)
-            diff = (a[real].float() - b[real].float()).abs().max().item()
-            want = torch.empty_like(a)
-            comm.all_to_all_equal(rows.gather(src, index), "ep", out=want)
-            diff_want = (b[real].float() - want[real].float()).abs().max().item()
-            gb = n_real * (ep - 1) * H * 2 / 1e9
-            r = dict(hidden=H, C=C, real_rows_per_peer=n_real, fill=round(fill, 3), nccl_ms=t_nccl, p2p_ms=t_p2p,
-                     ratio=t_nccl / t_p2p, p2p_GBps=gb / (t_p2p / 1e3), nccl_GBps_real=gb / (t_nccl / 1e3),
-                     max_diff=diff, max_diff_vs_sent=diff_want)
-            results.append(r)
-            if diff or diff_want:
-                raise SystemExit(f"rank {rank}: p2p rows differ from NCCL's: {r}")
+            results.append(_compare(args, src, ep, C, int(fill * C), rank, gen))
     sweep = _sweep(args, ep, C, rank, gen) if args.sweep else []
     if rank == 0:
         for r in sweep:
