@@ -132,11 +132,10 @@ def _moved(key: str | None, rows: int, like: Tensor) -> Tensor | None:
 
 def _exchanged(src: Tensor, send_rows: Tensor, exchange, keys: MoveKeys | None) -> Tensor:
     """Rows of `src` picked by send_rows [S] (-1 rows: padding nobody reads) → exchange(·) [S, H].
-    An exchange with a `push` (runtime/p2p.py) moves the real rows alone, with no send buffer: its
+    An exchange that `pushes` (runtime/p2p.py) moves the real rows alone, with no send buffer: its
     result is the symmetric receive pool, read before the next exchange."""
-    push = getattr(exchange, "push", None)
-    if push is not None:
-        return push(src.contiguous(), send_rows)
+    if getattr(exchange, "pushes", False):
+        return exchange.push(src.contiguous(), send_rows)
     send = rows.gather(src, send_rows, out=_moved(keys and keys.send, send_rows.shape[0], src), zero_missing=False)
     return exchange(send, _moved(keys and keys.recv, send.shape[0], src))
 
@@ -166,9 +165,10 @@ class _Equal:
     where backends.exchange resolved to 'p2p' (runtime/p2p.py), pushes of the real rows."""
 
     def __init__(self, group: str):
-        self.group = group
-        if p2p.enabled(group):
-            self.push = lambda src, index: p2p.push(src, index, group)
+        self.group, self.pushes = group, p2p.enabled(group)
+
+    def push(self, src: Tensor, index: Tensor) -> Tensor:
+        return p2p.push(src, index, self.group)
 
     def __call__(self, t: Tensor, out: Tensor | None = None) -> Tensor:
         return comm.all_to_all_equal(t, self.group, out=out)

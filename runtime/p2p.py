@@ -19,8 +19,10 @@ pool) and after it (every row pushed into my pool has landed). Both are kernels 
 stream, so the whole exchange is captured in the graph with no host read.
 
 Needs every rank of the group on one NVLink domain (one node) and CUDA; `enabled(group)` says
-whether this process set the exchange on for a group (runtime/launch sets it from
-`backends.exchange`). CPU and gloo always use the equal-split exchange.
+whether this process set the exchange on for a group (the Trainer sets it from
+`backends.exchange`, `setup`). CPU and gloo always use the equal-split exchange. The forward
+dispatch pushes each token once per rank, with a map of where each copy's token landed
+(`push_unique`); the other exchanges push one row per copy (`push`).
 """
 from __future__ import annotations
 

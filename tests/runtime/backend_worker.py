@@ -20,23 +20,31 @@ from runtime.oracle import compare_with_reference
 from runtime.trainer import init_distributed
 
 
-def main():
-    cfg = json.load(open(sys.argv[1]))
-    spec = spec_from_dict(cfg["spec"])
-    spec = spec.model_copy(update={"backends": spec.backends.model_copy(update={"dispatch": cfg["backend"]})})
-    install_all()
-    device = init_distributed(spec)
+def oracle_result(spec, device, cfg):
+    """Compile `spec`, compare cfg["steps"] steps with the reference ("reference_drops": told the
+    drops): (the build, on rank 0 the JSON-ready result, elsewhere None)."""
     mask = independent_drop_mask(spec) if cfg.get("reference_drops") else None
     build = compile_build(spec)
     reports = compare_with_reference(build.program, device, cfg["steps"], drop_mask=mask)
     worst = torch.tensor([max(r.worst_grad[1] for r in reports)])
     allw = [torch.zeros(1) for _ in range(dist.get_world_size())]
     dist.all_gather(allw, worst)
-    if dist.get_rank() == 0:
-        steps = [{"step": r.step, "loss_rel_err": r.loss_rel_err, "worst_grad": r.worst_grad, "dropped": r.dropped,
-                  "clones": r.clones} for r in reports]
-        json.dump({"steps": steps, "worst_grad_by_rank": [float(w) for w in allw],
-                   "graph": build.program.gm.code}, open(cfg["out"], "w"))
+    if dist.get_rank() != 0:
+        return build, None
+    steps = [{"step": r.step, "loss_rel_err": r.loss_rel_err, "worst_grad": r.worst_grad, "dropped": r.dropped,
+              "clones": r.clones} for r in reports]
+    return build, {"steps": steps, "worst_grad_by_rank": [float(w) for w in allw]}
+
+
+def main():
+    cfg = json.load(open(sys.argv[1]))
+    spec = spec_from_dict(cfg["spec"])
+    spec = spec.model_copy(update={"backends": spec.backends.model_copy(update={"dispatch": cfg["backend"]})})
+    install_all()
+    device = init_distributed(spec)
+    build, result = oracle_result(spec, device, cfg)
+    if result is not None:
+        json.dump(dict(result, graph=build.program.gm.code), open(cfg["out"], "w"))
     comm.shutdown()
     print("worker done", flush=True)
 

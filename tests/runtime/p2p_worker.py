@@ -12,14 +12,11 @@ import json
 import sys
 
 import torch
-import torch.distributed as dist
 
-from dist_worker import independent_drop_mask
-from echoc.compile import compile_build
+from backend_worker import oracle_result
 from echoc.spec import Spec
 from echoc.spec_io import spec_from_dict
-from runtime import comm, p2p, rows
-from runtime.oracle import compare_with_reference
+from runtime import comm, p2p
 from runtime.trainer import init_distributed
 
 PUSHES = {"n": 0, "real_rows": 0, "rows": 0}
@@ -74,16 +71,9 @@ def main():
     p2p.setup = lambda exchange, group="ep", timeout_s=None: (p2p.enable(group, timeout_s) if exchange == "p2p"
                                                              else p2p.disable(group))
     device = init_distributed(spec)
-    mask = independent_drop_mask(spec) if cfg.get("reference_drops") else None
-    reports = compare_with_reference(compile_build(spec).program, device, cfg["steps"], drop_mask=mask)
-    worst = torch.tensor([max(r.worst_grad[1] for r in reports)])
-    allw = [torch.zeros(1) for _ in range(dist.get_world_size())]
-    dist.all_gather(allw, worst)
-    if dist.get_rank() == 0:
-        steps = [{"step": r.step, "loss_rel_err": r.loss_rel_err, "worst_grad": r.worst_grad, "dropped": r.dropped,
-                  "clones": r.clones} for r in reports]
-        json.dump({"steps": steps, "worst_grad_by_rank": [float(w) for w in allw], "pushes": PUSHES},
-                  open(cfg["out"], "w"))
+    _, result = oracle_result(spec, device, cfg)
+    if result is not None:
+        json.dump(dict(result, pushes=PUSHES), open(cfg["out"], "w"))
     comm.shutdown()
 
 
