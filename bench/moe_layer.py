@@ -143,12 +143,11 @@ def echoc_variants(args, device, checks, times):
 
 def exchange_variant(args, device, eager, checks, times):
     """The same layer with backends.exchange 'nccl' (the capacity-padded all_to_all): the same numbers
-    as 'p2p' bitwise (only the real rows are read either way), and its captured time."""
+    as 'p2p' up to the rounding of each rank's summed rows (runtime/p2p_moves.py), and its captured time."""
     x0, g0, y_e, gx_e = eager
     _, _, model_n, gm_n = build(args, "torch", device, exchange="nccl")
     y_n, gx_n, _, _ = fwd_bwd(gm_n, model_n, x0, g0)
-    checks["nccl_vs_p2p_y_equal"] = bool(torch.equal(y_n, y_e))
-    checks["nccl_vs_p2p_dx_equal"] = bool(torch.equal(gx_n, gx_e))
+    checks["nccl_vs_p2p_y"], checks["nccl_vs_p2p_dx"] = rel(y_e, y_n), rel(gx_e, gx_n)
     cap = Captured(echoc_layer(gm_n), model_n, x0, g0)
     times["torch_graph_nccl"] = time_ms(cap.graph.replay, args.iters, device)
 

@@ -21,8 +21,8 @@ from echoc.spec import Spec
 from passes.buffer_lifetimes import LAST_SUB, SUB_STEPS
 from passes.memory_plan import Buffer, composite
 from runtime import contracts
-from runtime.contracts import (COMBINE, DEEPEP_COMBINE, DEEPEP_DISPATCH, DISPATCH, SYMM_COMBINE, SYMM_DISPATCH,
-                               SYMM_LAYOUT)
+from runtime.contracts import (COMBINE, DEEPEP_COMBINE, DEEPEP_DISPATCH, DISPATCH, P2P_COMBINE, SYMM_COMBINE,
+                               SYMM_DISPATCH, SYMM_LAYOUT)
 
 SYMMETRIC = "symmetric"
 
@@ -78,16 +78,22 @@ def _deepep(gm: GraphModule, spec: Spec) -> list[Buffer]:
 def _p2p(gm: GraphModule, spec: Spec) -> list[Buffer]:
     if spec.token_exchange != "p2p":
         return []
-    users, live = _live(gm, (DISPATCH, COMBINE))
+    users, live = _live(gm, (DISPATCH, COMBINE, P2P_COMBINE))
     if not users:
         return []
     d = next(u for u in users if contracts.of(u.target) is DISPATCH)
     x, send = _meta(DISPATCH.arg(d, "x")), _meta(DISPATCH.arg(d, "send_copy"))
-    keys = tuple(contracts.of(u.target).key(u.name, p) for u in users for p in ("recv", "bwd.recv"))
+    keys = tuple(c.key(u.name, p) for u in users for c in [contracts.of(u.target)] for p in ("recv", "bwd.recv")
+                 if p in c.part_names)
     n = send.shape[0]
-    return [composite("p2p.recv", None, "exchange", [("recv", (n, x.shape[1]), keys)], x.dtype, live, SYMMETRIC),
-            # dispatch pushes each token once per rank and, beside it, where each copy's token landed
-            composite("p2p.map", None, "exchange", [("map", (n, 1), ())], torch.int64, live, SYMMETRIC)]
+    # every movement pushes its rows (one per token and rank, or per copy) into the one row pool and,
+    # beside them, where each copy's token landed (p2p.map); combine_weighted also pushes the router
+    # weight of each copy and returns their gradient (p2p.weights)
+    pools = [composite("p2p.recv", None, "exchange", [("recv", (n, x.shape[1]), keys)], x.dtype, live, SYMMETRIC),
+             composite("p2p.map", None, "exchange", [("map", (n, 1), ())], torch.int64, live, SYMMETRIC)]
+    if any(contracts.of(u.target) is P2P_COMBINE for u in users):
+        pools.append(composite("p2p.weights", None, "exchange", [("weights", (n, 1), ())], x.dtype, live, SYMMETRIC))
+    return pools
 
 
 def symmetric_buffers(gm: GraphModule, spec: Spec) -> list[Buffer]:

@@ -16,6 +16,9 @@ After (torch backend), per layer, every buffer sized by the capacity budget:
     routed   [T, H]          weighted_sum                  (router weights)
     + shared expert, reshape back
 
+Under backends.exchange 'p2p' at ep > 1 combine and weighted sum are one node,
+`routed [T, H] echo::combine_weighted` (runtime/p2p_moves.py: one row per token and rank).
+
 The shared expert is queued right after x_flat, on a side CUDA stream (runtime/streams.py,
 `backends.shared_expert_overlap`), and joined before the add, so its GEMMs overlap the
 routed path's small kernels.
@@ -40,8 +43,8 @@ from passes.manager import PassResult
 from runtime import grouped_gemm, ops, streams  # noqa: F401  (the op modules bind the contracts used below)
 from runtime.backends import base, deepep, symm_mem, sync  # noqa: F401
 from runtime.contracts import (ALL_GATHER_COUNTS, COMBINE, COUNT, DEEPEP_COMBINE, DEEPEP_DISPATCH, DEEPEP_LAYOUT,
-                               DISPATCH, EXPERT_FFN, LAYER_STATS, LAYOUT, SYMM_COMBINE, SYMM_DISPATCH, SYMM_LAYOUT,
-                               SYNC_COMBINE, SYNC_DISPATCH, SYNC_LAYOUT, WEIGHTED_SUM)
+                               DISPATCH, EXPERT_FFN, LAYER_STATS, LAYOUT, P2P_COMBINE, SYMM_COMBINE, SYMM_DISPATCH,
+                               SYMM_LAYOUT, SYNC_COMBINE, SYNC_DISPATCH, SYNC_LAYOUT, WEIGHTED_SUM)
 from runtime.model import MoE
 
 MOE_STATS, MOE_COUNTS = "moe_stats", "moe_counts"    # the graph outputs this pass appends
@@ -107,6 +110,8 @@ def _exchange(b: LayerBuilder, spec: Spec, x_flat: Node, slot: Node, counts: Nod
         return b.op("dispatch", dispatch_c, x=x_flat, top_k=K, group="ep", **moved, **extra)
 
     def finish(y: Node, weight: Node) -> Node:
+        if combine_c is COMBINE and spec.token_exchange == "p2p" and spec.parallel.ep > 1:
+            return b.op("routed", P2P_COMBINE, y=y, weights=weight, top_k=K, group="ep", **moved)
         copies = b.op("combine", combine_c, y=y, group="ep", **moved, **extra)
         return b.op("routed", WEIGHTED_SUM, copies=copies, weights=weight)
     return maps, dispatch, finish

@@ -182,6 +182,13 @@ COMBINE = OpContract("echo::combine", ("y",) + _MAPS + ("group", "buf"), ("copie
                      saves=_MAPS, grads=("y",), parts=_parts(*_MOVE, exchange=True) + _parts("bwd.grad_in"),
                      input_grad="bwd.grad_in", moves_tokens=True)
 
+# `torch` under backends.exchange 'p2p' at ep > 1 (runtime/p2p_moves.py): combine and the weighted
+# sum in one op. The router weights cross to the expert side, each rank returns one row per token
+# (Σ w · y over the copies it holds); the backward keeps the expert outputs for ⟨g, y⟩.
+P2P_COMBINE = OpContract("echo::combine_weighted", ("y", "weights") + _MAPS + ("top_k", "group", "buf"), ("out",),
+                         saves=("y", "weights") + _MAPS, grads=("y", "weights"), parts=_parts("bwd.grad_in"),
+                         input_grad="bwd.grad_in", moves_tokens=True)
+
 # --- ECHO: plan, slots, clones -----------------------------------------------------------------
 PLAN = OpContract("echo::plan", ("counts_all", "experts_per_rank", "spares", "domain_size", "offer",
                                  "min_clone_rows", "buf"), ("spare_expert", "quota"), ("plan", "plan"))

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from runtime import arena, comm, contracts, p2p, rows
+from runtime import arena, comm, contracts, p2p, p2p_moves, rows
 from runtime.contracts import ALL_GATHER_COUNTS, COMBINE, COUNT, DISPATCH, LAYER_STATS, LAYOUT, WEIGHTED_SUM
 from runtime.layout import equal_chunk_rows, kept_counts, recv_layout, send_layout, slot_counts
 
@@ -202,9 +202,7 @@ def _dispatch_unique(x: Tensor, tokens: Tensor, sorted_src: Tensor, group: str, 
     (runtime/p2p.push_unique), then every sorted row gathered from its token's row: the same rows
     as the padded exchange, top-k's several copies for one rank crossing the link once."""
     recv, where = p2p.push_unique(x.contiguous(), tokens, group)
-    C = tokens.shape[0] // comm.group_size(group)
-    s = sorted_src.clamp(min=0)
-    index = torch.where(sorted_src >= 0, s - s % C + where[s], -1)
+    index = p2p_moves.sorted_index(sorted_src, where, tokens.shape[0] // comm.group_size(group))
     return rows.gather(recv, index, out=_moved(keys and keys.out, sorted_src.shape[0], x), zero_missing=False)
 
 
@@ -218,6 +216,9 @@ def _dispatch_backward(ctx, grad):
     each token's K copies summed as they are gathered: grad x [T, H]."""
     maps = DISPATCH.saved_by_name(ctx)
     grad, copy_slot = grad.contiguous(), maps["copy_slot"]
+    if p2p.enabled(ctx.group):   # each rank sums the copies it holds: one row per (token, rank) back
+        return DISPATCH.input_grads(x=p2p_moves.sum_return(grad, maps["send_copy"], copy_slot, maps["sorted_src"],
+                                                           ctx.top_k, ctx.group))
     if _local(ctx.group):
         src, index = grad, rows.compose(copy_slot, maps["recv_sorted"])
     else:

@@ -146,19 +146,39 @@ def pool_bytes(outside_allocator: bool = False) -> int:
     return sum(p.buf.nbytes for p in _POOLS.values() if not (outside_allocator and p.by_allocator))
 
 
+class Push(NamedTuple):
+    """One array pushed in an exchange: row s of the send side (peer s // C) ← src[index[s]]."""
+    src: Tensor                      # [S, W] rows to read (unit column stride)
+    index: Tensor                    # [n] int64 (-1: nothing), or [n, K]: the (weighted) sum of K rows
+    pos: Tensor | None = None        # [n]: each row's place in its chunk (default: where it is)
+    weights: Tensor | None = None    # [n, K] with a 2-D index
+    sum_rows: int = 0                # 2-D index: its rows per peer U ≤ C (row p·U + j goes to p's row rank·C + j)
+
+
+def exchange(pushes: list[Push], group: str, rows: int, **tiles) -> list[Tensor]:
+    """Push every array of `pushes` into its own receive pool [rows = ep·C, W] on the peers, between
+    one pair of barriers: chunk s of each result holds what rank s pushed for me; rows nobody
+    pushed are stale. Each result is valid until the next exchange of its row shape and dtype."""
+    ep, rank = comm.group_size(group), comm.group_rank(group)
+    assert rows % ep == 0, (rows, ep)
+    pools = [pool(group, rows, q.src) for q in pushes]
+    assert len({id(p) for p in pools}) == len(pools), "two arrays of one exchange share a pool"
+    for q in pushes:
+        assert q.src.stride(-1) == 1 and q.index.dtype == torch.int64 and q.index.is_contiguous(), \
+            (q.src.stride(), q.index.dtype)
+    timeout = _ON.get(group, 0)
+    pools[0].handle.barrier(channel=0, timeout_ms=timeout)
+    for q, p in zip(pushes, pools):
+        p2p_triton.push_rows(q.src, q.index, p.ptrs, rows // ep, rank, q.src.shape[1], pos=q.pos,
+                             weights=q.weights, sum_rows=q.sum_rows or None, **tiles)
+    pools[0].handle.barrier(channel=0, timeout_ms=timeout)
+    return [p.buf[:rows] for p in pools]
+
+
 def push(src: Tensor, index: Tensor, group: str, **tiles) -> Tensor:
     """src [S, H], index [ep·C] (-1: nothing) → my receive buffer [ep·C, H]: chunk s holds what
     rank s pushed for me; rows past each chunk's real rows are stale. Valid until the next push."""
-    ep = comm.group_size(group)
-    rows, H = index.shape[0], src.shape[1]
-    assert rows % ep == 0 and src.stride(1) == 1, (rows, ep, src.stride())
-    assert index.dtype == torch.int64 and index.is_contiguous(), (index.dtype, index.stride())
-    p = pool(group, rows, src)
-    timeout = _ON.get(group, 0)
-    p.handle.barrier(channel=0, timeout_ms=timeout)
-    p2p_triton.push_rows(src, index, p.ptrs, rows // ep, comm.group_rank(group), H, **tiles)
-    p.handle.barrier(channel=0, timeout_ms=timeout)
-    return p.buf[:rows]
+    return exchange([Push(src, index)], group, index.shape[0], **tiles)[0]
 
 
 def unique_tokens(tokens: Tensor, ep: int, T: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -178,20 +198,14 @@ def unique_tokens(tokens: Tensor, ep: int, T: int) -> tuple[Tensor, Tensor, Tens
     return torch.where(lead, tok, -1).view(n), upos.view(n), where.view(n)
 
 
-def push_unique(src: Tensor, tokens: Tensor, group: str) -> tuple[Tensor, Tensor]:
+def push_unique(src: Tensor, tokens: Tensor, group: str, extra: tuple[Push, ...] = ()) -> list[Tensor]:
     """Dispatch's push: a token with several copies bound for one rank goes there once. src [T, H],
-    tokens [ep·C] (-1 padding) → (rows [ep·C, H]: chunk s holds the distinct tokens rank s sent me,
+    tokens [ep·C] (-1 padding) → [rows [ep·C, H]: chunk s holds the distinct tokens rank s sent me,
     first-come order; where [ep·C]: for row j of chunk s in copy order, its token's row in chunk s,
-    -1 padding). Both valid until the next push."""
-    ep, n = comm.group_size(group), tokens.shape[0]
-    assert tokens.dtype == torch.int64 and tokens.is_contiguous() and src.stride(1) == 1
-    C, rank = n // ep, comm.group_rank(group)
-    lead, upos, where = unique_tokens(tokens, ep, src.shape[0])
-    rows_pool, map_pool = pool(group, n, src), pool(group, n, where.view(n, 1))
-    timeout = _ON.get(group, 0)
-    rows_pool.handle.barrier(channel=0, timeout_ms=timeout)
-    p2p_triton.push_rows(src, lead, rows_pool.ptrs, C, rank, src.shape[1], pos=upos)
+    -1 padding] + the pools of the `extra` arrays pushed in the same exchange. Valid until the next push."""
+    n = tokens.shape[0]
+    assert tokens.dtype == torch.int64 and tokens.is_contiguous()
+    lead, upos, where = unique_tokens(tokens, comm.group_size(group), src.shape[0])
     real = torch.where(where >= 0, torch.arange(n, device=where.device), -1)
-    p2p_triton.push_rows(where.view(n, 1), real, map_pool.ptrs, C, rank, 1)
-    rows_pool.handle.barrier(channel=0, timeout_ms=timeout)
-    return rows_pool.buf[:n], map_pool.buf[:n].view(n)
+    rows, got, *more = exchange([Push(src, lead, upos), Push(where.view(n, 1), real)] + list(extra), group, n)
+    return [rows, got.view(n)] + more

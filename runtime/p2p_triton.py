@@ -4,6 +4,11 @@ Program (r, c): send rows r·R … r·R+R-1 (row s = p·C + j goes to peer p), c
 Each row's index names the source row, or is -1 (padding: nothing is read or stored); a real row
 is stored at row rank·C + j of rank p's receive buffer (rank·C + pos[s] when positions are
 given), whose address in this process is ptrs[p].
+
+With a [n, K] index the row sent is a sum: Σ_k w[s, k] · src[index[s, k]] over the entries ≥ 0
+(weights optional), accumulated in fp32 and rounded once to the pool's dtype; a row with no entry
+is not sent. This is how a rank returns one row per token (the sum of that token's copies it
+holds) instead of one per copy.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from torch import Tensor
 # tiles measured on 2 × H200 (bench/exchange.py --sweep, docs/BENCHMARKS.md): whole rows up to 8192
 # columns per program; 8 warps from 4096 columns on
 _MAX_BH, _ROWS = 8192, 1
+_SUM_BH = 2048             # a summing push keeps an fp32 accumulator: narrower column blocks
 
 
 @triton.jit
@@ -34,13 +40,45 @@ def _push(src, idx, pos, ptrs, n, C, rank, H, s_src, HAS_POS: tl.constexpr, R: t
         tl.store(dst[:, None] + (rank * C + j)[:, None] * H + c[None, :], v, mask=m)
 
 
+@triton.jit
+def _push_sum(src, idx, w, ptrs, n, U, C, rank, H, K, s_src, HAS_W: tl.constexpr, KB: tl.constexpr,
+              BH: tl.constexpr):
+    """Program (s, c): send row s = p·U + j (U rows per peer) ← Σ_k w[s, k] · src[idx[s, k]] (fp32),
+    if any idx ≥ 0, into row rank·C + j of peer p's buffer."""
+    s = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BH + tl.arange(0, BH)
+    cols = c < H
+    ks = tl.arange(0, KB)
+    if tl.max(tl.load(idx + s * K + ks, mask=ks < K, other=-1), 0) >= 0:
+        acc = tl.zeros([BH], dtype=tl.float32)
+        for k in range(K):
+            i = tl.load(idx + s * K + k)
+            v = tl.load(src + i * s_src + c, mask=cols & (c * 0 + i >= 0), other=0).to(tl.float32)
+            if HAS_W:
+                v = v * tl.load(w + s * K + k).to(tl.float32)
+            acc += v
+        p = s // U
+        dst = tl.load(ptrs + p).to(tl.pointer_type(src.dtype.element_ty))
+        tl.store(dst + (rank * C + s - p * U) * H + c, acc.to(src.dtype.element_ty), mask=cols)
+
+
 def push_rows(src: Tensor, index: Tensor, ptrs: Tensor, chunk_rows: int, rank: int, H: int,
-              block: int | None = None, warps: int | None = None, rows: int = _ROWS, pos: Tensor | None = None) -> None:
+              block: int | None = None, warps: int | None = None, rows: int = _ROWS, pos: Tensor | None = None,
+              weights: Tensor | None = None, sum_rows: int | None = None) -> None:
     """For every send row s with index[s] ≥ 0: peer (s // C)'s buffer row rank·C + s % C (or
-    rank·C + pos[s]) ← src[index[s]]."""
+    rank·C + pos[s]) ← src[index[s]]. A 2-D index [n, K] sends the (weighted) sum of its rows, row
+    s = p·U + j (U = `sum_rows` per peer, ≤ C) to peer p's row rank·C + j."""
     n = index.shape[0]
     assert rows & (rows - 1) == 0, f"rows per program must be a power of 2, got {rows}"
     if n == 0:
+        return
+    if index.dim() == 2:
+        assert pos is None, "a summing push stores row s at its own position"
+        bh = min(block or _SUM_BH, triton.next_power_of_2(H))
+        _push_sum[(n, triton.cdiv(H, bh))](src, index, index if weights is None else weights, ptrs, n,
+                                           sum_rows or chunk_rows, chunk_rows, rank, H, index.shape[1], src.stride(0),
+                                           HAS_W=weights is not None, KB=triton.next_power_of_2(index.shape[1]),
+                                           BH=bh, num_warps=warps or 4)
         return
     bh = min(block or _MAX_BH, triton.next_power_of_2(H))
     warps = warps or (8 if bh >= 4096 else 4)

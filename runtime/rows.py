@@ -72,3 +72,17 @@ def weighted_sum_backward(grad: Tensor, copies: Tensor, weights: Tensor, grad_co
     g = grad.unsqueeze(1)                                                    # [T, 1, H]
     torch.bmm(weights.unsqueeze(2), g, out=grad_copies.view(T, K, -1))       # [T, K, H]
     return grad_copies, torch.bmm(g, copies.view(T, K, -1).transpose(1, 2)).squeeze(1)
+
+
+def scaled_gather_dot(g: Tensor, index: Tensor, y: Tensor, w: Tensor, grad_y: Tensor) -> tuple[Tensor, Tensor]:
+    """The combine's backward on the expert side (runtime/p2p_moves.py): for each row i with
+    index[i] ≥ 0, grad_y[i] = w[i] · g[index[i]] (written into `grad_y`; other rows left alone) and
+    grad_w[i] = ⟨g[index[i]], y[i]⟩, summed in fp32 and rounded to y's dtype (0 where index -1).
+    g [M, H], index [R], y [R, H], w [R] in y's dtype."""
+    if fused(y):
+        return _fused.scaled_gather_dot(g, index, y, w, grad_y)
+    real = index >= 0
+    gv = gather(g, index).float()                                           # [R, H], zero where none
+    scaled = (w.float().unsqueeze(1) * gv).to(grad_y.dtype)
+    grad_y[real] = scaled[real]
+    return grad_y, (gv * y.float()).sum(1).to(y.dtype)

@@ -81,6 +81,24 @@ def _weighted_sum_backward(g, copies, w, grad_copies, grad_w, H, K, KB: tl.const
     tl.store(grad_w + t * K + k, dot.to(grad_w.dtype.element_ty), mask=k_in)
 
 
+@triton.jit
+def _scaled_gather_dot(g, gidx, y, w, grad_y, grad_w, H, s_g, BH: tl.constexpr):
+    """One row i with gidx[i] ≥ 0: grad_y[i] = w[i] · g[gidx[i]] and grad_w[i] = Σ_h g[gidx[i], h] · y[i, h]
+    (fp32, rounded to y's dtype); a row with gidx -1 is left alone."""
+    i = tl.program_id(0).to(tl.int64)
+    j = tl.load(gidx + i)
+    if j >= 0:
+        wi = tl.load(w + i).to(tl.float32)
+        dot = tl.zeros([BH], dtype=tl.float32)
+        for h0 in range(0, H, BH):
+            c = h0 + tl.arange(0, BH)
+            cols = c < H
+            gv = tl.load(g + j * s_g + c, mask=cols, other=0).to(tl.float32)
+            dot += gv * tl.load(y + i * H + c, mask=cols, other=0).to(tl.float32)
+            tl.store(grad_y + i * H + c, (wi * gv).to(grad_y.dtype.element_ty), mask=cols)
+        tl.store(grad_w + i, tl.sum(dot, 0).to(grad_w.dtype.element_ty))
+
+
 def _rows_major(*ts: Tensor) -> None:
     for t in ts:
         assert t.dim() == 2 and t.stride(1) == 1, f"row-major [n, H] expected, got {tuple(t.shape)} {t.stride()}"
@@ -123,3 +141,16 @@ def weighted_sum_backward(grad: Tensor, copies: Tensor, weights: Tensor, grad_co
         _weighted_sum_backward[(T,)](grad, copies, weights.contiguous(), grad_copies, grad_w, H, K,
                                      KB=triton.next_power_of_2(K), BH=_BHW, num_warps=4)
     return grad_copies, grad_w
+
+
+def scaled_gather_dot(g: Tensor, index: Tensor, y: Tensor, w: Tensor, grad_y: Tensor) -> tuple[Tensor, Tensor]:
+    """g [M, H], index [R] (-1: none), y [R, H], w [R] (y's dtype) → (grad_y [R, H] written in place
+    where index ≥ 0, grad_w [R] in y's dtype, 0 where index -1)."""
+    _rows_major(g)
+    R, H = y.shape
+    assert y.is_contiguous() and grad_y.is_contiguous()
+    grad_w = torch.zeros(R, dtype=y.dtype, device=y.device)
+    if R:
+        _scaled_gather_dot[(R,)](g, index.contiguous(), y, w.contiguous(), grad_y, grad_w, H, g.stride(0),
+                                 BH=_BHW, num_warps=4)
+    return grad_y, grad_w

@@ -89,6 +89,21 @@ def case_weighted_sum(dtype, dev, g):
             _res("weighted_sum grad_weights", gw, gw_want)]
 
 
+def case_scaled_gather_dot(dtype, dev, g):
+    """The p2p combine's backward on the expert side: grad_y = w · g[index], grad_w = ⟨g[index], y⟩."""
+    R, M, H = 23, 11, 70
+    gsrc = torch.randn(M, H, generator=g).to(dtype)
+    idx = _index(R, M, g)
+    y = torch.randn(R, H, generator=g).to(dtype)
+    w = torch.rand(R, generator=g).to(dtype)
+    gy_want, gw_want = rows.scaled_gather_dot(gsrc, idx, y, w, torch.zeros(R, H, dtype=dtype))
+    gy, gw = rows_triton.scaled_gather_dot(gsrc.to(dev), idx.to(dev), y.to(dev), w.to(dev),
+                                           torch.full((R, H), float("nan"), dtype=dtype, device=dev))
+    gy, gw, real = gy.cpu(), gw.cpu(), idx >= 0
+    return [_res("scaled_gather_dot grad_y", gy[real], gy_want[real], padding_kept=bool(gy[~real].isnan().all())),
+            _res("scaled_gather_dot grad_w", gw, gw_want)]
+
+
 def case_swiglu(dtype, dev, g):
     R, F = 45, 40
     offs = torch.tensor([9, 9, 30, 33], dtype=torch.int32)        # 33 real rows of 45, one empty slot
@@ -163,7 +178,7 @@ def main():
     g = torch.Generator().manual_seed(0)
     results = []
     for dtype in (torch.float32, torch.bfloat16):
-        for case in (case_gather, case_gather_sum, case_weighted_sum, case_swiglu):
+        for case in (case_gather, case_gather_sum, case_weighted_sum, case_scaled_gather_dot, case_swiglu):
             for r in case(dtype, dev, g):
                 results.append(dict(r, dtype=str(dtype).removeprefix("torch.")))
     results += case_layout(dev, g)

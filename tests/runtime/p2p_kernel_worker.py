@@ -2,7 +2,8 @@
 with TRITON_INTERPRET=1: every rank's receive buffer is a local tensor standing in for a peer's, its
 address in `ptrs` as the symmetric pool's would be. For each case (ranks, chunk, width, tile), every
 real row lands at row rank·C + j of its peer's buffer bitwise, and nothing else is written (the
-buffers start as NaN). Prints {"cases", "failures"} as JSON."""
+buffers start as NaN). Summing pushes (a [n, K] index, weights or none): each row the fp32 sum of
+the rows it names, at row rank·C + j, rows naming none not written. Prints {"cases", "failures"} as JSON."""
 import json
 
 import torch
@@ -33,12 +34,40 @@ def case(ep, C, H, T, rank, block, rows, seed, positions=False):
     return None
 
 
+def sum_case(ep, C, U, K, H, M, rank, block, seed, weighted):
+    """A summing push: row p·U + j ← Σ_k w · src[idx[p·U + j, k]] into peer p's row rank·C + j."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn(M, H, generator=g)
+    idx = torch.randint(0, M, (ep * U, K), generator=g)
+    idx[torch.rand(ep * U, K, generator=g) < 0.5] = -1                # some entries, and some whole rows, empty
+    idx[::3] = -1
+    w = torch.randn(ep * U, K, generator=g) if weighted else None
+    bufs = [torch.full((ep * C, H), float("nan")) for _ in range(ep)]
+    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    p2p_triton.push_rows(src, idx, ptrs, C, rank, H, block=block, warps=1, weights=w, sum_rows=U)
+    for p in range(ep):
+        want = torch.full((ep * C, H), float("nan"))
+        for j in range(U):
+            row = idx[p * U + j]
+            if (row >= 0).any():
+                acc = torch.zeros(H)
+                for k in range(K):   # the kernel's order: k = 0, 1, ... in fp32
+                    if row[k] >= 0:
+                        acc = acc + src[row[k]] * (w[p * U + j, k] if weighted else 1.0)
+                want[rank * C + j] = acc
+        if not torch.allclose(bufs[p].nan_to_num(7.0), want.nan_to_num(7.0), rtol=1e-6, atol=1e-6):
+            return f"sum: ep {ep} C {C} U {U} K {K} H {H} rank {rank} weighted {weighted}: peer {p}'s buffer differs"
+    return None
+
+
 def main():
+    sums = [(2, 6, 4, 3, 20, 9, 1, 16, True), (3, 5, 5, 2, 40, 7, 2, 16, False), (4, 4, 2, 4, 8, 5, 0, 64, True)]
+    failures = [f for i, c in enumerate(sums) if (f := sum_case(*c[:8], seed=100 + i, weighted=c[8]))]
     cases = [(2, 6, 20, 9, 1, 16, 4), (2, 5, 16, 7, 0, 16, 1), (4, 3, 33, 11, 2, 8, 2), (4, 7, 8, 5, 3, 64, 8),
              (3, 4, 40, 6, 1, 32, 2)]
     cases += [c[:-1] + (c[-1], True) for c in cases[:3]]           # the same, stored at given positions
-    failures = [f for i, c in enumerate(cases) if (f := case(*c[:7], seed=i, positions=len(c) > 7))]
-    print(json.dumps({"cases": len(cases), "failures": failures}))
+    failures += [f for i, c in enumerate(cases) if (f := case(*c[:7], seed=i, positions=len(c) > 7))]
+    print(json.dumps({"cases": len(cases) + len(sums), "failures": failures}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Run under torchrun by tests/runtime/test_p2p.py: the oracle with the `torch` dispatch's exchange
-set to 'p2p' (runtime/p2p.py), whose push is replaced by a gloo stand-in with the kernel's contract:
-each rank's real rows (index ≥ 0) land in chunk `rank` of the peer's receive buffer, and every row
-no index names is NaN. The CUDA kernel leaves those rows stale (whatever the last exchange wrote);
+set to 'p2p' (runtime/p2p.py), whose exchange is replaced by a gloo stand-in with the kernel's
+contract: each rank's real rows (index ≥ 0; for a summing push, the fp32 sum of the rows it names,
+rounded) land in chunk `rank` of the peer's receive buffer, and every row no index names is NaN. The CUDA kernel leaves those rows stale (whatever the last exchange wrote);
 NaN there makes any read of a padding row poison the loss or a gradient. Like the real pool, the
 stand-in's is one buffer per row shape and dtype, filled with NaN again at every push, so a view
 read after the next exchange poisons the result too. The oracle then proves the layer reads the
@@ -28,36 +28,57 @@ def _stale(dtype):
     return float("nan") if dtype.is_floating_point else 2 ** 40
 
 
-def push_standin(src, index, group, pos=None):
-    """What p2p.push returns (p2p_triton.push_rows's contract, positions included), over gloo: the
-    shared pool, stale wherever no rank pushed a row."""
-    n = index.shape[0]
-    C = n // comm.group_size(group)
+def _send_buffer(q, n, C, ep):
+    """What one array of an exchange puts where (the push kernel's contract): [n, W], stale
+    wherever nothing is pushed; a 2-D index sends the (weighted) fp32 sum of its rows, rounded."""
+    src, index = q.src, q.index
     send = torch.full((n,) + tuple(src.shape[1:]), _stale(src.dtype), dtype=src.dtype)
-    s = torch.arange(n)
-    real = index >= 0
-    dest = s - s % C + (pos if pos is not None else s % C)
-    send[dest[real]] = src[index[real]]
-    PUSHES["n"] += 1
-    PUSHES["real_rows"] += int(real.sum())
-    PUSHES["rows"] += n
-    recv = comm.all_to_all_equal(send, group)
-    key = (tuple(src.shape[1:]), src.dtype)
-    if key not in POOLS or POOLS[key].shape[0] < recv.shape[0]:
-        POOLS[key] = torch.empty_like(recv)
-    pool = POOLS[key].fill_(_stale(src.dtype))
-    return pool[: recv.shape[0]].copy_(recv)
+    if index.dim() == 1:
+        s = torch.arange(index.shape[0])
+        real = index >= 0
+        dest = s - s % C + (q.pos if q.pos is not None else s % C)
+        send[dest[real]] = src[index[real]]
+        return send, int(real.sum())
+    U = q.sum_rows or C
+    s = torch.arange(index.shape[0])
+    real = (index >= 0).any(1)
+    w = q.weights.float() if q.weights is not None else torch.ones(index.shape)
+    picked = src[index.clamp(min=0)].float() * w.unsqueeze(-1)
+    rows = torch.where((index >= 0).unsqueeze(-1), picked, 0).sum(1)     # where, not *: NaN rows stay out
+    send[(s // U * C + s % U)[real]] = rows[real].to(src.dtype)
+    return send, int(real.sum())
 
 
-def push_unique_standin(src, tokens, group):
-    """p2p.push_unique over the stand-in push, with the real index arithmetic (p2p.unique_tokens)."""
-    n = tokens.shape[0]
-    lead, upos, where = p2p.unique_tokens(tokens, comm.group_size(group), src.shape[0])
+def exchange_standin(pushes, group, rows, **tiles):
+    """What p2p.exchange returns, over gloo: one shared pool per row shape and dtype, refilled with
+    stale values at every exchange, chunk s holding what rank s pushed."""
+    ep = comm.group_size(group)
+    keys = [(tuple(q.src.shape[1:]), q.src.dtype) for q in pushes]
+    assert len(set(keys)) == len(keys), "two arrays of one exchange share a pool"
+    out = []
+    for q, key in zip(pushes, keys):
+        send, real = _send_buffer(q, rows, rows // ep, ep)
+        PUSHES["n"] += 1
+        PUSHES["real_rows"] += real
+        PUSHES["rows"] += rows
+        if q.index.dim() == 2:
+            PUSHES["summed_rows"] = PUSHES.get("summed_rows", 0) + real
+        recv = comm.all_to_all_equal(send, group)
+        if key not in POOLS or POOLS[key].shape[0] < rows:
+            POOLS[key] = torch.empty_like(recv)
+        out.append(POOLS[key].fill_(_stale(q.src.dtype))[:rows].copy_(recv))
+    return out
+
+
+def push_unique_standin(src, tokens, group, extra=()):
+    """p2p.push_unique as it is, counting what it sends (its exchange is the stand-in's)."""
+    lead = p2p.unique_tokens(tokens, comm.group_size(group), src.shape[0])[0]
     PUSHES["unique_rows"] = PUSHES.get("unique_rows", 0) + int((lead >= 0).sum())
     PUSHES["copy_rows"] = PUSHES.get("copy_rows", 0) + int((tokens >= 0).sum())
-    recv = push_standin(src, lead, group, pos=upos)
-    real = torch.where(where >= 0, torch.arange(n), -1)
-    return recv, push_standin(where.view(n, 1), real, group).view(n)
+    return REAL_PUSH_UNIQUE(src, tokens, group, extra)
+
+
+REAL_PUSH_UNIQUE = p2p.push_unique
 
 
 def main():
@@ -66,7 +87,7 @@ def main():
     # a cpu spec resolves backends.exchange to 'nccl': plan it as 'p2p' (no send or receive buffers in
     # the arena, the symmetric pool instead), and let the Trainer turn the stand-in on
     Spec.token_exchange = property(lambda self: "p2p")
-    p2p.push = push_standin
+    p2p.exchange = exchange_standin
     p2p.push_unique = push_unique_standin
     p2p.setup = lambda exchange, group="ep", timeout_s=None: (p2p.enable(group, timeout_s) if exchange == "p2p"
                                                              else p2p.disable(group))

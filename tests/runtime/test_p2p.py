@@ -62,10 +62,11 @@ def test_memory_plan_has_a_symmetric_pool_instead_of_send_and_receive_buffers(ma
                           b["name"].endswith((".send", ".recv"))]
     assert moves(nccl_plan) and not moves(p2p_plan)
     pool = [b for b in p2p_plan["buffers"] if b["placement"] == "symmetric"]
-    assert [b["name"] for b in pool] == ["p2p.recv", "p2p.map"]
+    assert [b["name"] for b in pool] == ["p2p.recv", "p2p.map", "p2p.weights"]
     assert pool[0]["bytes"] == spec.receive_rows * spec.model.hidden_size * 2      # [ep·C, H] bf16
     assert pool[1]["bytes"] == spec.receive_rows * 8                               # [ep·C] int64
-    total = pool[0]["bytes"] + pool[1]["bytes"]
+    assert pool[2]["bytes"] == spec.receive_rows * 2                               # [ep·C] bf16 router weights
+    total = sum(b["bytes"] for b in pool)
     assert p2p_plan["totals"]["symmetric_bytes"] == total
     assert nccl_plan["totals"]["symmetric_bytes"] == 0
     # the pools are held all run: the prediction counts them in every phase
@@ -74,12 +75,24 @@ def test_memory_plan_has_a_symmetric_pool_instead_of_send_and_receive_buffers(ma
     assert p2p_plan["totals"]["arena_bytes"] < nccl_plan["totals"]["arena_bytes"]
 
 
+def test_under_p2p_combine_and_weighted_sum_are_one_op(make_spec):
+    """One row per token and rank back from the experts needs the router weights there: the pass
+    emits echo::combine_weighted instead of echo::combine + weighted_sum (ep > 1 only)."""
+    from runtime import contracts
+    from runtime.contracts import COMBINE, P2P_COMBINE, WEIGHTED_SUM
+    used = lambda build: {contracts.of(n.target) for n in build.program.gm.graph.nodes} - {None}
+    p2p_ops, nccl_ops = used(_plan(make_spec, "p2p")[2]), used(_plan(make_spec, "nccl")[2])
+    assert P2P_COMBINE in p2p_ops and not {COMBINE, WEIGHTED_SUM} & p2p_ops
+    assert {COMBINE, WEIGHTED_SUM} <= nccl_ops and P2P_COMBINE not in nccl_ops
+
+
 def _run_oracle(tmp_path, spec, **cfg):
     res = run_json_worker(WORKER, {"spec": spec, "steps": 3, **cfg}, tmp_path)
     pushes = res["pushes"]
     assert pushes["n"] > 0, "the exchange never pushed: the test proves nothing"
     assert 0 < pushes["real_rows"] < pushes["rows"], "no padding row: NaN was never put anywhere"
     assert 0 < pushes["unique_rows"] < pushes["copy_rows"], "dispatch sent no token fewer times than its copies"
+    assert pushes["summed_rows"] > 0, "no rank returned a summed row: combine_weighted and dispatch's backward never ran"
     assert_oracle_matches(res)
     return res
 
@@ -114,7 +127,7 @@ def test_push_kernel_in_the_interpreter_writes_each_real_row_and_nothing_else():
     out = subprocess.run([sys.executable, str(KERNEL_WORKER)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["cases"] == 8 and res["failures"] == [], res
+    assert res["cases"] == 11 and res["failures"] == [], res
 
 
 def test_the_launcher_refuses_p2p_where_the_gpus_cannot_reach_each_other(make_spec, monkeypatch):
