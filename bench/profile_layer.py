@@ -346,6 +346,8 @@ def main():
                           "graph_kernels_per_replay": len(replays[0]),
                           "graph_aligned_fraction": min(f for _, f in labelled)}
         res["graph_top"], res["graph_nodes"] = top_kernels(gsteps, args.top), per_node(gsteps)
+        del cap, replays     # a live graph holding NCCL kernels makes destroy_process_group wait forever
+        torch.cuda.synchronize()
     if device.type == "cuda" and args.floor:
         res["floor"] = floor_profile(args, gm, x, device)
     if args.peer:

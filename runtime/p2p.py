@@ -185,6 +185,8 @@ def unique_tokens(tokens: Tensor, ep: int, T: int) -> tuple[Tensor, Tensor, Tens
     """tokens [ep·C] (the token of each send row, -1 padding) → (lead [ep·C]: the token where this
     row is its token's first in its chunk, else -1; upos [ep·C]: that first row's position among
     the chunk's distinct tokens; where [ep·C]: every real row's token position, -1 padding)."""
+    if p2p_triton is not None and tokens.is_cuda:
+        return p2p_triton.unique_tokens(tokens.contiguous(), ep, T)
     n = tokens.shape[0]
     C = n // ep
     tok = tokens.view(ep, C)

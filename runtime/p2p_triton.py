@@ -12,6 +12,7 @@ holds) instead of one per copy.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -85,3 +86,60 @@ def push_rows(src: Tensor, index: Tensor, ptrs: Tensor, chunk_rows: int, rank: i
     _push[(triton.cdiv(n, rows), triton.cdiv(H, bh))](src, index, index if pos is None else pos, ptrs, n, chunk_rows,
                                                       rank, H, src.stride(0), HAS_POS=pos is not None, R=rows,
                                                       BH=bh, num_warps=warps)
+
+
+# --- each token's first row in its chunk (p2p.unique_tokens) -----------------------------------
+_UB = 1024                 # rows per block of the three kernels below
+
+
+@triton.jit
+def _first_rows(tokens, first, C, T, B: tl.constexpr):
+    """Program (p, b): first[p, t] = min over the rows j of chunk p holding token t (atomic)."""
+    p = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * B + tl.arange(0, B)
+    tok = tl.load(tokens + p * C + j, mask=j < C, other=-1)
+    tl.atomic_min(first + p * T + tok, j.to(tl.int32), mask=tok >= 0)
+
+
+@triton.jit
+def _lead_rows(tokens, first, lead, upos, C, T, B: tl.constexpr):
+    """Program p, chunk p in blocks: a row leads if it is its token's first; upos counts the
+    leading rows before each row (an exclusive scan carried across blocks)."""
+    p = tl.program_id(0).to(tl.int64)
+    carry = tl.zeros([], dtype=tl.int64)
+    for b in range(0, C, B):
+        j = b + tl.arange(0, B)
+        inside = j < C
+        tok = tl.load(tokens + p * C + j, mask=inside, other=-1)
+        f = tl.load(first + p * T + tok, mask=tok >= 0, other=-1)
+        is_lead = (tok >= 0) & (f == j)
+        n = is_lead.to(tl.int64)
+        tl.store(upos + p * C + j, carry + tl.cumsum(n, 0) - n, mask=inside)
+        tl.store(lead + p * C + j, tl.where(is_lead, tok, -1), mask=inside)
+        carry += tl.sum(n, 0)
+
+
+@triton.jit
+def _token_places(tokens, first, upos, where, C, T, B: tl.constexpr):
+    """Program (p, b): where[p·C + j] = upos of the first row of row j's token (-1 padding)."""
+    p = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * B + tl.arange(0, B)
+    inside = j < C
+    tok = tl.load(tokens + p * C + j, mask=inside, other=-1)
+    f = tl.load(first + p * T + tok, mask=tok >= 0, other=0).to(tl.int64)
+    u = tl.load(upos + p * C + f, mask=tok >= 0, other=-1)
+    tl.store(where + p * C + j, tl.where(tok >= 0, u, -1), mask=inside)
+
+
+def unique_tokens(tokens: Tensor, ep: int, T: int) -> tuple[Tensor, Tensor, Tensor]:
+    """p2p.unique_tokens in three kernels: (lead, upos, where), each [ep·C] int64."""
+    n = tokens.shape[0]
+    C = n // ep
+    first = torch.full((ep, T), C, dtype=torch.int32, device=tokens.device)
+    lead, upos, where = (torch.empty_like(tokens) for _ in range(3))
+    if n:
+        grid = (ep, triton.cdiv(C, _UB))
+        _first_rows[grid](tokens, first, C, T, B=_UB, num_warps=4)
+        _lead_rows[(ep,)](tokens, first, lead, upos, C, T, B=_UB, num_warps=4)
+        _token_places[grid](tokens, first, upos, where, C, T, B=_UB, num_warps=4)
+    return lead, upos, where

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from runtime import p2p_triton
+from runtime import p2p, p2p_triton
 
 
 def case(ep, C, H, T, rank, block, rows, seed, positions=False):
@@ -60,14 +60,30 @@ def sum_case(ep, C, U, K, H, M, rank, block, seed, weighted):
     return None
 
 
+def unique_case(ep, C, T, fill, seed):
+    """p2p_triton.unique_tokens equals p2p.unique_tokens's torch path (first rows, their places,
+    every copy's place), on chunks with repeated tokens and padding, C spanning several blocks."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, T, (ep, C), generator=g)
+    n_real = torch.randint(0, C + 1, (ep,), generator=g)
+    tokens[torch.arange(C).expand(ep, C) >= (n_real * fill).long().unsqueeze(1)] = -1
+    tokens = tokens.view(-1).contiguous()
+    got, want = p2p_triton.unique_tokens(tokens, ep, T), p2p.unique_tokens(tokens, ep, T)
+    if not all(torch.equal(a, b) for a, b in zip(got, want)):
+        return f"unique_tokens ep {ep} C {C} T {T}: differs from the torch path"
+    return None
+
+
 def main():
     sums = [(2, 6, 4, 3, 20, 9, 1, 16, True), (3, 5, 5, 2, 40, 7, 2, 16, False), (4, 4, 2, 4, 8, 5, 0, 64, True)]
     failures = [f for i, c in enumerate(sums) if (f := sum_case(*c[:8], seed=100 + i, weighted=c[8]))]
+    uniques = [(2, 7, 3, 1.0), (3, 2500, 40, 0.7), (4, 1030, 2000, 1.0)]
+    failures += [f for i, c in enumerate(uniques) if (f := unique_case(*c, seed=200 + i))]
     cases = [(2, 6, 20, 9, 1, 16, 4), (2, 5, 16, 7, 0, 16, 1), (4, 3, 33, 11, 2, 8, 2), (4, 7, 8, 5, 3, 64, 8),
              (3, 4, 40, 6, 1, 32, 2)]
     cases += [c[:-1] + (c[-1], True) for c in cases[:3]]           # the same, stored at given positions
     failures += [f for i, c in enumerate(cases) if (f := case(*c[:7], seed=i, positions=len(c) > 7))]
-    print(json.dumps({"cases": len(cases) + len(sums), "failures": failures}))
+    print(json.dumps({"cases": len(cases) + len(sums) + len(uniques), "failures": failures}))
 
 
 if __name__ == "__main__":
