@@ -76,7 +76,7 @@ def sum_return(src: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Te
     (and weights) to the expert side, then one summed row per (token, rank) back."""
     ep, n, K = comm.group_size(group), send_copy.shape[0], top_k
     T, C = copy_slot.shape[0] // K, n // ep
-    U = min(T, C)
+    U = min(T, C)     # a chunk's distinct tokens; T is the token budget, the same static size on every rank
     _, lead, upos, packed = _places(send_copy, K, T, group)
     pushes = [p2p.Push(packed.view(n, 1), _real(packed))]
     if weights is not None:

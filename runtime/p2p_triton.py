@@ -55,8 +55,8 @@ def _push_sum(src, idx, w, ptrs, n, U, C, rank, H, K, s_src, HAS_W: tl.constexpr
         for k in range(K):
             i = tl.load(idx + s * K + k)
             v = tl.load(src + i * s_src + c, mask=cols & (c * 0 + i >= 0), other=0).to(tl.float32)
-            if HAS_W:
-                v = v * tl.load(w + s * K + k).to(tl.float32)
+            if HAS_W:   # an empty entry adds 0 whatever its weight holds
+                v = v * tl.where(i >= 0, tl.load(w + s * K + k).to(tl.float32), 0.0)
             acc += v
         p = s // U
         dst = tl.load(ptrs + p).to(tl.pointer_type(src.dtype.element_ty))

@@ -85,4 +85,5 @@ def scaled_gather_dot(g: Tensor, index: Tensor, y: Tensor, w: Tensor, grad_y: Te
     gv = gather(g, index).float()                                           # [R, H], zero where none
     scaled = (w.float().unsqueeze(1) * gv).to(grad_y.dtype)
     grad_y[real] = scaled[real]
-    return grad_y, (gv * y.float()).sum(1).to(y.dtype)
+    dot = torch.where(real.unsqueeze(1), gv * y.float(), 0).sum(1)         # where, not *: NaN padding stays out
+    return grad_y, dot.to(y.dtype)

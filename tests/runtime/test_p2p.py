@@ -111,6 +111,18 @@ def test_overflow_drops_the_same_copies_under_p2p(tmp_path, oracle_spec):
 
 
 @pytest.mark.slow
+def test_three_ranks_with_chunks_shorter_than_the_token_budget(tmp_path, oracle_spec):
+    """ep 3 at capacity 1.0: C = 22 rows per peer < T = 32 tokens, so a chunk's distinct tokens are
+    bounded by C, not T (p2p_moves: U = min(T, C)); the reference is told the drops."""
+    spec = oracle_spec(ep=3, capacity=1.0, experts=6, top_k=2)
+    res = _run_oracle(tmp_path, spec, reference_drops=True)
+    from echoc.spec_io import spec_from_dict
+    s = spec_from_dict(spec)
+    assert s.peer_chunk_rows < s.budgets.tokens, (s.peer_chunk_rows, s.budgets.tokens)
+    assert res["steps"], res
+
+
+@pytest.mark.slow
 def test_cloning_full_recompute_and_zero3_under_p2p(tmp_path, oracle_spec):
     """ECHO clones, the recomputed forward exchanging again in backward, ZeRO 3 over ep 2 × dp 2."""
     spec = oracle_spec(ep=2, dp=2, capacity=2.0,
