@@ -204,8 +204,9 @@ class BackendsConfig(_Section):
     exchange: Literal["auto", "nccl", "p2p"] = "auto"
     """How the 'torch' dispatch moves token rows between EP ranks. 'nccl': all_to_all_single of the
     capacity-padded [ep·C, H] buffers (equal splits; gloo on cpu). 'p2p': each rank pushes only its
-    real rows into its peers' symmetric-memory receive buffers (runtime/p2p.py; cuda, the EP group
-    on one node). 'auto': 'p2p' where it can run, else 'nccl'. Other dispatch backends ignore it."""
+    real rows, one per token and destination rank, into its peers' symmetric-memory receive buffers
+    (runtime/p2p.py, p2p_moves.py; cuda, the EP group on one node; sums cross in bf16, so not bitwise
+    equal to 'nccl'). 'auto': 'p2p' where it can run, else 'nccl'. Other dispatch backends ignore it."""
     shared_expert_overlap: Flag = True
     """Run each MoE layer's shared expert on a second CUDA stream, overlapped with routing and token
     movement (forward and backward). No effect on CPU, nor at parallel.zero 3."""
