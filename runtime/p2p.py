@@ -20,9 +20,10 @@ stream, so the whole exchange is captured in the graph with no host read.
 
 Needs every rank of the group on one NVLink domain (one node) and CUDA; `enabled(group)` says
 whether this process set the exchange on for a group (the Trainer sets it from
-`backends.exchange`, `setup`). CPU and gloo always use the equal-split exchange. The forward
-dispatch pushes each token once per rank, with a map of where each copy's token landed
-(`push_unique`); the other exchanges push one row per copy (`push`).
+`backends.exchange`, `setup`). CPU and gloo always use the equal-split exchange. `exchange`
+pushes several arrays between one pair of barriers; a [n, K] index pushes sums of rows. The
+movements built on it (runtime/p2p_moves.py) send one row per token and destination rank:
+dispatch pushes each token once with a map of where each copy's token landed (`push_unique`).
 """
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """Run under torchrun by tests/runtime/test_p2p.py: the oracle with the `torch` dispatch's exchange
 set to 'p2p' (runtime/p2p.py), whose exchange is replaced by a gloo stand-in with the kernel's
 contract: each rank's real rows (index ≥ 0; for a summing push, the fp32 sum of the rows it names,
-rounded) land in chunk `rank` of the peer's receive buffer, and every row no index names is NaN. The CUDA kernel leaves those rows stale (whatever the last exchange wrote);
-NaN there makes any read of a padding row poison the loss or a gradient. Like the real pool, the
-stand-in's is one buffer per row shape and dtype, filled with NaN again at every push, so a view
-read after the next exchange poisons the result too. The oracle then proves the layer reads the
-real rows alone, each before the next exchange. argv: CONFIG_JSON, as for dist_worker.py
-("reference_drops": the reference is told the drops, as in backend_worker.py).
+rounded) land in chunk `rank` of the peer's receive buffer, and every row no index names is NaN.
+The CUDA kernel leaves those rows stale (whatever the last exchange wrote); NaN there makes any
+read of a padding row poison the loss or a gradient. Like the real pool, the stand-in's is one
+buffer per row shape and dtype, filled with NaN again at every exchange, so a view read after the
+next exchange poisons the result too. The oracle then proves the layer reads the real rows alone,
+each before the next exchange. argv: CONFIG_JSON, as for dist_worker.py ("reference_drops": the
+reference is told the drops, as in backend_worker.py).
 """
 import json
 import sys
