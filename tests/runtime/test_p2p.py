@@ -111,6 +111,14 @@ def test_overflow_drops_the_same_copies_under_p2p(tmp_path, oracle_spec):
 
 
 @pytest.mark.slow
+def test_moe_recompute_exchanges_again_in_backward_under_p2p(tmp_path, oracle_spec):
+    """train.recompute 'moe': each MoE block, combine_weighted included, replayed in backward."""
+    spec = oracle_spec(ep=2, capacity=2.0)
+    spec["train"]["recompute"] = "moe"
+    _run_oracle(tmp_path, spec)
+
+
+@pytest.mark.slow
 def test_three_ranks_with_chunks_shorter_than_the_token_budget(tmp_path, oracle_spec):
     """ep 3 at capacity 1.0: C = 22 rows per peer < T = 32 tokens, so a chunk's distinct tokens are
     bounded by C, not T (p2p_moves: U = min(T, C)); the reference is told the drops."""
