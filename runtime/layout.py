@@ -38,6 +38,11 @@ class RecvLayout(NamedTuple):
     received: Tensor     # [] int64: real rows received
 
 
+def token_of(send_copy: Tensor, top_k: int) -> Tensor:
+    """The token of each send row (copy c = t·K + k → t), -1 where the row is empty."""
+    return torch.where(send_copy >= 0, send_copy // top_k, -1)
+
+
 def slot_counts(dest_slot: Tensor, n_slots: int, out: Tensor | None = None) -> Tensor:
     """dest_slot [N] int64 → copies per slot [n_slots] int64 (scatter_add_, not bincount)."""
     counts = torch.zeros(n_slots, dtype=torch.int64, device=dest_slot.device) if out is None else out.zero_()

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from runtime import arena, comm, contracts, p2p, p2p_moves, rows
 from runtime.contracts import ALL_GATHER_COUNTS, COMBINE, COUNT, DISPATCH, LAYER_STATS, LAYOUT, WEIGHTED_SUM
-from runtime.layout import equal_chunk_rows, kept_counts, recv_layout, send_layout, slot_counts
+from runtime.layout import equal_chunk_rows, kept_counts, recv_layout, send_layout, slot_counts, token_of
 
 try:  # the fused layout needs triton; without it (CPU installs, CI) every device uses torch
     from runtime import layout_triton as _layout_fused
@@ -180,10 +180,6 @@ def _equal(group: str) -> _Equal:
 
 def _local(group: str) -> bool:
     return comm.group_size(group) == 1
-
-
-def token_of(send_copy: Tensor, top_k: int) -> Tensor:
-    return torch.where(send_copy >= 0, send_copy // top_k, -1)
 
 
 @torch.library.custom_op("echo::dispatch", mutates_args=())

@@ -182,6 +182,11 @@ def push(src: Tensor, index: Tensor, group: str, **tiles) -> Tensor:
     return exchange([Push(src, index)], group, index.shape[0], **tiles)[0]
 
 
+def real_rows(index: Tensor) -> Tensor:
+    """Row j where index[j] names something, else -1: the index that pushes a map itself, in place."""
+    return torch.where(index >= 0, torch.arange(index.shape[0], device=index.device), -1)
+
+
 def unique_tokens(tokens: Tensor, ep: int, T: int) -> tuple[Tensor, Tensor, Tensor]:
     """tokens [ep·C] (the token of each send row, -1 padding) → (lead [ep·C]: the token where this
     row is its token's first in its chunk, else -1; upos [ep·C]: that first row's position among
@@ -209,6 +214,6 @@ def push_unique(src: Tensor, tokens: Tensor, group: str, extra: tuple[Push, ...]
     n = tokens.shape[0]
     assert tokens.dtype == torch.int64 and tokens.is_contiguous()
     lead, upos, where = unique_tokens(tokens, comm.group_size(group), src.shape[0])
-    real = torch.where(where >= 0, torch.arange(n, device=where.device), -1)
-    rows, got, *more = exchange([Push(src, lead, upos), Push(where.view(n, 1), real)] + list(extra), group, n)
+    rows, got, *more = exchange([Push(src, lead, upos), Push(where.view(n, 1), real_rows(where))] + list(extra),
+                                group, n)
     return [rows, got.view(n)] + more

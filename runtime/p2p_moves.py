@@ -30,6 +30,7 @@ from torch import Tensor
 
 from runtime import arena, comm, contracts, p2p, rows
 from runtime.contracts import P2P_COMBINE
+from runtime.layout import token_of
 
 
 def sorted_index(sorted_src: Tensor, got: Tensor, C: int) -> Tensor:
@@ -41,14 +42,14 @@ def sorted_index(sorted_src: Tensor, got: Tensor, C: int) -> Tensor:
 
 def _places(send_copy: Tensor, top_k: int, T: int, group: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Token side: (tokens, lead, upos, packed = where·K + k per send row, -1 padding)."""
-    tokens = torch.where(send_copy >= 0, send_copy // top_k, -1)
+    tokens = token_of(send_copy, top_k)
     lead, upos, where = p2p.unique_tokens(tokens, comm.group_size(group), T)
     return tokens, lead, upos, torch.where(where >= 0, where * top_k + send_copy % top_k, -1)
 
 
-def _real(index: Tensor) -> Tensor:
-    """Send row j where index[j] names something, else -1 (a push of a map read in place)."""
-    return torch.where(index >= 0, torch.arange(index.shape[0], device=index.device), -1)
+def _at_sorted(pushed: Tensor, sorted_src: Tensor) -> Tensor:
+    """Expert side: a value pushed per receive row ([ep·C, 1] pool), at each sorted row; 0 at padding."""
+    return torch.where(sorted_src >= 0, pushed.view(-1)[sorted_src.clamp(min=0)], 0)
 
 
 def _table(sorted_src: Tensor, packed: Tensor, C: int, U: int, K: int, ep: int) -> Tensor:
@@ -78,14 +79,14 @@ def sum_return(src: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Te
     T, C = copy_slot.shape[0] // K, n // ep
     U = min(T, C)     # a chunk's distinct tokens; T is the token budget, the same static size on every rank
     _, lead, upos, packed = _places(send_copy, K, T, group)
-    pushes = [p2p.Push(packed.view(n, 1), _real(packed))]
+    pushes = [p2p.Push(packed.view(n, 1), p2p.real_rows(packed))]
     if weights is not None:
         pushes.append(p2p.Push(weights.to(src.dtype).reshape(-1, 1), send_copy))
     got, *w = p2p.exchange(pushes, group, n)
     table = _table(sorted_src, got.view(n), C, U, K, ep)
     wt = None
-    if weights is not None:   # the weight of each table entry: its receive row's pushed weight
-        wt = torch.where(table >= 0, w[0].view(n)[sorted_src[table.clamp(min=0)].clamp(min=0)], 0)
+    if weights is not None:   # the weight of each table entry (a sorted row): its copy's pushed weight
+        wt = torch.where(table >= 0, _at_sorted(w[0], sorted_src)[table.clamp(min=0)], 0)
     back = p2p.exchange([p2p.Push(src.contiguous(), table, weights=wt, sum_rows=U)], group, n)[0]
     return rows.gather_sum(back, _token_index(copy_slot, lead, upos, C, T), out=out)
 
@@ -119,11 +120,11 @@ def _combine_weighted_backward(ctx, grad):
     y, weights, send_copy = saved["y"], saved["weights"], saved["send_copy"]
     n, group = send_copy.shape[0], ctx.group
     C, K = n // comm.group_size(group), ctx.top_k
-    tokens = torch.where(send_copy >= 0, send_copy // K, -1)
+    tokens = token_of(send_copy, K)
     w_push = p2p.Push(weights.to(y.dtype).reshape(-1, 1), send_copy)
     g_rows, got, w_rows = p2p.push_unique(grad.contiguous(), tokens, group, extra=(w_push,))
     src = saved["sorted_src"]
-    w = torch.where(src >= 0, w_rows.view(n)[src.clamp(min=0)], 0)
+    w = _at_sorted(w_rows, src)
     key = None if ctx.buf is None else P2P_COMBINE.key(ctx.buf, P2P_COMBINE.input_grad)
     grad_y = arena.out_like(key, y.shape, y)
     grad_y, grad_w = rows.scaled_gather_dot(g_rows, sorted_index(src, got, C), y, w, grad_y)

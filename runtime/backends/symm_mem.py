@@ -33,7 +33,7 @@ from torch import Tensor
 from runtime import arena, comm, contracts
 from runtime.backends import base
 from runtime.contracts import SYMM_COMBINE, SYMM_DISPATCH, SYMM_LAYOUT
-from runtime.layout import gather_rows, kept_counts, send_layout
+from runtime.layout import gather_rows, kept_counts, send_layout, token_of
 
 MAX_RANKS, MAX_SLOTS = 32, 16       # all_to_all_vdev_2d: one warp-scan per slot, 16 tiles
 
@@ -240,7 +240,7 @@ def symm_dispatch(x: Tensor, send_copy: Tensor, copy_slot: Tensor, in_splits: Te
                   recv_row: Tensor, major_align: int, top_k: int, group: str, buf: str) -> Tensor:
     """x [T, H] → expert-major rows [R, H] on the slots' owners (padding rows zero)."""
     maps = _maps(send_copy, copy_slot, in_splits, splits_offsets, recv_row)
-    token = torch.where(send_copy >= 0, send_copy // top_k, -1)
+    token = token_of(send_copy, top_k)
     return to_experts(x, token, maps, major_align, group, _key(SYMM_DISPATCH, buf))
 
 

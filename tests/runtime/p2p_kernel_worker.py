@@ -11,6 +11,12 @@ import torch
 from runtime import p2p, p2p_triton
 
 
+def _peers(ep, C, H):
+    """Each rank's receive buffer (NaN: nothing written) and their addresses, as the pool's ptrs."""
+    bufs = [torch.full((ep * C, H), float("nan")) for _ in range(ep)]
+    return bufs, torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+
+
 def case(ep, C, H, T, rank, block, rows, seed, positions=False):
     g = torch.Generator().manual_seed(seed)
     src = torch.randn(T, H, generator=g)
@@ -21,8 +27,7 @@ def case(ep, C, H, T, rank, block, rows, seed, positions=False):
     idx = idx.view(-1)
     # positions: each chunk's real rows stored in a shuffled order
     pos = torch.cat([torch.randperm(C, generator=g) for _ in range(ep)]) if positions else None
-    bufs = [torch.full((ep * C, H), float("nan")) for _ in range(ep)]
-    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    bufs, ptrs = _peers(ep, C, H)
     p2p_triton.push_rows(src, idx, ptrs, C, rank, H, block=block, warps=1, rows=rows, pos=pos)
     for p in range(ep):
         want = torch.full((ep * C, H), float("nan"))
@@ -42,8 +47,7 @@ def sum_case(ep, C, U, K, H, M, rank, block, seed, weighted):
     idx[torch.rand(ep * U, K, generator=g) < 0.5] = -1                # some entries, and some whole rows, empty
     idx[::3] = -1
     w = torch.randn(ep * U, K, generator=g) if weighted else None
-    bufs = [torch.full((ep * C, H), float("nan")) for _ in range(ep)]
-    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    bufs, ptrs = _peers(ep, C, H)
     p2p_triton.push_rows(src, idx, ptrs, C, rank, H, block=block, warps=1, weights=w, sum_rows=U)
     for p in range(ep):
         want = torch.full((ep * C, H), float("nan"))
