@@ -6,8 +6,9 @@ M = max(N, R), and the int64 splits/offsets. `deepep` exchanges through HybridEP
 registered buffers; their exact size is the library's, so the plan lists the least they
 must hold: every EP rank's tokens [ep·T, H] (dispatch stages whole tokens) and the permuted
 rows [Rp, H]. The `torch` dispatch under backends.exchange 'p2p' pushes rows into one
-symmetric receive pool per rank, [ep·C, H], and dispatch's token map into one [ep·C] int64 pool
-(runtime/p2p.py); it plans no send or receive buffer.
+symmetric receive pool per rank, [ep·C, H], dispatch's token map into one [ep·C] int64 pool and
+the router weights (and their gradient) into one [ep·C] pool (runtime/p2p.py, p2p_moves.py); it
+plans no send or receive buffer.
 Symmetric buffers are allocated once by the backend, outside the arena and the caching allocator:
 they are listed with placement 'symmetric' in plan.json, summed in its `symmetric_bytes`, and
 counted by the memory model as held all run (echoc/memory_model.py), not placed.
@@ -21,8 +22,8 @@ from echoc.spec import Spec
 from passes.buffer_lifetimes import LAST_SUB, SUB_STEPS
 from passes.memory_plan import Buffer, composite
 from runtime import contracts
-from runtime.contracts import (COMBINE, DEEPEP_COMBINE, DEEPEP_DISPATCH, DISPATCH, P2P_COMBINE, SYMM_COMBINE,
-                               SYMM_DISPATCH, SYMM_LAYOUT)
+from runtime.contracts import (COMBINE, DEEPEP_COMBINE, DEEPEP_DISPATCH, DISPATCH, P2P_COMBINE, P2P_DISPATCH,
+                               SYMM_COMBINE, SYMM_DISPATCH, SYMM_LAYOUT)
 
 SYMMETRIC = "symmetric"
 
@@ -78,21 +79,22 @@ def _deepep(gm: GraphModule, spec: Spec) -> list[Buffer]:
 def _p2p(gm: GraphModule, spec: Spec) -> list[Buffer]:
     if spec.token_exchange != "p2p":
         return []
-    users, live = _live(gm, (DISPATCH, COMBINE, P2P_COMBINE))
+    users, live = _live(gm, (DISPATCH, COMBINE, P2P_DISPATCH, P2P_COMBINE))
     if not users:
         return []
-    d = next(u for u in users if contracts.of(u.target) is DISPATCH)
-    x, send = _meta(DISPATCH.arg(d, "x")), _meta(DISPATCH.arg(d, "send_copy"))
+    d = next(u for u in users if contracts.of(u.target) in (DISPATCH, P2P_DISPATCH))
+    c = contracts.of(d.target)
+    x, send = _meta(c.arg(d, "x")), _meta(c.arg(d, "send_copy"))
     keys = tuple(c.key(u.name, p) for u in users for c in [contracts.of(u.target)] for p in ("recv", "bwd.recv")
                  if p in c.part_names)
     n = send.shape[0]
-    # every movement pushes its rows (one per token and rank, or per copy) into the one row pool and,
-    # beside them, where each copy's token landed (p2p.map); combine_weighted also pushes the router
-    # weight of each copy and returns their gradient (p2p.weights)
-    pools = [composite("p2p.recv", None, "exchange", [("recv", (n, x.shape[1]), keys)], x.dtype, live, SYMMETRIC),
-             composite("p2p.map", None, "exchange", [("map", (n, 1), ())], torch.int64, live, SYMMETRIC)]
-    if any(contracts.of(u.target) is P2P_COMBINE for u in users):
-        pools.append(composite("p2p.weights", None, "exchange", [("weights", (n, 1), ())], x.dtype, live, SYMMETRIC))
+    # every movement pushes its rows (one per token and rank) into the one row pool; dispatch_weighted
+    # pushes beside them each copy's place (p2p.map) and router weight (p2p.weights), and its
+    # backward returns the weights' gradient through that pool
+    pools = [composite("p2p.recv", None, "exchange", [("recv", (n, x.shape[1]), keys)], x.dtype, live, SYMMETRIC)]
+    if c is P2P_DISPATCH:
+        pools += [composite("p2p.map", None, "exchange", [("map", (n, 1), ())], torch.int64, live, SYMMETRIC),
+                  composite("p2p.weights", None, "exchange", [("weights", (n, 1), ())], x.dtype, live, SYMMETRIC)]
     return pools
 
 

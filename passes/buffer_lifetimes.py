@@ -37,7 +37,7 @@ from passes.memory_plan import (ALLOCATOR, ARENA, Buffer, Span, Timeline, compos
 from passes.sync_free_dispatch import MOE_COUNTS, MOE_STATS
 from runtime import contracts, grouped_gemm
 from runtime.contracts import (CLONE_WEIGHTS, COMBINE, DISPATCH, EXPERT_FFN, EXPERT_FFN_RECOMPUTE_CLONE, LAYOUT,
-                               OpContract)
+                               P2P_DISPATCH, OpContract)
 from runtime.recompute import ROUTING_CONTRACTS
 
 SUB_STEPS = 4              # steps per node and pass: a token movement is gather · exchange · gather
@@ -87,7 +87,7 @@ class _Collector:
     def timeline(self) -> Timeline:
         m = SUB_STEPS * self.n
         layers = [{"layer": moe_layer(x), "forward": self.fwd(x), "backward": self.bwd(x)}
-                  for x in self.nodes if contracts.of(x.target) is DISPATCH]
+                  for x in self.nodes if contracts.of(x.target) in (DISPATCH, P2P_DISPATCH)]
         return Timeline(2 * m + 2, (0, m - 1), (m, 2 * m - 1), 2 * m, 2 * m + 1, layers)
 
 
@@ -123,16 +123,17 @@ def _outputs(col: _Collector, node: Node) -> None:
         return
     placement = ARENA if c.output_in_arena else ALLOCATOR
     if len(c.outputs) == 1:
-        _value(col, node, node, tm, c.roles[0], placement, c.output_key(node.name))
+        _value(col, node, node, tm, c.roles[0], placement, c.output_key(node.name), c.outputs[0] in c.keeps)
         return
     for name, item in output_nodes(node, c).items():
         i = c.output_index(name)
-        _value(col, node, item, tm[i], c.roles[i], placement, c.output_key(node.name, name))
+        _value(col, node, item, tm[i], c.roles[i], placement, c.output_key(node.name, name), name in c.keeps)
 
 
-def _value(col: _Collector, op: Node, val: Node, tm, role: str, placement: str, key: str) -> None:
-    """The buffer of one output `val` of `op` and, for a float one with a differentiable user,
-    its gradient twin."""
+def _value(col: _Collector, op: Node, val: Node, tm, role: str, placement: str, key: str,
+           kept_by_op: bool = False) -> None:
+    """The buffer of one output `val` of `op` (`kept_by_op`: the op's own backward reads it) and,
+    for a float one with a differentiable user, its gradient twin."""
     users = list(val.users)
     last = max([col.fwd(u) + LAST_SUB for u in users], default=col.fwd(op) + LAST_SUB)
     for u in users:
@@ -141,7 +142,7 @@ def _value(col: _Collector, op: Node, val: Node, tm, role: str, placement: str, 
         elif _saves(u, val):
             last = max(last, col.bwd(u) + LAST_SUB)
     kept = contracts.of(op.target) in ROUTING_CONTRACTS
-    if kept:
+    if kept or kept_by_op:
         # a recomputed region keeps the routing decisions from its forward and replays them in
         # its backward (runtime/recompute.py): live until the op's own backward step, whatever
         # train.recompute resolves to (the plan is made before `auto` picks a policy)

@@ -16,8 +16,11 @@ After (torch backend), per layer, every buffer sized by the capacity budget:
     routed   [T, H]          weighted_sum                  (router weights)
     + shared expert, reshape back
 
-Under backends.exchange 'p2p' at ep > 1 combine and weighted sum are one node,
-`routed [T, H] echo::combine_weighted` (runtime/p2p_moves.py: one row per token and rank).
+Under backends.exchange 'p2p' at ep > 1 (runtime/p2p_moves.py: one row per token and rank) the
+dispatch carries the router weights, and combine and the weighted sum are one node:
+
+    dispatch (rows [R, H], row_weight [R], routes)   echo::dispatch_weighted
+    routed   [T, H]                                  echo::combine_weighted (reads row_weight, routes)
 
 The shared expert is queued right after x_flat, on a side CUDA stream (runtime/streams.py,
 `backends.shared_expert_overlap`), and joined before the add, so its GEMMs overlap the
@@ -40,10 +43,11 @@ from echoc.errors import EchocError, MissingDependencyError
 from echoc.spec import Spec
 from passes.layer_builder import LayerBuilder
 from passes.manager import PassResult
-from runtime import grouped_gemm, ops, streams  # noqa: F401  (the op modules bind the contracts used below)
+from runtime import grouped_gemm, ops, p2p_moves, streams  # noqa: F401  (the op modules bind the contracts used below)
 from runtime.backends import base, deepep, symm_mem, sync  # noqa: F401
 from runtime.contracts import (ALL_GATHER_COUNTS, COMBINE, COUNT, DEEPEP_COMBINE, DEEPEP_DISPATCH, DEEPEP_LAYOUT,
-                               DISPATCH, EXPERT_FFN, LAYER_STATS, LAYOUT, P2P_COMBINE, SYMM_COMBINE, SYMM_DISPATCH,
+                               DISPATCH, EXPERT_FFN, LAYER_STATS, LAYOUT, P2P_COMBINE, P2P_DISPATCH, SYMM_COMBINE,
+                               SYMM_DISPATCH,
                                SYMM_LAYOUT, SYNC_COMBINE, SYNC_DISPATCH, SYNC_LAYOUT, WEIGHTED_SUM)
 from runtime.model import MoE
 
@@ -99,6 +103,8 @@ def _exchange(b: LayerBuilder, spec: Spec, x_flat: Node, slot: Node, counts: Nod
     common = dict(dest_slot=slot, counts=counts, counts_all=counts_all, slots_per_rank=L, group="ep")
     if be == "deepep":
         return _deepep_exchange(b, spec, x_flat, common)
+    if be == "torch" and spec.token_exchange == "p2p" and spec.parallel.ep > 1:
+        return _p2p_exchange(b, spec, x_flat, common)
     layout_c, dispatch_c, combine_c, lay, extra = {
         "sync": (SYNC_LAYOUT, SYNC_DISPATCH, SYNC_COMBINE, {}, {}),
         "symm_mem": (SYMM_LAYOUT, SYMM_DISPATCH, SYMM_COMBINE, dict(chunk_rows=C, major_align=A), dict(major_align=A)),
@@ -110,10 +116,28 @@ def _exchange(b: LayerBuilder, spec: Spec, x_flat: Node, slot: Node, counts: Nod
         return b.op("dispatch", dispatch_c, x=x_flat, top_k=K, group="ep", **moved, **extra)
 
     def finish(y: Node, weight: Node) -> Node:
-        if combine_c is COMBINE and spec.token_exchange == "p2p" and spec.parallel.ep > 1:
-            return b.op("routed", P2P_COMBINE, y=y, weights=weight, top_k=K, group="ep", **moved)
         copies = b.op("combine", combine_c, y=y, group="ep", **moved, **extra)
         return b.op("routed", WEIGHTED_SUM, copies=copies, weights=weight)
+    return maps, dispatch, finish
+
+
+def _p2p_exchange(b: LayerBuilder, spec: Spec, x_flat: Node, common: dict):
+    """`torch` under backends.exchange 'p2p': the router weights and the maps cross with the rows;
+    combine_weighted reads them (row_weight, routes) and returns one summed row per token and rank."""
+    K, ep = spec.model.moe.top_k, spec.parallel.ep
+    maps = dict(zip(LAYOUT.outputs, b.outputs(b.op("layout", LAYOUT, **common, chunk_rows=spec.peer_chunk_rows),
+                                              LAYOUT)))
+    moved = {n: maps[n] for n in P2P_DISPATCH.args if n in maps}
+    holder = {}
+
+    def dispatch(weight: Node) -> Node:
+        node = b.op("dispatch", P2P_DISPATCH, x=x_flat, weights=weight, top_k=K, group="ep", group_size=ep, **moved)
+        holder.update(zip(P2P_DISPATCH.outputs, b.outputs(node, P2P_DISPATCH)))
+        return holder["rows"]
+
+    def finish(y: Node, weight: Node) -> Node:
+        return b.op("routed", P2P_COMBINE, y=y, row_weight=holder["row_weight"], routes=holder["routes"],
+                    copy_slot=maps["copy_slot"], top_k=K, group="ep")
     return maps, dispatch, finish
 
 

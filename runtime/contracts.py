@@ -44,6 +44,7 @@ class OpContract:
     outputs: tuple[str, ...]          # named outputs (one name: the op returns one tensor)
     roles: tuple[str, ...] = ()       # per output, what it is in the memory plan ('' or empty: not planned)
     saves: tuple[str, ...] = ()       # arguments its backward keeps, in save_for_backward order
+    keeps: tuple[str, ...] = ()       # outputs its own backward keeps (saved after the arguments)
     grads: tuple[str, ...] = ()       # arguments that get a gradient
     parts: tuple[Part, ...] = ()      # internal buffers, keyed `buf.<part>`
     input_grad: str = ""              # the part its backward writes grads[0]'s gradient into
@@ -54,6 +55,7 @@ class OpContract:
     def __post_init__(self):
         assert not self.roles or len(self.roles) == len(self.outputs), self.name
         assert set(self.saves) <= set(self.args) and set(self.grads) <= set(self.args), self.name
+        assert set(self.keeps) <= set(self.outputs), self.name
         assert not self.input_grad or self.input_grad in self.part_names, self.name
 
     # --- reading and building graph nodes ------------------------------------------------------
@@ -91,19 +93,21 @@ class OpContract:
         return tuple(named[n] for n in self.saves)
 
     def setup_context(self, *keep: str) -> Callable:
-        """A setup_context for torch.library.register_autograd: saves the `saves` arguments and
-        sets `ctx.<name>` for each argument named in `keep` (`ctx.<name>_shape` for a tensor)."""
+        """A setup_context for torch.library.register_autograd: saves the `saves` arguments (and the
+        `keeps` outputs) and sets `ctx.<name>` for each argument named in `keep` (`ctx.<name>_shape`
+        for a tensor)."""
         def setup(ctx, inputs, output):
             named = self.named(inputs)
-            ctx.save_for_backward(*self.saved(inputs))
+            kept = tuple(output[self.output_index(n)] for n in self.keeps)
+            ctx.save_for_backward(*self.saved(inputs), *kept)
             for n in keep:
                 v = named[n]
                 setattr(ctx, f"{n}_shape" if hasattr(v, "shape") else n, getattr(v, "shape", v))
         return setup
 
     def saved_by_name(self, ctx) -> dict[str, Any]:
-        """In a backward: the saved arguments by name."""
-        return dict(zip(self.saves, ctx.saved_tensors))
+        """In a backward: the saved arguments (and kept outputs) by name."""
+        return dict(zip(self.saves + self.keeps, ctx.saved_tensors))
 
     def input_grads(self, **grads: Any) -> tuple:
         """A backward's return value: the given gradients by argument name, None elsewhere."""
@@ -182,12 +186,18 @@ COMBINE = OpContract("echo::combine", ("y",) + _MAPS + ("group", "buf"), ("copie
                      saves=_MAPS, grads=("y",), parts=_parts(*_MOVE, exchange=True) + _parts("bwd.grad_in"),
                      input_grad="bwd.grad_in", moves_tokens=True)
 
-# `torch` under backends.exchange 'p2p' at ep > 1 (runtime/p2p_moves.py): combine and the weighted
-# sum in one op. The router weights cross to the expert side, each rank returns one row per token
-# (Σ w · y over the copies it holds); the backward keeps the expert outputs for ⟨g, y⟩.
-P2P_COMBINE = OpContract("echo::combine_weighted", ("y", "weights") + _MAPS + ("top_k", "group", "buf"), ("out",),
-                         saves=("y", "weights") + _MAPS, grads=("y", "weights"), parts=_parts("bwd.grad_in"),
-                         input_grad="bwd.grad_in", moves_tokens=True)
+# `torch` under backends.exchange 'p2p' at ep > 1 (runtime/p2p_moves.py): four exchanges a layer.
+# Dispatch carries each copy's router weight and place to the expert side with the rows and
+# returns them per sorted row (`row_weight`) and as the movement's index maps (`routes`), which
+# its own backward keeps; combine and the weighted sum are one op, returning one row per token
+# and rank (Σ w · y over the copies it holds); its backward keeps the expert outputs for ⟨g, y⟩.
+P2P_DISPATCH = OpContract("echo::dispatch_weighted", ("x", "weights") + _MAPS + ("top_k", "group", "group_size", "buf"),
+                          ("rows", "row_weight", "routes"), ("activation", "activation", "index"),
+                          saves=("copy_slot", "recv_sorted"), keeps=("routes",), grads=("x", "weights"),
+                          moves_tokens=True)
+P2P_COMBINE = OpContract("echo::combine_weighted", ("y", "row_weight", "routes", "copy_slot", "top_k", "group", "buf"),
+                         ("out",), saves=("y", "row_weight", "routes"), grads=("y", "row_weight"),
+                         parts=_parts("bwd.grad_in"), input_grad="bwd.grad_in", moves_tokens=True)
 
 # --- ECHO: plan, slots, clones -----------------------------------------------------------------
 PLAN = OpContract("echo::plan", ("counts_all", "experts_per_rank", "spares", "domain_size", "offer",
@@ -235,7 +245,7 @@ DEEPEP_DISPATCH = OpContract("echo::deepep_dispatch", ("x", "weights", "routing_
 DEEPEP_COMBINE = OpContract("echo::deepep_combine", ("y", "handle", "tokens", "group", "buf"), ("out",), ("activation",),
                             grads=("y",), parts=_HYBRID_EP, moves_tokens=True)
 TOKEN_LAYOUTS = (LAYOUT, SYMM_LAYOUT, DEEPEP_LAYOUT)          # the sync-free layouts ECHO rewires
-TOKEN_DISPATCHES = (DISPATCH, SYMM_DISPATCH, DEEPEP_DISPATCH)
+TOKEN_DISPATCHES = (DISPATCH, P2P_DISPATCH, SYMM_DISPATCH, DEEPEP_DISPATCH)
 
 # --- graph-level autograd functions ------------------------------------------------------------
 EXPERT_FFN = OpContract("expert_ffn", ("rows", "w13", "w2", "offs", "impl", "buf"), ("y",), ("activation",),

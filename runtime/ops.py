@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from runtime import arena, comm, contracts, p2p, p2p_moves, rows
+from runtime import arena, comm, contracts, p2p, p2p_moves, rows  # noqa: F401  (p2p_moves binds its ops)
 from runtime.contracts import ALL_GATHER_COUNTS, COMBINE, COUNT, DISPATCH, LAYER_STATS, LAYOUT, WEIGHTED_SUM
 from runtime.layout import equal_chunk_rows, kept_counts, recv_layout, send_layout, slot_counts, token_of
 
@@ -188,18 +188,7 @@ def dispatch(x: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Tensor
     """x [T, H] → expert-sorted rows [R, H] on the ranks that own the slots (padding rows
     undefined: no grouped GEMM reads past offs[-1])."""
     keys, tokens = move_keys(DISPATCH, buf), token_of(send_copy, top_k)
-    if p2p.enabled(group):
-        return _dispatch_unique(x, tokens, sorted_src, group, keys)
     return to_experts(x, tokens, sorted_src, _equal(group), keys, local=_local(group))
-
-
-def _dispatch_unique(x: Tensor, tokens: Tensor, sorted_src: Tensor, group: str, keys: MoveKeys | None) -> Tensor:
-    """Dispatch under backends.exchange 'p2p': each token pushed once to each rank that needs it
-    (runtime/p2p.push_unique), then every sorted row gathered from its token's row: the same rows
-    as the padded exchange, top-k's several copies for one rank crossing the link once."""
-    recv, where = p2p.push_unique(x.contiguous(), tokens, group)
-    index = p2p_moves.sorted_index(sorted_src, where, tokens.shape[0] // comm.group_size(group))
-    return rows.gather(recv, index, out=_moved(keys and keys.out, sorted_src.shape[0], x), zero_missing=False)
 
 
 @dispatch.register_fake
@@ -212,9 +201,6 @@ def _dispatch_backward(ctx, grad):
     each token's K copies summed as they are gathered: grad x [T, H]."""
     maps = DISPATCH.saved_by_name(ctx)
     grad, copy_slot = grad.contiguous(), maps["copy_slot"]
-    if p2p.enabled(ctx.group):   # each rank sums the copies it holds: one row per (token, rank) back
-        return DISPATCH.input_grads(x=p2p_moves.sum_return(grad, maps["send_copy"], copy_slot, maps["sorted_src"],
-                                                           ctx.top_k, ctx.group))
     if _local(ctx.group):
         src, index = grad, rows.compose(copy_slot, maps["recv_sorted"])
     else:

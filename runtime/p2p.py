@@ -23,7 +23,8 @@ whether this process set the exchange on for a group (the Trainer sets it from
 `backends.exchange`, `setup`). CPU and gloo always use the equal-split exchange. `exchange`
 pushes several arrays between one pair of barriers; a [n, K] index pushes sums of rows. The
 movements built on it (runtime/p2p_moves.py) send one row per token and destination rank:
-dispatch pushes each token once with a map of where each copy's token landed (`push_unique`).
+dispatch pushes each token once (`unique_tokens` names the rows), with a map of where each
+copy's token landed and each copy's router weight beside it.
 """
 from __future__ import annotations
 
@@ -204,16 +205,3 @@ def unique_tokens(tokens: Tensor, ep: int, T: int) -> tuple[Tensor, Tensor, Tens
     upos = torch.cumsum(lead, 1) - lead.long()
     where = torch.where(tok >= 0, upos.gather(1, first.clamp(max=C - 1)), -1)
     return torch.where(lead, tok, -1).view(n), upos.view(n), where.view(n)
-
-
-def push_unique(src: Tensor, tokens: Tensor, group: str, extra: tuple[Push, ...] = ()) -> list[Tensor]:
-    """Dispatch's push: a token with several copies bound for one rank goes there once. src [T, H],
-    tokens [ep·C] (-1 padding) → [rows [ep·C, H]: chunk s holds the distinct tokens rank s sent me,
-    first-come order; where [ep·C]: for row j of chunk s in copy order, its token's row in chunk s,
-    -1 padding] + the pools of the `extra` arrays pushed in the same exchange. Valid until the next push."""
-    n = tokens.shape[0]
-    assert tokens.dtype == torch.int64 and tokens.is_contiguous()
-    lead, upos, where = unique_tokens(tokens, comm.group_size(group), src.shape[0])
-    rows, got, *more = exchange([Push(src, lead, upos), Push(where.view(n, 1), real_rows(where))] + list(extra),
-                                group, n)
-    return [rows, got.view(n)] + more

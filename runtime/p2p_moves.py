@@ -1,18 +1,19 @@
 """The `torch` dispatch's token rows under backends.exchange 'p2p' (runtime/p2p.py), each token
-crossing to a rank once, whatever its number of copies there.
+crossing to a rank once, whatever its number of copies there: four exchanges a layer.
 
 Top-k sends a token to several experts of one rank (top-8 of 64 experts at ep 2: about four).
 The padded exchange moves one row per copy; here every movement moves one row per (token, rank):
 
-    dispatch      x [T, H] → one row per token and rank (push_unique), the expert side gathers
-                  each sorted row from its token's row
-    dispatch bwd  the expert side sums the gradient of a token's copies it holds (sum_return),
-                  the token side sums the ≤ ep rows it gets back
-    combine       (combine_weighted) the router weights cross to the expert side with the map;
-                  each rank returns Σ w · y over the copies of a token it holds, the token side
-                  sums those rows: the combine and the weighted sum in one op
+    dispatch      (dispatch_weighted) x [T, H] → one row per token and rank; beside the rows, each
+                  copy's router weight and place cross too. The expert side gathers each sorted
+                  row from its token's row and returns the weight of each sorted row (`row_weight`)
+                  and the layer's index maps (`routes`), which the three movements below reuse
+    combine       (combine_weighted) each rank returns Σ w · y over the copies of a token it holds,
+                  the token side sums those ≤ ep rows: the combine and the weighted sum in one op
     combine bwd   the output's gradient crosses once per (token, rank); the expert side forms
-                  w · g per copy and ⟨g, y⟩ for the router weight, which goes back per copy
+                  w · g per copy and ⟨g, y⟩, the gradient of `row_weight`
+    dispatch bwd  the expert side sums the gradient of a token's copies it holds and returns it
+                  with the router weights' gradient per copy; the token side sums the ≤ ep rows
 
 Sums accumulate in fp32; a rank's partial sum is rounded to the rows' dtype before it crosses,
 so results are the padded exchange's up to that rounding (within bf16 tolerance, not bitwise).
@@ -25,26 +26,44 @@ as where·K + k, it lets the expert side file each sorted row under (place, k): 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from runtime import arena, comm, contracts, p2p, rows
-from runtime.contracts import P2P_COMBINE
+from runtime.contracts import P2P_COMBINE, P2P_DISPATCH
 from runtime.layout import token_of
+
+
+class Routes(NamedTuple):
+    """One layer's maps under p2p: dispatch_weighted's `routes` output cut into its parts (n = ep·C)."""
+    lead: Tensor          # [n] token side: the token whose first row in its chunk this send row is, else -1
+    upos: Tensor          # [n] that row's place among its chunk's distinct tokens
+    token_index: Tensor   # [T, K] token side: the pool rows to sum per token (one per rank reached), -1 elsewhere
+    row_index: Tensor     # [n] expert side: each sorted row's pool row (its token's), -1 at padding
+    table: Tensor         # [ep·U, K] expert side: sorted rows filed by (chunk, place, copy), -1 where none
+
+
+def _sizes(n: int, T: int, K: int, ep: int) -> tuple[int, ...]:
+    return n, n, T * K, n, ep * min(T, n // ep) * K
+
+
+def routes_numel(n: int, T: int, K: int, ep: int) -> int:
+    """Elements of the `routes` output for n = ep·C send rows, T tokens, top-k K."""
+    return sum(_sizes(n, T, K, ep))
+
+
+def split_routes(routes: Tensor, n: int, T: int, K: int, ep: int) -> Routes:
+    lead, upos, token_index, row_index, table = routes.split(_sizes(n, T, K, ep))
+    return Routes(lead, upos, token_index.view(T, K), row_index, table.view(-1, K))
 
 
 def sorted_index(sorted_src: Tensor, got: Tensor, C: int) -> Tensor:
     """Expert side: each sorted row's pool row, chunk s·C + its token's place (`got`: the pushed
-    `where` of each receive row); -1 for padding."""
+    place of each receive row); -1 for padding."""
     s = sorted_src.clamp(min=0)
     return torch.where(sorted_src >= 0, s - s % C + got[s], -1)
-
-
-def _places(send_copy: Tensor, top_k: int, T: int, group: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Token side: (tokens, lead, upos, packed = where·K + k per send row, -1 padding)."""
-    tokens = token_of(send_copy, top_k)
-    lead, upos, where = p2p.unique_tokens(tokens, comm.group_size(group), T)
-    return tokens, lead, upos, torch.where(where >= 0, where * top_k + send_copy % top_k, -1)
 
 
 def _at_sorted(pushed: Tensor, sorted_src: Tensor) -> Tensor:
@@ -70,69 +89,105 @@ def _token_index(copy_slot: Tensor, lead: Tensor, upos: Tensor, C: int, T: int) 
     return torch.where(first, j - j % C + upos[j], -1).view(T, -1)
 
 
-def sum_return(src: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Tensor, top_k: int, group: str,
-               weights: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-    """Expert-sorted rows src [R, H] → per token the sum over its copies [T, H] (Σ w · src with the
-    router weights [T, K], rounded to src's dtype as weighted_sum does). Two exchanges: the maps
-    (and weights) to the expert side, then one summed row per (token, rank) back."""
-    ep, n, K = comm.group_size(group), send_copy.shape[0], top_k
-    T, C = copy_slot.shape[0] // K, n // ep
-    U = min(T, C)     # a chunk's distinct tokens; T is the token budget, the same static size on every rank
-    _, lead, upos, packed = _places(send_copy, K, T, group)
-    pushes = [p2p.Push(packed.view(n, 1), p2p.real_rows(packed))]
-    if weights is not None:
-        pushes.append(p2p.Push(weights.to(src.dtype).reshape(-1, 1), send_copy))
-    got, *w = p2p.exchange(pushes, group, n)
-    table = _table(sorted_src, got.view(n), C, U, K, ep)
-    wt = None
-    if weights is not None:   # the weight of each table entry (a sorted row): its copy's pushed weight
-        wt = torch.where(table >= 0, _at_sorted(w[0], sorted_src)[table.clamp(min=0)], 0)
-    back = p2p.exchange([p2p.Push(src.contiguous(), table, weights=wt, sum_rows=U)], group, n)[0]
-    return rows.gather_sum(back, _token_index(copy_slot, lead, upos, C, T), out=out)
+def _requires_p2p(op: str, group: str) -> None:
+    if not p2p.enabled(group):
+        raise RuntimeError(f"echo::{op}: the graph was compiled for backends.exchange 'p2p' at ep > 1, "
+                           f"but this process has no p2p exchange on group {group!r} (runtime/p2p.setup)")
+
+
+# --- dispatch, carrying the router weights and the maps ----------------------------------------
+
+@torch.library.custom_op("echo::dispatch_weighted", mutates_args=())
+def dispatch_weighted(x: Tensor, weights: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Tensor,
+                      recv_sorted: Tensor, top_k: int, group: str, group_size: int,
+                      buf: str) -> tuple[Tensor, Tensor, Tensor]:
+    """x [T, H], router weights [T, K] → (rows [R, H] expert-sorted (padding undefined), row_weight
+    [R] each sorted row's weight in x's dtype (0 at padding), routes: the layer's maps, Routes)."""
+    _requires_p2p("dispatch_weighted", group)
+    assert comm.group_size(group) == group_size, (group, comm.group_size(group), group_size)
+    n, K, T = send_copy.shape[0], top_k, x.shape[0]
+    C = n // group_size
+    lead, upos, where = p2p.unique_tokens(token_of(send_copy, K), group_size, T)
+    packed = torch.where(where >= 0, where * K + send_copy % K, -1)
+    recv, got, w_recv = p2p.exchange([p2p.Push(x.contiguous(), lead, upos),
+                                      p2p.Push(packed.view(n, 1), p2p.real_rows(packed)),
+                                      p2p.Push(weights.to(x.dtype).reshape(-1, 1), send_copy)], group, n)
+    got = got.view(n)
+    rows_key, weight_key, routes_key = P2P_DISPATCH.output_keys(buf)
+    row_index = sorted_index(sorted_src, got // K, C)
+    out = rows.gather(recv, row_index, out=arena.out_like(rows_key, (n, x.shape[1]), x), zero_missing=False)
+    row_weight = arena.place(weight_key, _at_sorted(w_recv, sorted_src))
+    routes = arena.out(routes_key, (routes_numel(n, T, K, group_size),), torch.int64, x.device)
+    torch.cat([lead, upos, _token_index(copy_slot, lead, upos, C, T).view(-1), row_index,
+               _table(sorted_src, got, C, min(T, C), K, group_size).view(-1)], out=routes)
+    return out, row_weight, routes
+
+
+@dispatch_weighted.register_fake
+def _(x, weights, send_copy, copy_slot, sorted_src, recv_sorted, top_k, group, group_size, buf):
+    n = sorted_src.shape[0]
+    return (x.new_empty((n, x.shape[1])), x.new_empty(n),
+            x.new_empty(routes_numel(send_copy.shape[0], x.shape[0], top_k, group_size), dtype=torch.int64))
+
+
+def _dispatch_weighted_backward(ctx, grad_rows, grad_row_weight, _grad_routes):
+    """Each rank sums the gradient of a token's copies it holds (one row per (token, rank)) and
+    returns the router weights' gradient per copy, in one exchange: grad x [T, H], grad weights [T, K]."""
+    saved = P2P_DISPATCH.saved_by_name(ctx)
+    (T, _), K, n = ctx.x_shape, ctx.top_k, saved["recv_sorted"].shape[0]
+    r = split_routes(saved["routes"], n, T, K, ctx.group_size)
+    pushes = [p2p.Push(grad_rows.contiguous(), r.table, sum_rows=r.table.shape[0] // ctx.group_size)]
+    if grad_row_weight is not None:
+        pushes.append(p2p.Push(grad_row_weight.contiguous().view(-1, 1), saved["recv_sorted"]))
+    back, *w_back = p2p.exchange(pushes, ctx.group, n)
+    grad_w = None
+    if w_back:
+        grad_w = rows.gather(w_back[0], saved["copy_slot"]).view(T, K).to(ctx.weights_dtype)
+    return P2P_DISPATCH.input_grads(x=rows.gather_sum(back, r.token_index), weights=grad_w)
+
+
+def _dispatch_weighted_setup(ctx, inputs, output):
+    P2P_DISPATCH.setup_context("x", "top_k", "group", "group_size")(ctx, inputs, output)
+    ctx.weights_dtype = P2P_DISPATCH.named(inputs)["weights"].dtype
+
+
+dispatch_weighted.register_autograd(_dispatch_weighted_backward, setup_context=_dispatch_weighted_setup)
 
 
 # --- combine and weighted sum in one op --------------------------------------------------------
 
-def _requires_p2p(group: str) -> None:
-    if not p2p.enabled(group):
-        raise RuntimeError(f"echo::combine_weighted: the graph was compiled for backends.exchange 'p2p' at ep > 1, "
-                           f"but this process has no p2p exchange on group {group!r} (runtime/p2p.setup)")
-
-
 @torch.library.custom_op("echo::combine_weighted", mutates_args=())
-def combine_weighted(y: Tensor, weights: Tensor, send_copy: Tensor, copy_slot: Tensor, sorted_src: Tensor,
-                     recv_sorted: Tensor, top_k: int, group: str, buf: str) -> Tensor:
-    """Expert outputs y [R, H], router weights [T, K] → Σ_k w[t, k] · y(copy t·K + k) [T, H] at the
-    token's rank (dropped copies add nothing)."""
-    _requires_p2p(group)
-    return sum_return(y, send_copy, copy_slot, sorted_src, top_k, group, weights=weights)
+def combine_weighted(y: Tensor, row_weight: Tensor, routes: Tensor, copy_slot: Tensor, top_k: int, group: str,
+                     buf: str) -> Tensor:
+    """Expert outputs y [R, H], each sorted row's router weight [R] (dispatch_weighted's) →
+    Σ_k w[t, k] · y(copy t·K + k) [T, H] at the token's rank (dropped copies add nothing)."""
+    _requires_p2p("combine_weighted", group)
+    ep, n = comm.group_size(group), y.shape[0]
+    r = split_routes(routes, n, copy_slot.shape[0] // top_k, top_k, ep)
+    wt = torch.where(r.table >= 0, row_weight[r.table.clamp(min=0)], 0)
+    back = p2p.exchange([p2p.Push(y.contiguous(), r.table, weights=wt, sum_rows=r.table.shape[0] // ep)], group, n)
+    return rows.gather_sum(back[0], r.token_index)
 
 
 @combine_weighted.register_fake
-def _(y, weights, send_copy, copy_slot, sorted_src, recv_sorted, top_k, group, buf):
-    return y.new_empty((weights.shape[0], y.shape[1]))
+def _(y, row_weight, routes, copy_slot, top_k, group, buf):
+    return y.new_empty((copy_slot.shape[0] // top_k, y.shape[1]))
 
 
 def _combine_weighted_backward(ctx, grad):
-    """The output's gradient g to each rank once per token (with the weights); there
-    grad y = w · g and grad w = ⟨g, y⟩ per copy (rows.scaled_gather_dot), grad w back per copy."""
+    """The output's gradient g to each rank once per token; there grad y = w · g and grad w = ⟨g, y⟩
+    per sorted row (rows.scaled_gather_dot); grad w goes back in dispatch_weighted's backward."""
     saved = P2P_COMBINE.saved_by_name(ctx)
-    y, weights, send_copy = saved["y"], saved["weights"], saved["send_copy"]
-    n, group = send_copy.shape[0], ctx.group
-    C, K = n // comm.group_size(group), ctx.top_k
-    tokens = token_of(send_copy, K)
-    w_push = p2p.Push(weights.to(y.dtype).reshape(-1, 1), send_copy)
-    g_rows, got, w_rows = p2p.push_unique(grad.contiguous(), tokens, group, extra=(w_push,))
-    src = saved["sorted_src"]
-    w = _at_sorted(w_rows, src)
+    y, row_weight = saved["y"], saved["row_weight"]
+    n, K = y.shape[0], ctx.top_k
+    r = split_routes(saved["routes"], n, ctx.copy_slot_shape[0] // K, K, comm.group_size(ctx.group))
+    g_rows = p2p.exchange([p2p.Push(grad.contiguous(), r.lead, r.upos)], ctx.group, n)[0]
     key = None if ctx.buf is None else P2P_COMBINE.key(ctx.buf, P2P_COMBINE.input_grad)
-    grad_y = arena.out_like(key, y.shape, y)
-    grad_y, grad_w = rows.scaled_gather_dot(g_rows, sorted_index(src, got, C), y, w, grad_y)
-    back = p2p.push(grad_w.view(-1, 1), saved["recv_sorted"], group)
-    grad_weights = rows.gather(back, saved["copy_slot"]).view(weights.shape).to(weights.dtype)
-    return P2P_COMBINE.input_grads(y=grad_y, weights=grad_weights)
+    grad_y, grad_w = rows.scaled_gather_dot(g_rows, r.row_index, y, row_weight, arena.out_like(key, y.shape, y))
+    return P2P_COMBINE.input_grads(y=grad_y, row_weight=grad_w)
 
 
 combine_weighted.register_autograd(_combine_weighted_backward,
-                                   setup_context=P2P_COMBINE.setup_context("top_k", "group", "buf"))
+                                   setup_context=P2P_COMBINE.setup_context("copy_slot", "top_k", "group", "buf"))
+contracts.bind(P2P_DISPATCH, torch.ops.echo.dispatch_weighted.default)
 contracts.bind(P2P_COMBINE, torch.ops.echo.combine_weighted.default)

@@ -17,7 +17,8 @@ import torch
 from backend_worker import oracle_result
 from echoc.spec import Spec
 from echoc.spec_io import spec_from_dict
-from runtime import comm, p2p
+from runtime import comm, contracts, p2p
+from runtime.contracts import P2P_DISPATCH
 from runtime.trainer import init_distributed
 
 PUSHES = {"n": 0, "real_rows": 0, "rows": 0}
@@ -52,10 +53,14 @@ def _send_buffer(q, n, C, ep):
 
 def exchange_standin(pushes, group, rows, **tiles):
     """What p2p.exchange returns, over gloo: one shared pool per row shape and dtype, refilled with
-    stale values at every exchange, chunk s holding what rank s pushed."""
+    stale values at every exchange, chunk s holding what rank s pushed. Counts what it moves: rows
+    pushed once per (token, rank) (`unique_rows`: a push with places), and copies (`copy_rows`:
+    the int64 map pushed beside them, one entry per copy)."""
     ep = comm.group_size(group)
     keys = [(tuple(q.src.shape[1:]), q.src.dtype) for q in pushes]
     assert len(set(keys)) == len(keys), "two arrays of one exchange share a pool"
+    PUSHES["exchanges"] = PUSHES.get("exchanges", 0) + 1
+    dispatch = any(q.src.dtype == torch.int64 for q in pushes)     # the one exchange that pushes the map
     out = []
     for q, key in zip(pushes, keys):
         send, real = _send_buffer(q, rows, rows // ep, ep)
@@ -64,22 +69,15 @@ def exchange_standin(pushes, group, rows, **tiles):
         PUSHES["rows"] += rows
         if q.index.dim() == 2:
             PUSHES["summed_rows"] = PUSHES.get("summed_rows", 0) + real
+        if q.pos is not None and dispatch:
+            PUSHES["unique_rows"] = PUSHES.get("unique_rows", 0) + real
+        if q.src.dtype == torch.int64:
+            PUSHES["copy_rows"] = PUSHES.get("copy_rows", 0) + real
         recv = comm.all_to_all_equal(send, group)
         if key not in POOLS or POOLS[key].shape[0] < rows:
             POOLS[key] = torch.empty_like(recv)
         out.append(POOLS[key].fill_(_stale(q.src.dtype))[:rows].copy_(recv))
     return out
-
-
-def push_unique_standin(src, tokens, group, extra=()):
-    """p2p.push_unique as it is, counting what it sends (its exchange is the stand-in's)."""
-    lead = p2p.unique_tokens(tokens, comm.group_size(group), src.shape[0])[0]
-    PUSHES["unique_rows"] = PUSHES.get("unique_rows", 0) + int((lead >= 0).sum())
-    PUSHES["copy_rows"] = PUSHES.get("copy_rows", 0) + int((tokens >= 0).sum())
-    return REAL_PUSH_UNIQUE(src, tokens, group, extra)
-
-
-REAL_PUSH_UNIQUE = p2p.push_unique
 
 
 def main():
@@ -89,13 +87,14 @@ def main():
     # the arena, the symmetric pool instead), and let the Trainer turn the stand-in on
     Spec.token_exchange = property(lambda self: "p2p")
     p2p.exchange = exchange_standin
-    p2p.push_unique = push_unique_standin
     p2p.setup = lambda exchange, group="ep", timeout_s=None: (p2p.enable(group, timeout_s) if exchange == "p2p"
                                                              else p2p.disable(group))
     device = init_distributed(spec)
-    _, result = oracle_result(spec, device, cfg)
+    build, result = oracle_result(spec, device, cfg)
     if result is not None:
-        json.dump(dict(result, pushes=PUSHES), open(cfg["out"], "w"))
+        graphs = [m.graph for m in build.program.gm.modules() if isinstance(m, torch.fx.GraphModule)]
+        layers = sum(contracts.of(n.target) is P2P_DISPATCH for g in graphs for n in g.nodes)
+        json.dump(dict(result, pushes=PUSHES, p2p_layers=layers), open(cfg["out"], "w"))
     comm.shutdown()
 
 

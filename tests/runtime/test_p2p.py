@@ -75,20 +75,26 @@ def test_memory_plan_has_a_symmetric_pool_instead_of_send_and_receive_buffers(ma
     assert p2p_plan["totals"]["arena_bytes"] < nccl_plan["totals"]["arena_bytes"]
 
 
-def test_under_p2p_combine_and_weighted_sum_are_one_op(make_spec):
+def test_under_p2p_the_dispatch_carries_the_weights_and_combine_sums(make_spec):
     """One row per token and rank back from the experts needs the router weights there: the pass
-    emits echo::combine_weighted instead of echo::combine + weighted_sum (ep > 1 only)."""
+    emits echo::dispatch_weighted + echo::combine_weighted instead of echo::dispatch + echo::combine
+    + weighted_sum (ep > 1 only)."""
     from runtime import contracts
-    from runtime.contracts import COMBINE, P2P_COMBINE, WEIGHTED_SUM
+    from runtime.contracts import COMBINE, DISPATCH, P2P_COMBINE, P2P_DISPATCH, WEIGHTED_SUM
     used = lambda build: {contracts.of(n.target) for n in build.program.gm.graph.nodes} - {None}
     p2p_ops, nccl_ops = used(_plan(make_spec, "p2p")[2]), used(_plan(make_spec, "nccl")[2])
-    assert P2P_COMBINE in p2p_ops and not {COMBINE, WEIGHTED_SUM} & p2p_ops
-    assert {COMBINE, WEIGHTED_SUM} <= nccl_ops and P2P_COMBINE not in nccl_ops
+    assert {P2P_DISPATCH, P2P_COMBINE} <= p2p_ops and not {DISPATCH, COMBINE, WEIGHTED_SUM} & p2p_ops
+    assert {DISPATCH, COMBINE, WEIGHTED_SUM} <= nccl_ops and not {P2P_DISPATCH, P2P_COMBINE} & nccl_ops
 
 
-def _run_oracle(tmp_path, spec, **cfg):
-    res = run_json_worker(WORKER, {"spec": spec, "steps": 3, **cfg}, tmp_path)
+def _run_oracle(tmp_path, spec, exchanges_per_layer=4, **cfg):
+    """The oracle through the stand-in; each MoE layer exchanges `exchanges_per_layer` times a step
+    (dispatch, combine and their backwards; a recomputed layer dispatches and combines again)."""
+    steps = 3
+    res = run_json_worker(WORKER, {"spec": spec, "steps": steps, **cfg}, tmp_path)
     pushes = res["pushes"]
+    assert res["p2p_layers"] > 0, "no echo::dispatch_weighted in the graph"
+    assert pushes["exchanges"] == exchanges_per_layer * res["p2p_layers"] * steps, (pushes, res["p2p_layers"])
     assert pushes["n"] > 0, "the exchange never pushed: the test proves nothing"
     assert 0 < pushes["real_rows"] < pushes["rows"], "no padding row: NaN was never put anywhere"
     assert 0 < pushes["unique_rows"] < pushes["copy_rows"], "dispatch sent no token fewer times than its copies"
@@ -115,7 +121,7 @@ def test_moe_recompute_exchanges_again_in_backward_under_p2p(tmp_path, oracle_sp
     """train.recompute 'moe': each MoE block, combine_weighted included, replayed in backward."""
     spec = oracle_spec(ep=2, capacity=2.0)
     spec["train"]["recompute"] = "moe"
-    _run_oracle(tmp_path, spec)
+    _run_oracle(tmp_path, spec, exchanges_per_layer=6)
 
 
 @pytest.mark.slow
@@ -136,7 +142,7 @@ def test_cloning_full_recompute_and_zero3_under_p2p(tmp_path, oracle_spec):
     spec = oracle_spec(ep=2, dp=2, capacity=2.0,
                        echo={"enabled": True, "spare_slots_per_rank": 1, "clone_domain": "cluster"})
     spec["train"]["recompute"], spec["parallel"]["zero"] = "full", 3
-    res = _run_oracle(tmp_path, spec)
+    res = _run_oracle(tmp_path, spec, exchanges_per_layer=6)
     assert sum(s["clones"] for s in res["steps"]) > 0, "no clone was planned: the test proves nothing"
 
 
