@@ -93,13 +93,15 @@ def _clone_backward(ctx, grad):
     El, offer = ctx.w_shape[0], ctx.offer
     dom, rank = comm.group_size(ctx.group), comm.group_rank(ctx.ep_group)
     mine, rows = _pick_index(counts_all, spare_expert, El, offer, rank, dom)
-    tail = tuple(grad.shape[1:])
+    tail, grad = tuple(grad.shape[1:]), grad.contiguous()
     g_spare = grad[El:].reshape(rows.numel(), -1)
     rs_in = arena.out_like(CLONE_WEIGHTS.key(ctx.buf, "bwd.rs_in"), (dom * offer + 1,) + tail, grad).zero_()
     rs_in.view(dom * offer + 1, -1).index_add_(0, torch.where(rows >= 0, rows, dom * offer), g_spare)
     rs_out = arena.out_like(CLONE_WEIGHTS.key(ctx.buf, "bwd.rs_out"), (offer,) + tail, grad)
     back = comm.reduce_scatter_rows(rs_in[:-1], ctx.group, out=rs_out)
-    g_home = grad[:El].contiguous().clone()
+    # the FFN's weight gradient [El + S, ...] reaches this backward alone (the clone is the FFN's one
+    # weight input): its home rows take the reduced clone gradients in place, no copy of them
+    g_home = grad[:El]
     g_home.view(El, -1).index_add_(0, mine, back.view(offer, -1))
     return CLONE_WEIGHTS.input_grads(w=g_home)
 
