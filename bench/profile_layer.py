@@ -304,6 +304,7 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--floor", action="store_true", help="also profile the GEMM floor (and on zeros)")
     ap.add_argument("--peer", action="store_true", help="also profile torchtitan's layer (same weights)")
+    ap.add_argument("--echo", action="store_true", help="the cloned layer (ECHO, 2 spare slots a rank; EP >= 2)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile_layer.json"))
     ap.add_argument("--print", dest="print_json", metavar="JSON", help="print the tables of a saved run and exit")
     args = ap.parse_args()
@@ -326,7 +327,7 @@ def main():
     world = dist.get_world_size()
     comm.init_groups(world, 1)
 
-    spec, _, model, gm = ml.build(args, "torch", device)
+    spec, _, model, gm = ml.build(args, "torch", device, echo=args.echo)
     x, gy = ml.inputs(args, device, 0)
     steps, eager_wall = profile_eager(gm, model, x, gy, device, args.steps)
     eager_sum = sum(k.us for s in steps for k in s) / 1e3 / len(steps)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from runtime import arena, comm, contracts
+from runtime import arena, comm, contracts, rows as row_ops
 from runtime.contracts import ASSIGN_SLOTS, CLONE_WEIGHTS, PLAN
 from runtime.layout import gather_rows
 from runtime.planner import assign_slots as _assign_slots
@@ -62,6 +62,45 @@ def _pick_index(counts_all: Tensor, spare_expert: Tensor, experts_per_rank: int,
     return offered[rank], torch.where(valid, row, -1)
 
 
+def _chunks(index: Tensor, q: int) -> Tensor:
+    """Expert indices [n] (-1: none) → the indices of their q chunk rows each, [n·q] (-1: none)."""
+    idx = index.unsqueeze(1) * q + torch.arange(q, device=index.device)
+    return torch.where(index.unsqueeze(1) >= 0, idx, -1).reshape(-1)
+
+
+def _chunk_width(t: Tensor) -> int:
+    """Whole experts move as rows of this many elements (0: as one row each, the torch path): the
+    largest power of two ≤ 65536 dividing an expert, so the row kernels' grid stays small."""
+    d = t[0].numel() if t.shape[0] else 0
+    w = d & -d if d else 0
+    return min(w, 65536) if row_ops.fused(t) and w >= 1024 else 0
+
+
+def _experts(src: Tensor, index: Tensor, out: Tensor) -> Tensor:
+    """src [M, ...] experts, index [n] (-1: zeros) → out [n, ...] = src[index] (Triton on CUDA)."""
+    w = _chunk_width(src)
+    if not w:
+        gather_rows(src.reshape(src.shape[0], -1), index, out=out.view(out.shape[0], -1))
+        return out
+    q = src[0].numel() // w
+    row_ops.gather(src.view(-1, w), _chunks(index, q), out=out.view(-1, w))
+    return out
+
+
+def _experts_summed(src: Tensor, slot_row: Tensor, n: int, out: Tensor) -> Tensor:
+    """src [S, ...] spare-slot gradients, slot_row [S] (row of each slot, -1: none) → out [n, ...]:
+    row j the sum of the slots filed under j, zeros where none (fp32 sums, rounded once)."""
+    S = src.shape[0]
+    table = torch.where(slot_row.unsqueeze(0) == torch.arange(n, device=src.device).unsqueeze(1),
+                        torch.arange(S, device=src.device), -1)                            # [n, S]
+    w = _chunk_width(src) or src[0].numel()
+    q = src[0].numel() // w
+    index = torch.where(table.unsqueeze(1) >= 0, table.unsqueeze(1) * q + torch.arange(q, device=src.device)
+                        .unsqueeze(1), -1).reshape(n * q, S)                               # [n·q, S]
+    row_ops.gather_sum(src.reshape(-1, w), index, out=out.view(-1, w))
+    return out
+
+
 @torch.library.custom_op("echo::clone_weights", mutates_args=())
 def clone_weights(w: Tensor, counts_all: Tensor, spare_expert: Tensor, offer: int, group: str,
                   ep_group: str, buf: str) -> Tensor:
@@ -70,12 +109,12 @@ def clone_weights(w: Tensor, counts_all: Tensor, spare_expert: Tensor, offer: in
     El, S, tail = w.shape[0], spare_expert.shape[1], tuple(w.shape[1:])
     dom, rank = comm.group_size(group), comm.group_rank(ep_group)
     mine, rows = _pick_index(counts_all, spare_expert, El, offer, rank, dom)
-    send = torch.index_select(w, 0, mine, out=arena.out_like(CLONE_WEIGHTS.key(buf, "send"), (offer,) + tail, w))
+    send = _experts(w, mine, arena.out_like(CLONE_WEIGHTS.key(buf, "send"), (offer,) + tail, w))
     gathered = arena.out_like(CLONE_WEIGHTS.key(buf, "gather"), (dom * offer,) + tail, w)
     comm.all_gather_rows(send, group, out=gathered.view((dom, offer) + tail))
     out = arena.out_like(CLONE_WEIGHTS.output_key(buf), (El + S,) + tail, w)
     out[:El].copy_(w)
-    gather_rows(gathered.view(dom * offer, -1), rows, out=out[El:].view(S, -1))
+    _experts(gathered, rows, out[El:])
     return out
 
 
@@ -94,15 +133,16 @@ def _clone_backward(ctx, grad):
     dom, rank = comm.group_size(ctx.group), comm.group_rank(ctx.ep_group)
     mine, rows = _pick_index(counts_all, spare_expert, El, offer, rank, dom)
     tail, grad = tuple(grad.shape[1:]), grad.contiguous()
-    g_spare = grad[El:].reshape(rows.numel(), -1)
-    rs_in = arena.out_like(CLONE_WEIGHTS.key(ctx.buf, "bwd.rs_in"), (dom * offer + 1,) + tail, grad).zero_()
-    rs_in.view(dom * offer + 1, -1).index_add_(0, torch.where(rows >= 0, rows, dom * offer), g_spare)
+    rs_in = arena.out_like(CLONE_WEIGHTS.key(ctx.buf, "bwd.rs_in"), (dom * offer + 1,) + tail, grad)
+    _experts_summed(grad[El:], rows, dom * offer, rs_in[:-1])
     rs_out = arena.out_like(CLONE_WEIGHTS.key(ctx.buf, "bwd.rs_out"), (offer,) + tail, grad)
     back = comm.reduce_scatter_rows(rs_in[:-1], ctx.group, out=rs_out)
     # the FFN's weight gradient [El + S, ...] reaches this backward alone (the clone is the FFN's one
-    # weight input): its home rows take the reduced clone gradients in place, no copy of them
+    # weight input): its home rows take the reduced clone gradients in place (the offered experts
+    # are distinct), no copy of them
     g_home = grad[:El]
-    g_home.view(El, -1).index_add_(0, mine, back.view(offer, -1))
+    home = g_home.view(El, -1)
+    home[mine] = home[mine] + back.view(offer, -1)
     return CLONE_WEIGHTS.input_grads(w=g_home)
 
 

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 _BLK = 1024     # copies per block of _hist / _send
-_BR = 256       # receive rows per program of _recv
+_RECV_TILE = 8192   # _recv's [rows, slots] tile: receive rows per program × padded slots (more spills registers)
 
 
 @triton.jit
@@ -146,5 +146,5 @@ def layout(dest_slot: Tensor, counts: Tensor, counts_all: Tensor, rank: int, slo
         _send[(blocks,)](dest_slot, counts.contiguous(), hist, scratch, copy_slot, send_copy, stats, n, ep, L, C,
                          blocks, BLK=blk, IB=max(1, (blk - 1).bit_length()), SB=sb, EPB=epb, LB=lb,
                          BCH=max(2, 4096 // sb))
-    m = ep * C
-    _recv[(triton.cdiv(m, _BR),)](end, base, recv_sorted, sorted_src, m, L, C, BR=_BR, LB=lb)
+    m, br = ep * C, max(16, _RECV_TILE // lb)
+    _recv[(triton.cdiv(m, br),)](end, base, recv_sorted, sorted_src, m, L, C, BR=br, LB=lb)

@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from runtime import grouped_gemm, layout, rows, rows_triton, swiglu_triton
+from runtime import clone, grouped_gemm, layout, rows, rows_triton, swiglu_triton
 
 try:
     from runtime import layout_triton
@@ -122,6 +122,29 @@ def case_swiglu(dtype, dev, g):
     return out
 
 
+def case_clone_experts(dtype, dev, g):
+    """ECHO's clone moves whole experts as chunk rows of ≤ 65536 elements through the row kernels
+    (runtime/clone.py): gather (send, and the spare slots from the gathered offers; -1: zeros) and,
+    in backward, the spare slots' gradients summed per offered expert. Against the torch path."""
+    experts = torch.randn(5, 64, 2048, generator=g).to(dtype)           # 131072 elements: two chunk rows
+    index = torch.tensor([3, -1, 0, 3])
+    grads = torch.randn(4, 64, 2048, generator=g).to(dtype)
+    slot_row = torch.tensor([2, -1, 2, 0])                                # two slots filed under row 2
+    want_g = clone._experts(experts, index, torch.empty(4, 64, 2048, dtype=dtype))
+    want_s = clone._experts_summed(grads, slot_row, 3, torch.empty(3, 64, 2048, dtype=dtype))
+    real = rows.fused
+    rows.fused = lambda t: True                                           # the Triton path for these tensors
+    try:
+        assert clone._chunk_width(experts.to(dev)) == 65536
+        got_g = clone._experts(experts.to(dev), index.to(dev), torch.full((4, 64, 2048), float("nan"), dtype=dtype,
+                                                                          device=dev)).cpu()
+        got_s = clone._experts_summed(grads.to(dev), slot_row.to(dev), 3,
+                                      torch.full((3, 64, 2048), float("nan"), dtype=dtype, device=dev)).cpu()
+    finally:
+        rows.fused = real
+    return [_res("gather clone experts", got_g, want_g), _res("clone experts summed", got_s, want_s)]
+
+
 def _torch_layout(dest, counts, counts_all, rank, L, C):
     ep = counts_all.shape[0]
     snd = layout.send_layout(dest, counts, ep, L, C)
@@ -178,7 +201,8 @@ def main():
     g = torch.Generator().manual_seed(0)
     results = []
     for dtype in (torch.float32, torch.bfloat16):
-        for case in (case_gather, case_gather_sum, case_weighted_sum, case_scaled_gather_dot, case_swiglu):
+        for case in (case_gather, case_gather_sum, case_weighted_sum, case_scaled_gather_dot, case_swiglu,
+                     case_clone_experts):
             for r in case(dtype, dev, g):
                 results.append(dict(r, dtype=str(dtype).removeprefix("torch.")))
     results += case_layout(dev, g)
