@@ -36,7 +36,7 @@ class EchoInfo:
     enabled: bool
     spare_slots_per_rank: int = 0
     domain_ranks: int = 0
-    offer: int = 0
+    offer: int = 0                 # experts each rank offers for cloning: min(spare slots, home experts)
     min_clone_rows: int = 0
     recompute: bool = False
     layers: list[str] = field(default_factory=list)
@@ -92,8 +92,10 @@ def run(gm: GraphModule, spec: Spec) -> PassResult:
     if not e.enabled:
         return PassResult(gm, EchoInfo(False, reason="echo.enabled is false"))
     decision = clone_decision(spec)
-    info = EchoInfo(True, e.spare_slots_per_rank, decision.domain_ranks, e.spare_slots_per_rank,
-                    decision.min_clone_rows, e.recompute_clone_dispatch, reason=decision.explain)
+    # a rank offers its `offer` hottest experts' weights: never more than the experts it holds
+    offer = min(e.spare_slots_per_rank, spec.experts_per_rank)
+    info = EchoInfo(True, e.spare_slots_per_rank, decision.domain_ranks, offer, decision.min_clone_rows,
+                    e.recompute_clone_dispatch, reason=decision.explain)
     layouts = [n for n in gm.graph.nodes if contracts.of(n.target) in TOKEN_LAYOUTS]
     for layout in layouts:
         _rewrite(gm, layout, spec, info)

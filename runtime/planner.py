@@ -124,11 +124,11 @@ def plan(counts: Tensor, experts_per_rank: int, spares: int, domain_size: int, o
     """counts [ep_src, E] copies per (source rank, expert) → Plan. Experts home on e // El.
 
     domain_size: ranks per clone domain (gpus_per_node for 'node', ep for 'cluster');
-    must divide ep. offer: hottest experts per rank whose weights may be cloned (default S).
+    must divide ep. offer: hottest experts per rank whose weights may be cloned (default min(S, El)).
     On CUDA with triton installed one fused kernel computes it; else plan_reference. Both
     give the same plan bit for bit (tests/runtime/test_planner.py, tests/gpu/test_planner_cuda.py).
     """
-    offer = spares if offer is None else offer
+    offer = min(spares, experts_per_rank) if offer is None else offer
     if fused_available(counts):
         return Plan(*_fused.plan_fused(counts, experts_per_rank, spares, domain_size, offer, min_clone_rows))
     return plan_reference(counts, experts_per_rank, spares, domain_size, offer, min_clone_rows)
@@ -139,7 +139,7 @@ def plan_reference(counts: Tensor, experts_per_rank: int, spares: int, domain_si
     """plan in plain torch ops (any device): the reference the fused kernel is tested against."""
     ep, E = counts.shape[0], counts.shape[1]
     El = experts_per_rank
-    offer = spares if offer is None else offer
+    offer = min(spares, experts_per_rank) if offer is None else offer
     dev = counts.device
     load_e = counts.sum(0)                                          # [E]
     n_dom = ep // domain_size

@@ -8,7 +8,7 @@
   shadow   FasterMoE-style shadowing: up to S hottest experts above the mean per-rank load are
            broadcast to every rank, which computes its own copies of them locally.
   echo     the ECHO planner (runtime.planner.plan), with the spec's spare slots and clone domain,
-           offer = S and the cost model's min_clone_rows.
+           offer = min(S, El) and the cost model's min_clone_rows.
 
 Shapes: ep EP ranks, E experts, El = E / ep home experts per rank, S spare slots per rank.
 """
@@ -113,8 +113,9 @@ def none_step(counts: Tensor, ctx: SimContext) -> StepOutcome:
 
 
 def echo_step(counts: Tensor, ctx: SimContext) -> StepOutcome:
-    """runtime.planner.plan with the spec's spare slots, clone domain, offer = S, min_clone_rows."""
-    p = plan(counts, ctx.experts_per_rank, ctx.spares, ctx.domain_ranks, ctx.spares, ctx.min_clone_rows)
+    """runtime.planner.plan with the spec's spare slots, clone domain, offer = min(S, El), min_clone_rows."""
+    p = plan(counts, ctx.experts_per_rank, ctx.spares, ctx.domain_ranks, min(ctx.spares, ctx.experts_per_rank),
+             ctx.min_clone_rows)
     slot_rows, remote = plan_outcome(counts, p.spare_expert, p.quota)
     total, per_rank = clone_traffic(p.spare_expert, ctx.expert_bytes)
     return StepOutcome(slot_rows, remote, total, per_rank)

@@ -66,6 +66,16 @@ def test_echo_cloning_matches_reference(run_oracle, oracle_spec, ep, dp, recompu
     assert_oracle_matches(res)
 
 
+def test_echo_with_more_spare_slots_than_home_experts(run_oracle, oracle_spec):
+    """3 spare slots a rank, 2 home experts: a rank offers all its experts (offer = min(S, El)),
+    never more than it has, and the oracle holds."""
+    spec = oracle_spec(ep=2, capacity=2.0, experts=4,
+                       echo={"enabled": True, "spare_slots_per_rank": 3, "clone_domain": "cluster"})
+    res = run_oracle(spec, steps=2)
+    assert sum(s["clones"] for s in res["steps"]) > 0, "no clone was planned: the test proves nothing"
+    assert_oracle_matches(res)
+
+
 @pytest.mark.parametrize("zero,echo", [(1, False), (2, True), (3, False), (3, True)])
 def test_zero_matches_reference(run_oracle, oracle_spec, zero, echo):
     """ep 2 × dp 2 with sharded training state: dense state over all 4 ranks, experts over their
