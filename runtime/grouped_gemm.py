@@ -121,9 +121,11 @@ def ffn_grouped(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, buf: str = 
 
 
 def ffn_loop(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, buf: str = "") -> Tensor:
-    """Same contract as ffn_grouped, one matmul per slot; padding rows come out zero. Not planned."""
+    """Same contract as ffn_grouped, one matmul per slot; padding rows come out zero. Not planned.
+    The output hangs off rows and weights even when no slot has a row (empty slices: zero
+    gradients), so every rank's backward runs the same ops, and the same collectives."""
     ends = offs.tolist()  # host sync: this fallback is not capturable
-    out = torch.zeros_like(rows)
+    out = torch.zeros_like(rows) + (rows[:0].sum() + w13[:0].sum() + w2[:0].sum()).to(rows.dtype)
     start = 0
     for e, end in enumerate(ends):
         if end > start:

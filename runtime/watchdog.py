@@ -98,7 +98,8 @@ def explain_timeout(timeout_s: float) -> CollectiveTimeoutError:
         return CollectiveTimeoutError(f"{head}; the rendezvous store on rank 0 ({where}) does not answer either: "
                                       "rank 0 is stopped, hung or unreachable")
     if not missing:
-        return CollectiveTimeoutError(f"{head}, yet every rank answers: a step took longer than the timeout; "
-                                      "raise train.collective_timeout_s")
+        return CollectiveTimeoutError(f"{head}, yet every rank answers: either a step took longer than the timeout "
+                                      "(raise train.collective_timeout_s), or the ranks wait in different "
+                                      "collectives, which is a bug in the compiled step (report it with this spec)")
     names = "; ".join(f"rank {r} ({who})" for r, who in sorted(missing.items()))
     return CollectiveTimeoutError(f"{head}; not answering: {names} (stopped, hung or unreachable)")

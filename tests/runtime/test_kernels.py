@@ -110,3 +110,20 @@ def test_triton_kernels_equal_the_torch_path_in_the_interpreter():
     pytest.importorskip("triton", reason="needs the triton package (pip install triton)")
     res = run_worker("cpu", {"TRITON_INTERPRET": "1"})
     assert res["cases"] == 28 and res["failures"] == [], res["failures"]
+
+
+def test_loop_ffn_with_no_rows_still_reaches_rows_and_weights_in_backward():
+    """A rank whose experts get no rows runs the same backward as the others (the `loop` FFN's
+    output hangs off rows and weights with zero gradients), so the ranks' collectives pair up."""
+    from runtime.grouped_gemm import ffn_loop
+    rows = torch.randn(6, 4, requires_grad=True)
+    w13 = torch.randn(2, 4, 10, requires_grad=True)
+    w2 = torch.randn(2, 5, 4, requires_grad=True)
+    for offs, real in ((torch.tensor([0, 0], dtype=torch.int32), 0), (torch.tensor([2, 3], dtype=torch.int32), 3)):
+        out = ffn_loop(rows, w13, w2, offs)
+        assert out.requires_grad
+        assert torch.equal(out[real:], torch.zeros(6 - real, 4))
+        gr, g13, g2 = torch.autograd.grad(out.sum(), (rows, w13, w2))
+        assert torch.equal(gr[real:], torch.zeros(6 - real, 4))
+        if not real:
+            assert not gr.any() and not g13.any() and not g2.any()
