@@ -323,20 +323,32 @@ def format_size(nbytes: int) -> str:
     return f"{nbytes / 1024:.2f} KiB"
 
 
+def remedies(spec: Spec, pred: MemoryPrediction) -> list[str]:
+    """The settings of HELPFUL_FIELDS that can still lower the peak, each with its value now."""
+    zero, ep, cap = zero_level(spec), spec.parallel.ep, spec.budgets.received_token_capacity
+    out = []
+    if zero < 3:
+        out.append(f"raise parallel.zero (now {zero})")
+    if pred.recompute != "full":
+        r = spec.train.recompute
+        out.append(f"set train.recompute 'full' (now {r}" + (f", resolved to {pred.recompute})" if r == "auto" else ")"))
+    if ep < spec.model.moe.num_experts:
+        out.append(f"raise parallel.ep (now {ep})")
+    if cap > 1.0:
+        out.append(f"lower budgets.received_token_capacity (now {cap:g})")
+    return out + ["or run on more GPUs"]
+
+
 def check_budget(spec: Spec, pred: MemoryPrediction) -> None:
-    """Raise MemoryBudgetError (one line: the three largest categories, the fields that help)."""
+    """Raise MemoryBudgetError (one line: the three largest categories, the settings that can still help)."""
     if pred.fits:
         return
     top = sorted(pred.by_category.items(), key=lambda kv: -kv[1])[:3]
-    now = {"parallel.zero": zero_level(spec), "train.recompute": spec.train.recompute,
-           "parallel.ep": spec.parallel.ep, "budgets.received_token_capacity": spec.budgets.received_token_capacity}
     raise MemoryBudgetError(
         f"predicted peak {format_size(pred.peak_bytes)} per rank, {format_size(pred.needs_bytes)} with the "
         f"allocator's headroom (×{pred.headroom:g}), is over budgets.memory_gib "
         f"{spec.budgets.memory_gib:g} (at {pred.peak_phase}, recompute {pred.recompute}; largest: "
-        + ", ".join(f"{k} {format_size(v)}" for k, v in top)
-        + "); raise " + ", ".join(f"{f} (now {now[f]})" if f != "budgets.received_token_capacity"
-                                  else f"or lower {f} (now {now[f]})" for f in HELPFUL_FIELDS))
+        + ", ".join(f"{k} {format_size(v)}" for k, v in top) + "); " + ", ".join(remedies(spec, pred)))
 
 
 def to_json(pred: MemoryPrediction) -> dict:

@@ -96,10 +96,22 @@ def _backend_rules(spec) -> list[tuple[str, str]]:
     if spec.echo.enabled and be.dispatch == "sync":
         errors.append(("echo.enabled", "cloning needs a sync-free backends.dispatch ('torch', 'symm_mem' or "
                                        "'deepep'; got 'sync'), or echo.enabled false"))
+    if be.grouped_gemm == "torch":
+        errors += _grouped_mm_widths(spec)
     if spec.echo.enabled and spec.echo.recompute_clone_dispatch and be.grouped_gemm != "torch":
         errors.append(("echo.recompute_clone_dispatch", "needs backends.grouped_gemm 'torch' (grouped_mm; got "
                                                         f"'{be.grouped_gemm}'), or recompute_clone_dispatch false"))
     return errors
+
+
+def _grouped_mm_widths(spec) -> list[tuple[str, str]]:
+    """grouped_mm reads its operands' rows at 16-byte aligned strides: the expert FFN's widths."""
+    m = spec.model
+    step = 16 // m.dtype_bytes
+    return [(field, f"{v} must be a multiple of {step} with model.dtype '{m.dtype}' for backends.grouped_gemm "
+                    f"'torch' (grouped_mm needs 16-byte rows); use a multiple of {step}, or grouped_gemm 'loop'")
+            for field, v in (("model.hidden_size", m.hidden_size),
+                             ("model.moe.expert_intermediate_size", m.moe.expert_intermediate_size)) if v % step]
 
 
 def _cluster_rules(spec) -> list[tuple[str, str]]:

@@ -134,6 +134,8 @@ def _short_tag(tag: str) -> str:
 def read_text(path: Path, source: str) -> str:
     """The file's text; a missing, unreadable, oversized or non-UTF-8 file is a SpecError."""
     try:
+        if not source.strip():
+            raise SpecError("''", [("(file)", None, "the spec's path is empty; give the spec's YAML file")])
         if path.is_dir():
             raise SpecError(source, [("(file)", None, "is a directory; give the spec's YAML file")])
         if path.exists() and not path.is_file():     # a FIFO or device: reading could block or never end
@@ -243,7 +245,8 @@ def _unshare(value: Any) -> Any:
 
 
 def _index_lines(node: yaml.Node, at: Parts, lines: Lines) -> list[Problem]:
-    """Fill `lines` for every key and list item under `node`; return duplicate-key problems."""
+    """Fill `lines` for every key and list item under `node`; return duplicate-key and
+    non-string-key problems."""
     dups: list[Problem] = []
     if isinstance(node, yaml.MappingNode):
         for knode, vnode in node.value:
@@ -251,6 +254,11 @@ def _index_lines(node: yaml.Node, at: Parts, lines: Lines) -> list[Problem]:
                 continue  # `<<: *anchor`: the merged keys keep the anchor's lines
             p = at + (str(knode.value) if isinstance(knode, yaml.ScalarNode) else "?",)
             line = knode.start_mark.line + 1
+            if knode.tag != _CORE + "str":        # `~: 2`, `1: x`, `[a]: x`: no field is named so
+                shown = knode.value if isinstance(knode, yaml.ScalarNode) else "a " + type(knode).__name__[:-4].lower()
+                dups.append((".".join(at) or "(top level)", line,
+                             f"key {shown!r} ({_short_tag(knode.tag)}) is not a field name; keys are plain words"))
+                continue
             if p in lines:
                 dups.append((".".join(p), line, f"duplicate key (first given on line {lines[p]})"))
                 continue

@@ -24,7 +24,8 @@ def check_text_file(path: str | Path, seq_len: int) -> int:
     if not p.exists():
         raise DataError(f"train.data.path {p}: no such file")
     if not p.is_file():
-        raise DataError(f"train.data.path {p} is not a regular file (a directory?); give a text file")
+        kind = "a directory" if p.is_dir() else "not a regular file (a device, FIFO or socket)"
+        raise DataError(f"train.data.path {p} is {kind}; give a text file")
     try:
         with open(p, "rb") as f:
             f.read(1)

@@ -282,11 +282,24 @@ def test_over_budget_is_one_actionable_line(make_spec):
     msg = str(info.value)
     assert isinstance(info.value, EchocError) and "\n" not in msg
     assert "over budgets.memory_gib 0.001" in msg
-    for field in mm.HELPFUL_FIELDS:
+    for field in mm.HELPFUL_FIELDS:       # nothing is at its limit here: every remedy is offered
         assert field in msg, field
     sized = re.findall(r"(\w+) (\d+\.\d\d) (GiB|MiB|KiB)[,)]", msg.split("largest: ")[1])
     assert len(sized) == 3 and all(float(v) > 0 for _, v, _ in sized), sized    # the three largest, sized
     assert " 0.00 " not in msg                                   # no size reads as zero
+
+
+def test_over_budget_offers_only_the_settings_that_can_still_change(make_spec):
+    """ZeRO 3, full recompute, capacity 1.0 and one expert per rank: none of them can lower the
+    peak any more, so the message does not ask for them."""
+    spec = _mini(make_spec, **{"budgets.memory_gib": 0.001, "parallel.zero": 3, "train.recompute": "full",
+                               "budgets.received_token_capacity": 1.0})
+    with pytest.raises(mm.MemoryBudgetError) as info:
+        compile_build(spec)
+    msg = str(info.value)
+    for field in ("parallel.zero", "train.recompute", "budgets.received_token_capacity"):
+        assert field not in msg.split("); ")[-1], (field, msg)
+    assert "or run on more GPUs" in msg
 
 
 @pytest.mark.parametrize("name,limit_gib", [("glm5", 120), ("glm5-h100", 72), ("deepseek-v3", 72)])

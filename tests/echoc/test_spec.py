@@ -524,3 +524,27 @@ def test_yes_no_fields_take_true_or_false_only(tmp_path, value):
     line, msg = find(problems_of(tmp_path, BASE, [f"echo.recompute_clone_dispatch={value}"]),
                      "echo.recompute_clone_dispatch")
     assert "expected true or false" in msg, msg
+
+
+@pytest.mark.parametrize("over,field,step", [
+    (["model.hidden_size=42"], "model.hidden_size", 4),
+    (["model.moe.expert_intermediate_size=30"], "model.moe.expert_intermediate_size", 4),
+    (["model.dtype=bfloat16", "model.hidden_size=60"], "model.hidden_size", 8)])
+def test_grouped_mm_widths_must_be_16_byte_rows(tmp_path, over, field, step):
+    """grouped_mm fails at run time on rows that are not a multiple of 16 bytes: validate refuses
+    the width, naming the field and the multiple; 'loop' takes any width."""
+    line, msg = find(problems_of(tmp_path, BASE, over), field)
+    assert f"multiple of {step}" in msg and "'loop'" in msg, msg
+    load_spec(write(tmp_path, BASE), over + ["backends.grouped_gemm=loop"])
+
+
+@pytest.mark.parametrize("key,shown", [("~", "'~' (!!null)"), ("1", "'1' (!!int)"), ("[a]", "'a sequence' (!!seq)")])
+def test_a_key_that_is_not_a_word_is_named_with_its_own_line(tmp_path, key, shown):
+    text = edit(BASE, ("  hidden_size: 64", f"  hidden_size: 64\n  {key}: 2"))
+    line, msg = find(problems_of(tmp_path, text), "model")
+    assert line == text.splitlines().index(f"  {key}: 2") + 1 and shown in msg and "not a field name" in msg, msg
+
+
+def test_an_empty_spec_path_says_so(tmp_path):
+    with pytest.raises(SpecError, match="path is empty"):
+        load_spec("")

@@ -52,13 +52,14 @@ def test_writable_outputs_pass_and_are_created(tmp_path):
     assert (tmp_path / "a" / "ck").is_dir() and (tmp_path / "b").is_dir() and not list((tmp_path / "b").iterdir())
 
 
-@pytest.mark.parametrize("content,why", [(None, "no such file"), ("dir", "not a regular file"),
+@pytest.mark.parametrize("content,why", [(None, "no such file"), ("dir", "is a directory"),
+                                         ("dev", r"not a regular file \(a device"),
                                          (b"", "holds 0 bytes"), (b"x" * 65, "holds 65 bytes")])
 def test_unusable_data_file_is_refused(tmp_path, content, why):
-    p = tmp_path / "data.txt"
+    p = Path("/dev/null") if content == "dev" else tmp_path / "data.txt"
     if content == "dir":
         p.mkdir()
-    elif content is not None:
+    elif content not in (None, "dev"):
         p.write_bytes(content)
     with pytest.raises(DataError, match=why):
         check_text_file(p, seq_len=64)
@@ -111,7 +112,7 @@ def test_cli_errors_are_one_line_before_any_worker(tmp_path, a_file):
     one_line_error(echoc("run", tiny, "--nproc", "0"), "--nproc must be >= 1")
     one_line_error(echoc("run", tiny, "--nproc", "two"), "Invalid value for '--nproc'")
     one_line_error(echoc("run", tiny, "--metrics", str(a_file / "m.jsonl")), "is a file")
-    one_line_error(echoc("run", tiny, "--set", f"train.data.path={tmp_path}"), "is not a regular file")
+    one_line_error(echoc("run", tiny, "--set", f"train.data.path={tmp_path}"), "is a directory")
     one_line_error(echoc("run", tiny, "--resume"), "--resume needs train.checkpoint.dir")
     one_line_error(echoc("run", tiny, "--resume-with-changes"), "needs --resume")
     one_line_error(echoc("compile", tiny, "-o", str(a_file)), "is a file, not a directory")
