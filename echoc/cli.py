@@ -84,8 +84,9 @@ def _print_summary(summary: dict) -> None:
     for k, v in mem.items():
         if isinstance(v, (int, float)):
             t.add_row(f"memory/rank: {k}", _gib(v))
-    d = summary["dispatch"]
-    t.add_row("dispatch backend", d["backend"] + (f" (exchange {d['exchange']})" if d["backend"] == "torch" else ""))
+    d, moe = summary["dispatch"], summary["moe_layers"] > 0
+    t.add_row("dispatch backend", d["backend"] + (f" (exchange {d['exchange']})" if d["backend"] == "torch" else "")
+              if moe else "none (no MoE layer)")
     b = summary.get("buffers", {})
     if "arena_bytes" in b:
         t.add_row("MoE buffer arena / rank", f"{_gib(b['arena_bytes'])} for {b['arena_buffers']} buffers (lower bound "
@@ -94,12 +95,13 @@ def _print_summary(summary: dict) -> None:
                   f"{_gib(b['allocator_lower_bound_bytes'])}; all MoE buffers peak {_gib(b['total_lower_bound_bytes'])}")
     if b.get("symmetric_bytes"):
         t.add_row("symmetric exchange pools / rank", f"{_gib(b['symmetric_bytes'])} (held all run, outside the arena)")
-    t.add_row("receive buffer rows/layer", f"{d['receive_rows']:,} ({d['peer_chunk_rows']:,} per peer)")
+    if moe:
+        t.add_row("receive buffer rows/layer", f"{d['receive_rows']:,} ({d['peer_chunk_rows']:,} per peer)")
     for p in summary["passes"]:
         t.add_row(f"pass {p['name']}", f"{p['ms']:.1f} ms")
     console.print(t)
     echo = summary.get("echo", {})
-    if "recommended_spare_slots" in echo:
+    if "recommended_spare_slots" in echo and moe:
         state = "on" if echo["enabled"] else "off"
         console.print(f"[bold]ECHO[/bold] ({state}, {echo['spec_spare_slots']} spare slot(s)/rank in the spec, "
                       f"cost model recommends {echo['recommended_spare_slots']}): {echo['explain']}")

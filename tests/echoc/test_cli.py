@@ -54,6 +54,14 @@ def test_compile_and_inspect(tmp_path):
     assert r.exit_code == 0 and r.output.count("echo.dispatch") == 2
 
 
+def test_an_all_dense_model_prints_no_moe_machinery(tmp_path):
+    """first_dense_layers = num_layers: no dispatch, no receive buffer, no ECHO advice."""
+    r = runner.invoke(app, ["compile", str(ROOT / "specs/tiny.yaml"), "-o", str(tmp_path / "b"),
+                            "--set", "model.first_dense_layers=3"])
+    assert r.exit_code == 0, r.output
+    assert "none (no MoE layer)" in r.output and "receive buffer" not in r.output and "ECHO" not in r.output
+
+
 def test_inspect_missing_dir_is_a_user_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "echoc", "inspect", str(tmp_path / "nope")],
                           capture_output=True, text=True)
