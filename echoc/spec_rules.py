@@ -96,7 +96,7 @@ def _backend_rules(spec) -> list[tuple[str, str]]:
     if spec.echo.enabled and be.dispatch == "sync":
         errors.append(("echo.enabled", "cloning needs a sync-free backends.dispatch ('torch', 'symm_mem' or "
                                        "'deepep'; got 'sync'), or echo.enabled false"))
-    if be.grouped_gemm == "torch":
+    if be.grouped_gemm == "torch" and spec.model.num_moe_layers:
         errors += _grouped_mm_widths(spec)
     if spec.echo.enabled and spec.echo.recompute_clone_dispatch and be.grouped_gemm != "torch":
         errors.append(("echo.recompute_clone_dispatch", "needs backends.grouped_gemm 'torch' (grouped_mm; got "

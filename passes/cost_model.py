@@ -104,7 +104,7 @@ def predicted_moe_ms(spec: Spec, counts: torch.Tensor, spares: int, decision: Cl
         rows = counts.sum(0).view(spec.parallel.ep, El).sum(1)
         clones = torch.zeros(spec.parallel.ep)
     else:
-        p = plan(counts, El, spares, decision.domain_ranks, spares, decision.min_clone_rows)
+        p = plan(counts, El, spares, decision.domain_ranks, min(spares, El), decision.min_clone_rows)
         rows = rank_rows(counts, p, El, spares)
         clones = (p.spare_expert >= 0).sum(1).double()
     t = rows.double() * decision.row_compute_us * 1e-3 + clones * decision.clone_ms

@@ -90,11 +90,14 @@ def _experts(src: Tensor, index: Tensor, out: Tensor) -> Tensor:
 def _experts_summed(src: Tensor, slot_row: Tensor, n: int, out: Tensor) -> Tensor:
     """src [S, ...] spare-slot gradients, slot_row [S] (row of each slot, -1: none) → out [n, ...]:
     row j the sum of the slots filed under j, zeros where none (fp32 sums, rounded once)."""
-    S = src.shape[0]
+    S, d = src.shape[0], src[0].numel()
     table = torch.where(slot_row.unsqueeze(0) == torch.arange(n, device=src.device).unsqueeze(1),
                         torch.arange(S, device=src.device), -1)                            # [n, S]
-    w = _chunk_width(src) or src[0].numel()
-    q = src[0].numel() // w
+    w = _chunk_width(src)
+    if not w:      # torch: gather the slots of each row, sum them (fp32 accumulation, as the kernel)
+        picked = gather_rows(src.reshape(S, d), table.reshape(-1)).view(n, S, d)
+        return torch.sum(picked, 1, out=out.view(n, d)).view_as(out) if n else out
+    q = d // w
     index = torch.where(table.unsqueeze(1) >= 0, table.unsqueeze(1) * q + torch.arange(q, device=src.device)
                         .unsqueeze(1), -1).reshape(n * q, S)                               # [n·q, S]
     row_ops.gather_sum(src.reshape(-1, w), index, out=out.view(-1, w))
@@ -124,9 +127,10 @@ def _(w, counts_all, spare_expert, offer, group, ep_group, buf):
 
 
 def _clone_backward(ctx, grad):
-    """The gradient reduction: spare slots' gradients summed into `buf.bwd.rs_in`
-    [dom·offer + 1, ...] (last row: empty slots), reduce-scattered home into `buf.bwd.rs_out`
-    [offer, ...], added to the home experts' gradient."""
+    """The gradient reduction: spare slots' gradients summed per offered expert into
+    `buf.bwd.rs_in` [dom·offer (+1 planned, unused), ...], reduce-scattered home into
+    `buf.bwd.rs_out` [offer, ...], added to the home experts' gradient. That gradient is a copy of
+    the home rows: a view would keep the spare rows' memory alive as the weight's .grad."""
     saved = CLONE_WEIGHTS.saved_by_name(ctx)
     counts_all, spare_expert = saved["counts_all"], saved["spare_expert"]
     El, offer = ctx.w_shape[0], ctx.offer
@@ -137,12 +141,9 @@ def _clone_backward(ctx, grad):
     _experts_summed(grad[El:], rows, dom * offer, rs_in[:-1])
     rs_out = arena.out_like(CLONE_WEIGHTS.key(ctx.buf, "bwd.rs_out"), (offer,) + tail, grad)
     back = comm.reduce_scatter_rows(rs_in[:-1], ctx.group, out=rs_out)
-    # the FFN's weight gradient [El + S, ...] reaches this backward alone (the clone is the FFN's one
-    # weight input): its home rows take the reduced clone gradients in place (the offered experts
-    # are distinct), no copy of them
-    g_home = grad[:El]
+    g_home = grad[:El].clone()
     home = g_home.view(El, -1)
-    home[mine] = home[mine] + back.view(offer, -1)
+    home[mine] = home[mine] + back.view(offer, -1)       # the offered experts are distinct
     return CLONE_WEIGHTS.input_grads(w=g_home)
 
 

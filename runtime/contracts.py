@@ -98,7 +98,8 @@ class OpContract:
         for a tensor)."""
         def setup(ctx, inputs, output):
             named = self.named(inputs)
-            kept = tuple(output[self.output_index(n)] for n in self.keeps)
+            outs = (output,) if len(self.outputs) == 1 else output
+            kept = tuple(outs[self.output_index(n)] for n in self.keeps)
             ctx.save_for_backward(*self.saved(inputs), *kept)
             for n in keep:
                 v = named[n]

@@ -33,7 +33,7 @@ def test_kernels_equal_the_torch_path_on_the_gpu():
                          timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["cases"] == 28 and res["failures"] == [], res["failures"]
+    assert res["cases"] == 36 and res["failures"] == [], res["failures"]
 
 
 class OneLayer(torch.nn.Module):

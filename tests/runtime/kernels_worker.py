@@ -125,24 +125,28 @@ def case_swiglu(dtype, dev, g):
 def case_clone_experts(dtype, dev, g):
     """ECHO's clone moves whole experts as chunk rows of ≤ 65536 elements through the row kernels
     (runtime/clone.py): gather (send, and the spare slots from the gathered offers; -1: zeros) and,
-    in backward, the spare slots' gradients summed per offered expert. Against the torch path."""
-    experts = torch.randn(5, 64, 2048, generator=g).to(dtype)           # 131072 elements: two chunk rows
-    index = torch.tensor([3, -1, 0, 3])
-    grads = torch.randn(4, 64, 2048, generator=g).to(dtype)
-    slot_row = torch.tensor([2, -1, 2, 0])                                # two slots filed under row 2
-    want_g = clone._experts(experts, index, torch.empty(4, 64, 2048, dtype=dtype))
-    want_s = clone._experts_summed(grads, slot_row, 3, torch.empty(3, 64, 2048, dtype=dtype))
-    real = rows.fused
-    rows.fused = lambda t: True                                           # the Triton path for these tensors
-    try:
-        assert clone._chunk_width(experts.to(dev)) == 65536
-        got_g = clone._experts(experts.to(dev), index.to(dev), torch.full((4, 64, 2048), float("nan"), dtype=dtype,
-                                                                          device=dev)).cpu()
-        got_s = clone._experts_summed(grads.to(dev), slot_row.to(dev), 3,
-                                      torch.full((3, 64, 2048), float("nan"), dtype=dtype, device=dev)).cpu()
-    finally:
-        rows.fused = real
-    return [_res("gather clone experts", got_g, want_g), _res("clone experts summed", got_s, want_s)]
+    in backward, the spare slots' gradients summed per offered expert. Against the torch path, for
+    experts of 2 and 3 chunk rows and of a width no chunk divides (600: torch on every device)."""
+    out = []
+    for tail, chunk in (((64, 2048), 65536), ((3, 65536), 65536), ((20, 30), 0)):
+        experts = torch.randn(5, *tail, generator=g).to(dtype)
+        index = torch.tensor([3, -1, 0, 3])
+        grads = torch.randn(4, *tail, generator=g).to(dtype)
+        slot_row = torch.tensor([2, -1, 2, 0])                             # two slots filed under row 2
+        want_g = clone._experts(experts, index, torch.empty(4, *tail, dtype=dtype))
+        want_s = clone._experts_summed(grads, slot_row, 3, torch.empty(3, *tail, dtype=dtype))
+        real = rows.fused
+        rows.fused = lambda t: True                                        # the Triton path for these tensors
+        try:
+            assert clone._chunk_width(experts.to(dev)) == chunk
+            nan = dict(dtype=dtype, device=dev)
+            got_g = clone._experts(experts.to(dev), index.to(dev), torch.full((4, *tail), float("nan"), **nan)).cpu()
+            got_s = clone._experts_summed(grads.to(dev), slot_row.to(dev), 3,
+                                          torch.full((3, *tail), float("nan"), **nan)).cpu()
+        finally:
+            rows.fused = real
+        out += [_res(f"gather clone experts {tail}", got_g, want_g), _res(f"clone experts summed {tail}", got_s, want_s)]
+    return out
 
 
 def _torch_layout(dest, counts, counts_all, rank, L, C):
