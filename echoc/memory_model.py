@@ -331,7 +331,8 @@ def remedies(spec: Spec, pred: MemoryPrediction) -> list[str]:
         out.append(f"raise parallel.zero (now {zero})")
     if pred.recompute != "full":
         r = spec.train.recompute
-        out.append(f"set train.recompute 'full' (now {r}" + (f", resolved to {pred.recompute})" if r == "auto" else ")"))
+        resolved = f", resolved to {pred.recompute}" if r == "auto" else ""
+        out.append(f"set train.recompute 'full' (now {r}{resolved})")
     if ep < spec.model.moe.num_experts:
         out.append(f"raise parallel.ep (now {ep})")
     if cap > 1.0:

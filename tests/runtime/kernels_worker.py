@@ -145,7 +145,8 @@ def case_clone_experts(dtype, dev, g):
                                           torch.full((3, *tail), float("nan"), **nan)).cpu()
         finally:
             rows.fused = real
-        out += [_res(f"gather clone experts {tail}", got_g, want_g), _res(f"clone experts summed {tail}", got_s, want_s)]
+        out += [_res(f"gather clone experts {tail}", got_g, want_g),
+                _res(f"clone experts summed {tail}", got_s, want_s)]
     return out
 
 
