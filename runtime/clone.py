@@ -98,8 +98,7 @@ def _experts_summed(src: Tensor, slot_row: Tensor, n: int, out: Tensor) -> Tenso
         picked = gather_rows(src.reshape(S, d), table.reshape(-1)).view(n, S, d)
         return torch.sum(picked, 1, out=out.view(n, d)).view_as(out) if n else out
     q = d // w
-    index = torch.where(table.unsqueeze(1) >= 0, table.unsqueeze(1) * q + torch.arange(q, device=src.device)
-                        .unsqueeze(1), -1).reshape(n * q, S)                               # [n·q, S]
+    index = _chunks(table.t().reshape(-1), q).view(S, n * q).t().contiguous()               # [n·q, S]
     row_ops.gather_sum(src.reshape(-1, w), index, out=out.view(-1, w))
     return out
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from runtime import arena, comm, contracts, p2p, p2p_moves, rows  # noqa: F401  (p2p_moves binds its ops)
+from runtime import arena, comm, contracts, p2p_moves, rows  # noqa: F401  (p2p_moves binds its ops)
 from runtime.contracts import ALL_GATHER_COUNTS, COMBINE, COUNT, DISPATCH, LAYER_STATS, LAYOUT, WEIGHTED_SUM
 from runtime.layout import equal_chunk_rows, kept_counts, recv_layout, send_layout, slot_counts, token_of
 
@@ -131,11 +131,7 @@ def _moved(key: str | None, rows: int, like: Tensor) -> Tensor | None:
 
 
 def _exchanged(src: Tensor, send_rows: Tensor, exchange, keys: MoveKeys | None) -> Tensor:
-    """Rows of `src` picked by send_rows [S] (-1 rows: padding nobody reads) → exchange(·) [S, H].
-    An exchange that `pushes` (runtime/p2p.py) moves the real rows alone, with no send buffer: its
-    result is the symmetric receive pool, read before the next exchange."""
-    if getattr(exchange, "pushes", False):
-        return exchange.push(src.contiguous(), send_rows)
+    """Rows of `src` picked by send_rows [S] (-1 rows: padding nobody reads) → exchange(·) [S, H]."""
     send = rows.gather(src, send_rows, out=_moved(keys and keys.send, send_rows.shape[0], src), zero_missing=False)
     return exchange(send, _moved(keys and keys.recv, send.shape[0], src))
 
@@ -161,14 +157,11 @@ def to_sources(y: Tensor, recv_sorted: Tensor, copy_slot: Tensor, exchange, keys
 
 
 class _Equal:
-    """The `torch` backend's exchange of [ep·C] chunks: all_to_all_single with equal splits, or,
-    where backends.exchange resolved to 'p2p' (runtime/p2p.py), pushes of the real rows."""
+    """The `torch` backend's exchange of [ep·C] chunks: all_to_all_single with equal splits. (Under
+    backends.exchange 'p2p' at ep > 1 the pass emits runtime/p2p_moves.py's ops instead.)"""
 
     def __init__(self, group: str):
-        self.group, self.pushes = group, p2p.enabled(group)
-
-    def push(self, src: Tensor, index: Tensor) -> Tensor:
-        return p2p.push(src, index, self.group)
+        self.group = group
 
     def __call__(self, t: Tensor, out: Tensor | None = None) -> Tensor:
         return comm.all_to_all_equal(t, self.group, out=out)
