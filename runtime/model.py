@@ -32,6 +32,7 @@ from echoc.spec import ModelConfig
 from runtime.attention import GQAAttention, MLAAttention
 from runtime.layers import (MLP, RMSNorm, RotaryEmbedding, _FP32Buffers, _init_linear_children, _normal_,
                             swiglu)
+from runtime.router_gemm import router_logits
 
 # ----------------------------------------------------------------------------- mixture of experts
 
@@ -90,7 +91,7 @@ class Router(_FP32Buffers):
         return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(T, self.num_experts)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        logits = F.linear(x.float(), self.weight.float())                  # [T, E]
+        logits = router_logits(x, self.weight)                             # [T, E] float32
         scores = logits.sigmoid() if self.score_fn == "sigmoid" else logits.softmax(dim=-1)
         biased = scores.detach() + self.expert_bias                        # selection only
         if self.num_groups > 1:
