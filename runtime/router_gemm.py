@@ -2,14 +2,14 @@
 
     router_logits(x [T, H], weight [E, H]) → logits [T, E] float32
 
-The product of two bf16 numbers is exact in float32, so a tensor-core GEMM that
-accumulates in float32 and writes float32 (`torch.mm(..., out_dtype=torch.float32)`) computes the
-same logits as the float32 GEMM of their upcast copies, up to summation order. That GEMM needs
-neither copy (at H 6144, T 4096: a 100 MB upcast of x, kept for backward, and SIMT float32 GEMMs;
-0.7 ms a layer on an H200 against 0.05).
+The product of two bf16 numbers is exact in float32, so a tensor-core GEMM that accumulates in
+float32 and writes float32 (`torch.mm(..., out_dtype=torch.float32)`) computes the same logits as
+the float32 GEMM of their upcast copies, up to summation order. That GEMM needs neither copy (at
+H 6144, T 4096: a 100 MB upcast of x, kept for backward, and SIMT float32 GEMMs).
 
-Backward: the logits' gradient g is float32. It is split into two bf16 parts, g = hi + lo (hi = g rounded, lo = the remainder rounded; |g − hi − lo| ≤ 2⁻¹⁶ |g|), and both
-parts go through the same tensor-core GEMM, stacked along the reduced dimension:
+Backward: the logits' gradient g is float32. It is split into two bf16 parts, g = hi + lo
+(hi = g rounded, lo = the remainder rounded; |g − hi − lo| ≤ 2⁻¹⁶ |g|), and both parts go
+through the same tensor-core GEMM, stacked along the reduced dimension:
 
     grad x      = [hi | lo] @ [weight ; weight]          [T, 2E] @ [2E, H], in x's dtype
     grad weight = ([hi | lo]ᵀ @ x) summed over the two halves, in weight's dtype
@@ -17,8 +17,8 @@ parts go through the same tensor-core GEMM, stacked along the reduced dimension:
 Both gradients are rounded to bf16 at the end, as the float32 path rounds them, so the split adds
 an error about 2⁸ times below that rounding. fp16 is left out: its range is too narrow for the
 split (the remainder of a 1e-3 gradient is subnormal in fp16). Elsewhere (CPU, meta, float32 and
-fp16 models, mixed dtypes) the same function runs the float32 GEMMs. Either way backward keeps x and weight
-as they are (no float32 copy): the memory census measures that on the meta device.
+fp16 models, mixed dtypes) the same function runs the float32 GEMMs. Either way backward keeps x
+and weight as they are (no float32 copy): the memory census measures that on the meta device.
 """
 from __future__ import annotations
 
@@ -46,11 +46,12 @@ def split_bf16(g: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.cat([hi, (g - hi.float()).to(dtype)], dim=1)
 
 
-def split_grads(g: Tensor, x: Tensor, weight: Tensor, mm: Mm = mm_f32) -> tuple[Tensor, Tensor]:
+def split_grads(g: Tensor, x: Tensor, weight: Tensor, mm: Mm = mm_f32, mm_bf16: Mm = torch.mm) -> tuple[Tensor, Tensor]:
     """The logits' gradient g [T, E] float32 → (grad x [T, H] in x's dtype, grad weight [E, H] in
-    weight's dtype), through `mm` (bf16 inputs, float32 out) on the split of g."""
+    weight's dtype), through `mm` (bf16 inputs, float32 out) and `mm_bf16` (bf16 out, float32
+    accumulation: no [T, H] float32 intermediate) on the split of g."""
     parts = split_bf16(g, x.dtype)                                   # [T, 2E]
-    grad_x = mm(parts, torch.cat([weight, weight], dim=0)).to(x.dtype)
+    grad_x = mm_bf16(parts, torch.cat([weight, weight], dim=0))
     E = weight.shape[0]
     grad_w = mm(parts.t(), x).view(2, E, -1).sum(0).to(weight.dtype)
     return grad_x, grad_w
