@@ -59,11 +59,11 @@ def split_routes(routes: Tensor, n: int, T: int, K: int, ep: int) -> Routes:
     return Routes(lead, upos, token_index.view(T, K), row_index, table.view(-1, K))
 
 
-def sorted_index(sorted_src: Tensor, got: Tensor, C: int) -> Tensor:
-    """Expert side: each sorted row's pool row, chunk s·C + its token's place (`got`: the pushed
+def _sorted_index(sorted_src: Tensor, place: Tensor, C: int) -> Tensor:
+    """Expert side: each sorted row's pool row, chunk s·C + its token's place (`place`: the pushed
     place of each receive row); -1 for padding."""
     s = sorted_src.clamp(min=0)
-    return torch.where(sorted_src >= 0, s - s % C + got[s], -1)
+    return torch.where(sorted_src >= 0, s - s % C + place[s], -1)
 
 
 def _at_sorted(pushed: Tensor, sorted_src: Tensor) -> Tensor:
@@ -71,14 +71,14 @@ def _at_sorted(pushed: Tensor, sorted_src: Tensor) -> Tensor:
     return torch.where(sorted_src >= 0, pushed.view(-1)[sorted_src.clamp(min=0)], 0)
 
 
-def _table(sorted_src: Tensor, packed: Tensor, C: int, U: int, K: int, ep: int) -> Tensor:
+def _table(sorted_src: Tensor, packed: Tensor, C: int, U: int, K: int, table: Tensor) -> Tensor:
     """Expert side: [ep·U, K] sorted rows filed by (chunk s, place u, copy k); -1 where none."""
     s = sorted_src.clamp(min=0)
     p = packed[s]
-    slot = torch.where(sorted_src >= 0, (s // C * U + p // K) * K + p % K, ep * U * K)
-    table = torch.full((ep * U * K + 1,), -1, dtype=torch.int64, device=sorted_src.device)
-    table.scatter_(0, slot, torch.arange(sorted_src.shape[0], device=sorted_src.device))
-    return table[:-1].view(ep * U, K)
+    slot = torch.where(sorted_src >= 0, (s // C * U + p // K) * K + p % K, table.numel())
+    flat = torch.full((table.numel() + 1,), -1, dtype=torch.int64, device=sorted_src.device)
+    flat.scatter_(0, slot, torch.arange(sorted_src.shape[0], device=sorted_src.device))
+    return table.view(-1).copy_(flat[:-1])
 
 
 def _token_index(copy_slot: Tensor, lead: Tensor, upos: Tensor, C: int, T: int) -> Tensor:
@@ -87,6 +87,31 @@ def _token_index(copy_slot: Tensor, lead: Tensor, upos: Tensor, C: int, T: int) 
     j = copy_slot.clamp(min=0)
     first = (copy_slot >= 0) & (lead[j] >= 0)
     return torch.where(first, j - j % C + upos[j], -1).view(T, -1)
+
+
+def token_maps(send_copy: Tensor, copy_slot: Tensor, K: int, ep: int, T: int, r: Routes) -> tuple[Tensor, Tensor]:
+    """Token side, before the exchange: fills r.lead, r.upos, r.token_index; returns (packed [n]:
+    each send row's token place·K + k, -1 at padding; its push index: the real rows)."""
+    if p2p.p2p_triton is not None and send_copy.is_cuda:
+        return p2p.p2p_triton.token_maps(send_copy, copy_slot, ep, T, K, r.lead, r.upos, r.token_index.view(-1))
+    lead, upos, where = p2p.unique_tokens(token_of(send_copy, K), ep, T)
+    r.lead.copy_(lead)
+    r.upos.copy_(upos)
+    r.token_index.copy_(_token_index(copy_slot, lead, upos, send_copy.shape[0] // ep, T))
+    packed = torch.where(where >= 0, where * K + send_copy % K, -1)
+    return packed, p2p.real_rows(packed)
+
+
+def sorted_maps(sorted_src: Tensor, got: Tensor, w_recv: Tensor, C: int, K: int, r: Routes, row_weight: Tensor) -> None:
+    """Expert side, after the exchange (`got`: each receive row's pushed place·K + k, `w_recv` its
+    copy's weight): fills r.row_index, r.table and row_weight (0 at padding)."""
+    U = r.table.shape[0] // (sorted_src.shape[0] // C)
+    if p2p.p2p_triton is not None and sorted_src.is_cuda:
+        p2p.p2p_triton.sorted_maps(sorted_src, got, w_recv.view(-1), C, U, K, r.row_index, row_weight, r.table)
+        return
+    r.row_index.copy_(_sorted_index(sorted_src, got // K, C))
+    row_weight.copy_(_at_sorted(w_recv, sorted_src))
+    _table(sorted_src, got, C, U, K, r.table)
 
 
 def _requires_p2p(op: str, group: str) -> None:
@@ -107,19 +132,16 @@ def dispatch_weighted(x: Tensor, weights: Tensor, send_copy: Tensor, copy_slot: 
     assert comm.group_size(group) == group_size, (group, comm.group_size(group), group_size)
     n, K, T = send_copy.shape[0], top_k, x.shape[0]
     C = n // group_size
-    lead, upos, where = p2p.unique_tokens(token_of(send_copy, K), group_size, T)
-    packed = torch.where(where >= 0, where * K + send_copy % K, -1)
-    recv, got, w_recv = p2p.exchange([p2p.Push(x.contiguous(), lead, upos),
-                                      p2p.Push(packed.view(n, 1), p2p.real_rows(packed)),
-                                      p2p.Push(weights.to(x.dtype).reshape(-1, 1), send_copy)], group, n)
-    got = got.view(n)
     rows_key, weight_key, routes_key = P2P_DISPATCH.output_keys(buf)
-    row_index = sorted_index(sorted_src, got // K, C)
-    out = rows.gather(recv, row_index, out=arena.out_like(rows_key, (n, x.shape[1]), x), zero_missing=False)
-    row_weight = arena.place(weight_key, _at_sorted(w_recv, sorted_src))
     routes = arena.out(routes_key, (routes_numel(n, T, K, group_size),), torch.int64, x.device)
-    torch.cat([lead, upos, _token_index(copy_slot, lead, upos, C, T).view(-1), row_index,
-               _table(sorted_src, got, C, min(T, C), K, group_size).view(-1)], out=routes)
+    r = split_routes(routes, n, T, K, group_size)
+    packed, packed_rows = token_maps(send_copy, copy_slot, K, group_size, T, r)
+    recv, got, w_recv = p2p.exchange([p2p.Push(x.contiguous(), r.lead, r.upos),
+                                      p2p.Push(packed.view(n, 1), packed_rows),
+                                      p2p.Push(weights.to(x.dtype).reshape(-1, 1), send_copy)], group, n)
+    row_weight = arena.out(weight_key, (n,), x.dtype, x.device)
+    sorted_maps(sorted_src, got.view(n), w_recv, C, K, r, row_weight)
+    out = rows.gather(recv, r.row_index, out=arena.out_like(rows_key, (n, x.shape[1]), x), zero_missing=False)
     return out, row_weight, routes
 
 

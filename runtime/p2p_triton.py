@@ -88,21 +88,28 @@ def push_rows(src: Tensor, index: Tensor, ptrs: Tensor, chunk_rows: int, rank: i
                                                       BH=bh, num_warps=warps)
 
 
-# --- each token's first row in its chunk (p2p.unique_tokens) -----------------------------------
-_UB = 1024                 # rows per block of the three kernels below
+# --- each token's first row in its chunk (p2p.unique_tokens), and the dispatch's maps -----------
+# Rows hold a token t, or a copy c = t·K + k of it (K = 1: tokens), -1 for padding.
+_UB = 1024                 # rows per block of the kernels below
 
 
 @triton.jit
-def _first_rows(tokens, first, C, T, B: tl.constexpr):
+def _token(rows, at, mask, K):
+    c = tl.load(rows + at, mask=mask, other=-1)
+    return tl.where(c >= 0, c // K, -1), c
+
+
+@triton.jit
+def _first_rows(rows, first, C, T, K, B: tl.constexpr):
     """Program (p, b): first[p, t] = min over the rows j of chunk p holding token t (atomic)."""
     p = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * B + tl.arange(0, B)
-    tok = tl.load(tokens + p * C + j, mask=j < C, other=-1)
+    tok, _ = _token(rows, p * C + j, j < C, K)
     tl.atomic_min(first + p * T + tok, j.to(tl.int32), mask=tok >= 0)
 
 
 @triton.jit
-def _lead_rows(tokens, first, lead, upos, C, T, B: tl.constexpr):
+def _lead_rows(rows, first, lead, upos, C, T, K, B: tl.constexpr):
     """Program p, chunk p in blocks: a row leads if it is its token's first; upos counts the
     leading rows before each row (an exclusive scan carried across blocks)."""
     p = tl.program_id(0).to(tl.int64)
@@ -110,7 +117,7 @@ def _lead_rows(tokens, first, lead, upos, C, T, B: tl.constexpr):
     for b in range(0, C, B):
         j = b + tl.arange(0, B)
         inside = j < C
-        tok = tl.load(tokens + p * C + j, mask=inside, other=-1)
+        tok, _ = _token(rows, p * C + j, inside, K)
         f = tl.load(first + p * T + tok, mask=tok >= 0, other=-1)
         is_lead = (tok >= 0) & (f == j)
         n = is_lead.to(tl.int64)
@@ -120,26 +127,83 @@ def _lead_rows(tokens, first, lead, upos, C, T, B: tl.constexpr):
 
 
 @triton.jit
-def _token_places(tokens, first, upos, where, C, T, B: tl.constexpr):
-    """Program (p, b): where[p·C + j] = upos of the first row of row j's token (-1 padding)."""
+def _token_places(rows, first, upos, where, sent, C, T, K, SENT: tl.constexpr, B: tl.constexpr):
+    """Program (p, b): where[p·C + j] = u·K + k, u the upos of the first row of row j's token and
+    k its copy (-1 padding); with SENT, sent[p·C + j] = p·C + j where row j is real, else -1."""
     p = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * B + tl.arange(0, B)
     inside = j < C
-    tok = tl.load(tokens + p * C + j, mask=inside, other=-1)
+    tok, c = _token(rows, p * C + j, inside, K)
     f = tl.load(first + p * T + tok, mask=tok >= 0, other=0).to(tl.int64)
     u = tl.load(upos + p * C + f, mask=tok >= 0, other=-1)
-    tl.store(where + p * C + j, tl.where(tok >= 0, u, -1), mask=inside)
+    tl.store(where + p * C + j, tl.where(tok >= 0, u * K + c % K, -1), mask=inside)
+    if SENT:
+        tl.store(sent + p * C + j, tl.where(tok >= 0, p * C + j, -1), mask=inside)
+
+
+def _unique(rows: Tensor, ep: int, T: int, K: int, lead: Tensor, upos: Tensor, where: Tensor,
+            sent: Tensor | None) -> None:
+    n = rows.shape[0]
+    C = n // ep
+    first = torch.full((ep, T), C, dtype=torch.int32, device=rows.device)
+    if n:
+        grid = (ep, triton.cdiv(C, _UB))
+        _first_rows[grid](rows, first, C, T, K, B=_UB, num_warps=4)
+        _lead_rows[(ep,)](rows, first, lead, upos, C, T, K, B=_UB, num_warps=4)
+        _token_places[grid](rows, first, upos, where, where if sent is None else sent, C, T, K,
+                            SENT=sent is not None, B=_UB, num_warps=4)
 
 
 def unique_tokens(tokens: Tensor, ep: int, T: int) -> tuple[Tensor, Tensor, Tensor]:
     """p2p.unique_tokens in three kernels: (lead, upos, where), each [ep·C] int64."""
-    n = tokens.shape[0]
-    C = n // ep
-    first = torch.full((ep, T), C, dtype=torch.int32, device=tokens.device)
     lead, upos, where = (torch.empty_like(tokens) for _ in range(3))
-    if n:
-        grid = (ep, triton.cdiv(C, _UB))
-        _first_rows[grid](tokens, first, C, T, B=_UB, num_warps=4)
-        _lead_rows[(ep,)](tokens, first, lead, upos, C, T, B=_UB, num_warps=4)
-        _token_places[grid](tokens, first, upos, where, C, T, B=_UB, num_warps=4)
+    _unique(tokens, ep, T, 1, lead, upos, where, None)
     return lead, upos, where
+
+
+@triton.jit
+def _token_index(copy_slot, lead, upos, out, N, C, B: tl.constexpr):
+    """out[c] = the pool row to sum for copy c: j − j % C + upos[j] where its send row j leads, else -1."""
+    c = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
+    j = tl.load(copy_slot + c, mask=c < N, other=-1)
+    first = (j >= 0) & (tl.load(lead + j, mask=j >= 0, other=-1) >= 0)
+    u = tl.load(upos + j, mask=first, other=0)
+    tl.store(out + c, tl.where(first, j - j % C + u, -1), mask=c < N)
+
+
+def token_maps(send_copy: Tensor, copy_slot: Tensor, ep: int, T: int, K: int, lead: Tensor, upos: Tensor,
+               token_index: Tensor) -> tuple[Tensor, Tensor]:
+    """Dispatch's token side (p2p_moves): fills lead, upos [ep·C] and token_index [T·K]; returns
+    (packed [ep·C]: each row's place·K + k, -1 padding; sent: the push index of `packed`)."""
+    packed, sent = torch.empty_like(send_copy), torch.empty_like(send_copy)
+    _unique(send_copy, ep, T, K, lead, upos, packed, sent)
+    N = copy_slot.shape[0]
+    if N:
+        _token_index[(triton.cdiv(N, _UB),)](copy_slot, lead, upos, token_index, N, send_copy.shape[0] // ep, B=_UB,
+                                             num_warps=4)
+    return packed, sent
+
+
+@triton.jit
+def _sorted_maps(sorted_src, got, w_recv, row_index, row_weight, table, n, C, U, K, B: tl.constexpr):
+    """Expert side: sorted row i (receive row s) → its pool row s − s % C + place, its weight, and
+    its entry table[(s // C · U + place) · K + k] = i (the table holds -1 before)."""
+    i = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
+    s = tl.load(sorted_src + i, mask=i < n, other=-1)
+    real = s >= 0
+    p = tl.load(got + s, mask=real, other=0)
+    place = p // K
+    tl.store(row_index + i, tl.where(real, s - s % C + place, -1), mask=i < n)
+    w = tl.load(w_recv + s, mask=real, other=0)
+    tl.store(row_weight + i, tl.where(real, w, 0), mask=i < n)
+    tl.store(table + (s // C * U + place) * K + p % K, i, mask=real)
+
+
+def sorted_maps(sorted_src: Tensor, got: Tensor, w_recv: Tensor, C: int, U: int, K: int, row_index: Tensor,
+                row_weight: Tensor, table: Tensor) -> None:
+    """Dispatch's expert side (p2p_moves): fills row_index [n], row_weight [n] and table [ep·U, K]."""
+    table.fill_(-1)
+    n = sorted_src.shape[0]
+    if n:
+        _sorted_maps[(triton.cdiv(n, _UB),)](sorted_src, got, w_recv, row_index, row_weight, table, n, C, U, K,
+                                             B=_UB, num_warps=4)

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from runtime import p2p, p2p_triton
+from runtime import p2p, p2p_moves, p2p_triton
 
 
 def _peers(ep, C, H):
@@ -78,16 +78,67 @@ def unique_case(ep, C, T, fill, seed):
     return None
 
 
+def _routes(n, T, K, ep):
+    return p2p_moves.split_routes(torch.full((p2p_moves.routes_numel(n, T, K, ep),), -7, dtype=torch.int64), n, T, K, ep)
+
+
+def token_maps_case(ep, C, T, K, seed):
+    """p2p_triton.token_maps (copies, K > 1) equals p2p_moves.token_maps's torch path: lead, upos,
+    token_index, packed places and their push index, on chunks holding several copies of a token."""
+    g = torch.Generator().manual_seed(seed)
+    copies = torch.randperm(T * K, generator=g)[: int(torch.randint(1, T * K + 1, (1,), generator=g))]
+    send_copy = torch.full((ep, C), -1, dtype=torch.int64)
+    rank = torch.randint(0, ep, (copies.numel(),), generator=g)
+    for p in range(ep):
+        mine = copies[rank == p][:C]                     # past C: dropped (the copy has no slot)
+        send_copy[p, : mine.numel()] = mine
+    send_copy = send_copy.view(-1)
+    copy_slot = torch.full((T * K,), -1, dtype=torch.int64)
+    real = send_copy >= 0
+    copy_slot[send_copy[real]] = torch.arange(ep * C)[real]
+    want_r, got_r = _routes(ep * C, T, K, ep), _routes(ep * C, T, K, ep)
+    want = p2p_moves.token_maps(send_copy, copy_slot, K, ep, T, want_r)
+    got = p2p_triton.token_maps(send_copy, copy_slot, ep, T, K, got_r.lead, got_r.upos, got_r.token_index.view(-1))
+    same = all(torch.equal(a, b) for a, b in zip(want + want_r[:3], got + got_r[:3]))
+    return None if same else f"token_maps ep {ep} C {C} T {T} K {K}: differs from the torch path"
+
+
+def sorted_maps_case(ep, C, T, K, seed):
+    """p2p_triton.sorted_maps equals p2p_moves.sorted_maps's torch path: each sorted row's pool row
+    and weight (0 at padding) and the [ep·U, K] table (-1 where none)."""
+    g = torch.Generator().manual_seed(seed)
+    U = min(T, C)
+    got = torch.full((ep * C,), -1, dtype=torch.int64)
+    rows = []
+    for s in range(ep):                                   # distinct (place, k) per chunk, real rows first
+        m = int(torch.randint(0, min(C, U * K) + 1, (1,), generator=g))
+        got[s * C: s * C + m] = torch.randperm(U * K, generator=g)[:m]
+        rows += range(s * C, s * C + m)
+    order = torch.tensor(rows, dtype=torch.int64)[torch.randperm(len(rows), generator=g)]
+    sorted_src = torch.cat([order, torch.full((ep * C - len(rows),), -1, dtype=torch.int64)])
+    sorted_src = sorted_src[torch.randperm(ep * C, generator=g)]
+    w_recv = torch.randn(ep * C, 1, generator=g)
+    want_r, got_r = _routes(ep * C, T, K, ep), _routes(ep * C, T, K, ep)
+    want_w, got_w = torch.full((ep * C,), 9.0), torch.full((ep * C,), 9.0)
+    p2p_moves.sorted_maps(sorted_src, got, w_recv, C, K, want_r, want_w)
+    p2p_triton.sorted_maps(sorted_src, got, w_recv.view(-1), C, U, K, got_r.row_index, got_w, got_r.table)
+    same = torch.equal(want_w, got_w) and all(torch.equal(a, b) for a, b in zip(want_r[3:], got_r[3:]))
+    return None if same else f"sorted_maps ep {ep} C {C} T {T} K {K}: differs from the torch path"
+
+
 def main():
     sums = [(2, 6, 4, 3, 20, 9, 1, 16, True), (3, 5, 5, 2, 40, 7, 2, 16, False), (4, 4, 2, 4, 8, 5, 0, 64, True)]
     failures = [f for i, c in enumerate(sums) if (f := sum_case(*c[:8], seed=100 + i, weighted=c[8]))]
     uniques = [(2, 7, 3, 1.0), (3, 2500, 40, 0.7), (4, 1030, 2000, 1.0)]
     failures += [f for i, c in enumerate(uniques) if (f := unique_case(*c, seed=200 + i))]
+    maps = [(2, 7, 5, 3), (3, 1500, 400, 8), (4, 9, 3, 4), (2, 2100, 2000, 2)]
+    failures += [f for i, c in enumerate(maps) if (f := token_maps_case(*c, seed=300 + i))]
+    failures += [f for i, c in enumerate(maps) if (f := sorted_maps_case(*c, seed=400 + i))]
     cases = [(2, 6, 20, 9, 1, 16, 4), (2, 5, 16, 7, 0, 16, 1), (4, 3, 33, 11, 2, 8, 2), (4, 7, 8, 5, 3, 64, 8),
              (3, 4, 40, 6, 1, 32, 2)]
     cases += [c[:-1] + (c[-1], True) for c in cases[:3]]           # the same, stored at given positions
     failures += [f for i, c in enumerate(cases) if (f := case(*c[:7], seed=i, positions=len(c) > 7))]
-    print(json.dumps({"cases": len(cases) + len(sums) + len(uniques), "failures": failures}))
+    print(json.dumps({"cases": len(cases) + len(sums) + len(uniques) + 2 * len(maps), "failures": failures}))
 
 
 if __name__ == "__main__":
