@@ -19,7 +19,8 @@ from torch import Tensor
 
 # tiles measured on 2 × H200 (bench/exchange.py --sweep, docs/BENCHMARKS.md): whole rows up to 8192
 # columns per program; 8 warps from 4096 columns on
-_MAX_BH, _ROWS = 8192, 1
+_MAX_BH = 8192
+_ROW_ELEMS = 256           # a narrow push takes several rows a program: a [n, 1] map in n / 256 programs, not n
 _SUM_BH = 2048             # a summing push keeps an fp32 accumulator: narrower column blocks
 
 
@@ -64,13 +65,13 @@ def _push_sum(src, idx, w, ptrs, n, U, C, rank, H, K, s_src, HAS_W: tl.constexpr
 
 
 def push_rows(src: Tensor, index: Tensor, ptrs: Tensor, chunk_rows: int, rank: int, H: int,
-              block: int | None = None, warps: int | None = None, rows: int = _ROWS, pos: Tensor | None = None,
+              block: int | None = None, warps: int | None = None, rows: int | None = None, pos: Tensor | None = None,
               weights: Tensor | None = None, sum_rows: int | None = None) -> None:
     """For every send row s with index[s] ≥ 0: peer (s // C)'s buffer row rank·C + s % C (or
     rank·C + pos[s]) ← src[index[s]]. A 2-D index [n, K] sends the (weighted) sum of its rows, row
     s = p·U + j (U = `sum_rows` per peer, ≤ C) to peer p's row rank·C + j."""
     n = index.shape[0]
-    assert rows & (rows - 1) == 0, f"rows per program must be a power of 2, got {rows}"
+    assert rows is None or rows & (rows - 1) == 0, f"rows per program must be a power of 2, got {rows}"
     if n == 0:
         return
     if index.dim() == 2:
@@ -83,6 +84,7 @@ def push_rows(src: Tensor, index: Tensor, ptrs: Tensor, chunk_rows: int, rank: i
         return
     bh = min(block or _MAX_BH, triton.next_power_of_2(H))
     warps = warps or (8 if bh >= 4096 else 4)
+    rows = rows or max(1, _ROW_ELEMS // bh)
     _push[(triton.cdiv(n, rows), triton.cdiv(H, bh))](src, index, index if pos is None else pos, ptrs, n, chunk_rows,
                                                       rank, H, src.stride(0), HAS_POS=pos is not None, R=rows,
                                                       BH=bh, num_warps=warps)

@@ -135,7 +135,7 @@ def main():
     failures += [f for i, c in enumerate(maps) if (f := token_maps_case(*c, seed=300 + i))]
     failures += [f for i, c in enumerate(maps) if (f := sorted_maps_case(*c, seed=400 + i))]
     cases = [(2, 6, 20, 9, 1, 16, 4), (2, 5, 16, 7, 0, 16, 1), (4, 3, 33, 11, 2, 8, 2), (4, 7, 8, 5, 3, 64, 8),
-             (3, 4, 40, 6, 1, 32, 2)]
+             (3, 4, 40, 6, 1, 32, 2), (3, 50, 1, 20, 1, None, None), (2, 300, 2, 40, 0, None, None)]
     cases += [c[:-1] + (c[-1], True) for c in cases[:3]]           # the same, stored at given positions
     failures += [f for i, c in enumerate(cases) if (f := case(*c[:7], seed=i, positions=len(c) > 7))]
     print(json.dumps({"cases": len(cases) + len(sums) + len(uniques) + 2 * len(maps), "failures": failures}))

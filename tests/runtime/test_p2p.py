@@ -153,7 +153,7 @@ def test_push_kernel_in_the_interpreter_writes_each_real_row_and_nothing_else():
     out = subprocess.run([sys.executable, str(KERNEL_WORKER)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["cases"] == 22 and res["failures"] == [], res
+    assert res["cases"] == 24 and res["failures"] == [], res
 
 
 def test_the_launcher_refuses_p2p_where_the_gpus_cannot_reach_each_other(make_spec, monkeypatch):
