@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Mm = Callable[[Tensor, Tensor], Tensor]
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()     # torch.mm(..., out_dtype=): not in every torch
 
 
 def mm_f32(a: Tensor, b: Tensor) -> Tensor:
@@ -37,7 +38,7 @@ def mm_f32(a: Tensor, b: Tensor) -> Tensor:
 
 
 def tensor_core_path(x: Tensor, weight: Tensor) -> bool:
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and weight.dtype == x.dtype
+    return _MM_OUT_DTYPE and x.device.type == "cuda" and x.dtype == torch.bfloat16 and weight.dtype == x.dtype
 
 
 def split_bf16(g: Tensor, dtype: torch.dtype) -> Tensor:
