@@ -211,7 +211,7 @@ def _run_request(spec, from_build, overrides, metrics, record_routing, tensorboa
     metrics = metrics or (s.train.metrics_path if s is not None else None) or str(Path("runs") / name / "metrics.jsonl")
     absolute = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
     return RunRequest(s, absolute(from_build), absolute(metrics), absolute(record_routing),
-                      absolute(tensorboard), resume)
+                      absolute(tensorboard), resume, spec_path=absolute(spec))
 
 
 def _worker_argv(req: RunRequest, spec_path: Optional[str], overrides) -> list[str]:
@@ -242,9 +242,10 @@ def simulate(spec: str,
     """Planner + cost model on routing traces, no GPU: stragglers, overflow, bytes, time per strategy."""
     s = _load(spec, set_)
     out = out or str(Path("build") / s.model.name / "simulate.json")
-    preflight.check_output_file(out, "--out")          # before the simulation, not after it
+    inputs = {"the spec file": spec, "the routing trace (--trace)": trace}
+    preflight.check_output_file(out, "--out", "json", inputs)          # before the simulation, not after it
     if plot_path:
-        preflight.check_output_file(plot_path, "--plot")
+        preflight.check_output_file(plot_path, "--plot", "png", {**inputs, "the --out file": out})
     res = sim.simulate(s, trace=trace, skew=skew, drift=drift, steps=steps, layers=layers)
     sim.print_table(res, console)
     sim.write_json(res, out)
@@ -266,6 +267,9 @@ def main():
     except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted")
         sys.exit(130)
+    except OSError as e:   # the file system refused a path the user gave (a name too long, a loop of links)
+        name = str(e.filename or "")
+        _error(f"{e.strerror or type(e).__name__}: {name[:200]}{'…' if len(name) > 200 else ''}")
 
 
 def _error(message: str) -> None:

@@ -27,14 +27,22 @@ def _existing_ancestor(p: Path) -> Path:
     return p
 
 
+def _os_error(what: str, p: Path, e: OSError) -> OutputPathError:
+    return OutputPathError(f"{what} {str(p)[:200]}{'…' if len(str(p)) > 200 else ''} cannot be used "
+                           f"({e.strerror or type(e).__name__}); give another path")
+
+
 def check_output_dir(path: str | Path, what: str) -> Path:
     """Create directory `path` (and parents) and prove a file can be written in it."""
     p = Path(path)
-    base = _existing_ancestor(p)
-    if p.exists() and not p.is_dir():
-        raise OutputPathError(f"{what} {p} is a file, not a directory; give a directory path")
-    if not base.is_dir():
-        raise OutputPathError(f"{what} {p} cannot be created: {base} is a file, not a directory")
+    try:
+        base = _existing_ancestor(p)
+        if p.exists() and not p.is_dir():
+            raise OutputPathError(f"{what} {p} is a file, not a directory; give a directory path")
+        if not base.is_dir():
+            raise OutputPathError(f"{what} {p} cannot be created: {base} is a file, not a directory")
+    except OSError as e:            # a name too long, a loop of links
+        raise _os_error(what, p, e) from None
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".echoc-probe-"):
@@ -45,23 +53,59 @@ def check_output_dir(path: str | Path, what: str) -> Path:
     return p
 
 
-def check_output_file(path: str | Path, what: str) -> Path:
-    """The parent directory of file `path` is writable, and `path` is not a directory or read-only."""
+# what an existing output file must look like for echoc to write over it: its own earlier output
+_OWN = {"jsonl": "echoc's JSON lines", "json": "an echoc JSON result", "torch": "an echoc routing trace",
+        "png": "a PNG image"}
+
+
+def _looks_like(p: Path, kind: str) -> bool:
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return True
+    return {"jsonl": head[:1] == b"{", "json": head[:1] == b"{", "torch": head[:4] == b"PK\x03\x04",
+            "png": head == b"\x89PNG\r\n\x1a\n"}[kind]
+
+
+def check_output_file(path: str | Path, what: str, kind: str | None = None,
+                      inputs: dict[str, str | None] | None = None) -> Path:
+    """The parent directory of file `path` is writable; `path` is not a directory, a FIFO or a
+    device, not one of the run's `inputs` ({what it is: path}), not read-only, and, when it exists
+    and `kind` is given, holds what echoc writes there (never a file of the user's)."""
     p = Path(path)
-    if p.is_dir():
-        raise OutputPathError(f"{what} {p} is a directory; give a file path")
+    try:
+        if p.is_dir():
+            raise OutputPathError(f"{what} {p} is a directory; give a file path")
+        if p.exists() and not p.is_file():
+            raise OutputPathError(f"{what} {p} is not a regular file (a FIFO, device or socket); give a file path")
+        for name, src in (inputs or {}).items():
+            if src and (p.resolve() == Path(src).resolve() or (p.exists() and os.path.samefile(p, src))):
+                raise OutputPathError(f"{what} {p} is {name}: writing it would destroy it; give another path")
+    except OSError as e:
+        raise _os_error(what, p, e) from None
     check_output_dir(p.parent, f"{what}'s directory")
     if p.exists() and not os.access(p, os.W_OK):
         raise OutputPathError(f"{what} {p} exists and is read-only")
+    if kind and p.exists() and not _looks_like(p, kind):
+        raise OutputPathError(f"{what} {p} exists and does not hold {_OWN[kind]}: echoc does not write over "
+                              "other files; give a new path or remove it")
     return p
 
 
-def check_outputs(spec: Spec, metrics: str | None, record_routing: str | None, tensorboard: str | None) -> None:
+def run_inputs(spec: Spec, spec_path: str | None) -> dict[str, str | None]:
+    """The files a run reads, which no output may name."""
+    data = spec.train.data.path if spec.train.data.kind == "text" else None
+    return {"the spec file": spec_path, "the training data (train.data.path)": data}
+
+
+def check_outputs(spec: Spec, metrics: str | None, record_routing: str | None, tensorboard: str | None,
+                  spec_path: str | None = None) -> None:
     """Every path the run will write, before it starts."""
+    inputs = run_inputs(spec, spec_path)
     if metrics:
-        check_output_file(metrics, "--metrics")
+        check_output_file(metrics, "--metrics", "jsonl", inputs)
     if record_routing:
-        check_output_file(record_routing, "--record-routing")
+        check_output_file(record_routing, "--record-routing", "torch", {**inputs, "the --metrics file": metrics})
     if tensorboard:
         check_output_dir(tensorboard, "--tensorboard")
     if spec.train.checkpoint.dir:

@@ -37,6 +37,7 @@ class RunRequest:
     resume: str = "no"              # 'no', 'must' (--resume), 'or_start' (--resume-or-start)
     resume_with_changes: bool = False
     launcher: dict = field(default_factory=dict)   # nproc, nnodes, rdzv_endpoint, max_restarts
+    spec_path: str | None = None    # the YAML file the spec came from (no output may overwrite it)
 
 
 def in_torchrun() -> bool:
@@ -142,7 +143,7 @@ def start(req: RunRequest, worker_argv: list[str]) -> None:
                          "parallel.ep × parallel.dp")
     preflight.check_exchange(spec, nproc)
     preflight.check_inputs(spec)
-    preflight.check_outputs(spec, req.metrics, req.record_routing, req.tensorboard)
+    preflight.check_outputs(spec, req.metrics, req.record_routing, req.tensorboard, req.spec_path)
     note = preflight.check_resume(spec, req.resume, req.resume_with_changes)
     if note:
         print(f"echoc: {note}", file=sys.stderr, flush=True)

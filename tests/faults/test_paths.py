@@ -117,3 +117,58 @@ def test_cli_errors_are_one_line_before_any_worker(tmp_path, a_file):
     one_line_error(echoc("run", tiny, "--resume-with-changes"), "needs --resume")
     one_line_error(echoc("compile", tiny, "-o", str(a_file)), "is a file, not a directory")
     assert not list(tmp_path.glob("**/*.distcp"))
+
+
+def test_an_output_naming_an_input_is_refused_and_the_input_kept(tmp_path):
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text((ROOT / "specs/tiny.yaml").read_text())
+    data = tmp_path / "data.txt"
+    data.write_text("hello " * 2000)
+    spec = build_spec({"train.data.kind": "text", "train.data.path": str(data)})
+    with pytest.raises(preflight.OutputPathError, match="--metrics .* is the spec file"):
+        preflight.check_outputs(spec, str(spec_file), None, None, str(spec_file))
+    with pytest.raises(preflight.OutputPathError, match=r"--record-routing .* is the training data"):
+        preflight.check_outputs(spec, None, str(tmp_path / "." / "data.txt"), None, str(spec_file))
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(spec_file)
+    with pytest.raises(preflight.OutputPathError, match="is the spec file"):
+        preflight.check_outputs(spec, str(link), None, None, str(spec_file))
+    with pytest.raises(preflight.OutputPathError, match="is the --metrics file"):
+        preflight.check_outputs(spec, str(tmp_path / "m.jsonl"), str(tmp_path / "m.jsonl"), None)
+    assert spec_file.read_text() == (ROOT / "specs/tiny.yaml").read_text() and data.read_text() == "hello " * 2000
+
+
+def test_an_existing_file_echoc_did_not_write_is_refused(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    with pytest.raises(preflight.OutputPathError, match="does not hold echoc's JSON lines"):
+        preflight.check_output_file(notes, "--metrics", "jsonl")
+    with pytest.raises(preflight.OutputPathError, match="does not hold an echoc routing trace"):
+        preflight.check_output_file(notes, "--record-routing", "torch")
+    assert notes.read_text() == "my notes\n"
+    ours = tmp_path / "m.jsonl"
+    ours.write_text('{"step": 1}\n')
+    preflight.check_output_file(ours, "--metrics", "jsonl")           # an earlier run's metrics: appended to
+    (tmp_path / "empty.json").write_bytes(b"")
+    preflight.check_output_file(tmp_path / "empty.json", "--out", "json")
+
+
+def test_a_fifo_or_an_overlong_name_is_refused(tmp_path):
+    fifo = tmp_path / "m.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(preflight.OutputPathError, match="not a regular file"):
+        preflight.check_output_file(fifo, "--metrics", "jsonl")
+    long = tmp_path / ("c" * 300) / "m.jsonl"
+    with pytest.raises(preflight.OutputPathError, match="--metrics .* cannot be used"):
+        preflight.check_output_file(long, "--metrics", "jsonl")
+    with pytest.raises(preflight.OutputPathError, match="train.checkpoint.dir .* cannot be used"):
+        preflight.check_output_dir(tmp_path / ("c" * 300), "train.checkpoint.dir")
+
+
+@pytest.mark.slow
+def test_simulate_refuses_to_write_over_its_spec(tmp_path):
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text((ROOT / "specs/tiny.yaml").read_text())
+    one_line_error(echoc("simulate", str(spec_file), "--out", str(spec_file)), "is the spec file")
+    assert spec_file.read_text() == (ROOT / "specs/tiny.yaml").read_text()
+    one_line_error(echoc("inspect", str(tmp_path / ("c" * 300))), "File name too long")
