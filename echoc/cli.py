@@ -20,7 +20,7 @@ from echoc import simulate as sim
 from echoc import views
 from echoc.artifact import write_build
 from echoc.compile import compile_build
-from echoc.errors import EchocError
+from echoc.errors import EchocError, StoppedBySignal
 from echoc.run import RunRequest, in_torchrun, start, worker
 from echoc.spec_io import json_schema, load_spec
 
@@ -257,8 +257,12 @@ def simulate(spec: str,
 def main():
     try:
         app(standalone_mode=False)
+    except StoppedBySignal as e:
+        if os.environ.get("RANK", "0") != "0":    # every rank stops at the same step: rank 0 says so
+            sys.exit(e.exit_code)
+        _error(str(e), e.exit_code)
     except EchocError as e:
-        _error(str(e))
+        _error(str(e), e.exit_code)
     except TyperException as e:  # the command line itself: an unknown option, a bad value
         if type(e).__name__ == "NoArgsIsHelpError":  # `echoc` alone prints the help
             e.show()
@@ -272,8 +276,8 @@ def main():
         _error(f"{e.strerror or type(e).__name__}: {name[:200]}{'…' if len(name) > 200 else ''}")
 
 
-def _error(message: str) -> None:
-    """One line on stderr, exit 2, no traceback."""
+def _error(message: str, code: int = 2) -> None:
+    """One line on stderr, exit 2 (or `code`), no traceback."""
     err_console.print("[red]error:[/red] ", end="")
     err_console.print(message, markup=False, highlight=False)  # messages hold [brackets]
-    sys.exit(2)
+    sys.exit(code)

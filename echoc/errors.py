@@ -1,8 +1,18 @@
-"""Errors a user can cause. The CLI prints them (no traceback) and exits 2."""
+"""Errors a user can cause. The CLI prints them (no traceback) and exits 2 (or `exit_code`)."""
 
 
 class EchocError(Exception):
     """Base class: the message must tell the user what to change."""
+    exit_code = 2
+
+
+class StoppedBySignal(EchocError):
+    """SIGTERM / SIGINT stopped the run early (after a checkpoint, when there is a directory):
+    not a finished run, so the exit code is the shell's for that signal (128 + its number)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 class SpecError(EchocError):

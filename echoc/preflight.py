@@ -13,7 +13,8 @@ from echoc.errors import EchocError
 from echoc.spec import Spec
 from runtime import p2p
 from runtime.checkpoint import check_fresh_dir
-from runtime.checkpoint_files import CheckpointError, check_spec, check_steps, newest_whole, read_marker
+from runtime.checkpoint_files import (CheckpointError, check_spec, check_steps, check_unlocked, newest_whole,
+                                      read_marker)
 from runtime.data import check_text_file
 
 
@@ -125,6 +126,7 @@ def check_resume(spec: Spec, mode: str, allow_changes: bool) -> str | None:
         raise CheckpointError("--resume needs train.checkpoint.dir in the spec")
     if not d:
         return None
+    check_unlocked(d)
     if mode == "no":
         check_fresh_dir(d)
         return None

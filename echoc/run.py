@@ -86,12 +86,31 @@ def worker(req: RunRequest, build: Build | None = None, hooks: tuple = ()) -> li
     except Exception as e:
         # the roll call needs the process group's store: before the group is destroyed
         timeout = watchdog.explain_timeout(spec.train.collective_timeout_s) if watchdog.is_timeout(e) else None
+        rank = dist.get_rank()
         comm.shutdown(wait=False)
         if timeout is not None:
             raise timeout from None
+        if peer_lost(e):
+            raise EchocError(f"rank {rank}: another rank left in the middle of a collective ({_first_line(e)}); "
+                             "the launcher's last line names the rank that failed first") from None
         raise
     comm.shutdown()
     return history
+
+
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
+              "ncclRemoteError", "NCCL communicator was aborted")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """A collective failed because another rank's process went away (killed, crashed): that rank's
+    own error is the one to read; this one needs no traceback."""
+    return isinstance(e, RuntimeError) and any(k in str(e) for k in _PEER_GONE)
+
+
+def _first_line(e: BaseException) -> str:
+    line = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return line[:160]
 
 
 def check_launch(req: RunRequest) -> None:

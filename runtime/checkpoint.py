@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from echoc.errors import EchocError
+from echoc.errors import EchocError, StoppedBySignal
 from runtime import comm
 from runtime import checkpoint_files
 from runtime.checkpoint_files import (COMPLETE, CheckpointError, CheckpointMismatchError, check_spec,
@@ -104,6 +104,28 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _dcp_errors() -> tuple[type[BaseException], ...]:
+    try:   # a collective save or load that failed on some rank raises this, a BaseException
+        from torch.distributed.checkpoint.api import CheckpointException
+        return (Exception, CheckpointException)
+    except ImportError:
+        return (Exception,)
+
+
+_DCP_ERRORS = _dcp_errors()
+
+
+def _dcp_reason(e: BaseException) -> str:
+    """One line from a DCP error: a collective one's first failing rank's own exception."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, inner = sorted(failures.items())[0]
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        return f"rank {rank}: {_dcp_reason(inner)}"
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first[:200]}"
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -165,23 +187,36 @@ def save(trainer, step: int, ckpt_dir: str | Path) -> Path:
         return final
     state = _state(trainer, step)
     _nonfinite_keys(state, step)
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that died
-        tmp.mkdir(parents=True)
-    _barrier()
+    _on_rank0(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)), step, ckpt_dir)
     try:
         dcp = _dcp()
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)))
-    except Exception as e:  # DCP's own errors carry no hint about what to do
+    except _DCP_ERRORS as e:  # DCP's own errors carry no hint about what to do
         raise CheckpointError(f"saving step {step} into {tmp} failed in torch.distributed.checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check that "
+                              f"({_dcp_reason(e)}); check that "
                               "train.checkpoint.dir is writable with free space on every node") from None
     _barrier()  # every rank's shard is on disk
     files = _digests(tmp)
-    if _rank() == 0:
-        _publish(tmp, final, marker_json(step, trainer.spec, files, _layout(trainer)))
-    _barrier()
+    _on_rank0(lambda: _publish(tmp, final, marker_json(step, trainer.spec, files, _layout(trainer))), step, ckpt_dir)
     return final
+
+
+def _on_rank0(write, step: int, ckpt_dir: str | Path) -> None:
+    """Collective: rank 0 does `write` (file-system work); a failure there (read-only, full) is the
+    same CheckpointError on every rank, not one rank's traceback and the others' broken collective."""
+    failed = None
+    if _rank() == 0:
+        try:
+            write()
+        except OSError as e:
+            newest = latest(ckpt_dir)
+            failed = (f"{e.strerror or type(e).__name__}: {e.filename or ckpt_dir}",
+                      newest[1].name if newest else "none")
+    failed = _from_rank0(failed)
+    if failed is not None:
+        raise CheckpointError(f"cannot write the checkpoint of step {step} into {ckpt_dir} ({failed[0]}); the "
+                              f"newest whole one is {failed[1]}: free space or make train.checkpoint.dir "
+                              "writable, then continue with --resume")
 
 
 def _publish(tmp: Path, final: Path, marker: dict) -> None:
@@ -238,11 +273,10 @@ def _load_with_hint(trainer, d: Path) -> int:
         return load(trainer, d)
     except EchocError:
         raise
-    except Exception as e:  # DCP's errors name a key or a storage call, not what to do
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(f"{d} could not be loaded by torch.distributed.checkpoint ({type(e).__name__}: "
-                              f"{first[:200]}); it does not fit this model or was written by another torch: "
-                              "move it out of the checkpoint directory to resume from an earlier one") from None
+    except _DCP_ERRORS as e:  # DCP's errors name a key or a storage call, not what to do
+        raise CheckpointError(f"{d} could not be loaded by torch.distributed.checkpoint ({_dcp_reason(e)}); it "
+                              "does not fit this model or was written by another torch: move it out of the "
+                              "checkpoint directory to resume from an earlier one") from None
 
 
 def resume(trainer, ckpt_dir: str | Path, allow_changes: bool = False, steps: int | None = None) -> int:
@@ -277,8 +311,12 @@ def install_stop_signals(flag) -> None:
     """On SIGTERM or SIGINT (Ctrl-C) call flag.set() (a threading.Event) instead of dying.
 
     The loop then saves and exits at a step boundary (see stop_requested). Main thread only."""
+    def stop(signum, frame):
+        flag.signum = signum    # what to tell the user, and the exit code (128 + signum)
+        flag.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: flag.set())
+        signal.signal(sig, stop)
 
 
 def stop_requested(flag) -> bool:
@@ -317,6 +355,7 @@ class Checkpointer:
             raise CheckpointError("--resume needs train.checkpoint.dir in the spec")
         if not self.config.dir:
             return
+        self.lock = _lock(self.config.dir)
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             resume_mode = "or_start"
         if resume_mode == "no":
@@ -341,12 +380,36 @@ class Checkpointer:
         self.stopped = self.enabled and stop_requested(self.flag)
         return self.stopped
 
+    def stopped_early(self, done: int) -> StoppedBySignal:
+        """What the loop raises after the stop save: the run is not finished."""
+        signum = getattr(self.flag, "signum", signal.SIGTERM)   # another rank's signal: not recorded here
+        name = signal.Signals(signum).name if getattr(self.flag, "signum", None) else "a signal on another rank"
+        return StoppedBySignal(f"stopped by {name} after step {done} of {self.trainer.spec.train.steps}; saved "
+                               f"{step_dir(self.config.dir, done).name} in {self.config.dir}: continue with "
+                               "`echoc run ... --resume`", int(signum))
+
     def save(self, done: int) -> None:
         """Collective: save the state after `done` steps, then prune (rank 0)."""
         if not self.enabled:
             return
         save(self.trainer, done, self.config.dir)
         keep_last(self.config.dir, self.keep)
+
+
+def _lock(ckpt_dir: str | Path):
+    """Collective: rank 0 holds the directory's lock for the run (checkpoint_files.lock_dir); another
+    run holding it is the same CheckpointError on every rank."""
+    held, why = None, None
+    if _rank() == 0:
+        try:
+            Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+            held = checkpoint_files.lock_dir(ckpt_dir)
+        except CheckpointError as e:
+            why = str(e)
+    why = _from_rank0(why)
+    if why is not None:
+        raise CheckpointError(why)
+    return held
 
 
 def check_fresh_dir(ckpt_dir: str | Path) -> None:

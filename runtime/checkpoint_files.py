@@ -4,6 +4,7 @@
     ckpt_dir/step_00000042.tmp/      a save in progress, or one that died: never loaded
     ckpt_dir/step_00000038.damaged/  failed its check at resume: kept for a look, never loaded
     ckpt_dir/step_00000036.deleting/ being pruned
+    ckpt_dir/.echoc-lock             flock'd by the run writing here (pid, host): one run a directory
 
 COMPLETE (json) is written last, by rank 0, after every rank's files are on disk:
     {"format": 2, "step", "ep", "dp", "world", "spec_hash", "spec": the spec as a dict,
@@ -15,9 +16,12 @@ unless the caller allows changes and all of them are in SAFE_CHANGES.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import re
 import shutil
 from dataclasses import dataclass
@@ -84,9 +88,24 @@ def read_marker(d: Path) -> Marker:
         raise CheckpointError(f"{d}: its COMPLETE marker cannot be read ({type(e).__name__})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CheckpointError(f"{d}: written without spec and checksums (an older echoc); it cannot be checked")
-    files = {k: (int(v[0]), str(v[1])) for k, v in m["files"].items()}
-    layout = {k: m[k] for k in ("ep", "dp", "world")}
-    return Marker(int(m["step"]), m["spec"], m["spec_hash"], files, layout)
+    try:
+        marker = _marker(m)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{d}: its COMPLETE marker is malformed ({type(e).__name__}: {e})") from None
+    named = _STEP_DIR.match(d.name)
+    if named and int(named.group(1)) != marker.step:
+        raise CheckpointError(f"{d}: its COMPLETE marker says step {marker.step}, its name another (renamed?)")
+    return marker
+
+
+def _marker(m: dict) -> Marker:
+    files = {str(k): (int(v[0]), str(v[1])) for k, v in m["files"].items()}
+    layout = {k: int(m[k]) for k in ("ep", "dp", "world")}
+    if not isinstance(m["spec"], dict) or not isinstance(m["spec_hash"], str) or not isinstance(m["step"], int):
+        raise TypeError("spec must be a mapping, spec_hash a string and step an integer")
+    if any(size < 0 or "/" in name or name in ("", ".", "..") for name, (size, _) in files.items()):
+        raise ValueError("a file entry names a path outside the checkpoint or a negative size")
+    return Marker(m["step"], m["spec"], m["spec_hash"], files, layout)
 
 
 def damage(d: Path, names: list[str] | None = None, hash_files: bool = True) -> str | None:
@@ -244,3 +263,37 @@ def publish(tmp: Path, final: Path, marker: dict) -> None:
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(final.parent)
+
+
+LOCK = ".echoc-lock"
+
+
+def lock_dir(ckpt_dir: str | Path):
+    """Hold `ckpt_dir`'s lock for this process's lifetime (the OS drops it when the process ends,
+    however it ends). Returns the open lock file (keep it), or None where the file system has no
+    locks. CheckpointError naming the holder when another live process holds it."""
+    path = Path(ckpt_dir) / LOCK
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise CheckpointError(f"train.checkpoint.dir {ckpt_dir} is in use by another run ({holder}); give each "
+                                  "run its own directory, or wait for that one to end") from None
+        return None    # no locks here (some network file systems): nothing to hold
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def check_unlocked(ckpt_dir: str | Path) -> None:
+    """Before a run starts: CheckpointError when another run holds `ckpt_dir` (the lock is let go at once)."""
+    if (Path(ckpt_dir) / LOCK).exists():
+        held = lock_dir(ckpt_dir)
+        if held is not None:
+            held.close()

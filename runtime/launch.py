@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
-from echoc.errors import EchocError
+from echoc.errors import EchocError, StoppedBySignal
 
 
 def worker_env_defaults(env: dict, nproc: int) -> None:
@@ -39,12 +40,15 @@ def launch(worker_argv: list[str], nproc: int, nnodes: str = "1", rdzv_endpoint:
     elif nnodes == "1":
         args += ["--standalone"]
     args += ["-m", "echoc"] + worker_argv
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     try:
         torchrun.main(args)
     except ChildFailedError as e:
-        codes = {f.exitcode for f in e.failures.values()}
-        raise EchocError(f"training failed on {len(e.failures)} rank(s) (exit codes {sorted(codes)}); "
-                         "the ranks' messages are printed above") from None
+        raise failed(e) from None
+    except SignalException as e:   # this launcher got SIGTERM / SIGINT: torchrun stopped the workers
+        raise StoppedBySignal(f"stopped by {signal.Signals(e.sigval).name}; the workers were asked to stop (with "
+                              "train.checkpoint.dir they saved a checkpoint first: continue with --resume)",
+                              int(e.sigval)) from None
     except RendezvousError as e:
         raise EchocError(f"the rendezvous at {rdzv_endpoint} for --nnodes {nnodes} did not complete within "
                          f"{rdzv_timeout_s:g} s (train.collective_timeout_s) ({type(e).__name__}); start "
@@ -52,3 +56,29 @@ def launch(worker_argv: list[str], nproc: int, nnodes: str = "1", rdzv_endpoint:
     except SystemExit as e:  # torchrun's argument errors
         if e.code:
             sys.exit(e.code)
+
+
+def _how(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def failed(e) -> EchocError:
+    """The launcher's line for torchrun's ChildFailedError: which rank failed first and how (the
+    others are usually stopped by torchrun with SIGTERM after it); a stop on SIGTERM / SIGINT
+    (every rank exiting 128 + signal after its checkpoint) keeps its own exit code."""
+    codes = {rank: f.exitcode for rank, f in e.failures.items()}
+    rank, first = e.get_first_failure()
+    signum = first.exitcode - 128
+    stopped_by_torchrun = {first.exitcode, -int(signal.SIGTERM)}
+    if signum in (signal.SIGTERM, signal.SIGINT) and set(codes.values()) <= stopped_by_torchrun:
+        return StoppedBySignal(f"stopped by {signal.Signals(signum).name} (rank {rank} first); rank 0's line above "
+                               "says which checkpoint was saved (continue with --resume)", signum)
+    others = len(codes) - 1
+    return EchocError(f"training failed: rank {rank} {_how(first.exitcode)} first"
+                      + (f", and {others} other rank(s) stopped with it" if others else "")
+                      + "; the ranks' messages are printed above")

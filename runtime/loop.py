@@ -112,7 +112,7 @@ class _Loop:
                 self.drain()   # every step in the saved state has been checked
                 self.ckpt.save(done)
             if stop:
-                return
+                raise self.ckpt.stopped_early(done)
         self.drain()
         self.ckpt.save(done)
 

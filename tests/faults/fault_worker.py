@@ -7,8 +7,10 @@ through the loop's hooks. argv: CONFIG_JSON with
   faults        [{"kind": K, "rank": r (default every rank), "at": k, ...}]: after k finished steps,
                 K = "signal" (os.kill self with "signal"), "nan_weight" (a dense weight becomes NaN),
                 "nan_loss" (the next step's loss is NaN: a transient fault), "oom" (the step
-                raises CUDA's out-of-memory error, as a GPU shared with another process would)
+                raises CUDA's out-of-memory error, as a GPU shared with another process would),
+                "disk_full" (every later checkpoint's publication fails with ENOSPC)
 """
+import errno
 import json
 import os
 import signal
@@ -17,6 +19,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+import runtime.checkpoint
 import runtime.trainer
 from echoc.errors import EchocError
 from echoc.run import RunRequest, worker
@@ -45,6 +48,10 @@ def make_hook(fault, trainer_box):
         elif fault["kind"] == "oom":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
                                               "total capacity of 139.81 GiB of which 3.12 GiB is free.\nmore")
+        elif fault["kind"] == "disk_full":
+            def full(*_):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "COMPLETE")
+            runtime.checkpoint._publish = full
         elif fault["kind"] == "nan_loss":
             POISON["loss"] = True
         elif fault["kind"] == "nan_weight":

@@ -2,6 +2,7 @@
 changed spec is refused (safe changes need --resume-with-changes); step labels stay real; no
 NaN/inf state is ever saved; pruning never deletes the newest whole checkpoint."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,26 @@ def test_preflight_resume_rules(tmp_path):
         preflight.check_resume(spec, "must", False)
 
 
+@pytest.mark.parametrize("edit", [
+    lambda m: m.pop("files"), lambda m: m.update(files=[]), lambda m: m.update(files={"abc": "abc"}),
+    lambda m: m.update(step="six"), lambda m: m.pop("ep"), lambda m: m.update(spec=[1]),
+    lambda m: m.update(files={"../x": [1, "0" * 64]})])
+def test_a_malformed_marker_is_damage_not_a_traceback(tmp_path, edit):
+    older, newer = make_ckpt(tmp_path, 2), make_ckpt(tmp_path, 4)
+    marker = json.loads((newer / files.COMPLETE).read_text())
+    edit(marker)
+    (newer / files.COMPLETE).write_text(json.dumps(marker))
+    found, damaged = files.newest_whole(tmp_path)
+    assert found == (2, older) and len(damaged) == 1 and "step_00000004: its COMPLETE marker is malformed" in damaged[0]
+
+
+def test_a_renamed_checkpoint_is_damage(tmp_path):
+    make_ckpt(tmp_path, 2)
+    make_ckpt(tmp_path, 6).rename(files.step_dir(tmp_path, 10))
+    found, damaged = files.newest_whole(tmp_path)
+    assert found[0] == 2 and "says step 6" in damaged[0]
+
+
 def launch(tmp_path, spec, name, expect_ok=True, **cfg):
     out = tmp_path / f"{name}.json"
     proc = run_torchrun(WORKER, {"spec": spec, "out": str(out), **cfg}, 2, tmp_path, timeout=300, check=expect_ok)
@@ -165,3 +186,28 @@ def test_nan_weights_are_never_saved(tmp_path):
     res, _ = launch(tmp_path, spec, "poison", expect_ok=False, faults=[{"kind": "nan_weight", "at": 2}])
     assert res["error"].startswith("CheckpointError: step 2 not saved") and "NaN/inf" in res["error"]
     assert files.latest(tmp_path / "ck")[0] == 1
+
+
+@pytest.mark.slow
+def test_a_save_the_disk_refuses_is_one_error_on_every_rank_keeping_the_older_checkpoints(tmp_path):
+    res, proc = launch(tmp_path, ckpt_spec(tmp_path, 8), "full", expect_ok=False,
+                       faults=[{"kind": "disk_full", "rank": 0, "at": 3}])
+    assert proc.returncode != 0 and proc.stderr.count("CheckpointError: cannot write") == 2, proc.stderr[-3000:]
+    for out in (tmp_path / "full.json", tmp_path / "full.json.rank1"):
+        error = json.loads(out.read_text())["error"]
+        assert error.startswith("CheckpointError: cannot write the checkpoint of step 4") and \
+            "No space left on device" in error and "the newest whole one is step_00000002" in error, error
+    assert [s for s, _ in files.complete_steps(tmp_path / "ck")] == [2]
+
+
+def test_one_run_a_checkpoint_directory(tmp_path):
+    held = files.lock_dir(tmp_path)
+    assert held is not None
+    with pytest.raises(files.CheckpointError, match=rf"is in use by another run \(pid {os.getpid()} on "):
+        files.check_unlocked(tmp_path)
+    spec = build_spec({"train.checkpoint.dir": str(tmp_path)})
+    with pytest.raises(files.CheckpointError, match="in use by another run"):
+        preflight.check_resume(spec, "no", False)
+    held.close()                                   # the run ended: the directory is free again
+    preflight.check_resume(spec, "no", False)
+    assert files.complete_steps(tmp_path) == []    # the lock file is no checkpoint

@@ -118,3 +118,28 @@ def test_killing_the_launcher_stops_the_workers_and_they_save(tmp_path):
         time.sleep(0.5)
     assert not any(alive(w) for w in workers), "workers outlived their launcher"
     assert latest(ck) is not None and latest(ck)[0] > 0
+
+
+def test_sigterm_to_the_launcher_saves_and_exits_143_without_a_traceback(tmp_path):
+    ck = tmp_path / "ck"
+    proc = echoc_run(["--nproc", "2", "--metrics", str(tmp_path / "m.jsonl"), "--set", "train.steps=100000",
+                      "--set", "train.log_interval=1", "--set", f"train.checkpoint.dir={ck}"])
+    deadline = time.monotonic() + 180
+    while not (tmp_path / "m.jsonl").exists() or not (tmp_path / "m.jsonl").read_text().count("\n") >= 2:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and "done:" not in err, err[-2000:]
+    saved = latest(ck)
+    assert saved is not None and f"saved {saved[1].name}" in err and "stopped by SIGTERM" in err, err[-2000:]
+
+
+def test_a_stop_on_sigterm_is_not_a_finished_run(tmp_path):
+    s = spec(steps=50, checkpoint={"dir": str(tmp_path / "ck"), "interval": 0})
+    proc, _, out = launch(tmp_path, s, faults=[{"kind": "signal", "signal": "SIGTERM", "rank": 1, "at": 3}])
+    assert proc.returncode != 0
+    error = json.loads(out.read_text())["error"]
+    assert error.startswith("StoppedBySignal: stopped by a signal on another rank after step 3 of 50"), error
+    assert "saved step_00000003" in error and latest(tmp_path / "ck")[0] == 3
