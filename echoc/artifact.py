@@ -168,7 +168,13 @@ def load_build(build_dir: str | Path) -> Build:
     layout is read from plan.json."""
     d = Path(build_dir)
     summary, texts = read_build(d)
-    spec = spec_from_dict(json.loads(texts["spec.json"]), source=str(d / "spec.json"))
+    try:
+        raw = json.loads(texts["spec.json"])
+    except ValueError as e:
+        raise BuildError(f"{d / 'spec.json'} is not JSON ({e}); recompile with `echoc compile`") from None
+    if not isinstance(raw, dict):
+        raise BuildError(f"{d / 'spec.json'} holds a {type(raw).__name__}, not a spec; recompile with `echoc compile`")
+    spec = spec_from_dict(raw, source=str(d / "spec.json"))
     if spec_hash(spec) != summary.get("spec_hash"):
         raise BuildError(f"{d}: spec.json does not match summary.json's spec hash; recompile")
     build = compile_build(spec)

@@ -29,6 +29,7 @@ class _Section(BaseModel):
 
 
 PosFloat = float_in(gt=0)
+Gbps = float_in(ge=0.001, le=1e6)     # GB/s of a link: 1 MB/s to 1 PB/s (the cost model divides by it)
 Steps = int_in(0, MAX_STEPS)
 
 
@@ -123,10 +124,10 @@ class ClusterConfig(_Section):
     nodes: int_in(1, MAX_WORLD) = 1
     gpus_per_node: int_in(1, MAX_GPUS_PER_NODE) = 1
     """Processes per node; on CPU, gloo processes."""
-    intra_node_gbps: PosFloat = 450.0
-    inter_node_gbps: PosFloat = 50.0
+    intra_node_gbps: Gbps = 450.0
+    inter_node_gbps: Gbps = 50.0
     domains: Optional[list[DomainConfig]] = None
-    inter_domain_gbps: Optional[PosFloat] = None
+    inter_domain_gbps: Optional[Gbps] = None
 
     @model_validator(mode="after")
     def _world(self):
@@ -259,8 +260,9 @@ class TrainConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     log_interval: int_in(1, MAX_STEPS) = 1
     metrics_path: Optional[PathText] = None
-    collective_timeout_s: float_in(gt=0, le=MAX_TIMEOUT_S) = 600.0
-    """Every collective times out after this many seconds: a rank that stops answering ends the run."""
+    collective_timeout_s: float_in(ge=1, le=MAX_TIMEOUT_S) = 600.0
+    """Every collective times out after this many seconds: a rank that stops answering ends the run
+    (at least 1 s: the ranks' first connection to their store needs that much)."""
     on_nonfinite: Literal["skip", "stop"] = "stop"
     """A NaN/inf loss or gradient norm skips that step's update on the device; then 'skip' counts and
     reports it, 'stop' stops the run naming the step."""

@@ -8,7 +8,6 @@ routed to each expert, per step and MoE layer. On disk it is a `torch.save` of
 from __future__ import annotations
 
 import os
-import pickle
 import zipfile
 from pathlib import Path
 
@@ -38,7 +37,8 @@ def load_trace(path: str | Path) -> Tensor:
     """Read a trace file → counts [steps, layers, ep, E] int64, checked: integers >= 0, no size 0."""
     path = Path(path)
     if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
+        what = ("is a directory" if path.is_dir() else "is not a regular file (a FIFO, device or socket)"
+                if path.exists() else "does not exist")
         raise TraceError(f"trace file {path} {what}; expected {FORMAT}")
     raw = _read_npz(path) if path.suffix == ".npz" else _read_torch(path)
     counts = _as_counts(raw, path)
@@ -48,7 +48,7 @@ def load_trace(path: str | Path) -> Tensor:
 def _read_torch(path: Path) -> Tensor:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:   # torch.load of arbitrary bytes raises anything (KeyError, UnpicklingError, ...)
         raise TraceError(f"cannot read trace file {path} ({type(e).__name__}); expected {FORMAT}") from None
     if not isinstance(data, dict) or "counts" not in data:
         raise TraceError(f"{path} holds no key 'counts'; expected {FORMAT}")
@@ -67,6 +67,8 @@ def _read_npz(path: Path) -> Tensor:
         raise TraceError(f"cannot read trace file {path} ({type(e).__name__}); expected {FORMAT}") from None
     if array.dtype.kind not in "iuf":
         raise TraceError(f"{path}: 'counts' has dtype {array.dtype}; expected integers")
+    if array.dtype.kind == "u" and array.size and int(array.max()) > np.iinfo(np.int64).max:
+        raise TraceError(f"{path}: counts must be < 2**63 (found {int(array.max())})")
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
@@ -75,7 +77,11 @@ def _as_counts(counts: Tensor, path: Path) -> Tensor:
     if counts.dim() not in (3, 4) or counts.numel() == 0:
         raise TraceError(f"{path}: counts have shape {tuple(counts.shape)}; expected [steps, layers, ep, E] "
                          f"(or [steps, ep, E]) with at least one step and one MoE layer")
-    if counts.dtype == torch.bool or counts.is_complex():
+    if counts.layout != torch.strided or counts.device.type != "cpu":
+        raise TraceError(f"{path}: counts are a {counts.layout} tensor on {counts.device}; "
+                         "expected a dense CPU tensor")
+    if counts.dtype == torch.bool or counts.is_complex() or (counts.is_floating_point() and counts.dtype not in
+                                                            (torch.float16, torch.bfloat16, torch.float32, torch.float64)):
         raise TraceError(f"{path}: counts have dtype {counts.dtype}; expected integers")
     if counts.is_floating_point():
         whole = torch.isfinite(counts) & (counts == counts.round()) & (counts.abs() <= 2**53)

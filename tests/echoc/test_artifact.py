@@ -1,4 +1,5 @@
 """The build directory (echoc/artifact.py): written once, verified on load, its plan executed."""
+import hashlib
 import json
 
 import pytest
@@ -66,3 +67,15 @@ def test_output_path_that_is_a_file_is_a_clear_error(built, tmp_path):
     blocker.write_text("x")
     with pytest.raises(BuildError, match="a file is in the way"):
         write_build(build, blocker)
+
+
+@pytest.mark.parametrize("text,why", [("[", "is not JSON"), ("[1]", "holds a list")])
+def test_a_spec_json_that_matches_its_hash_but_is_no_spec_is_refused(built, text, why):
+    """Someone edited spec.json and the hash beside it: still one clear error."""
+    _, out = built
+    (out / "spec.json").write_text(text)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["files"]["spec.json"] = hashlib.sha256(text.encode()).hexdigest()
+    (out / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(BuildError, match=why):
+        load_build(out)

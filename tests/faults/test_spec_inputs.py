@@ -135,6 +135,8 @@ def test_zero_only_where_it_makes_sense(tmp_path, path, meta):
         assert got_line == line and "must be > 0; got 0" in msg
     elif path == "budgets.received_token_capacity":
         assert "must be >= 1.0" in only(problems(tmp_path, text), path)[1]
+    elif kind == "ge" and bound > 0:       # a floor above 0 (link bandwidth, collective timeout): 0 is below it
+        assert f"must be >= {bound:g}" in only(problems(tmp_path, text), path)[1]
     else:
         assert kind == "ge" and bound == 0, f"{path}: decide whether 0 makes sense"
         load_text(tmp_path, text)
@@ -226,7 +228,7 @@ def test_new_fields(tmp_path, make_spec):
     ("budgets.on_overflow", "retry", "allowed values are 'drop', 'error' or 'rerun'"),
     ("budgets.on_overflow", "off", "false is not allowed; allowed values are 'drop', 'error' or 'rerun'; YAML reads "
                                    "unquoted on/off/yes/no as true/false"),
-    ("train.collective_timeout_s", "-1", "must be > 0; got -1"),
+    ("train.collective_timeout_s", "-1", "must be >= 1; got -1"),
     ("train.collective_timeout_s", "'600'", "expected a number; got '600'"),
 ])
 def test_new_field_bad_values(tmp_path, path, raw, phrase):
@@ -247,7 +249,9 @@ def test_new_field_bad_values(tmp_path, path, raw, phrase):
     ("budgets.received_token_capacity=.nan", "budgets.received_token_capacity", "must be a finite number"),
     ("model.name=..", "model.name", "starts with '.'"),
     ("model.name=a/b", "model.name", "contains '/'"),
-    ("train.collective_timeout_s=0", "train.collective_timeout_s", "must be > 0"),
+    ("train.collective_timeout_s=0", "train.collective_timeout_s", "must be >= 1"),
+    ("train.collective_timeout_s=0.001", "train.collective_timeout_s", "must be >= 1"),
+    ("cluster.intra_node_gbps=1e-300", "cluster.intra_node_gbps", "must be >= 0.001"),
     ("model.num_layers=010", "model.num_layers", "octal"),
     ("model.name=a\x00b", "model.name", "the value holds the control character U+0000"),
 ])

@@ -68,6 +68,11 @@ BAD = {
     "garbage.npz": (b"PK\x03\x04 broken zip", "cannot read"),
     "nokey.npz": (lambda p: np.savez(p, routing=np.zeros((2, 1, 4, 8))), "no array 'counts'"),
     "strings.npz": (lambda p: np.savez(p, counts=np.array(["a", "b"])), "dtype"),
+    "hello.pt": (b"hello", "cannot read"),                  # torch.load's unpickler raises KeyError on it
+    "sparse.pt": ({"counts": counts().to_sparse()}, "dense CPU tensor"),
+    "meta.pt": ({"counts": torch.empty(2, 1, 4, 8, device="meta")}, "cannot read|dense CPU tensor"),
+    "float8.pt": ({"counts": torch.ones(2, 1, 4, 8).to(torch.float8_e4m3fn)}, "dtype"),
+    "huge.npz": (lambda p: np.savez(p, counts=np.full((2, 1, 4, 8), 2**63 + 5, dtype=np.uint64)), "< 2\\*\\*63"),
 }
 
 
@@ -85,3 +90,5 @@ def test_a_missing_path_or_a_directory_is_named(tmp_path):
         load_trace(tmp_path / "absent.pt")
     with pytest.raises(TraceError, match="is a directory"):
         load_trace(tmp_path)
+    with pytest.raises(TraceError, match="is not a regular file"):
+        load_trace(Path("/dev/null"))
