@@ -41,7 +41,9 @@ class RunRequest:
 
 
 def in_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+    """Started as a worker: by torchrun, or by a launcher that sets the whole rank environment (a
+    stray LOCAL_RANK alone in a shell does not make `echoc run` a worker)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or all(k in os.environ for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE"))
 
 
 def the_build(req: RunRequest) -> Build:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+import time
 
 from echoc.errors import EchocError, StoppedBySignal
 
@@ -20,6 +22,45 @@ def worker_env_defaults(env: dict, nproc: int) -> None:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
+RDZV_GRACE_S = 45           # above torchrun's last_call_timeout (30 s), which an elastic --nnodes MIN:MAX waits
+
+
+def _children() -> list[int]:
+    """This process's child processes (Linux /proc; elsewhere nothing is known: [-1])."""
+    me, kids = os.getpid(), []
+    if not os.path.isdir("/proc"):
+        return [-1]
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                    kids.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return kids
+
+
+def _no_workers_watch(endpoint: str, seconds: float) -> threading.Event:
+    """torchrun's c10d rendezvous can wait forever on an endpoint where something else listens
+    (its store handshake has no timeout): if no worker has existed after `seconds`, say so and
+    exit. Set the returned event to stop watching (torchrun returned)."""
+    done = threading.Event()
+
+    def watch():
+        deadline = time.monotonic() + seconds
+        while not done.wait(1.0):
+            if _children():
+                return           # the rendezvous completed: workers run
+            if time.monotonic() > deadline:
+                print(f"error: the rendezvous at {endpoint} started no worker within {seconds:g} s "
+                      "(train.collective_timeout_s + a grace): is another program listening on that port? Start "
+                      "`echoc run` on every node with the same --rdzv-endpoint, on a free port",
+                      file=sys.stderr, flush=True)
+                os._exit(2)
+    threading.Thread(target=watch, daemon=True).start()
+    return done
+
+
 def launch(worker_argv: list[str], nproc: int, nnodes: str = "1", rdzv_endpoint: str | None = None,
            max_restarts: int = 0, rdzv_timeout_s: float = 600.0) -> None:
     """Run `python -m echoc <worker_argv>` on nproc processes per node under torchrun.
@@ -34,9 +75,12 @@ def launch(worker_argv: list[str], nproc: int, nnodes: str = "1", rdzv_endpoint:
                          "without it the nodes would wait for each other forever")
     worker_env_defaults(os.environ, nproc)
     args = ["--nproc-per-node", str(nproc), "--nnodes", nnodes, "--max-restarts", str(max_restarts)]
+    watching = threading.Event()
     if rdzv_endpoint:
+        t = max(1, round(rdzv_timeout_s))
         args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
-                 "--rdzv-conf", f"join_timeout={max(1, round(rdzv_timeout_s))}"]
+                 "--rdzv-conf", f"join_timeout={t},read_timeout={t}"]
+        watching = _no_workers_watch(rdzv_endpoint, t + RDZV_GRACE_S)
     elif nnodes == "1":
         args += ["--standalone"]
     args += ["-m", "echoc"] + worker_argv
@@ -56,6 +100,8 @@ def launch(worker_argv: list[str], nproc: int, nnodes: str = "1", rdzv_endpoint:
     except SystemExit as e:  # torchrun's argument errors
         if e.code:
             sys.exit(e.code)
+    finally:
+        watching.set()
 
 
 def _how(code: int) -> str:

@@ -143,3 +143,19 @@ def test_a_stop_on_sigterm_is_not_a_finished_run(tmp_path):
     error = json.loads(out.read_text())["error"]
     assert error.startswith("StoppedBySignal: stopped by a signal on another rank after step 3 of 50"), error
     assert "saved step_00000003" in error and latest(tmp_path / "ck")[0] == 3
+
+
+def test_a_rendezvous_endpoint_held_by_another_program_ends_with_a_line(tmp_path):
+    """Something that accepts and never answers on the port: torchrun's store handshake would wait
+    forever; the launcher gives up when no worker started within the timeout plus a grace."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(8)
+        endpoint = f"127.0.0.1:{busy.getsockname()[1]}"
+        t0 = time.monotonic()
+        proc = echoc_run(["--nnodes", "1:2", "--nproc", "2", "--rdzv-endpoint", endpoint, "--metrics",
+                          str(tmp_path / "m.jsonl"), "--set", "train.collective_timeout_s=1"])
+        _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 2, err[-2000:]
+    assert f"the rendezvous at {endpoint} started no worker" in err and "Traceback" not in err, err[-2000:]
+    assert time.monotonic() - t0 < 120
