@@ -241,6 +241,9 @@ def simulate(spec: str,
              set_: Optional[List[str]] = SetOpt):
     """Planner + cost model on routing traces, no GPU: stragglers, overflow, bytes, time per strategy."""
     s = _load(spec, set_)
+    if not s.model.num_moe_layers:
+        raise EchocError(f"{spec}: every layer is dense (model.first_dense_layers = model.num_layers = "
+                         f"{s.model.num_layers}): no routing to simulate")
     out = out or str(Path("build") / s.model.name / "simulate.json")
     inputs = {"the spec file": spec, "the routing trace (--trace)": trace}
     preflight.check_output_file(out, "--out", "json", inputs)          # before the simulation, not after it

@@ -106,6 +106,9 @@ def check_outputs(spec: Spec, metrics: str | None, record_routing: str | None, t
     if metrics:
         check_output_file(metrics, "--metrics", "jsonl", inputs)
     if record_routing:
+        if not spec.model.num_moe_layers:
+            raise OutputPathError("--record-routing: every layer of this model is dense (model.first_dense_layers = "
+                                  "model.num_layers): there is no routing to record")
         check_output_file(record_routing, "--record-routing", "torch", {**inputs, "the --metrics file": metrics})
     if tensorboard:
         check_output_dir(tensorboard, "--tensorboard")

@@ -98,6 +98,10 @@ def _backend_rules(spec) -> list[tuple[str, str]]:
                                        "'deepep'; got 'sync'), or echo.enabled false"))
     if be.grouped_gemm == "torch" and spec.model.num_moe_layers:
         errors += _grouped_mm_widths(spec)
+    if spec.budgets.on_overflow == "rerun" and spec.parallel.zero == 3:
+        errors.append(("budgets.on_overflow", "'rerun' runs a second, dropless program on the same weights, which "
+                                              "parallel.zero 3 keeps as shards that program cannot read; with zero 3 "
+                                              "use 'drop' or 'error', or use 'rerun' with zero 0, 1 or 2"))
     if spec.echo.enabled and spec.echo.recompute_clone_dispatch and be.grouped_gemm != "torch":
         errors.append(("echo.recompute_clone_dispatch", "needs backends.grouped_gemm 'torch' (grouped_mm; got "
                                                         f"'{be.grouped_gemm}'), or recompute_clone_dispatch false"))

@@ -52,9 +52,10 @@ class Router(_FP32Buffers):
         num_groups expert groups (group score: sum of its top-2 biased scores for
         sigmoid, as DeepSeek-V3; its max for softmax)
       weights: the *unbiased* scores of the selected experts, normalised to sum 1
-        for sigmoid, and for softmax when top_k > 1 (renormalising over the chosen
-        experts, as Mixtral; with softmax top-1 the raw probability is kept so the
-        router still gets a gradient); then × routed_scaling_factor.
+        when top_k > 1 (DeepSeek-V3's sigmoid, Mixtral's softmax renormalised over the
+        chosen experts); at top-1 the raw score is kept (softmax probability, or the
+        sigmoid as Llama 4), so the router still gets a gradient (one normalised weight
+        is 1 whatever the logits); then × routed_scaling_factor.
     Buffers (float32 under any cast): `expert_bias` [E] (persistent; changes only
     selection) and `load` [E] (tokens per expert since the last bias update).
     """
@@ -66,7 +67,7 @@ class Router(_FP32Buffers):
         self.num_experts, self.top_k = m.num_experts, m.top_k
         self.score_fn, self.num_groups, self.topk_groups = r.score_fn, r.num_groups, r.topk_groups
         self.routed_scaling_factor, self.bias_update_rate = r.routed_scaling_factor, r.bias_update_rate
-        self.normalize = r.score_fn == "sigmoid" or m.top_k > 1
+        self.normalize = m.top_k > 1
         self.weight = nn.Parameter(torch.empty(m.num_experts, cfg.hidden_size))
         self.register_buffer("expert_bias", torch.zeros(m.num_experts, dtype=torch.float32))
         self.register_buffer("load", torch.zeros(m.num_experts, dtype=torch.float32), persistent=False)

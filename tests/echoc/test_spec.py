@@ -488,6 +488,16 @@ def test_zero_out_of_range(tmp_path, value, phrase):
     assert phrase in msg, msg
 
 
+def test_a_dropless_rerun_at_zero_3_is_refused_by_validate(tmp_path):
+    """The rerun program reads the trainer's whole weights; zero 3 keeps shards: refused, naming
+    both fields' values; zero 2 with rerun and zero 3 with drop are fine."""
+    line, msg = find(problems_of(tmp_path, BASE, ["parallel.zero=3", "budgets.on_overflow=rerun"]),
+                     "budgets.on_overflow")
+    assert "parallel.zero 3" in msg and "'drop' or 'error'" in msg, msg
+    load_spec(write(tmp_path, BASE), ["parallel.zero=2", "budgets.on_overflow=rerun"])
+    load_spec(write(tmp_path, BASE), ["parallel.zero=3", "budgets.on_overflow=drop"])
+
+
 def test_grad_reduce_dtype_bad_value(tmp_path):
     text = edit(BASE, ("  steps: 3\n", "  steps: 3\n  grad_reduce_dtype: fp16\n"))
     line, msg = find(problems_of(tmp_path, text), "train.grad_reduce_dtype")

@@ -172,3 +172,9 @@ def test_simulate_refuses_to_write_over_its_spec(tmp_path):
     one_line_error(echoc("simulate", str(spec_file), "--out", str(spec_file)), "is the spec file")
     assert spec_file.read_text() == (ROOT / "specs/tiny.yaml").read_text()
     one_line_error(echoc("inspect", str(tmp_path / ("c" * 300))), "File name too long")
+
+
+def test_recording_the_routing_of_an_all_dense_model_is_refused(tmp_path):
+    spec = build_spec({"model.first_dense_layers": 2, "model.num_layers": 2})
+    with pytest.raises(preflight.OutputPathError, match="every layer of this model is dense"):
+        preflight.check_outputs(spec, None, str(tmp_path / "r.pt"), None)

@@ -37,6 +37,12 @@ def test_mla_softmax_grouped_router_matches_reference(run_oracle, oracle_spec):
     assert_oracle_matches(run_oracle(spec, steps=2))
 
 
+def test_sigmoid_top1_matches_reference_router_gradient_included(run_oracle, oracle_spec):
+    """Top-1 keeps the raw sigmoid score (runtime/model.Router): the router's gradient is real, and
+    the compiled step's must match the reference's like every other."""
+    assert_oracle_matches(run_oracle(oracle_spec(ep=2, capacity=2.0, top_k=1), steps=2))
+
+
 def test_tight_capacity_drops_exactly_the_counted_rows(run_oracle, oracle_spec):
     # capacity 1.0 with skewed routing: some copies must overflow their chunk
     spec = oracle_spec(ep=2, capacity=1.0, experts=4, top_k=2)

@@ -267,6 +267,17 @@ def test_sigmoid_weights_sum_to_scaling_factor():
     assert (picked.min(-1).values >= scores.topk(3, -1).values[:, -1] - 1e-6).all()   # bias 0: the top scores
 
 
+def test_sigmoid_top1_keeps_the_raw_score_so_the_router_learns():
+    """One normalised weight is 1 whatever the logits: the router would get no gradient."""
+    router = make_router(experts=8, top_k=1, scale=2.5)
+    x = torch.randn(40, 32)
+    idx, w = router(x)
+    torch.testing.assert_close(w, 2.5 * (x @ router.weight.T).sigmoid().gather(-1, idx))
+    assert w.std() > 0
+    w.sum().backward()
+    assert router.weight.grad.norm() > 1e-2
+
+
 def test_softmax_weights():
     x = torch.randn(30, 32)
     r1 = make_router(score_fn="softmax", top_k=1, scale=1.5)
