@@ -101,14 +101,20 @@ def alive(pid: int) -> bool:
     return fields[0] != "Z"
 
 
-def test_killing_the_launcher_stops_the_workers_and_they_save(tmp_path):
-    ck = tmp_path / "ck"
+def a_long_run_past_two_steps(tmp_path, ck):
+    """`echoc run` of tiny for very many steps with checkpoints in `ck`, once two steps are logged."""
     proc = echoc_run(["--nproc", "2", "--metrics", str(tmp_path / "m.jsonl"), "--set", "train.steps=100000",
                       "--set", "train.log_interval=1", "--set", f"train.checkpoint.dir={ck}"])
     deadline = time.monotonic() + 180
     while not (tmp_path / "m.jsonl").exists() or not (tmp_path / "m.jsonl").read_text().count("\n") >= 2:
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()[-2000:]
         time.sleep(0.5)
+    return proc
+
+
+def test_killing_the_launcher_stops_the_workers_and_they_save(tmp_path):
+    ck = tmp_path / "ck"
+    proc = a_long_run_past_two_steps(tmp_path, ck)
     workers = children(proc.pid)
     assert len(workers) == 2, workers
     proc.send_signal(signal.SIGKILL)
@@ -122,12 +128,7 @@ def test_killing_the_launcher_stops_the_workers_and_they_save(tmp_path):
 
 def test_sigterm_to_the_launcher_saves_and_exits_143_without_a_traceback(tmp_path):
     ck = tmp_path / "ck"
-    proc = echoc_run(["--nproc", "2", "--metrics", str(tmp_path / "m.jsonl"), "--set", "train.steps=100000",
-                      "--set", "train.log_interval=1", "--set", f"train.checkpoint.dir={ck}"])
-    deadline = time.monotonic() + 180
-    while not (tmp_path / "m.jsonl").exists() or not (tmp_path / "m.jsonl").read_text().count("\n") >= 2:
-        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()[-2000:]
-        time.sleep(0.5)
+    proc = a_long_run_past_two_steps(tmp_path, ck)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
