@@ -42,8 +42,8 @@ import torch.distributed as dist
 from echoc.errors import EchocError, StoppedBySignal
 from runtime import comm
 from runtime import checkpoint_files
-from runtime.checkpoint_files import (COMPLETE, CheckpointError, CheckpointMismatchError, check_spec,
-                                      check_steps, complete_steps, damage, file_digest, latest,
+from runtime.checkpoint_files import (COMPLETE, DCP_ERRORS, CheckpointError, CheckpointMismatchError, check_spec,
+                                      check_steps, complete_steps, damage, dcp_reason, file_digest, latest,
                                       marker_json, publish, read_marker, set_aside, step_dir)
 from runtime.parallel import expert_param_names
 
@@ -102,28 +102,6 @@ def _dcp():
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _dcp_errors() -> tuple[type[BaseException], ...]:
-    try:   # a collective save or load that failed on some rank raises this, a BaseException
-        from torch.distributed.checkpoint.api import CheckpointException
-        return (Exception, CheckpointException)
-    except ImportError:
-        return (Exception,)
-
-
-_DCP_ERRORS = _dcp_errors()
-
-
-def _dcp_reason(e: BaseException) -> str:
-    """One line from a DCP error: a collective one's first failing rank's own exception."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        rank, inner = sorted(failures.items())[0]
-        inner = inner[0] if isinstance(inner, tuple) else inner
-        return f"rank {rank}: {_dcp_reason(inner)}"
-    first = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {first[:200]}"
 
 
 def _world() -> int:
@@ -191,9 +169,9 @@ def save(trainer, step: int, ckpt_dir: str | Path) -> Path:
     try:
         dcp = _dcp()
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)))
-    except _DCP_ERRORS as e:  # DCP's own errors carry no hint about what to do
+    except DCP_ERRORS as e:  # DCP's own errors carry no hint about what to do
         raise CheckpointError(f"saving step {step} into {tmp} failed in torch.distributed.checkpoint "
-                              f"({_dcp_reason(e)}); check that "
+                              f"({dcp_reason(e)}); check that "
                               "train.checkpoint.dir is writable with free space on every node") from None
     _barrier()  # every rank's shard is on disk
     files = _digests(tmp)
@@ -273,8 +251,8 @@ def _load_with_hint(trainer, d: Path) -> int:
         return load(trainer, d)
     except EchocError:
         raise
-    except _DCP_ERRORS as e:  # DCP's errors name a key or a storage call, not what to do
-        raise CheckpointError(f"{d} could not be loaded by torch.distributed.checkpoint ({_dcp_reason(e)}); it "
+    except DCP_ERRORS as e:  # DCP's errors name a key or a storage call, not what to do
+        raise CheckpointError(f"{d} could not be loaded by torch.distributed.checkpoint ({dcp_reason(e)}); it "
                               "does not fit this model or was written by another torch: move it out of the "
                               "checkpoint directory to resume from an earlier one") from None
 

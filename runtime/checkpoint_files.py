@@ -1,4 +1,4 @@
-"""What a checkpoint directory holds on disk, and how it is checked: no torch.distributed here.
+"""What a checkpoint directory holds on disk, and how it is checked: no collectives here.
 
     ckpt_dir/step_00000040/          DCP's files (.metadata, __<rank>_0.distcp) and COMPLETE
     ckpt_dir/step_00000042.tmp/      a save in progress, or one that died: never loaded
@@ -297,3 +297,27 @@ def check_unlocked(ckpt_dir: str | Path) -> None:
         held = lock_dir(ckpt_dir)
         if held is not None:
             held.close()
+
+
+# ----------------------------------------------------------------------------- DCP's errors (one line each)
+
+def _dcp_errors() -> tuple[type[BaseException], ...]:
+    try:   # a collective save or load that failed on some rank raises this, a BaseException
+        from torch.distributed.checkpoint.api import CheckpointException
+        return (Exception, CheckpointException)
+    except ImportError:
+        return (Exception,)
+
+
+DCP_ERRORS = _dcp_errors()
+
+
+def dcp_reason(e: BaseException) -> str:
+    """One line from a DCP error: a collective one's first failing rank's own exception."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, inner = sorted(failures.items())[0]
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        return f"rank {rank}: {dcp_reason(inner)}"
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first[:200]}"
