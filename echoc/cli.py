@@ -21,7 +21,7 @@ from echoc import views
 from echoc.artifact import write_build
 from echoc.compile import compile_build
 from echoc.errors import EchocError, StoppedBySignal
-from echoc.run import RunRequest, in_torchrun, start, worker
+from echoc.run import RunRequest, in_torchrun, start, stopped, worker
 from echoc.spec_io import json_schema, load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -184,7 +184,11 @@ def run(spec: Optional[str] = typer.Argument(None, help="Spec YAML (or use --fro
     if not in_torchrun():
         start(req, _worker_argv(req, spec, set_))
         return
-    hist = worker(req)
+    try:
+        hist = worker(req)
+    except StoppedBySignal as e:
+        stopped(e)
+        return
     if int(os.environ.get("RANK", "0")) == 0 and hist:
         console.print(f"done: {len(hist)} steps, loss {hist[0]['loss']:.4f} → {hist[-1]['loss']:.4f}, "
                       f"overflow {sum(h['overflow'] for h in hist)}, reruns {sum(h['rerun'] for h in hist)}, "
@@ -248,7 +252,8 @@ def simulate(spec: str,
     inputs = {"the spec file": spec, "the routing trace (--trace)": trace}
     preflight.check_output_file(out, "--out", "json", inputs)          # before the simulation, not after it
     if plot_path:
-        preflight.check_output_file(plot_path, "--plot", "png", {**inputs, "the --out file": out})
+        kind = "png" if Path(plot_path).suffix.lower() == ".png" else None    # matplotlib writes svg, pdf, ...
+        preflight.check_output_file(plot_path, "--plot", kind, {**inputs, "the --out file": out})
     res = sim.simulate(s, trace=trace, skew=skew, drift=drift, steps=steps, layers=layers)
     sim.print_table(res, console)
     sim.write_json(res, out)
@@ -260,10 +265,6 @@ def simulate(spec: str,
 def main():
     try:
         app(standalone_mode=False)
-    except StoppedBySignal as e:
-        if os.environ.get("RANK", "0") != "0":    # every rank stops at the same step: rank 0 says so
-            sys.exit(e.exit_code)
-        _error(str(e), e.exit_code)
     except EchocError as e:
         _error(str(e), e.exit_code)
     except TyperException as e:  # the command line itself: an unknown option, a bad value

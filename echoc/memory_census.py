@@ -97,9 +97,14 @@ def layer_census(spec: Spec) -> LayerCensus:
         h = h + block.attn(block.attn_norm(h))
         return block.mlp_norm(h)
 
+    routed = _saved_bytes(router, router, flat.clone())
+    shared_bytes = 0
+    if shared is not None:   # both keep the layer's input: measured together, it counts once (with the router)
+        both = torch.nn.ModuleList([router, shared])
+        shared_bytes = _saved_bytes(both, lambda h: (router(h), shared(h)), flat.clone()) - routed
     return LayerCensus(
         attention=_saved_bytes(block, attention, x.clone()),
         dense_mlp=_saved_bytes(mlp, mlp, x.clone()),
-        router=_saved_bytes(router, router, flat.clone()),
-        shared=_saved_bytes(shared, shared, flat.clone()) if shared is not None else 0,
+        router=routed,
+        shared=shared_bytes,
         head=_saved_bytes(lm_head, lambda h: lm_head(head_norm(h)), x.clone()))

@@ -80,7 +80,8 @@ def check_output_file(path: str | Path, what: str, kind: str | None = None,
         if p.exists() and not p.is_file():
             raise OutputPathError(f"{what} {p} is not a regular file (a FIFO, device or socket); give a file path")
         for name, src in (inputs or {}).items():
-            if src and (p.resolve() == Path(src).resolve() or (p.exists() and os.path.samefile(p, src))):
+            if src and (p.resolve() == Path(src).resolve()
+                        or (p.exists() and Path(src).exists() and os.path.samefile(p, src))):
                 raise OutputPathError(f"{what} {p} is {name}: writing it would destroy it; give another path")
     except OSError as e:
         raise _os_error(what, p, e) from None
@@ -121,7 +122,7 @@ def check_inputs(spec: Spec) -> None:
         check_text_file(spec.train.data.path, spec.budgets.seq_len)
 
 
-def check_resume(spec: Spec, mode: str, allow_changes: bool) -> str | None:
+def check_resume(spec: Spec, mode: str, allow_changes: bool, check_lock: bool = True) -> str | None:
     """The checkpoint a resume will start from (a line for the user), or None for a fresh start.
     The same rules the workers apply (runtime/checkpoint.py), without hashing every byte."""
     d = spec.train.checkpoint.dir
@@ -129,7 +130,8 @@ def check_resume(spec: Spec, mode: str, allow_changes: bool) -> str | None:
         raise CheckpointError("--resume needs train.checkpoint.dir in the spec")
     if not d:
         return None
-    check_unlocked(d)
+    if check_lock:    # one node: no other launcher of this run can hold it (a late elastic node could)
+        check_unlocked(d)
     if mode == "no":
         check_fresh_dir(d)
         return None

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from echoc import device_memory, preflight
 from echoc.artifact import load_build
 from echoc.compile import Build, compile_build
-from echoc.errors import EchocError
+from echoc.errors import EchocError, StoppedBySignal
 from echoc.spec import Spec
 from echoc.spec_io import spec_from_dict
 from runtime import comm, watchdog
@@ -85,6 +86,9 @@ def worker(req: RunRequest, build: Build | None = None, hooks: tuple = ()) -> li
             history = train(build.program, device, options)
         except torch.cuda.OutOfMemoryError as e:
             raise device_memory.explain_oom(e, build.summary["memory"], dev) from None
+    except StoppedBySignal:
+        comm.shutdown()          # every rank stopped at the same step: leave together, as a finished run does
+        raise
     except Exception as e:
         # the roll call needs the process group's store: before the group is destroyed
         timeout = watchdog.explain_timeout(spec.train.collective_timeout_s) if watchdog.is_timeout(e) else None
@@ -113,6 +117,22 @@ def peer_lost(e: BaseException) -> bool:
 def _first_line(e: BaseException) -> str:
     line = str(e).splitlines()[0] if str(e) else type(e).__name__
     return line[:160]
+
+
+STOP_NOTE_ENV = "ECHOC_STOP_NOTE"    # the launcher's file where rank 0 leaves what stopped the run
+
+
+def stopped(e: StoppedBySignal) -> None:
+    """In a worker, after a signal stop: rank 0 says so and leaves the note for the launcher. The
+    worker then exits 0: torchrun would count any other code as a failure and restart the group
+    (--max-restarts), or kill ranks still closing files."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    print(f"echoc: {e}", file=sys.stderr, flush=True)
+    note = os.environ.get(STOP_NOTE_ENV)
+    if note:
+        with open(note, "w") as f:
+            f.write(f"{e.exit_code - 128}\n{e}\n")
 
 
 def check_launch(req: RunRequest) -> None:
@@ -165,9 +185,23 @@ def start(req: RunRequest, worker_argv: list[str]) -> None:
     preflight.check_exchange(spec, nproc)
     preflight.check_inputs(spec)
     preflight.check_outputs(spec, req.metrics, req.record_routing, req.tensorboard, req.spec_path)
-    note = preflight.check_resume(spec, req.resume, req.resume_with_changes)
+    note = preflight.check_resume(spec, req.resume, req.resume_with_changes, check_lock=nnodes == "1")
     if note:
         print(f"echoc: {note}", file=sys.stderr, flush=True)
     rerun_program(spec)   # the dropless program compiles too
-    launch(worker_argv, nproc=nproc, nnodes=nnodes, rdzv_endpoint=req.launcher.get("rdzv_endpoint"),
-           max_restarts=req.launcher.get("max_restarts", 0), rdzv_timeout_s=spec.train.collective_timeout_s)
+    with tempfile.TemporaryDirectory(prefix="echoc-stop-") as d:
+        os.environ[STOP_NOTE_ENV] = note = os.path.join(d, "stopped")
+        try:
+            launch(worker_argv, nproc=nproc, nnodes=nnodes, rdzv_endpoint=req.launcher.get("rdzv_endpoint"),
+                   max_restarts=req.launcher.get("max_restarts", 0), rdzv_timeout_s=spec.train.collective_timeout_s)
+        except StoppedBySignal as e:    # the launcher's own signal: the workers' note says more, if they left one
+            raise _noted(note) or e from None
+        if stop := _noted(note):        # the workers stopped on a signal after a checkpoint: not a finished run
+            raise stop
+
+
+def _noted(note: str) -> StoppedBySignal | None:
+    if not os.path.exists(note):
+        return None
+    signum, message = open(note).read().split("\n", 1)
+    return StoppedBySignal(message.strip(), int(signum))

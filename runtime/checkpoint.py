@@ -384,6 +384,9 @@ def _lock(ckpt_dir: str | Path):
             held = checkpoint_files.lock_dir(ckpt_dir)
         except CheckpointError as e:
             why = str(e)
+        except OSError as e:
+            why = (f"train.checkpoint.dir {ckpt_dir}: its lock file cannot be made ({e.strerror or type(e).__name__}); "
+                   "make the directory writable")
     why = _from_rank0(why)
     if why is not None:
         raise CheckpointError(why)

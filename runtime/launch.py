@@ -79,7 +79,7 @@ def launch(worker_argv: list[str], nproc: int, nnodes: str = "1", rdzv_endpoint:
     if rdzv_endpoint:
         t = max(1, round(rdzv_timeout_s))
         args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
-                 "--rdzv-conf", f"join_timeout={t},read_timeout={t}"]
+                 "--rdzv-conf", f"join_timeout={t},read_timeout={max(60, t)}"]
         watching = _no_workers_watch(rdzv_endpoint, t + RDZV_GRACE_S)
     elif nnodes == "1":
         args += ["--standalone"]
@@ -115,15 +115,10 @@ def _how(code: int) -> str:
 
 def failed(e) -> EchocError:
     """The launcher's line for torchrun's ChildFailedError: which rank failed first and how (the
-    others are usually stopped by torchrun with SIGTERM after it); a stop on SIGTERM / SIGINT
-    (every rank exiting 128 + signal after its checkpoint) keeps its own exit code."""
+    others are usually stopped by torchrun with SIGTERM after it). A stop on SIGTERM / SIGINT is
+    no failure: the workers exit 0 and leave a note (echoc/run.py `stopped`)."""
     codes = {rank: f.exitcode for rank, f in e.failures.items()}
     rank, first = e.get_first_failure()
-    signum = first.exitcode - 128
-    stopped_by_torchrun = {first.exitcode, -int(signal.SIGTERM)}
-    if signum in (signal.SIGTERM, signal.SIGINT) and set(codes.values()) <= stopped_by_torchrun:
-        return StoppedBySignal(f"stopped by {signal.Signals(signum).name} (rank {rank} first); rank 0's line above "
-                               "says which checkpoint was saved (continue with --resume)", signum)
     others = len(codes) - 1
     return EchocError(f"training failed: rank {rank} {_how(first.exitcode)} first"
                       + (f", and {others} other rank(s) stopped with it" if others else "")

@@ -101,10 +101,10 @@ def alive(pid: int) -> bool:
     return fields[0] != "Z"
 
 
-def a_long_run_past_two_steps(tmp_path, ck):
+def a_long_run_past_two_steps(tmp_path, ck, *extra):
     """`echoc run` of tiny for very many steps with checkpoints in `ck`, once two steps are logged."""
     proc = echoc_run(["--nproc", "2", "--metrics", str(tmp_path / "m.jsonl"), "--set", "train.steps=100000",
-                      "--set", "train.log_interval=1", "--set", f"train.checkpoint.dir={ck}"])
+                      "--set", "train.log_interval=1", "--set", f"train.checkpoint.dir={ck}", *extra])
     deadline = time.monotonic() + 180
     while not (tmp_path / "m.jsonl").exists() or not (tmp_path / "m.jsonl").read_text().count("\n") >= 2:
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()[-2000:]
@@ -160,3 +160,18 @@ def test_a_rendezvous_endpoint_held_by_another_program_ends_with_a_line(tmp_path
     assert proc.returncode == 2, err[-2000:]
     assert f"the rendezvous at {endpoint} started no worker" in err and "Traceback" not in err, err[-2000:]
     assert time.monotonic() - t0 < 120
+
+
+def test_sigterm_to_the_workers_stops_the_run_even_with_restarts_left(tmp_path):
+    """A scheduler signals the workers, not the launcher: they save and leave together (exit 0, so
+    torchrun neither restarts them under --max-restarts nor kills rank 0 while it closes files);
+    the launcher still reports a stop, not a finished run."""
+    ck = tmp_path / "ck"
+    proc = a_long_run_past_two_steps(tmp_path, ck, "--max-restarts", "1")
+    for w in children(proc.pid):
+        os.kill(w, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    saved = latest(ck)
+    assert saved is not None and f"saved {saved[1].name}" in err and "Traceback" not in err, err[-2000:]
+    assert len(list(ck.glob("step_*"))) == 1 and "restart" not in err.lower(), err[-2000:]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from support import build_spec
 
 from echoc import preflight
@@ -178,3 +179,11 @@ def test_recording_the_routing_of_an_all_dense_model_is_refused(tmp_path):
     spec = build_spec({"model.first_dense_layers": 2, "model.num_layers": 2})
     with pytest.raises(preflight.OutputPathError, match="every layer of this model is dense"):
         preflight.check_outputs(spec, None, str(tmp_path / "r.pt"), None)
+
+
+def test_an_existing_output_beside_a_new_one_passes(tmp_path):
+    """An earlier run's trace stays writable while this run's metrics file does not exist yet."""
+    trace = tmp_path / "routing.pt"
+    torch.save({"counts": torch.zeros(1, 1, 1, 1, dtype=torch.int64)}, trace)
+    preflight.check_outputs(build_spec(), str(tmp_path / "new" / "m.jsonl"), str(trace), None, str(tmp_path / "x.yaml"))
+    preflight.check_output_file(tmp_path / "plot.svg", "--plot", None, {"the --out file": str(tmp_path / "o.json")})
