@@ -276,8 +276,7 @@ def main():
         err_console.print("interrupted")
         sys.exit(130)
     except OSError as e:   # the file system refused a path the user gave (a name too long, a loop of links)
-        name = str(e.filename or "")
-        _error(f"{e.strerror or type(e).__name__}: {name[:200]}{'…' if len(name) > 200 else ''}")
+        _error(f"{e.strerror or type(e).__name__}: {preflight.short_path(e.filename or '')}")
 
 
 def _error(message: str, code: int = 2) -> None:

@@ -28,8 +28,14 @@ def _existing_ancestor(p: Path) -> Path:
     return p
 
 
+def short_path(p: str | Path, limit: int = 200) -> str:
+    """A path as a message shows it: at most `limit` characters (a name too long is the error)."""
+    text = str(p)
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
 def _os_error(what: str, p: Path, e: OSError) -> OutputPathError:
-    return OutputPathError(f"{what} {str(p)[:200]}{'…' if len(str(p)) > 200 else ''} cannot be used "
+    return OutputPathError(f"{what} {short_path(p)} cannot be used "
                            f"({e.strerror or type(e).__name__}); give another path")
 
 

@@ -180,21 +180,33 @@ def save(trainer, step: int, ckpt_dir: str | Path) -> Path:
 
 
 def _on_rank0(write, step: int, ckpt_dir: str | Path) -> None:
-    """Collective: rank 0 does `write` (file-system work); a failure there (read-only, full) is the
-    same CheckpointError on every rank, not one rank's traceback and the others' broken collective."""
-    failed = None
-    if _rank() == 0:
+    """Collective: rank 0 writes (file-system work); the disk refusing it (read-only, full) is the
+    same CheckpointError on every rank, naming the newest whole checkpoint."""
+    def attempt():
         try:
             write()
         except OSError as e:
             newest = latest(ckpt_dir)
-            failed = (f"{e.strerror or type(e).__name__}: {e.filename or ckpt_dir}",
-                      newest[1].name if newest else "none")
-    failed = _from_rank0(failed)
-    if failed is not None:
-        raise CheckpointError(f"cannot write the checkpoint of step {step} into {ckpt_dir} ({failed[0]}); the "
-                              f"newest whole one is {failed[1]}: free space or make train.checkpoint.dir "
-                              "writable, then continue with --resume")
+            raise CheckpointError(f"cannot write the checkpoint of step {step} into {ckpt_dir} "
+                                  f"({e.strerror or type(e).__name__}: {e.filename or ckpt_dir}); the newest whole one "
+                                  f"is {newest[1].name if newest else 'none'}: free space or make "
+                                  "train.checkpoint.dir writable, then continue with --resume") from None
+    _agreed(attempt)
+
+
+def _agreed(work):
+    """Collective: rank 0 does `work` and returns its result (None elsewhere); a CheckpointError it
+    raises is raised on every rank, not one rank's traceback and the others' broken collective."""
+    result, why = None, None
+    if _rank() == 0:
+        try:
+            result = work()
+        except CheckpointError as e:
+            why = str(e)
+    why = _from_rank0(why)
+    if why is not None:
+        raise CheckpointError(why)
+    return result
 
 
 def _publish(tmp: Path, final: Path, marker: dict) -> None:
@@ -333,7 +345,7 @@ class Checkpointer:
             raise CheckpointError("--resume needs train.checkpoint.dir in the spec")
         if not self.config.dir:
             return
-        self.lock = _lock(self.config.dir)
+        self.lock = _agreed(lambda: checkpoint_files.lock_dir(self.config.dir))   # rank 0 holds it for the run
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             resume_mode = "or_start"
         if resume_mode == "no":
@@ -372,25 +384,6 @@ class Checkpointer:
             return
         save(self.trainer, done, self.config.dir)
         keep_last(self.config.dir, self.keep)
-
-
-def _lock(ckpt_dir: str | Path):
-    """Collective: rank 0 holds the directory's lock for the run (checkpoint_files.lock_dir); another
-    run holding it is the same CheckpointError on every rank."""
-    held, why = None, None
-    if _rank() == 0:
-        try:
-            Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-            held = checkpoint_files.lock_dir(ckpt_dir)
-        except CheckpointError as e:
-            why = str(e)
-        except OSError as e:
-            why = (f"train.checkpoint.dir {ckpt_dir}: its lock file cannot be made ({e.strerror or type(e).__name__}); "
-                   "make the directory writable")
-    why = _from_rank0(why)
-    if why is not None:
-        raise CheckpointError(why)
-    return held
 
 
 def check_fresh_dir(ckpt_dir: str | Path) -> None:

@@ -271,9 +271,15 @@ LOCK = ".echoc-lock"
 def lock_dir(ckpt_dir: str | Path):
     """Hold `ckpt_dir`'s lock for this process's lifetime (the OS drops it when the process ends,
     however it ends). Returns the open lock file (keep it), or None where the file system has no
-    locks. CheckpointError naming the holder when another live process holds it."""
+    locks. CheckpointError naming the holder when another live process holds it, or when the lock
+    file cannot be made (a read-only directory, a file of another user)."""
     path = Path(ckpt_dir) / LOCK
-    f = open(path, "a+")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise CheckpointError(f"train.checkpoint.dir {ckpt_dir}: its lock file cannot be made "
+                              f"({e.strerror or type(e).__name__}); make the directory writable") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
