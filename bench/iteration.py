@@ -37,7 +37,7 @@ from real_rows import skip_reason
 
 
 def spec_dict(args, world, dispatch="torch", graph=True, echo=False, recompute=False, buffers=None,
-              exchange="auto") -> dict:
+              exchange="auto", wgrad=True) -> dict:
     return {
         "model": {"name": "glm5-mini-2gpu", "vocab_size": 32000, "hidden_size": args.hidden,
                   "num_layers": args.layers, "first_dense_layers": 1, "dense_intermediate_size": 4 * args.hidden,
@@ -55,6 +55,7 @@ def spec_dict(args, world, dispatch="torch", graph=True, echo=False, recompute=F
         "echo": {"enabled": echo, "spare_slots_per_rank": 2 if echo else 0,
                  "recompute_clone_dispatch": recompute, "clone_domain": "node"},
         "backends": {"dispatch": dispatch, "cuda_graph": "full_iteration" if graph else "none", "exchange": exchange,
+                     "wgrad_overlap": wgrad,
                      "buffers": buffers or ("arena" if dispatch == "torch" else "allocator")},
         "train": {"steps": args.steps, "seed": 0, "optimizer": {"lr": args.lr}},
     }
@@ -62,6 +63,7 @@ def spec_dict(args, world, dispatch="torch", graph=True, echo=False, recompute=F
 
 VARIANTS = {
     "graph": dict(dispatch="torch", graph=True),
+    "graph_inline_wgrad": dict(dispatch="torch", graph=True, wgrad=False),   # expert wgrad on the main stream
     "graph_nccl": dict(dispatch="torch", graph=True, exchange="nccl"),   # padded all_to_all (EP ≥ 2: else = graph)
     "graph_allocator": dict(dispatch="torch", graph=True, buffers="allocator"),  # no planned arena
     "eager": dict(dispatch="torch", graph=False),

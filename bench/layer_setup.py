@@ -38,7 +38,9 @@ class OneLayer(nn.Module):
 
 
 def layer_spec(args, backend: str, world: int, echo: bool = False, device: str = "cuda",
-               overlap: bool = True, exchange: str = "auto") -> dict:
+               overlap: bool = True, exchange: str = "auto", wgrad: bool | None = None) -> dict:
+    """`overlap`: the shared expert on a second stream; `wgrad` (default: as `overlap`): the expert
+    weight gradients on a second stream in backward. Both off: the layer on one stream."""
     return {
         "model": {"name": "moe-layer", "vocab_size": 1024, "hidden_size": args.hidden, "num_layers": 1,
                   "first_dense_layers": 0, "dense_intermediate_size": 4 * args.hidden, "dtype": "bfloat16",
@@ -52,14 +54,16 @@ def layer_spec(args, backend: str, world: int, echo: bool = False, device: str =
                     "row_alignment": 16},
         "echo": {"enabled": echo, "spare_slots_per_rank": 2 if echo else 0, "clone_domain": "node"},
         "backends": {"dispatch": backend, "shared_expert_overlap": overlap, "exchange": exchange,
+                     "wgrad_overlap": overlap if wgrad is None else wgrad,
                      "cuda_graph": "full_iteration" if backend == "torch" and device == "cuda" else "none"},
     }
 
 
-def build(args, backend, device, seed=0, echo=False, overlap=True, exchange="auto"):
+def build(args, backend, device, seed=0, echo=False, overlap=True, exchange="auto", wgrad=None):
     """The one-layer graph module under `backend`; sets this process's exchange to the spec's
     (runtime/p2p.py), which the module's eager calls read: run a module before building another."""
-    spec = spec_from_dict(layer_spec(args, backend, dist.get_world_size(), echo, device.type, overlap, exchange))
+    spec = spec_from_dict(layer_spec(args, backend, dist.get_world_size(), echo, device.type, overlap, exchange,
+                                        wgrad))
     p2p.setup(spec.token_exchange)
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the device: seconds less per build at GLM-5 widths

@@ -7,9 +7,12 @@ in one run.
 Variants (every time is forward + backward of one layer, median of --iters):
   torch_graph         echoc, `torch` backend, captured in one CUDA graph and replayed (at EP ≥ 2 on one
                       node its exchange is 'p2p': only the real rows are pushed, runtime/p2p.py)
+  torch_graph_inline_wgrad  the same with backends.wgrad_overlap off (the expert weight gradients
+                      on the main stream, inside the FFN's backward; the shared expert still beside)
   torch_graph_nccl    the same with backends.exchange 'nccl' (capacity-padded all_to_all; EP ≥ 2)
+  torch_graph_one_stream  both overlaps off: the whole layer on one stream
   torch_eager         the same graph module, eager
-  sync_eager          echoc, `sync` backend (host-synced, variable splits), eager
+  sync_eager          echoc, `sync` backend (host-synced, variable splits), eager, on one stream
   torchtitan_eager    torchtitan 0.3.0's MoE (router, GroupedExperts, LocalTokenDispatcher, shared
                       FeedForward; bench/peers/torchtitan_moe.py) with the same weights; each rank
                       runs it on its own tokens with all E experts (EP 1 semantics)
@@ -49,8 +52,8 @@ from real_rows import REAL_ROW_BACKENDS, skip_reason
 from echoc.errors import EchocError
 from runtime import comm, flops as model_flops_lib, p2p
 
-VARIANTS = ["torch_graph", "torch_graph_nccl", "torch_graph_one_stream", "torch_eager", "sync_eager", "torchtitan_eager", "torchtitan_graph",
-            "torchtitan_compile", "floor_routed", "floor"]
+VARIANTS = ["torch_graph", "torch_graph_inline_wgrad", "torch_graph_nccl", "torch_graph_one_stream", "torch_eager",
+            "sync_eager", "torchtitan_eager", "torchtitan_graph", "torchtitan_compile", "floor_routed", "floor"]
 
 
 def echo_checks(args, device, checks, times):
@@ -120,7 +123,14 @@ def echoc_variants(args, device, checks, times):
         cap.replay(x0, g0)  # time on x0's routing, the floor's rows
         times["torch_graph"] = time_ms(cap.graph.replay, args.iters, device)
         del cap
-        _, _, model_1, gm_1 = build(args, "torch", device, overlap=False)   # the shared expert on one stream
+        _, _, model_w, gm_w = build(args, "torch", device, wgrad=False)   # the weight gradients inline
+        y_w, gx_w, grads_w, _ = fwd_bwd(gm_w, model_w, x0, g0)
+        checks["inline_wgrad_vs_deferred_all_equal"] = bool(
+            torch.equal(y_w, y_e) and torch.equal(gx_w, gx_e) and all(torch.equal(grads_w[k], grads_e[k]) for k in grads_e))
+        cap = Captured(echoc_layer(gm_w), model_w, x0, g0)
+        times["torch_graph_inline_wgrad"] = time_ms(cap.graph.replay, args.iters, device)
+        del cap, gm_w, model_w
+        _, _, model_1, gm_1 = build(args, "torch", device, overlap=False)   # everything on one stream
         y_1, gx_1, _, _ = fwd_bwd(gm_1, model_1, x0, g0)
         checks["one_stream_vs_two_y_equal"] = bool(torch.equal(y_1, y_e))
         checks["one_stream_vs_two_dx_equal"] = bool(torch.equal(gx_1, gx_e))

@@ -16,7 +16,10 @@ Rules:
     backward to the op's backward. It is in the arena when the one user's contract writes
     it (`input_grad`, e.g. combine's `bwd.grad_in`); else autograd or grouped_mm allocates it.
   * Op parts (send/recv, the FFN's SwiGLU, clone exchanges) live at their op's step, the
-    `bwd.` parts at its backward step; the FFN's h13 and act are saved (op → backward). At ep 1
+    `bwd.` parts at its backward step; the FFN's h13 and act are saved (op → backward).
+  * An FFN whose weight gradients run on the wgrad stream (`wgrad` token, runtime/streams.py)
+    keeps what they read (rows, offs, act, grad_h13, its output's gradient) to the backward of
+    the layer's wgrad fork, where the main stream waits for them. At ep 1
     a token movement has no exchange parts (one gather, straight into its result).
   * Clone weights: one buffer per layer (w13 and w2 back to back), saved until the FFN's
     backward; with recompute_clone_dispatch ONE `spare_weights` buffer for all layers, live
@@ -109,6 +112,18 @@ def _differentiates(user: Node, val: Node) -> bool:
     return c is not None and any(c.arg(user, n) is val for n in c.grads)
 
 
+def _kept_until(col: _Collector, user: Node) -> int:
+    """The last step at which `user`'s backward reads what it keeps: its own backward's, or, for an
+    expert FFN whose weight gradients run on the wgrad stream (runtime/streams.py), the backward of
+    the wgrad fork at the layer's input, where the main stream waits for them."""
+    c = contracts.of(user.target)
+    token = c.arg(user, "wgrad") if c is EXPERT_FFN else None
+    if token is None:
+        return col.bwd(user) + LAST_SUB
+    fork = token.args[0]                      # wgrad_token = getitem(wgrad_fork(x_flat, key), 1)
+    return col.bwd(fork) + LAST_SUB
+
+
 def _moves(node: Node) -> bool:
     c = contracts.of(node.target)
     return c is not None and c.moves_tokens
@@ -140,7 +155,7 @@ def _value(col: _Collector, op: Node, val: Node, tm, role: str, placement: str, 
         if u.op == "output":
             last = col.end
         elif _saves(u, val):
-            last = max(last, col.bwd(u) + LAST_SUB)
+            last = max(last, _kept_until(col, u))
     kept = contracts.of(op.target) in ROUTING_CONTRACTS
     if kept or kept_by_op:
         # a recomputed region keeps the routing decisions from its forward and replays them in
@@ -162,7 +177,7 @@ def _gradient(col: _Collector, op: Node, val: Node, tm, role: str, grad_users: l
     if _moves(op):
         last = col.bwd(op) + (GATHER_SUB if col.local else 0)
     else:
-        last = col.bwd(op) + LAST_SUB
+        last = _kept_until(col, op)
     # with several users autograd sums the gradients; one user whose contract writes this
     # input's gradient itself (`input_grad`) puts it in the arena
     (u, *more) = grad_users
@@ -205,13 +220,15 @@ def _ffn(col: _Collector, node: Node) -> None:
     rows, w13 = _meta(c.arg(node, "rows")), _meta(c.arg(node, "w13"))
     r, f2, dt, layer = rows.shape[0], w13.shape[2], rows.dtype, moe_layer(node)
     t, b, e = col.fwd(node), col.bwd(node), col.bwd(node) + LAST_SUB
+    waits = {"act": _kept_until(col, node), "bwd.grad_h13": _kept_until(col, node)}   # the weight gradients read them
     swiglu_in_arena = grouped_gemm.resolved_impl(c.arg(node, "impl")) == "torch"
     shapes = {"h13": (r, f2), "act": (r, f2 // 2),
               "bwd.grad_act": (r, f2 // 2), "bwd.grad_h13": (r, f2)}
     for part, shape in shapes.items():   # saved parts live from the forward, the others in the backward
         role = "activation" if c.part(part).saved else "gradient"
         placement = ARENA if c.part(part).arena and swiglu_in_arena else ALLOCATOR
-        col.add(c.key(node.name, part), layer, role, shape, dt, [(t if c.part(part).saved else b, e)], placement)
+        col.add(c.key(node.name, part), layer, role, shape, dt, [(t if c.part(part).saved else b, waits.get(part, e))],
+                placement)
     if c is EXPERT_FFN_RECOMPUTE_CLONE:
         _recomputed_clone(col, node)
 

@@ -64,6 +64,7 @@ def _clone_ffn_weights(b: LayerBuilder, ffn: Node, counts_all: Node, spare: Node
     f = EXPERT_FFN.values(ffn)
     clone_args = dict(counts_all=counts_all, spare_expert=spare, offer=info.offer)
     if info.recompute:
+        assert f.pop("wgrad") is None, "recompute_clone_dispatch keeps the weight gradients on the main stream"
         ffn.target = contracts.target(EXPERT_FFN_RECOMPUTE_CLONE)
         ffn.args = EXPERT_FFN_RECOMPUTE_CLONE.call_args(**f, **clone_args, ep_group=group)
         return

@@ -24,7 +24,9 @@ dispatch carries the router weights, and combine and the weighted sum are one no
 
 The shared expert is queued right after x_flat, on a side CUDA stream (runtime/streams.py,
 `backends.shared_expert_overlap`), and joined before the add, so its GEMMs overlap the
-routed path's small kernels.
+routed path's small kernels. The expert FFN's weight gradients run on a third stream in
+backward (`backends.wgrad_overlap`): `wgrad_fork` after x_flat hands a token to the FFN, and its
+backward joins them back (runtime/streams.py).
 
 Every inserted node carries its layer in `node.meta` (passes/layer_builder.py).
 The graph's output becomes (logits, moe_stats [num_moe_layers, 4], moe_counts
@@ -52,6 +54,7 @@ from runtime.contracts import (ALL_GATHER_COUNTS, COMBINE, COUNT, DEEPEP_COMBINE
 from runtime.model import MoE
 
 MOE_STATS, MOE_COUNTS = "moe_stats", "moe_counts"    # the graph outputs this pass appends
+FFN_NODE = "expert_ffn"                             # the expert FFN's node name in its block (its arena key)
 
 
 @dataclass
@@ -169,14 +172,19 @@ def _rewrite_layer(gm: GraphModule, node: Node, spec: Spec, layer: int) -> tuple
     moe_cfg, ep = spec.model.moe, spec.parallel.ep
     b = LayerBuilder(gm.graph, moe_name.replace(".", "_"), layer)
     x_flat = b.method("x_flat", "reshape", x, (-1, spec.model.hidden_size))
+    token = None
+    if defer_wgrad(spec):
+        x_flat, token = b.items(b.fn("wgrad_fork", streams.wgrad_fork, x_flat, f"{b.block}_{FFN_NODE}"),
+                                ["x_in", "wgrad_token"])
     shared = _shared_expert(gm, b, spec, moe_name, x_flat)
     slot, weight = b.items(b.module("route", f"{moe_name}.router", x_flat), ["slot", "weight"])
     counts = b.op("count", COUNT, dest_slot=slot, n_slots=moe_cfg.num_experts)
     b.method("load_add", "add_", b.attr("load", f"{moe_name}.router.load"), counts)
     counts_all = b.op("counts_all", ALL_GATHER_COUNTS, counts=counts, group="ep", group_size=ep)
     maps, dispatch, finish = _exchange(b, spec, x_flat, slot, counts, counts_all)
-    y = b.op("expert_ffn", EXPERT_FFN, rows=dispatch(weight), w13=b.attr("w13", f"{moe_name}.experts.w13"),
-             w2=b.attr("w2", f"{moe_name}.experts.w2"), offs=maps["offs"], impl=spec.backends.grouped_gemm)
+    y = b.op(FFN_NODE, EXPERT_FFN, rows=dispatch(weight), w13=b.attr("w13", f"{moe_name}.experts.w13"),
+             w2=b.attr("w2", f"{moe_name}.experts.w2"), offs=maps["offs"], impl=spec.backends.grouped_gemm,
+             wgrad=token)
     out = finish(y, weight)
     if gm.get_submodule(moe_name).shared is not None:
         if shared is None:
@@ -197,6 +205,16 @@ def overlap_shared(spec: Spec) -> bool:
     weights are gathered, and in backward gathered again, by collectives, which must stay on
     the main stream in one order on every rank)."""
     return spec.backends.shared_expert_overlap and spec.cluster.device == "cuda" and spec.parallel.zero < 3
+
+
+def defer_wgrad(spec: Spec) -> bool:
+    """Whether each expert FFN's weight gradients run on a stream of their own, beside the layer's
+    dispatch backward (runtime/streams.py): on CUDA with the grouped FFN, not at ZeRO 3 (the
+    gradients feed reduce-scatters on the main stream) nor with recompute_clone_dispatch (its
+    backward sends them home through the clone's collectives)."""
+    return (spec.backends.wgrad_overlap and spec.cluster.device == "cuda" and spec.parallel.zero < 3
+            and grouped_gemm.resolved_impl(spec.backends.grouped_gemm) == "torch"
+            and not (spec.echo.enabled and spec.echo.recompute_clone_dispatch))
 
 
 def _shared_expert(gm: GraphModule, b: LayerBuilder, spec: Spec, moe_name: str, x_flat: Node) -> Node | None:

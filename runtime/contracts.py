@@ -249,7 +249,7 @@ TOKEN_LAYOUTS = (LAYOUT, SYMM_LAYOUT, DEEPEP_LAYOUT)          # the sync-free la
 TOKEN_DISPATCHES = (DISPATCH, P2P_DISPATCH, SYMM_DISPATCH, DEEPEP_DISPATCH)
 
 # --- graph-level autograd functions ------------------------------------------------------------
-EXPERT_FFN = OpContract("expert_ffn", ("rows", "w13", "w2", "offs", "impl", "buf"), ("y",), ("activation",),
+EXPERT_FFN = OpContract("expert_ffn", ("rows", "w13", "w2", "offs", "impl", "wgrad", "buf"), ("y",), ("activation",),
                         saves=("rows", "w13", "w2", "offs"), grads=("rows", "w13", "w2"),
                         parts=_parts(*_FFN_PARTS, allocated=_FFN_ALLOCATED, saved=_FFN_SAVED),
                         output_in_arena=False)

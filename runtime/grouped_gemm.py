@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from echoc.errors import EchocError, MissingDependencyError
-from runtime import arena, clone, contracts
+from runtime import arena, clone, contracts, streams
 from runtime.contracts import EXPERT_FFN, EXPERT_FFN_RECOMPUTE_CLONE
 from runtime.model import swiglu
 
@@ -47,13 +47,18 @@ class _GroupedSwiGLU(torch.autograd.Function):
     forward clones them into the spare slots (`buf.clone_w13`, `buf.clone_w2`) without saving
     the clones; backward fetches them again (`....recompute`) and sends the spare slots'
     gradient home through the clone's own backward (the reduce-scatter).
+    With `defer` (a wgrad token, runtime/streams.py) backward computes dx only, stashes what the
+    weight gradients need under `buf` and returns zeros for the weights: `_WeightTap`, between
+    the weights and this function, computes them on the wgrad stream.
     """
 
     @staticmethod
-    def forward(ctx, rows, w13, w2, offs, buf, counts_all, spare_expert, offer, ep_group):
+    def forward(ctx, rows, w13, w2, offs, buf, counts_all, spare_expert, offer, ep_group, defer):
         recompute = counts_all is not None
         c = EXPERT_FFN_RECOMPUTE_CLONE if recompute else EXPERT_FFN
         ctx.buf, ctx.contract, ctx.clone_args = buf, c, (offer, ep_group) if recompute else None
+        ctx.defer = defer
+        assert not (recompute and defer), "the recompute-clone FFN keeps its weight gradients on the main stream"
         w13f, w2f = (_clone_pair(buf, "", w13, w2, counts_all, spare_expert, offer, ep_group)
                      if recompute else (w13, w2))
         h13 = _gmm(rows, w13f, offs)
@@ -76,13 +81,38 @@ class _GroupedSwiGLU(torch.autograd.Function):
         else:
             w13f, w2f = a["w13"], a["w2"]
         grad_act = _gmm(dy, w2f.detach().transpose(-2, -1), offs)
-        dw2 = _gmm(act.transpose(-2, -1), dy, offs)
         grad_h13 = swiglu_backward(grad_act, h13, offs, arena.out_like(c.key(buf, "bwd.grad_h13"), h13.shape, h13))
         dx = _gmm(grad_h13, w13f.detach().transpose(-2, -1), offs)
-        dw13 = _gmm(a["rows"].transpose(-2, -1), grad_h13, offs)
+        if ctx.defer:
+            streams.stash(buf, act=act, dy=dy, rows=a["rows"], grad_h13=grad_h13, offs=offs)
+            zero = dy.new_zeros(())                  # the tap ignores it: the real gradients are its own
+            return (dx, zero.expand(w13f.shape), zero.expand(w2f.shape)) + (None,) * 7
+        dw2, dw13 = weight_grads(act, dy, a["rows"], grad_h13, offs)
         if ctx.clone_args:
             dw13, dw2 = torch.autograd.grad((w13f, w2f), home, (dw13, dw2))
-        return (dx, dw13, dw2) + (None,) * 6    # apply's arguments: rows, w13, w2, then six without gradient
+        return (dx, dw13, dw2) + (None,) * 7    # apply's arguments: rows, w13, w2, then seven without gradient
+
+
+def weight_grads(act: Tensor, dy: Tensor, rows: Tensor, grad_h13: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
+    """(dW2 = actᵀ·dy, dW13 = rowsᵀ·grad_h13) per slot, over the rows inside offs."""
+    return _gmm(act.transpose(-2, -1), dy, offs), _gmm(rows.transpose(-2, -1), grad_h13, offs)
+
+
+class _WeightTap(torch.autograd.Function):
+    """(token, w13, w2) → (w13, w2), made on the wgrad stream (runtime/streams.py). Backward runs
+    there, after the FFN's (whose zeros it ignores): the weight gradients from the FFN's stash, and
+    a gradient for the token, queued after them, that the fork's backward waits for."""
+
+    @staticmethod
+    def forward(ctx, token, w13, w2, key):
+        ctx.key = key
+        return w13.view_as(w13), w2.view_as(w2)
+
+    @staticmethod
+    def backward(ctx, _zeros13, _zeros2):
+        s = streams.stashed(ctx.key)
+        dw2, dw13 = weight_grads(s["act"], s["dy"], s["rows"], s["grad_h13"], s["offs"])
+        return s["dy"].new_zeros(()), dw13, dw2, None
 
 
 def swiglu_forward(h13: Tensor, offs: Tensor, act: Tensor) -> Tensor:
@@ -115,9 +145,14 @@ def _clone_pair(buf, tag, w13, w2, counts_all, spare_expert, offer, ep_group):
                  for name, w in (("w13", w13), ("w2", w2)))
 
 
-def ffn_grouped(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, buf: str = "expert_ffn") -> Tensor:
-    """rows [R, H], w13 [L, H, 2F], w2 [L, F, H], offs [L] int32 → [R, H] (rows ≥ offs[-1] undefined)."""
-    return _GroupedSwiGLU.apply(rows, w13, w2, offs, buf, None, None, 0, "")
+def ffn_grouped(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, buf: str = "expert_ffn",
+                wgrad: Tensor | None = None) -> Tensor:
+    """rows [R, H], w13 [L, H, 2F], w2 [L, F, H], offs [L] int32 → [R, H] (rows ≥ offs[-1] undefined).
+    `wgrad`: a token of streams.wgrad_fork keyed `buf`: the weight gradients run on the wgrad stream."""
+    if wgrad is not None:
+        with streams.on_wgrad_stream(w13.device):
+            w13, w2 = _WeightTap.apply(wgrad, w13, w2, buf)
+    return _GroupedSwiGLU.apply(rows, w13, w2, offs, buf, None, None, 0, "", wgrad is not None)
 
 
 def ffn_loop(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, buf: str = "") -> Tensor:
@@ -149,8 +184,13 @@ def resolved_impl(impl: str) -> str:
     return "loop" if impl == "torch" and _grouped_mm is None else impl
 
 
-def expert_ffn(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, impl: str, buf: str = "expert_ffn") -> Tensor:
-    """The routed experts' SwiGLU FFN on expert-sorted rows, by implementation name."""
+def expert_ffn(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, impl: str, wgrad: Tensor | None = None,
+               buf: str = "expert_ffn") -> Tensor:
+    """The routed experts' SwiGLU FFN on expert-sorted rows, by implementation name; `wgrad` (a
+    streams.wgrad_fork token): its weight gradients on the wgrad stream (`torch` only)."""
+    if wgrad is not None:
+        assert resolved_impl(impl) == "torch", "deferred weight gradients need the grouped FFN"
+        return ffn_grouped(rows, w13, w2, offs, buf, wgrad)
     return {"torch": ffn_grouped, "loop": ffn_loop, "te": ffn_te}[resolved_impl(impl)](rows, w13, w2, offs, buf)
 
 
@@ -166,7 +206,7 @@ def expert_ffn_recompute_clone(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tens
     Activations are saved as usual; the only extra work is the clone's all-gather in backward."""
     if resolved_impl(impl) != "torch":
         raise EchocError("echo.recompute_clone_dispatch needs backends.grouped_gemm 'torch' (grouped_mm)")
-    return _GroupedSwiGLU.apply(rows, w13, w2, offs, buf, counts_all, spare_expert, offer, ep_group)
+    return _GroupedSwiGLU.apply(rows, w13, w2, offs, buf, counts_all, spare_expert, offer, ep_group, False)
 
 
 contracts.bind(EXPERT_FFN, expert_ffn)

@@ -19,6 +19,7 @@ read it. On CPU tensors the three functions return their input and do nothing.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -66,3 +67,78 @@ def side_join(y: Tensor) -> Tensor:
         return y
     torch.cuda.current_stream(y.device).wait_stream(side_stream(y.device))
     return y
+
+
+# --- the expert weight gradients on a stream of their own ----------------------------------------
+# A MoE layer's backward runs, in order: the expert FFN's backward, then the dispatch's backward
+# (a token exchange across the EP group, then the router's backward), all on the main stream.
+# The FFN's two weight-gradient GEMMs (dW2 = actᵀ·dy, dW13 = rowsᵀ·grad_h13, a third of its
+# backward FLOPs) feed nothing in the layer, so they can run beside the exchange:
+#
+#     x_in, token = wgrad_fork(x_flat, key)       forward: x_flat unchanged, and a token
+#     w13', w2' = tap(token, w13, w2)              on the wgrad stream (runtime/grouped_gemm.py)
+#     y = ffn(rows, w13', w2')                     its backward: dx on the main stream; it stashes
+#                                                  act, dy, rows, grad_h13 under `key` and returns
+#                                                  zeros for w13', w2'
+#
+# Backward: the tap's node runs on the wgrad stream (autograd runs a node on its forward's
+# stream and makes it wait for its inputs' streams), after the FFN's backward; it reads the
+# stash and returns dW13, dW2. The token's gradient, made on the wgrad stream after them, is
+# an input of the fork's backward on the main stream: autograd makes the main stream wait for
+# the wgrad stream there, when the layer's whole backward (exchange, router) is queued. Only then
+# does the fork drop the stash, so no stashed tensor's memory (arena or allocator) is reused by
+# the main stream before the GEMMs that read it are done; the memory plan keeps those buffers
+# live to the fork's backward (passes/buffer_lifetimes.py). On CPU tensors the same nodes run,
+# on one stream, with the same arithmetic.
+
+_WGRAD: dict[int, torch.cuda.Stream] = {}
+_STASH: dict[str, dict[str, Tensor]] = {}    # by the FFN's arena key: its backward's tensors for the wgrad GEMMs
+
+
+def wgrad_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _WGRAD:
+        _WGRAD[index] = torch.cuda.Stream(device=index)
+    return _WGRAD[index]
+
+
+@contextmanager
+def on_wgrad_stream(device: torch.device):
+    """Ops made inside (autograd nodes) belong to the wgrad stream; on CPU nothing changes."""
+    if device.type != "cuda":
+        yield
+        return
+    with torch.cuda.stream(wgrad_stream(device)):
+        yield
+
+
+def stash(key: str, **tensors: Tensor) -> None:
+    _STASH[key] = tensors
+
+
+def stashed(key: str) -> dict[str, Tensor]:
+    assert key in _STASH, f"{key}: the weight gradients run before the FFN's backward stashed its tensors"
+    return _STASH[key]
+
+
+def stash_keys() -> list[str]:
+    return sorted(_STASH)
+
+
+class _Fork(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, key: str):
+        ctx.key = key
+        return x.view_as(x), x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor, _grad_token: Tensor):
+        # the main stream already waits for the wgrad GEMMs (the token's gradient): drop what they read
+        assert _STASH.pop(ctx.key, None) is not None, f"{ctx.key}: no expert FFN stashed its tensors under this key"
+        return grad_x, None
+
+
+def wgrad_fork(x: Tensor, key: str) -> tuple[Tensor, Tensor]:
+    """(x, token): x unchanged; the token, passed to the FFN keyed `key`, ties the layer's deferred
+    weight gradients back to the main stream at x's backward, and frees the FFN's stash there."""
+    return _Fork.apply(x, key)

@@ -140,20 +140,24 @@ def test_captured_layer_replays_new_routing_like_eager(layer):
         assert max(_rel(a, b) for a, b in zip(got, eager)) < 1e-2
 
 
-def test_shared_expert_on_a_side_stream_changes_no_number(layer):
-    """backends.shared_expert_overlap (runtime/streams.py) moves kernels to a second stream; the
-    same kernels run on the same data, so outputs and every gradient are bitwise equal, eager
-    and replayed in a CUDA graph."""
+@pytest.mark.parametrize("flag, marker", [("shared_expert_overlap", streams.side_begin),
+                                          ("wgrad_overlap", streams.wgrad_fork)])
+def test_work_on_a_second_stream_changes_no_number(layer, flag, marker):
+    """backends.shared_expert_overlap and wgrad_overlap (runtime/streams.py) move kernels to a
+    second stream (the shared expert; the expert weight gradients); the same kernels run on the
+    same data, so outputs and every gradient are bitwise equal, eager and replayed in a CUDA
+    graph, and no stashed tensor outlives backward."""
     _, model, gm, spec = layer
-    assert any(n.target is streams.side_begin for n in gm.graph.nodes), "the layer has no side stream"
-    off_spec = spec.model_copy(update={"backends": spec.backends.model_copy(update={"shared_expert_overlap": False})})
+    assert any(n.target is marker for n in gm.graph.nodes), f"the layer has no {marker.__name__}"
+    off_spec = spec.model_copy(update={"backends": spec.backends.model_copy(update={flag: False})})
     off = sync_free_dispatch.run(torch.fx.GraphModule(model, MoELeafTracer().trace(model)), off_spec).gm
-    assert not any(n.target is streams.side_begin for n in off.graph.nodes)
+    assert not any(n.target is marker for n in off.graph.nodes)
     params = list(model.parameters())
     for step in (0, 1):
         x, gy = _inputs(step)
         on, plain = _step(lambda v: gm(v)[0], params, x, gy), _step(lambda v: off(v)[0], params, x, gy)
         assert all(torch.equal(a, b) for a, b in zip(on, plain)), step
+        assert streams.stash_keys() == []
     x, gy = _inputs(5)
     got = _Captured(gm, params, warmup=1).replay(x, gy)
     want = _step(lambda v: off(v)[0], params, x, gy)

@@ -1,0 +1,61 @@
+"""The expert weight gradients on a stream of their own (runtime/streams.py, grouped_gemm.py):
+the fork / tap / FFN nodes give the same numbers as the FFN that computes them inline, every
+stash is dropped by the end of backward, and the tap really computes the gradients (the FFN
+hands it zeros). On CPU the nodes run on one stream; tests/gpu checks the streams."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime import grouped_gemm, streams
+
+R, H, F, L = 24, 16, 8, 3
+
+
+def _inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, H, generator=g).to(dtype)
+    w13 = (torch.randn(L, H, 2 * F, generator=g) / 4).to(dtype)
+    w2 = (torch.randn(L, F, H, generator=g) / 4).to(dtype)
+    gy = torch.randn(R, H, generator=g).to(dtype)
+    return x, w13, w2, gy
+
+
+def _grads(dtype, offs, defer: bool, key="layers_1_mlp_expert_ffn", seen=None):
+    x, w13, w2, gy = (t.requires_grad_(i < 3) for i, t in enumerate(_inputs(dtype)))
+    if defer:
+        rows, token = streams.wgrad_fork(x * 1, key)
+        y = grouped_gemm.expert_ffn(rows, w13, w2, offs, "torch", wgrad=token, buf=key)
+        if seen is not None:       # what the stash holds once the FFN's backward ran (x's own gradient hook)
+            rows.register_hook(lambda g: seen.append(streams.stash_keys()))
+    else:
+        y = grouped_gemm.expert_ffn(x * 1, w13, w2, offs, "torch", buf=key)
+    real = int(offs[-1])
+    (y[:real] * gy[:real]).sum().backward()
+    return x.grad, w13.grad, w2.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ends", [(8, 8, 20), (0, 24, 24), (0, 0, 0)])
+def test_deferred_weight_gradients_equal_the_inline_ones(dtype, ends):
+    offs = torch.tensor(ends, dtype=torch.int32)
+    inline = _grads(dtype, offs, defer=False)
+    seen: list = []
+    deferred = _grads(dtype, offs, defer=True, seen=seen)
+    for name, a, b in zip(("x", "w13", "w2"), inline, deferred):
+        assert b is not None, name
+        assert torch.equal(a[: int(offs[-1])] if name == "x" else a, b[: int(offs[-1])] if name == "x" else b), name
+    if ends[-1]:
+        assert deferred[1].abs().sum() > 0 and deferred[2].abs().sum() > 0     # the tap's, not the FFN's zeros
+    assert seen == [["layers_1_mlp_expert_ffn"]]    # stashed after the FFN's backward, until the fork's
+    assert streams.stash_keys() == []               # the fork's backward dropped it
+
+
+def test_a_fork_whose_key_no_ffn_stashed_under_says_so():
+    x, w13, w2, gy = (t.requires_grad_(i < 3) for i, t in enumerate(_inputs(torch.float32)))
+    _, token = streams.wgrad_fork(x * 1, "a")
+    offs = torch.tensor([8, 8, 20], dtype=torch.int32)
+    y = grouped_gemm.expert_ffn(x * 1, w13, w2, offs, "torch", wgrad=token, buf="b")   # keyed apart: nothing stashed at "a"
+    with pytest.raises(AssertionError, match="a: no expert FFN stashed"):
+        (y[:20] * gy[:20]).sum().backward()
+    streams._STASH.clear()
