@@ -213,8 +213,9 @@ class BackendsConfig(_Section):
     movement (forward and backward). No effect on CPU, nor at parallel.zero 3."""
     wgrad_overlap: Flag = True
     """Run each MoE layer's expert weight-gradient GEMMs on a second CUDA stream in backward, beside
-    the layer's dispatch backward (its token exchange and the router's backward). No effect on CPU,
-    with grouped_gemm 'loop', at parallel.zero 3, or with echo.recompute_clone_dispatch."""
+    the layer's dispatch backward (its token exchange and the router's backward); on CPU the same
+    nodes run on one stream. No effect with grouped_gemm 'loop', at parallel.zero 3, or with
+    echo.recompute_clone_dispatch."""
 
     @model_validator(mode="after")
     def _buffers(self):

@@ -209,10 +209,11 @@ def overlap_shared(spec: Spec) -> bool:
 
 def defer_wgrad(spec: Spec) -> bool:
     """Whether each expert FFN's weight gradients run on a stream of their own, beside the layer's
-    dispatch backward (runtime/streams.py): on CUDA with the grouped FFN, not at ZeRO 3 (the
-    gradients feed reduce-scatters on the main stream) nor with recompute_clone_dispatch (its
-    backward sends them home through the clone's collectives)."""
-    return (spec.backends.wgrad_overlap and spec.cluster.device == "cuda" and spec.parallel.zero < 3
+    dispatch backward (runtime/streams.py): with the grouped FFN, not at ZeRO 3 (the gradients
+    feed reduce-scatters on the main stream) nor with recompute_clone_dispatch (its backward sends
+    them home through the clone's collectives). On CPU the same nodes run on the one stream, with
+    the same arithmetic, so the CPU oracle checks the fork, the stash and the plan's lifetimes."""
+    return (spec.backends.wgrad_overlap and spec.parallel.zero < 3
             and grouped_gemm.resolved_impl(spec.backends.grouped_gemm) == "torch"
             and not (spec.echo.enabled and spec.echo.recompute_clone_dispatch))
 
