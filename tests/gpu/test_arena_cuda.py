@@ -17,6 +17,8 @@ def check_ranks(ranks, addresses=True):
     to eager."""
     for r in ranks:
         assert all(s["arena_vs_allocator"] == [] and s["unused_views"] == [] for s in r["steps"]), r["steps"]
+        # the expert weight gradients deferred to the wgrad stream (the default) or inline: bitwise equal
+        assert all(s["deferred_vs_inline_wgrad"] == [] for s in r["steps"]), r["steps"]
         if addresses:
             assert r["addresses"] and all(got == want for got, want in r["addresses"].values())
         assert any(s["collapsed_vs_allocator"] for s in r["steps"])

@@ -98,13 +98,16 @@ def main():
     spec = spec_from_dict(spec_dict)
     spec_dict["backends"]["buffers"] = "allocator"
     spec_alloc = spec_from_dict(spec_dict)
+    spec_dict["backends"].update(buffers="arena", wgrad_overlap=False)
+    spec_inline = spec_from_dict(spec_dict)     # the expert weight gradients inside the FFN's backward
     device = init_distributed(spec)
     if device.type == "cuda":   # bitwise comparisons need deterministic kernels (embedding backward, index_add)
         torch.use_deterministic_algorithms(True, warn_only=True)
     ref = build_reference(spec, device)
     runs = {"allocator": Trainer(compile_build(spec_alloc).program, device, reference=ref),
             "arena": Trainer(compile_build(spec).program, device, reference=ref),
-            "collapsed": Trainer(compile_build(spec).program, device, reference=ref)}
+            "collapsed": Trainer(compile_build(spec).program, device, reference=ref),
+            "inline_wgrad": Trainer(compile_build(spec_inline).program, device, reference=ref)}
     assert runs["allocator"].arena is None and runs["arena"].arena is not None
     runs["collapsed"].arena = Arena(collapsed(runs["arena"].arena.layout), device)
     rank, world, mb = dist.get_rank(), dist.get_world_size(), spec.budgets.micro_batch
@@ -123,6 +126,8 @@ def main():
             "arena_vs_allocator": diff(runs["allocator"], runs["arena"], outs["allocator"].loss, outs["arena"].loss),
             "collapsed_vs_allocator": diff(runs["allocator"], runs["collapsed"], outs["allocator"].loss,
                                            outs["collapsed"].loss),
+            "deferred_vs_inline_wgrad": diff(runs["inline_wgrad"], runs["arena"], outs["inline_wgrad"].loss,
+                                             outs["arena"].loss),
             "unused_views": sorted(set(runs["arena"].arena.layout.views) - runs["arena"].arena.taken)})
         for tr in runs.values():
             tr.optimizer_step(step)

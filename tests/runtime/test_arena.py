@@ -79,6 +79,7 @@ def test_arena_run_equals_allocator_run_bitwise(run_arena_worker, oracle_spec, r
     for rank, r in enumerate(ranks):
         for i, s in enumerate(r["steps"]):
             assert s["arena_vs_allocator"] == [], f"rank {rank} step {i}: {s['arena_vs_allocator'][:5]}"
+            assert s["deferred_vs_inline_wgrad"] == [], f"rank {rank} step {i}: {s['deferred_vs_inline_wgrad']}"
             assert s["unused_views"] == []
         # every planned node output was written where the plan put it (the recorder walks the
         # top-level graph: under train.recompute the MoE ops sit inside Recompute modules)
