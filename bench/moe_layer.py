@@ -123,16 +123,7 @@ def echoc_variants(args, device, checks, times):
         cap.replay(x0, g0)  # time on x0's routing, the floor's rows
         times["torch_graph"] = time_ms(cap.graph.replay, args.iters, device)
         del cap
-        # the weight gradients inline: the same numbers (the capture above accumulated into grads_e: run again)
-        _, _, grads_d, _ = fwd_bwd(gm, model, x0, g0)
-        grads_d = {k: v.clone() for k, v in grads_d.items()}
-        _, _, model_w, gm_w = build(args, "torch", device, wgrad=False)
-        y_w, gx_w, grads_w, _ = fwd_bwd(gm_w, model_w, x0, g0)
-        checks["inline_wgrad_vs_deferred_all_equal"] = bool(
-            torch.equal(y_w, y_e) and torch.equal(gx_w, gx_e) and all(torch.equal(grads_w[k], grads_d[k]) for k in grads_d))
-        cap = Captured(echoc_layer(gm_w), model_w, x0, g0)
-        times["torch_graph_inline_wgrad"] = time_ms(cap.graph.replay, args.iters, device)
-        del cap, gm_w, model_w
+        inline_wgrad_variant(args, device, gm, model, (x0, g0), checks, times)
         _, _, model_1, gm_1 = build(args, "torch", device, overlap=False)   # everything on one stream
         y_1, gx_1, _, _ = fwd_bwd(gm_1, model_1, x0, g0)
         checks["one_stream_vs_two_y_equal"] = bool(torch.equal(y_1, y_e))
@@ -152,6 +143,20 @@ def echoc_variants(args, device, checks, times):
     checks["sync_vs_torch_dx"] = rel(gx_s, gx_t)
     times["sync_eager"] = time_ms(lambda: fwd_bwd(gm_s, model_s, x0, g0), args.iters, device)
     return ref, (x0, g0, y_t, gx_t), rows_per_expert
+
+
+def inline_wgrad_variant(args, device, gm, model, inputs, checks, times):
+    """The layer with backends.wgrad_overlap off (its expert weight gradients inside the FFN's
+    backward, on the main stream): the same numbers as `gm`, bitwise, and its captured time."""
+    x0, g0 = inputs
+    y_d, gx_d, grads_d, _ = fwd_bwd(gm, model, x0, g0)     # fresh: an earlier capture accumulated into .grad
+    y_d, gx_d, grads_d = y_d.clone(), gx_d.clone(), {k: v.clone() for k, v in grads_d.items()}
+    _, _, model_w, gm_w = build(args, "torch", device, wgrad=False)
+    y_w, gx_w, grads_w, _ = fwd_bwd(gm_w, model_w, x0, g0)
+    checks["inline_wgrad_vs_deferred_all_equal"] = bool(
+        torch.equal(y_w, y_d) and torch.equal(gx_w, gx_d) and all(torch.equal(grads_w[k], grads_d[k]) for k in grads_d))
+    cap = Captured(echoc_layer(gm_w), model_w, x0, g0)
+    times["torch_graph_inline_wgrad"] = time_ms(cap.graph.replay, args.iters, device)
 
 
 def exchange_variant(args, device, eager, checks, times):

@@ -214,8 +214,8 @@ class BackendsConfig(_Section):
     wgrad_overlap: Flag = True
     """Run each MoE layer's expert weight-gradient GEMMs on a second CUDA stream in backward, beside
     the layer's dispatch backward (its token exchange and the router's backward); on CPU the same
-    nodes run on one stream. No effect with grouped_gemm 'loop', at parallel.zero 3, or with
-    echo.recompute_clone_dispatch."""
+    nodes run on one stream. No effect with grouped_gemm 'loop', at parallel.zero 3, or with ECHO
+    (the clones send the weight gradients home on the main stream, before the dispatch's backward)."""
 
     @model_validator(mode="after")
     def _buffers(self):

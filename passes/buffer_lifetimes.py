@@ -38,7 +38,7 @@ from passes.layer_builder import moe_block, moe_layer, output_nodes
 from passes.memory_plan import (ALLOCATOR, ARENA, Buffer, Span, Timeline, composite, dtype_name,
                                 nbytes_of)
 from passes.sync_free_dispatch import MOE_COUNTS, MOE_STATS
-from runtime import contracts, grouped_gemm
+from runtime import contracts, grouped_gemm, streams
 from runtime.contracts import (CLONE_WEIGHTS, COMBINE, DISPATCH, EXPERT_FFN, EXPERT_FFN_RECOMPUTE_CLONE, LAYOUT,
                                P2P_DISPATCH, OpContract)
 from runtime.recompute import ROUTING_CONTRACTS
@@ -112,15 +112,18 @@ def _differentiates(user: Node, val: Node) -> bool:
     return c is not None and any(c.arg(user, n) is val for n in c.grads)
 
 
-def _kept_until(col: _Collector, user: Node) -> int:
-    """The last step at which `user`'s backward reads what it keeps: its own backward's, or, for an
-    expert FFN whose weight gradients run on the wgrad stream (runtime/streams.py), the backward of
-    the wgrad fork at the layer's input, where the main stream waits for them."""
+def _kept_until(col: _Collector, user: Node, val: Node | None = None) -> int:
+    """The last step at which `user`'s backward reads what it keeps (`val`, one of its arguments; None:
+    its parts and its output's gradient): its own backward's, or, for what the weight gradients of
+    an expert FFN read when they run on the wgrad stream (runtime/streams.py: its rows, offs, act,
+    grad_h13 and output gradient, not its weights), the backward of the wgrad fork at the layer's
+    input, where the main stream waits for them."""
     c = contracts.of(user.target)
     token = c.arg(user, "wgrad") if c is EXPERT_FFN else None
-    if token is None:
+    if token is None or (val is not None and all(val is not c.arg(user, n) for n in ("rows", "offs"))):
         return col.bwd(user) + LAST_SUB
-    fork = token.args[0]                      # wgrad_token = getitem(wgrad_fork(x_flat, key), 1)
+    fork = token.args[0]                      # the token is getitem(wgrad_fork(x_flat, key), 1)
+    assert fork.target is streams.wgrad_fork, fork
     return col.bwd(fork) + LAST_SUB
 
 
@@ -155,7 +158,7 @@ def _value(col: _Collector, op: Node, val: Node, tm, role: str, placement: str, 
         if u.op == "output":
             last = col.end
         elif _saves(u, val):
-            last = max(last, _kept_until(col, u))
+            last = max(last, _kept_until(col, u, val))
     kept = contracts.of(op.target) in ROUTING_CONTRACTS
     if kept or kept_by_op:
         # a recomputed region keeps the routing decisions from its forward and replays them in

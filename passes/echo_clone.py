@@ -64,7 +64,8 @@ def _clone_ffn_weights(b: LayerBuilder, ffn: Node, counts_all: Node, spare: Node
     f = EXPERT_FFN.values(ffn)
     clone_args = dict(counts_all=counts_all, spare_expert=spare, offer=info.offer)
     if info.recompute:
-        assert f.pop("wgrad") is None, "recompute_clone_dispatch keeps the weight gradients on the main stream"
+        token = f.pop("wgrad")
+        assert token is None, "with ECHO the weight gradients stay on the main stream (sync_free_dispatch.defer_wgrad)"
         ffn.target = contracts.target(EXPERT_FFN_RECOMPUTE_CLONE)
         ffn.args = EXPERT_FFN_RECOMPUTE_CLONE.call_args(**f, **clone_args, ep_group=group)
         return

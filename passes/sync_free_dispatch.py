@@ -209,13 +209,13 @@ def overlap_shared(spec: Spec) -> bool:
 
 def defer_wgrad(spec: Spec) -> bool:
     """Whether each expert FFN's weight gradients run on a stream of their own, beside the layer's
-    dispatch backward (runtime/streams.py): with the grouped FFN, not at ZeRO 3 (the gradients
-    feed reduce-scatters on the main stream) nor with recompute_clone_dispatch (its backward sends
-    them home through the clone's collectives). On CPU the same nodes run on the one stream, with
-    the same arithmetic, so the CPU oracle checks the fork, the stash and the plan's lifetimes."""
-    return (spec.backends.wgrad_overlap and spec.parallel.zero < 3
-            and grouped_gemm.resolved_impl(spec.backends.grouped_gemm) == "torch"
-            and not (spec.echo.enabled and spec.echo.recompute_clone_dispatch))
+    dispatch backward (runtime/streams.py): with the grouped FFN; not at ZeRO 3 (they feed
+    reduce-scatters on the main stream), nor with ECHO (the clones' backward sends them home by
+    collectives on the main stream, queued before the dispatch's backward: the main stream would
+    wait for them there and nothing would overlap). On CPU the same nodes run on the one stream,
+    with the same arithmetic, so the CPU oracle checks the fork, the stash and the plan's lifetimes."""
+    return (spec.backends.wgrad_overlap and spec.parallel.zero < 3 and not spec.echo.enabled
+            and grouped_gemm.resolved_impl(spec.backends.grouped_gemm) == "torch")
 
 
 def _shared_expert(gm: GraphModule, b: LayerBuilder, spec: Spec, moe_name: str, x_flat: Node) -> Node | None:

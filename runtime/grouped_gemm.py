@@ -47,18 +47,18 @@ class _GroupedSwiGLU(torch.autograd.Function):
     forward clones them into the spare slots (`buf.clone_w13`, `buf.clone_w2`) without saving
     the clones; backward fetches them again (`....recompute`) and sends the spare slots'
     gradient home through the clone's own backward (the reduce-scatter).
-    With `defer` (a wgrad token, runtime/streams.py) backward computes dx only, stashes what the
-    weight gradients need under `buf` and returns zeros for the weights: `_WeightTap`, between
-    the weights and this function, computes them on the wgrad stream.
+    With a `stash` (of a wgrad token, runtime/streams.py) backward computes dx only, stashes what
+    the weight gradients need there and returns zeros for the weights: `_WeightTap`, between the
+    weights and this function, computes them on the wgrad stream.
     """
 
     @staticmethod
-    def forward(ctx, rows, w13, w2, offs, buf, counts_all, spare_expert, offer, ep_group, defer):
+    def forward(ctx, rows, w13, w2, offs, buf, counts_all, spare_expert, offer, ep_group, stash):
         recompute = counts_all is not None
         c = EXPERT_FFN_RECOMPUTE_CLONE if recompute else EXPERT_FFN
         ctx.buf, ctx.contract, ctx.clone_args = buf, c, (offer, ep_group) if recompute else None
-        ctx.defer = defer
-        assert not (recompute and defer), "the recompute-clone FFN keeps its weight gradients on the main stream"
+        ctx.stash = stash
+        assert not (recompute and stash), "the recompute-clone FFN keeps its weight gradients on the main stream"
         w13f, w2f = (_clone_pair(buf, "", w13, w2, counts_all, spare_expert, offer, ep_group)
                      if recompute else (w13, w2))
         h13 = _gmm(rows, w13f, offs)
@@ -83,8 +83,8 @@ class _GroupedSwiGLU(torch.autograd.Function):
         grad_act = _gmm(dy, w2f.detach().transpose(-2, -1), offs)
         grad_h13 = swiglu_backward(grad_act, h13, offs, arena.out_like(c.key(buf, "bwd.grad_h13"), h13.shape, h13))
         dx = _gmm(grad_h13, w13f.detach().transpose(-2, -1), offs)
-        if ctx.defer:
-            streams.stash(buf, act=act, dy=dy, rows=a["rows"], grad_h13=grad_h13, offs=offs)
+        if ctx.stash is not None:
+            ctx.stash.put(act=act, dy=dy, rows=a["rows"], grad_h13=grad_h13, offs=offs)
             zero = dy.new_zeros(())                  # the tap ignores it: the real gradients are its own
             return (dx, zero.expand(w13f.shape), zero.expand(w2f.shape)) + (None,) * 7
         dw2, dw13 = weight_grads(act, dy, a["rows"], grad_h13, offs)
@@ -104,15 +104,15 @@ class _WeightTap(torch.autograd.Function):
     a gradient for the token, queued after them, that the fork's backward waits for."""
 
     @staticmethod
-    def forward(ctx, token, w13, w2, key):
-        ctx.key = key
+    def forward(ctx, token, w13, w2):
+        ctx.stash = streams.stash_of(token)
         return w13.view_as(w13), w2.view_as(w2)
 
     @staticmethod
     def backward(ctx, _zeros13, _zeros2):
-        s = streams.stashed(ctx.key)
+        s = ctx.stash.get()
         dw2, dw13 = weight_grads(s["act"], s["dy"], s["rows"], s["grad_h13"], s["offs"])
-        return s["dy"].new_zeros(()), dw13, dw2, None
+        return s["dy"].new_zeros(()), dw13, dw2
 
 
 def swiglu_forward(h13: Tensor, offs: Tensor, act: Tensor) -> Tensor:
@@ -148,11 +148,13 @@ def _clone_pair(buf, tag, w13, w2, counts_all, spare_expert, offer, ep_group):
 def ffn_grouped(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, buf: str = "expert_ffn",
                 wgrad: Tensor | None = None) -> Tensor:
     """rows [R, H], w13 [L, H, 2F], w2 [L, F, H], offs [L] int32 → [R, H] (rows ≥ offs[-1] undefined).
-    `wgrad`: a token of streams.wgrad_fork keyed `buf`: the weight gradients run on the wgrad stream."""
+    `wgrad`: a token of streams.wgrad_fork: the weight gradients run on the wgrad stream."""
+    stash = None
     if wgrad is not None:
+        stash = streams.stash_of(wgrad)
         with streams.on_wgrad_stream(w13.device):
-            w13, w2 = _WeightTap.apply(wgrad, w13, w2, buf)
-    return _GroupedSwiGLU.apply(rows, w13, w2, offs, buf, None, None, 0, "", wgrad is not None)
+            w13, w2 = _WeightTap.apply(wgrad, w13, w2)
+    return _GroupedSwiGLU.apply(rows, w13, w2, offs, buf, None, None, 0, "", stash)
 
 
 def ffn_loop(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tensor, buf: str = "") -> Tensor:
@@ -206,7 +208,7 @@ def expert_ffn_recompute_clone(rows: Tensor, w13: Tensor, w2: Tensor, offs: Tens
     Activations are saved as usual; the only extra work is the clone's all-gather in backward."""
     if resolved_impl(impl) != "torch":
         raise EchocError("echo.recompute_clone_dispatch needs backends.grouped_gemm 'torch' (grouped_mm)")
-    return _GroupedSwiGLU.apply(rows, w13, w2, offs, buf, counts_all, spare_expert, offer, ep_group, False)
+    return _GroupedSwiGLU.apply(rows, w13, w2, offs, buf, counts_all, spare_expert, offer, ep_group, None)
 
 
 contracts.bind(EXPERT_FFN, expert_ffn)

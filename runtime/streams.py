@@ -19,6 +19,7 @@ read it. On CPU tensors the three functions return their input and do nothing.
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -75,24 +76,32 @@ def side_join(y: Tensor) -> Tensor:
 # The FFN's two weight-gradient GEMMs (dW2 = actᵀ·dy, dW13 = rowsᵀ·grad_h13, a third of its
 # backward FLOPs) feed nothing in the layer, so they can run beside the exchange:
 #
-#     x_in, token = wgrad_fork(x_flat, key)       forward: x_flat unchanged, and a token
-#     w13', w2' = tap(token, w13, w2)              on the wgrad stream (runtime/grouped_gemm.py)
-#     y = ffn(rows, w13', w2')                     its backward: dx on the main stream; it stashes
-#                                                  act, dy, rows, grad_h13 under `key` and returns
-#                                                  zeros for w13', w2'
+#     x_in, token = wgrad_fork(x_flat, key)       forward: x_flat unchanged, and a token that
+#                                                  carries the layer's Stash
+#     w13', w2' = tap(token, w13, w2)              made on the wgrad stream (runtime/grouped_gemm.py)
+#     y = ffn(rows, w13', w2', token)              its backward: dx on the main stream; it stashes
+#                                                  act, dy, rows, grad_h13, offs in the Stash and
+#                                                  returns zeros for w13', w2'
 #
 # Backward: the tap's node runs on the wgrad stream (autograd runs a node on its forward's
 # stream and makes it wait for its inputs' streams), after the FFN's backward; it reads the
-# stash and returns dW13, dW2. The token's gradient, made on the wgrad stream after them, is
-# an input of the fork's backward on the main stream: autograd makes the main stream wait for
-# the wgrad stream there, when the layer's whole backward (exchange, router) is queued. Only then
-# does the fork drop the stash, so no stashed tensor's memory (arena or allocator) is reused by
-# the main stream before the GEMMs that read it are done; the memory plan keeps those buffers
-# live to the fork's backward (passes/buffer_lifetimes.py). On CPU tensors the same nodes run,
-# on one stream, with the same arithmetic.
+# Stash and returns dW13, dW2. The token's gradient, made on the wgrad stream after them, is an
+# input of the fork's backward on the main stream: autograd makes the main stream wait for the
+# wgrad stream there, once the layer's whole backward (exchange, router) is queued. Only then
+# does the fork empty the Stash, so the main stream reuses no stashed memory (arena or
+# allocator) before the GEMMs that read it are done; the memory plan keeps those buffers live
+# to the fork's backward (passes/buffer_lifetimes.py). A backward that never reaches the fork
+# (an error, or gradients of the weights alone) leaves the Stash to the autograd graph, freed
+# with it (by the garbage collector: the graph holds a cycle) after backward's end, where the
+# caller's stream waits for the wgrad stream (the weights' AccumulateGrad runs there).
+# Allocator invariant: everything the wgrad stream allocates (dW13, dW2, the token's gradient)
+# is allocated after that stream waited for the FFN's backward on the main stream, and is freed
+# on the main stream after it waited for the wgrad stream; so no block moves between the two
+# streams while either may still use it, without record_stream.
+# On CPU tensors the same nodes run, on one stream, with the same arithmetic.
 
 _WGRAD: dict[int, torch.cuda.Stream] = {}
-_STASH: dict[str, dict[str, Tensor]] = {}    # by the FFN's arena key: its backward's tensors for the wgrad GEMMs
+_LIVE: weakref.WeakSet = weakref.WeakSet()      # every Stash holding tensors (tests read live_stashes)
 
 
 def wgrad_stream(device: torch.device) -> torch.cuda.Stream:
@@ -112,33 +121,50 @@ def on_wgrad_stream(device: torch.device):
         yield
 
 
-def stash(key: str, **tensors: Tensor) -> None:
-    _STASH[key] = tensors
+class Stash:
+    """One layer's tensors for its deferred weight gradients, from the FFN's backward to the fork's."""
+
+    def __init__(self, key: str):
+        self.key, self.tensors = key, None
+
+    def put(self, **tensors: Tensor) -> None:
+        self.tensors = tensors
+        _LIVE.add(self)
+
+    def get(self) -> dict[str, Tensor]:
+        assert self.tensors is not None, f"{self.key}: the weight gradients ran before the FFN's backward stashed"
+        return self.tensors
+
+    def drop(self) -> None:
+        assert self.tensors is not None, f"{self.key}: the fork's backward ran, but no expert FFN stashed"
+        self.tensors = None
+        _LIVE.discard(self)
 
 
-def stashed(key: str) -> dict[str, Tensor]:
-    assert key in _STASH, f"{key}: the weight gradients run before the FFN's backward stashed its tensors"
-    return _STASH[key]
+def live_stashes() -> list[str]:
+    """The keys of the Stashes still holding tensors (none after a whole backward)."""
+    return sorted(s.key for s in _LIVE if s.tensors is not None)
 
 
-def stash_keys() -> list[str]:
-    return sorted(_STASH)
+def stash_of(token: Tensor) -> Stash:
+    """The Stash a wgrad_fork token carries."""
+    return token.wgrad_stash
 
 
 class _Fork(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, key: str):
-        ctx.key = key
-        return x.view_as(x), x.new_zeros(())
+        token = x.new_zeros(())
+        ctx.stash = token.wgrad_stash = Stash(key)
+        return x.view_as(x), token
 
     @staticmethod
     def backward(ctx, grad_x: Tensor, _grad_token: Tensor):
-        # the main stream already waits for the wgrad GEMMs (the token's gradient): drop what they read
-        assert _STASH.pop(ctx.key, None) is not None, f"{ctx.key}: no expert FFN stashed its tensors under this key"
+        ctx.stash.drop()   # the main stream already waits for the wgrad GEMMs (the token's gradient)
         return grad_x, None
 
 
 def wgrad_fork(x: Tensor, key: str) -> tuple[Tensor, Tensor]:
-    """(x, token): x unchanged; the token, passed to the FFN keyed `key`, ties the layer's deferred
-    weight gradients back to the main stream at x's backward, and frees the FFN's stash there."""
+    """(x, token): x unchanged; the token, passed to the layer's FFN, carries the Stash that ties
+    its deferred weight gradients back to the main stream at x's backward, emptied there."""
     return _Fork.apply(x, key)

@@ -62,3 +62,21 @@ def test_arena_equals_allocator_on_gpus_eager_and_in_a_cuda_graph(tmp_path, reco
     ranks = json.loads(out.read_text())
     check_ranks(ranks, addresses=policy == "none")
     assert sum(s["clones"] for s in ranks[0]["steps"]) > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("policy", ["none", "moe"])
+def test_deferred_weight_gradients_at_ep2_equal_inline_and_allocator(tmp_path, policy, monkeypatch, oracle_spec,
+                                                                     torchrun):
+    """Without ECHO the expert weight gradients run on the wgrad stream (backends.wgrad_overlap),
+    beside the p2p dispatch's backward: bitwise equal to them inline and to the allocator run,
+    eager and captured."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    spec = oracle_spec(ep=2, capacity=2.0, experts=8)
+    spec["train"]["recompute"] = policy
+    spec["cluster"]["device"] = "cuda"
+    spec["model"]["dtype"] = "bfloat16"
+    spec["budgets"]["row_alignment"] = 16
+    out = tmp_path / "out.json"
+    torchrun(WORKER, {"spec": spec, "steps": 6, "graph": True, "out": str(out)}, 2, tmp_path)
+    check_ranks(json.loads(out.read_text()), addresses=policy == "none")

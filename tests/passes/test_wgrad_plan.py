@@ -1,7 +1,7 @@
 """The wgrad fork in the compiled graph and in the memory plan (passes/sync_free_dispatch.py,
 buffer_lifetimes.py): each MoE layer gets one fork whose token reaches its expert FFN, and what
 the deferred weight gradients read stays live to the fork's backward; elsewhere (the flag off,
-the loop FFN, ZeRO 3, recompute_clone_dispatch) the graph and plan are as before."""
+the loop FFN, ZeRO 3, ECHO) the graph and plan are as before."""
 from __future__ import annotations
 
 import pytest
@@ -37,6 +37,7 @@ def test_each_layer_forks_once_and_its_ffn_reads_the_token(make_spec):
 
 
 @pytest.mark.parametrize("over", [{"backends.wgrad_overlap": False}, {"backends.grouped_gemm": "loop"},
+                                  {"echo.enabled": True, "echo.spare_slots_per_rank": 1},
                                   {"parallel.zero": 3, "parallel.dp": 2, "cluster.gpus_per_node": 4}])
 def test_no_fork_where_the_weight_gradients_stay_on_the_main_stream(make_spec, over):
     gm, _ = _plan(make_spec, **over)

@@ -65,17 +65,7 @@ def run_arena_worker(tmp_path):
     return run
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recompute,policy", [(False, "none"), (True, "none"), (False, "full"), (True, "moe")])
-def test_arena_run_equals_allocator_run_bitwise(run_arena_worker, oracle_spec, recompute, policy):
-    """recompute: echo.recompute_clone_dispatch; policy: train.recompute (a recomputed region
-    replays routing decisions kept from its forward, in arena views of their own)."""
-    spec = oracle_spec(ep=2, capacity=2.0, experts=8,
-                     echo={"enabled": True, "spare_slots_per_rank": 2, "clone_domain": "cluster",
-                           "recompute_clone_dispatch": recompute})
-    spec["train"]["recompute"] = policy
-    ranks = run_arena_worker(spec, steps=3)
-    assert sum(s["clones"] for s in ranks[0]["steps"]) > 0, "no clone planned: the clone buffers went untested"
+def check_arena_ranks(ranks, policy: str) -> None:
     for rank, r in enumerate(ranks):
         for i, s in enumerate(r["steps"]):
             assert s["arena_vs_allocator"] == [], f"rank {rank} step {i}: {s['arena_vs_allocator'][:5]}"
@@ -87,6 +77,30 @@ def test_arena_run_equals_allocator_run_bitwise(run_arena_worker, oracle_spec, r
             assert r["addresses"] and all(got == want for got, want in r["addresses"].values()), r["addresses"]
         # the collapsed arena (overlapping live buffers share bytes) is caught
         assert any(s["collapsed_vs_allocator"] for s in r["steps"]), "a wrong plan went unnoticed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recompute,policy", [(False, "none"), (True, "none"), (False, "full"), (True, "moe")])
+def test_arena_run_equals_allocator_run_bitwise(run_arena_worker, oracle_spec, recompute, policy):
+    """recompute: echo.recompute_clone_dispatch; policy: train.recompute (a recomputed region
+    replays routing decisions kept from its forward, in arena views of their own)."""
+    spec = oracle_spec(ep=2, capacity=2.0, experts=8,
+                     echo={"enabled": True, "spare_slots_per_rank": 2, "clone_domain": "cluster",
+                           "recompute_clone_dispatch": recompute})
+    spec["train"]["recompute"] = policy
+    ranks = run_arena_worker(spec, steps=3)
+    assert sum(s["clones"] for s in ranks[0]["steps"]) > 0, "no clone planned: the clone buffers went untested"
+    check_arena_ranks(ranks, policy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["none", "moe"])
+def test_arena_run_with_deferred_weight_gradients_equals_the_others_bitwise(run_arena_worker, oracle_spec, policy):
+    """Without ECHO the expert weight gradients are deferred (backends.wgrad_overlap): the arena run
+    equals the allocator run and the run with them inline, with their lifetimes extended in the plan."""
+    spec = oracle_spec(ep=2, capacity=2.0, experts=8)
+    spec["train"]["recompute"] = policy
+    check_arena_ranks(run_arena_worker(spec, steps=3), policy)
 
 
 def test_released_arena_holds_no_bytes_and_refuses_views_until_allocated():

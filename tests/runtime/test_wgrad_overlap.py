@@ -4,6 +4,8 @@ stash is dropped by the end of backward, and the tap really computes the gradien
 hands it zeros). On CPU the nodes run on one stream; tests/gpu checks the streams."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ def _grads(dtype, offs, defer: bool, key="layers_1_mlp_expert_ffn", seen=None):
         rows, token = streams.wgrad_fork(x * 1, key)
         y = grouped_gemm.expert_ffn(rows, w13, w2, offs, "torch", wgrad=token, buf=key)
         if seen is not None:       # what the stash holds once the FFN's backward ran (x's own gradient hook)
-            rows.register_hook(lambda g: seen.append(streams.stash_keys()))
+            rows.register_hook(lambda g: seen.append(streams.live_stashes()))
     else:
         y = grouped_gemm.expert_ffn(x * 1, w13, w2, offs, "torch", buf=key)
     real = int(offs[-1])
@@ -48,14 +50,28 @@ def test_deferred_weight_gradients_equal_the_inline_ones(dtype, ends):
     if ends[-1]:
         assert deferred[1].abs().sum() > 0 and deferred[2].abs().sum() > 0     # the tap's, not the FFN's zeros
     assert seen == [["layers_1_mlp_expert_ffn"]]    # stashed after the FFN's backward, until the fork's
-    assert streams.stash_keys() == []               # the fork's backward dropped it
+    assert streams.live_stashes() == []             # the fork's backward emptied it
 
 
-def test_a_fork_whose_key_no_ffn_stashed_under_says_so():
+def test_a_backward_that_never_reaches_the_fork_leaves_the_stash_to_the_graph():
+    """Gradients of the weights alone: the fork's backward never runs; the stash goes with the graph."""
     x, w13, w2, gy = (t.requires_grad_(i < 3) for i, t in enumerate(_inputs(torch.float32)))
-    _, token = streams.wgrad_fork(x * 1, "a")
+    rows, token = streams.wgrad_fork(x * 1, "layers_1_mlp_expert_ffn")
     offs = torch.tensor([8, 8, 20], dtype=torch.int32)
-    y = grouped_gemm.expert_ffn(x * 1, w13, w2, offs, "torch", wgrad=token, buf="b")   # keyed apart: nothing stashed at "a"
-    with pytest.raises(AssertionError, match="a: no expert FFN stashed"):
-        (y[:20] * gy[:20]).sum().backward()
-    streams._STASH.clear()
+    y = grouped_gemm.expert_ffn(rows, w13, w2, offs, "torch", wgrad=token, buf="layers_1_mlp_expert_ffn")
+    loss = (y[:20] * gy[:20]).sum()
+    dw13, dw2 = torch.autograd.grad(loss, [w13, w2])
+    inline = _grads(torch.float32, offs, defer=False)
+    assert torch.equal(dw13, inline[1]) and torch.equal(dw2, inline[2])
+    assert streams.live_stashes() == ["layers_1_mlp_expert_ffn"]
+    del loss, y, rows, token
+    gc.collect()
+    assert streams.live_stashes() == []
+
+
+def test_the_stash_says_what_ran_out_of_order():
+    stash = streams.Stash("layers_1_mlp_expert_ffn")
+    with pytest.raises(AssertionError, match="ran before the FFN's backward stashed"):
+        stash.get()
+    with pytest.raises(AssertionError, match="no expert FFN stashed"):
+        stash.drop()
