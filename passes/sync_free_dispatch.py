@@ -213,7 +213,8 @@ def defer_wgrad(spec: Spec) -> bool:
     reduce-scatters on the main stream), nor with ECHO (the clones' backward sends them home by
     collectives on the main stream, queued before the dispatch's backward: the main stream would
     wait for them there and nothing would overlap). On CPU the same nodes run on the one stream,
-    with the same arithmetic, so the CPU oracle checks the fork, the stash and the plan's lifetimes."""
+    with the same arithmetic, so the CPU oracle checks the fork and the stash, and the arena tests'
+    late-read check (streams.CHECK_LATE_READS) the plan's lifetimes."""
     return (spec.backends.wgrad_overlap and spec.parallel.zero < 3 and not spec.echo.enabled
             and grouped_gemm.resolved_impl(spec.backends.grouped_gemm) == "torch")
 

@@ -9,6 +9,8 @@ sync-free (verify_sync_free rejects it under a CUDA graph). Same numbers.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -98,6 +100,13 @@ def weight_grads(act: Tensor, dy: Tensor, rows: Tensor, grad_h13: Tensor, offs: 
     return _gmm(act.transpose(-2, -1), dy, offs), _gmm(rows.transpose(-2, -1), grad_h13, offs)
 
 
+def _recheck(key: str, s: dict[str, Tensor], dw2: Tensor, dw13: Tensor) -> None:
+    """streams.CHECK_LATE_READS: the stashed tensors still give the tap's gradients (nothing reused them)."""
+    again2, again13 = weight_grads(s["act"], s["dy"], s["rows"], s["grad_h13"], s["offs"])
+    assert torch.equal(again2, dw2) and torch.equal(again13, dw13), (
+        f"{key}: a buffer the deferred weight gradients read changed before the layer's fork (the plan let it be reused)")
+
+
 class _WeightTap(torch.autograd.Function):
     """(token, w13, w2) → (w13, w2), made on the wgrad stream (runtime/streams.py). Backward runs
     there, after the FFN's (whose zeros it ignores): the weight gradients from the FFN's stash, and
@@ -112,6 +121,8 @@ class _WeightTap(torch.autograd.Function):
     def backward(ctx, _zeros13, _zeros2):
         s = ctx.stash.get()
         dw2, dw13 = weight_grads(s["act"], s["dy"], s["rows"], s["grad_h13"], s["offs"])
+        if streams.CHECK_LATE_READS:
+            ctx.stash.recheck = functools.partial(_recheck, ctx.stash.key, s, dw2, dw13)
         return s["dy"].new_zeros(()), dw13, dw2
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 import weakref
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -102,6 +103,11 @@ def side_join(y: Tensor) -> Tensor:
 
 _WGRAD: dict[int, torch.cuda.Stream] = {}
 _LIVE: weakref.WeakSet = weakref.WeakSet()      # every Stash holding tensors (tests read live_stashes)
+# Tests: at the fork's backward, compute the weight gradients again from the stash and require
+# them bitwise equal to the tap's. On CPU the tap runs right after the FFN's backward, before the
+# dispatch's backward could reuse a stashed buffer's bytes; this check reads them as late as the
+# wgrad stream may on a GPU, so a plan that let them be reused earlier fails on CPU too.
+CHECK_LATE_READS = False
 
 
 def wgrad_stream(device: torch.device) -> torch.cuda.Stream:
@@ -126,6 +132,7 @@ class Stash:
 
     def __init__(self, key: str):
         self.key, self.tensors = key, None
+        self.recheck: Callable[[], None] | None = None     # set by the tap under CHECK_LATE_READS
 
     def put(self, **tensors: Tensor) -> None:
         self.tensors = tensors
@@ -137,7 +144,9 @@ class Stash:
 
     def drop(self) -> None:
         assert self.tensors is not None, f"{self.key}: the fork's backward ran, but no expert FFN stashed"
-        self.tensors = None
+        if self.recheck is not None:
+            self.recheck()
+        self.tensors, self.recheck = None, None
         _LIVE.discard(self)
 
 

@@ -75,3 +75,27 @@ def test_the_stash_says_what_ran_out_of_order():
         stash.get()
     with pytest.raises(AssertionError, match="no expert FFN stashed"):
         stash.drop()
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_late_read_check_catches_a_stashed_buffer_reused_before_the_fork(monkeypatch, reuse):
+    """streams.CHECK_LATE_READS (the arena tests turn it on): at the fork the weight gradients are
+    computed again from the stash; a stashed buffer written in between (as a wrong plan would let
+    the dispatch's backward do) is named."""
+    monkeypatch.setattr(streams, "CHECK_LATE_READS", True)
+    x, w13, w2, gy = (t.requires_grad_(i < 3) for i, t in enumerate(_inputs(torch.float32)))
+    rows, token = streams.wgrad_fork(x * 1, "layers_1_mlp_expert_ffn")
+    offs = torch.tensor([8, 8, 20], dtype=torch.int32)
+    y = grouped_gemm.expert_ffn(rows, w13, w2, offs, "torch", wgrad=token, buf="layers_1_mlp_expert_ffn")
+    if reuse:      # runs after the FFN's and the tap's backward, before the fork's
+        rows.register_hook(lambda g: streams.stash_of(token).get()["grad_h13"].add_(1.0))
+    loss = (y[:20] * gy[:20]).sum()
+    if reuse:
+        with pytest.raises(AssertionError, match="layers_1_mlp_expert_ffn: a buffer the deferred weight gradients"):
+            loss.backward()
+        del loss, y, rows, token
+        gc.collect()                     # the failed backward left its stash to the graph
+        assert streams.live_stashes() == []
+    else:
+        loss.backward()
+        assert streams.live_stashes() == []
