@@ -13,7 +13,9 @@ How kernels get their node (the same shapes and build as bench/moe_layer.py):
             (the engine's own work, AccumulateGrad) are listed as unattributed.
   graph     the layer is also captured in one CUDA graph (as the bench times it); its replay is
             profiled, and its kernels, in order, are aligned by name with one labelled eager
-            step, so the top-kernel table is the captured layer's own, with labels.
+            step (then, those a second stream moved out of order, by name in turn), so the
+            top-kernel table is the captured layer's own, with labels; `graph_aligned_fraction`
+            is the share matched in order.
 Prints the top kernels (captured) and the per-node totals (eager and captured); writes JSON.
 `--device cpu` is a smoke test: leaf CPU ops stand in for kernels, no graph.
 """
@@ -24,7 +26,7 @@ import difflib
 import json
 import os
 import statistics
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import torch
@@ -228,17 +230,29 @@ def _annotation(e) -> bool:
 
 
 def align(eager: list[Kernel], graph: list[tuple[str, float]]) -> tuple[list[Kernel], float]:
-    """Graph kernels labelled by the eager kernel they match in order (same name); the rest
-    unattributed. Returns the labelled list and the matched fraction of graph kernels."""
+    """Graph kernels labelled by the eager kernel they match: first in launch order (same name,
+    difflib's longest matching blocks), then, for the kernels a second stream moved out of that
+    order (the shared expert's, the expert weight gradients'), the unmatched eager kernels of the
+    same name in turn. The rest stay unattributed. Returns the labelled list and the fraction of
+    graph kernels matched in order."""
     sm = difflib.SequenceMatcher(a=[k.name for k in eager], b=[g[0] for g in graph], autojunk=False)
-    out = [Kernel(name, us, UNATTRIBUTED, "") for name, us in graph]
-    matched = 0
+    out: list[Kernel | None] = [None] * len(graph)
+    used = [False] * len(eager)
+    in_order = 0
     for a, b, size in sm.get_matching_blocks():
         for j in range(size):
             e = eager[a + j]
-            out[b + j] = Kernel(graph[b + j][0], graph[b + j][1], e.node, e.phase)
-        matched += size
-    return out, matched / max(len(graph), 1)
+            out[b + j], used[a + j] = Kernel(graph[b + j][0], graph[b + j][1], e.node, e.phase), True
+        in_order += size
+    spare: dict[str, deque] = defaultdict(deque)
+    for e, u in zip(eager, used):
+        if not u:
+            spare[e.name].append(e)
+    for i, (name, us) in enumerate(graph):
+        if out[i] is None:
+            e = spare[name].popleft() if spare[name] else None
+            out[i] = Kernel(name, us, e.node, e.phase) if e else Kernel(name, us, UNATTRIBUTED, "")
+    return out, in_order / max(len(graph), 1)
 
 
 def top_kernels(steps: list[list[Kernel]], n: int) -> list[dict]:
