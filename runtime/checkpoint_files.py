@@ -37,10 +37,12 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 SAFE_CHANGES = ("train.steps", "train.log_interval", "train.optimizer.lr", "train.optimizer.warmup_steps",
                 "train.checkpoint.interval", "train.checkpoint.dir", "train.metrics_path",
-                "train.collective_timeout_s", "train.on_nonfinite", "backends.exchange")
+                "train.collective_timeout_s", "train.on_nonfinite", "backends.exchange",
+                "backends.shared_expert_overlap", "backends.wgrad_overlap")
 """Spec fields a resume may change with --resume-with-changes: the schedule, how long to train,
 where and how often to log and save, how rows move between ranks (the exchanges give the same
-numbers bitwise). Nothing that shapes the model, its data or its state."""
+numbers bitwise), which stream runs the shared expert and the expert weight gradients (the same
+kernels on the same data). Nothing that shapes the model, its data or its state."""
 
 
 class CheckpointError(EchocError):

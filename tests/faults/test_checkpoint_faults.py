@@ -82,6 +82,20 @@ def test_a_checkpoint_from_before_a_new_spec_field_resumes_with_its_default(tmp_
         files.check_spec(d, marker, moved, allow_changes=False)
 
 
+def test_a_checkpoint_from_before_wgrad_overlap_resumes_and_the_streams_may_change(tmp_path):
+    """backends.wgrad_overlap is new: an older checkpoint reads as its default; turning it, or the
+    shared expert's stream, off is a safe change (same kernels, same numbers)."""
+    d = make_ckpt(tmp_path, 4)
+    marker = files.read_marker(d)
+    del marker.spec["backends"]["wgrad_overlap"]
+    assert files.check_spec(d, marker, build_spec(), allow_changes=False) == []
+    off = build_spec({"backends.wgrad_overlap": False, "backends.shared_expert_overlap": False})
+    assert files.check_spec(d, marker, off, allow_changes=True) == ["backends.shared_expert_overlap: True → False",
+                                                                    "backends.wgrad_overlap: True → False"]
+    with pytest.raises(files.CheckpointMismatchError, match="--resume-with-changes"):
+        files.check_spec(d, marker, off, allow_changes=False)
+
+
 def test_resume_with_steps_at_or_below_the_checkpoint_is_refused(tmp_path):
     d = make_ckpt(tmp_path, 8)
     with pytest.raises(files.CheckpointError, match="nothing is left to train"):
