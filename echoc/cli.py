@@ -40,6 +40,15 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.2f} GiB"
 
 
+def _streams_text(s: dict) -> str:
+    """What runs beside the main stream: the shared expert, the expert weight gradients (or why not)."""
+    if s["device"] != "cuda":
+        return "none (cpu: one stream)"
+    why = s["weight_gradients_inline"]
+    return "; ".join(["shared expert" if s["shared_expert"] else "shared expert inline",
+                      "expert weight gradients" if why is None else f"expert weight gradients inline ({why})"])
+
+
 @app.command()
 def validate(spec: str, set_: Optional[List[str]] = SetOpt):
     """Check a spec and print its derived sizes."""
@@ -97,6 +106,8 @@ def _print_summary(summary: dict) -> None:
         t.add_row("symmetric exchange pools / rank", f"{_gib(b['symmetric_bytes'])} (held all run, outside the arena)")
     if moe:
         t.add_row("receive buffer rows/layer", f"{d['receive_rows']:,} ({d['peer_chunk_rows']:,} per peer)")
+        if "streams" in summary:
+            t.add_row("second CUDA streams", _streams_text(summary["streams"]))
     for p in summary["passes"]:
         t.add_row(f"pass {p['name']}", f"{p['ms']:.1f} ms")
     console.print(t)

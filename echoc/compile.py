@@ -29,7 +29,7 @@ from echoc.memory_census import layer_census
 from echoc.shapes import example_tokens, propagate_shapes  # noqa: F401  (part of the driver's API)
 from echoc.spec import Spec
 from echoc.spec_io import spec_hash
-from passes import buffer_plan, cost_model, recompute
+from passes import buffer_plan, cost_model, recompute, sync_free_dispatch
 from passes.manager import PassRecord, graph_module
 from passes.pipeline import default_pipeline
 from runtime.dtypes import torch_dtype
@@ -158,6 +158,8 @@ def _summary(spec: Spec, params: dict, memory: dict, records: list[PassRecord], 
         "dispatch": {"backend": spec.backends.dispatch, "exchange": spec.token_exchange,
                      "tokens_per_rank": spec.budgets.tokens,
                      "peer_chunk_rows": spec.peer_chunk_rows, "receive_rows": spec.receive_rows},
+        "streams": {"device": spec.cluster.device, "shared_expert": sync_free_dispatch.overlap_shared(spec),
+                    "weight_gradients_inline": sync_free_dispatch.wgrad_inline_reason(spec)},
         "echo": _echo_decision(spec),
         "passes": [{"name": r.name, "ms": round(r.ms, 2),
                     "info": _jsonable(r.info) if r.name != "buffer_plan"

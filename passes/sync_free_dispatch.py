@@ -209,14 +209,26 @@ def overlap_shared(spec: Spec) -> bool:
 
 def defer_wgrad(spec: Spec) -> bool:
     """Whether each expert FFN's weight gradients run on a stream of their own, beside the layer's
-    dispatch backward (runtime/streams.py): with the grouped FFN; not at ZeRO 3 (they feed
-    reduce-scatters on the main stream), nor with ECHO (the clones' backward sends them home by
-    collectives on the main stream, queued before the dispatch's backward: the main stream would
-    wait for them there and nothing would overlap). On CPU the same nodes run on the one stream,
-    with the same arithmetic, so the CPU oracle checks the fork and the stash, and the arena tests'
-    late-read check (streams.CHECK_LATE_READS) the plan's lifetimes."""
-    return (spec.backends.wgrad_overlap and spec.parallel.zero < 3 and not spec.echo.enabled
-            and grouped_gemm.resolved_impl(spec.backends.grouped_gemm) == "torch")
+    dispatch backward (runtime/streams.py); wgrad_inline_reason says why not. On CPU the same
+    nodes run on the one stream, with the same arithmetic, so the CPU oracle checks the fork and
+    the stash, and the arena tests' late-read check (streams.CHECK_LATE_READS) the plan's lifetimes."""
+    return wgrad_inline_reason(spec) is None
+
+
+def wgrad_inline_reason(spec: Spec) -> str | None:
+    """Why the expert weight gradients stay inside the FFN's backward, on the main stream (None:
+    they do not). Where they feed collectives on the main stream (ZeRO 3's reduce-scatters, the
+    ECHO clones' gradient reduction, queued before the dispatch's backward), the main stream
+    would wait for them there and nothing would overlap."""
+    if not spec.backends.wgrad_overlap:
+        return "backends.wgrad_overlap is false"
+    if grouped_gemm.resolved_impl(spec.backends.grouped_gemm) != "torch":
+        return "the loop FFN"
+    if spec.parallel.zero >= 3:
+        return "parallel.zero 3: they feed its reduce-scatters"
+    if spec.echo.enabled:
+        return "ECHO: the clones send them home by collectives"
+    return None
 
 
 def _shared_expert(gm: GraphModule, b: LayerBuilder, spec: Spec, moe_name: str, x_flat: Node) -> Node | None:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from echoc import cli
 from echoc.artifact import write_build
 from echoc.compile import compile_build
 from echoc.spec_io import load_spec
@@ -39,3 +40,18 @@ def test_echo_without_recompute_shows_clone_nodes(tmp_path):
     assert graph.count("echo.plan ") == moe and graph.count("echo.clone_weights") == 2 * moe
     El, S = spec.experts_per_rank, 2
     assert f"bfloat16[{El + S}, 2048, 2048]" in graph  # w13 of home + spare slots
+
+
+@pytest.mark.parametrize("sets, inline, shown", [
+    (["echo.enabled=false"], None, "shared expert; expert weight gradients"),
+    ([], "ECHO: the clones send them home by collectives", "expert weight gradients inline (ECHO"),
+    (["echo.enabled=false", "backends.wgrad_overlap=false", "backends.shared_expert_overlap=false"],
+     "backends.wgrad_overlap is false", "shared expert inline; expert weight gradients inline"),
+    (["echo.enabled=false", "cluster.device=cpu", "model.dtype=float32", "backends.exchange=nccl",
+      "backends.cuda_graph=none"], None,
+     "none (cpu: one stream)")])
+def test_the_summary_says_what_runs_on_a_second_stream_and_why_not(sets, inline, shown):
+    spec = load_spec(ROOT / "specs/glm5-mini.yaml", ["model.num_layers=2"] + sets)
+    streams = compile_build(spec).summary["streams"]
+    assert streams["weight_gradients_inline"] == inline
+    assert shown in cli._streams_text(streams)
